@@ -1,0 +1,28 @@
+# Everything installs into .venv from nothing: `make demo` (the main job), `make test`, `make lint`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint schema clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,demo]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lossgraph demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check lossgraph kernels tests benchmarks examples
+	$(BIN)/ruff format --check lossgraph kernels tests benchmarks examples
+
+schema: $(STAMP)
+	$(BIN)/lossgraph schema -o schemas/lossgraph.schema.json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""`python -m lossgraph` runs the command line."""
+
+from lossgraph.cli import run
+
+run()

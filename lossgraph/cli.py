@@ -1,0 +1,214 @@
+"""The `lossgraph` command line.
+
+Exit codes: 0 success; 1 an invalid loss graph or a failed run; 2 a usage error or a file that cannot
+be read. Errors are printed as `FILE:LINE:COL: path: message`, never as tracebacks. Commands that need
+torch import it inside their own body, so `lossgraph --help`, `validate`, `show`, `viz`, `schema` and
+`init` start fast and work without a GPU stack.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import ConfigError, LossGraphError, SourceFileError
+
+app = typer.Typer(
+    name="lossgraph",
+    help="Declarative loss graphs for language-model training: validate, show, draw and run them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _print_plain(console: Console, text: str) -> None:
+    console.print(text, markup=False, highlight=False)
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn lossgraph's exceptions into a clean message and an exit code (the CLI edge)."""
+    try:
+        yield
+    except SourceFileError as exc:
+        _print_plain(err, f"error: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except ConfigError as exc:
+        for diagnostic in exc.diagnostics:
+            _print_plain(err, diagnostic.format())
+        raise typer.Exit(EXIT_INVALID) from None
+    except LossGraphError as exc:
+        _print_plain(err, f"error: {exc}")
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+def load_or_exit(path: Path):  # -> LossGraphSpec, kept unannotated to keep imports lazy
+    """Load a valid graph for commands that need one; print its problems and exit otherwise."""
+    from .document import check_file
+
+    report = check_file(path)
+    for diagnostic in report.warnings:
+        _print_plain(err, diagnostic.format())
+    if report.spec is None:
+        raise ConfigError(report.diagnostics)
+    return report.spec
+
+
+def _version(value: bool) -> None:
+    if value:
+        _print_plain(out, f"lossgraph {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Declarative loss graphs for language-model training."""
+
+
+FileArg = Annotated[Path, typer.Argument(help="A loss-graph YAML file.", show_default=False)]
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Loss-graph YAML files to check.", show_default=False)],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as errors.")] = False,
+) -> None:
+    """Check loss-graph files; print every problem as FILE:LINE:COL: path: message.
+
+    Exit code 0 when all files are valid, 1 when one is invalid, 2 when one cannot be read.
+    """
+    from .document import check_file
+
+    code = 0
+    results = []
+    for path in files:
+        try:
+            report = check_file(path)
+        except SourceFileError as exc:
+            code = EXIT_USAGE
+            results.append({"file": str(path), "readable": False, "valid": False, "message": str(exc)})
+            if not json_output:
+                _print_plain(err, f"error: {exc}")
+            continue
+        failed = bool(report.errors) or (strict and bool(report.warnings))
+        if failed and code == 0:
+            code = EXIT_INVALID
+        results.append(
+            {
+                "file": str(path),
+                "readable": True,
+                "valid": not failed,
+                "errors": len(report.errors),
+                "warnings": len(report.warnings),
+                "diagnostics": [d.to_dict() for d in report.diagnostics],
+            }
+        )
+        if not json_output:
+            for diagnostic in report.diagnostics:
+                _print_plain(out, diagnostic.format())
+            status = "[red]invalid[/]" if failed else "[green]valid[/]"
+            counts = f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)"
+            out.print(f"{path}: {status} ({counts})")
+    if json_output:
+        _print_plain(out, json.dumps({"valid": code == 0, "files": results}, indent=2))
+    raise typer.Exit(code)
+
+
+@app.command()
+def show(file: FileArg) -> None:
+    """Show a graph as a tree: heads with their loss nodes, weights and temperatures, then sources."""
+    from .show import graph_tree
+
+    with cli_errors():
+        spec = load_or_exit(file)
+        out.print(graph_tree(spec, str(file)))
+
+
+class VizFormat(str, Enum):
+    mermaid = "mermaid"
+    dot = "dot"
+    svg = "svg"
+    png = "png"
+
+
+@app.command()
+def viz(
+    file: FileArg,
+    fmt: Annotated[VizFormat, typer.Option("--format", "-f", help="Diagram format.")] = VizFormat.mermaid,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Write here instead of standard output.")
+    ] = None,
+) -> None:
+    """Draw a graph: Mermaid or DOT text, or SVG/PNG through Graphviz's `dot`."""
+    from .viz import render
+
+    with cli_errors():
+        spec = load_or_exit(file)
+        if fmt is VizFormat.png and output is None and sys.stdout.isatty():
+            raise LossGraphError("PNG is binary; write it to a file with -o FILE.png")
+        data = render(spec, fmt.value, title=file.stem)
+        if output is None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        else:
+            output.write_bytes(data)
+            _print_plain(err, f"wrote {output}")
+
+
+@app.command()
+def schema(
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Write here instead of standard output.")
+    ] = None,
+) -> None:
+    """Print the JSON Schema of loss-graph files (for editor completion and validation)."""
+    from .spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        _print_plain(err, f"wrote {output}")
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the starter graph.")] = Path("lossgraph.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented starter graph (LM loss plus distillation) that validates as is."""
+    from importlib.resources import files
+
+    if path.exists() and not force:
+        _print_plain(err, f"error: {path} exists; pass --force to overwrite it")
+        raise typer.Exit(EXIT_USAGE)
+    path.write_text(files("lossgraph").joinpath("data/starter.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    _print_plain(out, f"wrote {path}; check it with: lossgraph validate {path}")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,450 @@
+"""Graph build and validation passes.
+
+Each pass is a small function over a `CompileContext`: it reads the spec and the networkx graph and
+appends located diagnostics. `lossgraph.compiler.PASSES` runs them in order. A pass never stops at the
+first problem, so a user sees every error of a file at once; passes that need a resolved reference
+skip what an earlier pass already reported as unresolved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from .errors import Diagnostic
+from .sourcemap import Path, SourceMap
+from .spec import (
+    DIVERGENCE_KINDS,
+    ConstantSchedule,
+    LabelSmoothingSource,
+    LabelsSource,
+    LossGraphSpec,
+    MixtureSource,
+    TeacherSource,
+    TopKTeacherSource,
+)
+from .suggest import did_you_mean
+
+MIXTURE_WEIGHT_TOLERANCE = 1e-6
+
+
+def head_node(name: str) -> str:
+    return f"head:{name}"
+
+
+def source_node(name: str) -> str:
+    return f"source:{name}"
+
+
+def loss_node(name: str) -> str:
+    return f"loss:{name}"
+
+
+@dataclass
+class CompileContext:
+    """What the passes share: the spec, where its parts were written, the graph and the findings."""
+
+    spec: LossGraphSpec
+    source_map: SourceMap
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    plan: object | None = None  # the fusion plan (lossgraph.plan.Plan), set by the last pass
+
+    def error(self, path: Path, message: str, *, key: bool = False) -> None:
+        self.diagnostics.append(self.source_map.diagnostic(path, message, key=key))
+
+    def warn(self, path: Path, message: str, *, key: bool = False) -> None:
+        self.diagnostics.append(self.source_map.diagnostic(path, message, severity="warning", key=key))
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity == "warning"]
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _line(ctx: CompileContext, path: Path) -> int:
+    where = ctx.source_map.locate(path, key=True)
+    return where[0] if where else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Names and references.
+# --------------------------------------------------------------------------------------------------
+
+
+def check_names(ctx: CompileContext) -> None:
+    """A name may denote one thing only: heads, sources and losses share one namespace."""
+    owners: dict[str, tuple[str, Path]] = {}
+    sections = [("head", "heads"), ("source", "sources"), ("loss", "losses")]
+    entries = [
+        (kind, (section, name)) for kind, section in sections for name in getattr(ctx.spec, section)
+    ]
+    entries.sort(key=lambda entry: _line(ctx, entry[1]))
+    for kind, path in entries:
+        name = path[1]
+        if name in owners:
+            other_kind, other_path = owners[name]
+            ctx.error(
+                path,
+                f"name {name!r} is already used by the {other_kind} at {'.'.join(other_path)}; "
+                "heads, sources and losses need distinct names",
+                key=True,
+            )
+        else:
+            owners[name] = (kind, path)
+
+
+def _reference(
+    ctx: CompileContext, path: Path, name: str, wanted: str, section: str, others: dict[str, str]
+) -> bool:
+    """Report an unresolved reference to a `wanted` ('head' or 'source'); True when it resolves."""
+    if name in getattr(ctx.spec, section):
+        return True
+    if name in others:
+        ctx.error(path, f"{name!r} is a {others[name]}, not a {wanted}")
+        return False
+    hint = did_you_mean(name, getattr(ctx.spec, section))
+    declared = ", ".join(getattr(ctx.spec, section)) or "none"
+    ctx.error(path, f"unknown {wanted} {name!r}{hint} (declared {section}: {declared})")
+    return False
+
+
+def build_graph(ctx: CompileContext) -> None:
+    """Nodes for heads, sources and losses; edges along every reference that resolves."""
+    spec, graph = ctx.spec, ctx.graph
+    kinds = {name: "head" for name in spec.heads}
+    kinds.update({name: "source" for name in spec.sources})
+    kinds.update({name: "loss" for name in spec.losses})
+    not_sources = {n: k for n, k in kinds.items() if k != "source"}
+    not_heads = {n: k for n, k in kinds.items() if k != "head"}
+
+    for name, head in spec.heads.items():
+        graph.add_node(head_node(name), kind="head", name=name, spec=head)
+    for name, source in spec.sources.items():
+        graph.add_node(source_node(name), kind="source", name=name, spec=source)
+    for name, source in spec.sources.items():
+        inputs: list[tuple[Path, str]] = []
+        if isinstance(source, LabelSmoothingSource):
+            inputs = [(("sources", name, "source"), source.source)]
+        elif isinstance(source, MixtureSource):
+            inputs = [(("sources", name, "sources", i), member) for i, member in enumerate(source.sources)]
+        for path, member in inputs:
+            if _reference(ctx, path, member, "source", "sources", not_sources):
+                graph.add_edge(source_node(member), source_node(name), role="input")
+
+    for name, loss in spec.losses.items():
+        graph.add_node(loss_node(name), kind="loss", name=name, spec=loss)
+        target = getattr(loss, "target", None)
+        if target is not None and _reference(ctx, ("losses", name, "target"), target, "source", "sources", not_sources):
+            graph.add_edge(source_node(target), loss_node(name), role="target")
+        seen: set[str] = set()
+        for index, head in enumerate(loss.heads):
+            path = ("losses", name, "heads", index)
+            if head in seen:
+                ctx.error(path, f"head {head!r} is listed twice; list each head once")
+                continue
+            seen.add(head)
+            if _reference(ctx, path, head, "head", "heads", not_heads):
+                weight = loss.head_weights[index] if loss.head_weights and index < len(loss.head_weights) else 1.0
+                graph.add_edge(loss_node(name), head_node(head), role="binds", head_weight=weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources.
+# --------------------------------------------------------------------------------------------------
+
+
+def check_source_cycles(ctx: CompileContext) -> None:
+    """Derived sources (label_smoothing, mixture) must form a DAG."""
+    sources = ctx.graph.subgraph(source_node(name) for name in ctx.spec.sources)
+    for cycle in sorted(nx.simple_cycles(sources), key=lambda c: sorted(c)):
+        names = [ctx.graph.nodes[node]["name"] for node in cycle]
+        start = min(names, key=lambda n: _line(ctx, ("sources", n)))
+        rotated = names[names.index(start) :] + names[: names.index(start)]
+        ctx.error(
+            ("sources", start),
+            f"sources form a cycle: {' -> '.join([*rotated, start])}; a derived source cannot depend on itself",
+        )
+
+
+def leaf_sources(spec: LossGraphSpec, name: str, _seen: frozenset[str] = frozenset()) -> Iterator[tuple[str, str]]:
+    """(leaf, parent) for every labels/teacher/top-k source a source reads, through derived sources.
+
+    `parent` is the derived source that reads the leaf directly ('' when `name` itself is a leaf).
+    Unknown names and cycles are skipped: earlier passes report them.
+    """
+    source = spec.sources.get(name)
+    if source is None or name in _seen:
+        return
+    if isinstance(source, LabelSmoothingSource):
+        members = [source.source]
+    elif isinstance(source, MixtureSource):
+        members = list(source.sources)
+    else:
+        yield name, ""
+        return
+    for member in members:
+        for leaf, parent in leaf_sources(spec, member, _seen | {name}):
+            yield leaf, parent or name
+
+
+def check_source_kinds(ctx: CompileContext) -> None:
+    """label_smoothing reads labels; mixtures hold dense distributions; one labels source at most."""
+    spec = ctx.spec
+    labels = [name for name, s in spec.sources.items() if isinstance(s, LabelsSource)]
+    for extra in sorted(labels, key=lambda n: _line(ctx, ("sources", n)))[1:]:
+        ctx.error(
+            ("sources", extra),
+            f"a graph reads one labels tensor, and {labels[0]!r} already declares it; "
+            "refer to that source instead",
+            key=True,
+        )
+    for name, source in spec.sources.items():
+        if isinstance(source, LabelSmoothingSource):
+            inner = spec.sources.get(source.source)
+            if inner is not None and not isinstance(inner, LabelsSource):
+                ctx.error(
+                    ("sources", name, "source"),
+                    f"label_smoothing smooths a labels source, but {source.source!r} is a {inner.type} source",
+                )
+        if isinstance(source, MixtureSource):
+            for index, member in enumerate(source.sources):
+                if isinstance(spec.sources.get(member), TopKTeacherSource):
+                    ctx.error(
+                        ("sources", name, "sources", index),
+                        f"a mixture cannot contain the top-k teacher {member!r}: its distribution is known "
+                        "on k tokens only; give it a loss node of its own",
+                    )
+            if len(set(source.sources)) != len(source.sources):
+                ctx.error(("sources", name, "sources"), "a source is listed twice; list it once and add up its weights")
+
+
+def check_mixture_weights(ctx: CompileContext) -> None:
+    """Mixture weights: one per source, non-negative, summing to 1."""
+    for name, source in ctx.spec.sources.items():
+        if not isinstance(source, MixtureSource) or source.weights is None:
+            continue
+        path = ("sources", name, "weights")
+        if len(source.weights) != len(source.sources):
+            ctx.error(
+                path,
+                f"{len(source.weights)} weights for {_count(len(source.sources), 'source')}; give one weight per source",
+            )
+            continue
+        negative = [i for i, w in enumerate(source.weights) if w < 0]
+        for index in negative:
+            ctx.error((*path, index), f"weight {source.weights[index]} is negative; mixture weights must be >= 0")
+        total = math.fsum(source.weights)
+        if not negative and abs(total - 1.0) > MIXTURE_WEIGHT_TOLERANCE:
+            ctx.error(path, f"weights sum to {total:g}; they must sum to 1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses against their targets and heads.
+# --------------------------------------------------------------------------------------------------
+
+
+def _bindings(ctx: CompileContext) -> Iterator[tuple[str, object, int, str]]:
+    """(loss name, loss spec, index in heads, head name) for every head reference that resolves."""
+    for name, loss in ctx.spec.losses.items():
+        for index, head in enumerate(loss.heads):
+            if head in ctx.spec.heads:
+                yield name, loss, index, head
+
+
+def zero_mass_reason(spec: LossGraphSpec, name: str, _seen: frozenset[str] = frozenset()) -> str | None:
+    """Why the distribution of a source is exactly zero on some tokens, or None when it never is."""
+    source = spec.sources.get(name)
+    if source is None or name in _seen:
+        return None
+    if isinstance(source, LabelsSource):
+        return f"{name!r} holds hard labels"
+    if isinstance(source, TeacherSource) and source.vocab_map == "pad":
+        return f"teacher {name!r} pads its vocab with zero mass"
+    if isinstance(source, MixtureSource):
+        weights = source.weights or [1.0] * len(source.sources)
+        reasons = [
+            zero_mass_reason(spec, member, _seen | {name})
+            for member, weight in zip(source.sources, weights)
+            if weight > 0
+        ]
+        if reasons and all(reasons):
+            return f"every part of mixture {name!r} does ({'; '.join(reasons)})"
+    return None
+
+
+def check_target_kinds(ctx: CompileContext) -> None:
+    """Each loss kind against the kind of its target."""
+    spec = ctx.spec
+    for name, loss in spec.losses.items():
+        target = getattr(loss, "target", None)
+        source = spec.sources.get(target) if target else None
+        if source is None:
+            continue
+        path = ("losses", name, "target")
+        if loss.type in DIVERGENCE_KINDS and isinstance(source, LabelsSource):
+            ctx.error(
+                path,
+                f"{loss.type} compares two distributions, but {target!r} holds hard labels; use cross_entropy "
+                "(forward KL against one-hot labels is cross-entropy) or a label_smoothing source",
+            )
+            continue
+        if loss.type == "reverse_kl":
+            reason = zero_mass_reason(spec, target)
+            if reason:
+                ctx.error(
+                    path,
+                    f"reverse_kl needs a target with mass on every token, but {reason}; "
+                    "use forward_kl or jsd, or smooth the labels",
+                )
+
+
+def check_offsets(ctx: CompileContext) -> None:
+    """A teacher predicts one offset; it can only target heads of that offset."""
+    spec = ctx.spec
+    for name, loss, index, head in _bindings(ctx):
+        target = getattr(loss, "target", None)
+        if target is None:
+            continue
+        head_offset = spec.heads[head].offset
+        for leaf, parent in leaf_sources(spec, target):
+            source = spec.sources[leaf]
+            if isinstance(source, (TeacherSource, TopKTeacherSource)) and source.offset != head_offset:
+                where = f" (through {parent!r})" if parent else ""
+                ctx.error(
+                    ("losses", name, "heads", index),
+                    f"head {head!r} predicts token t+{head_offset}, but teacher {leaf!r}{where} predicts "
+                    f"t+{source.offset}; bind this loss to heads of offset {source.offset}, or declare a "
+                    f"teacher with offset: {head_offset}",
+                )
+
+
+def check_vocab_sizes(ctx: CompileContext) -> None:
+    """Every head and teacher has a vocab size; teachers agree with the heads they target."""
+    spec = ctx.spec
+    for name in spec.heads:
+        if spec.head_vocab(name) is None:
+            ctx.error(("heads", name), "no vocab size: set vocab_size on this head or at the top level")
+    for name, source in spec.sources.items():
+        if not isinstance(source, (TeacherSource, TopKTeacherSource)):
+            continue
+        vocab = spec.source_vocab(name)
+        if vocab is None:
+            ctx.error(("sources", name), "no vocab size: set vocab_size on this source or at the top level")
+        elif isinstance(source, TopKTeacherSource) and source.k > vocab:
+            ctx.error(("sources", name, "k"), f"k = {source.k} exceeds the teacher's vocab size {vocab}")
+    for name, loss, index, head in _bindings(ctx):
+        target = getattr(loss, "target", None)
+        head_vocab = spec.head_vocab(head)
+        if target is None or head_vocab is None:
+            continue
+        for leaf, _ in leaf_sources(spec, target):
+            source = spec.sources[leaf]
+            teacher_vocab = spec.source_vocab(leaf) if not isinstance(source, LabelsSource) else None
+            if teacher_vocab is None or teacher_vocab == head_vocab:
+                continue
+            path = ("losses", name, "heads", index)
+            fix = "truncate" if teacher_vocab > head_vocab else "pad"
+            if source.vocab_map is None:
+                ctx.error(
+                    path,
+                    f"head {head!r} has vocab {head_vocab} but {leaf!r} has vocab {teacher_vocab}; "
+                    f"set vocab_map: {fix} on source {leaf!r} or make the sizes agree",
+                )
+            elif source.vocab_map != fix:
+                ctx.error(
+                    path,
+                    f"{leaf!r} uses vocab_map: {source.vocab_map}, but its vocab ({teacher_vocab}) is "
+                    f"{'larger' if fix == 'truncate' else 'smaller'} than head {head!r}'s ({head_vocab}); "
+                    f"use vocab_map: {fix}",
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights, temperatures and schedules.
+# --------------------------------------------------------------------------------------------------
+
+
+def _schedule_values(value: object) -> list[tuple[str, float]]:
+    if isinstance(value, (int, float)):
+        return [("", float(value))]
+    values = [("start", value.start)]
+    if not isinstance(value, ConstantSchedule):
+        values.append(("end", value.end))
+    return values
+
+
+def check_weights(ctx: CompileContext) -> None:
+    """head_weights match heads; weights are not negative (except entropy); temperatures are > 0."""
+    for name, loss in ctx.spec.losses.items():
+        base: Path = ("losses", name)
+        if loss.head_weights is not None:
+            if len(loss.head_weights) != len(loss.heads):
+                ctx.error(
+                    (*base, "head_weights"),
+                    f"{len(loss.head_weights)} head_weights for {_count(len(loss.heads), 'head')}; give one per head",
+                )
+            for index, weight in enumerate(loss.head_weights):
+                if weight < 0:
+                    ctx.error((*base, "head_weights", index), f"head weight {weight} is negative; use a value >= 0")
+        if loss.type != "entropy":
+            for part, value in _schedule_values(loss.weight):
+                if value < 0:
+                    path = (*base, "weight", part) if part else (*base, "weight")
+                    ctx.error(
+                        path,
+                        f"weight {value} is negative, which would maximize the {loss.type} loss; use a value >= 0",
+                    )
+        temperature = getattr(loss, "temperature", None)
+        if temperature is not None:
+            for part, value in _schedule_values(temperature):
+                if value <= 0:
+                    path = (*base, "temperature", part) if part else (*base, "temperature")
+                    ctx.error(path, f"temperature must be > 0, got {value}")
+            if getattr(loss, "temperature_scaling", False) and temperature == 1.0:
+                ctx.warn((*base, "temperature_scaling"), "temperature_scaling has no effect at temperature 1")
+
+
+def check_schedules(ctx: CompileContext) -> None:
+    """A schedule that never changes is probably a typo."""
+    for name, loss in ctx.spec.losses.items():
+        for field_name in ("weight", "temperature"):
+            value = getattr(loss, field_name, None)
+            if value is None or isinstance(value, (int, float, ConstantSchedule)):
+                continue
+            if value.start == value.end:
+                ctx.warn(
+                    ("losses", name, field_name),
+                    f"{value.schedule} schedule goes from {value.start:g} to the same value; write the number instead",
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# Things declared but not used.
+# --------------------------------------------------------------------------------------------------
+
+
+def warn_unused(ctx: CompileContext) -> None:
+    """Sources no loss reads and heads no loss binds are probably mistakes (warnings)."""
+    spec, graph = ctx.spec, ctx.graph
+    used: set[str] = set()
+    for name in spec.losses:
+        for ancestor in nx.ancestors(graph, loss_node(name)):
+            if graph.nodes[ancestor]["kind"] == "source":
+                used.add(graph.nodes[ancestor]["name"])
+    for name in spec.sources:
+        if name not in used:
+            ctx.warn(("sources", name), f"source {name!r} is not used by any loss", key=True)
+    for name in spec.heads:
+        if graph.in_degree(head_node(name)) == 0:
+            ctx.warn(("heads", name), f"head {name!r} has no loss bound to it; its logits are not used", key=True)

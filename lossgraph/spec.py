@@ -1,0 +1,333 @@
+"""The version-1 loss-graph contract as pydantic models.
+
+This module is the single source of truth for what a loss-graph YAML file may contain: the loader
+validates documents against it, `lossgraph schema` exports it as JSON Schema and
+`docs/yaml-reference.md` is checked against it. It imports no torch: validating a file must stay
+cheap and must work on machines without a GPU stack.
+
+Only the *shape* of a document is checked here (types, ranges, unknown keys). Everything that relates
+one part of the graph to another (references, vocab agreement, offsets, cycles, mixture weights,
+schedules that make sense) is checked by the compiler passes in `lossgraph.passes`, which report every
+problem of a file at once with its line and dotted path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag
+
+from .sourcemap import SourceMap
+
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+Name = Annotated[
+    str,
+    Field(pattern=NAME_PATTERN, description="A name declared elsewhere in the graph (an identifier)."),
+]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class _Model(BaseModel):
+    """Base of every model: unknown keys are errors, types are strict, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules: a weight or a temperature that changes with the training step.
+# --------------------------------------------------------------------------------------------------
+
+_START = "Value at step 0 (and during `warmup`)."
+_END = "Value reached after `warmup + steps` steps and kept from then on."
+_STEPS = "Number of steps the transition from `start` to `end` takes."
+_WARMUP = "Steps during which the value is held at `start` before the transition begins."
+
+
+class ConstantSchedule(_Model):
+    """A value that never changes (the same as writing the number)."""
+
+    schedule: Literal["constant"] = Field(description="Schedule kind: the value is always `start`.")
+    start: FiniteFloat = Field(description="The value.")
+
+
+class LinearSchedule(_Model):
+    """Straight line from `start` to `end` over `steps` steps, after `warmup` steps at `start`."""
+
+    schedule: Literal["linear"] = Field(description="Schedule kind: linear interpolation.")
+    start: FiniteFloat = Field(description=_START)
+    end: FiniteFloat = Field(description=_END)
+    steps: PositiveInt = Field(description=_STEPS)
+    warmup: Annotated[int, Field(ge=0)] = Field(0, description=_WARMUP)
+
+
+class CosineSchedule(_Model):
+    """Half-cosine from `start` to `end` over `steps` steps, after `warmup` steps at `start`."""
+
+    schedule: Literal["cosine"] = Field(description="Schedule kind: half-cosine interpolation.")
+    start: FiniteFloat = Field(description=_START)
+    end: FiniteFloat = Field(description=_END)
+    steps: PositiveInt = Field(description=_STEPS)
+    warmup: Annotated[int, Field(ge=0)] = Field(0, description=_WARMUP)
+
+
+class StepSchedule(_Model):
+    """`start` until step `warmup + steps`, then `end`."""
+
+    schedule: Literal["step"] = Field(description="Schedule kind: one jump from `start` to `end`.")
+    start: FiniteFloat = Field(description="Value before the jump.")
+    end: FiniteFloat = Field(description="Value from step `warmup + steps` on.")
+    steps: PositiveInt = Field(description="Steps (after `warmup`) until the jump.")
+    warmup: Annotated[int, Field(ge=0)] = Field(0, description="Steps added before `steps` start counting.")
+
+
+Schedule = Annotated[
+    Union[ConstantSchedule, LinearSchedule, CosineSchedule, StepSchedule],
+    Field(discriminator="schedule"),
+]
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
+
+
+# Tags of the number-or-schedule union; they must differ from every field name, because pydantic puts
+# them into error locations, which the loader maps back onto the document.
+def _number_or_schedule(value: Any) -> str:
+    return "scheduled" if isinstance(value, (dict, BaseModel)) else "fixed"
+
+
+ScheduledFloat = Annotated[
+    Union[Annotated[FiniteFloat, Tag("fixed")], Annotated[Schedule, Tag("scheduled")]],
+    Discriminator(_number_or_schedule),
+]
+
+# --------------------------------------------------------------------------------------------------
+# Heads: the student's prediction heads.
+# --------------------------------------------------------------------------------------------------
+
+
+class Head(_Model):
+    """One prediction head of the student: position s of its logits predicts token s + offset."""
+
+    offset: PositiveInt = Field(
+        1, description="Which future token the head predicts: 1 = next token (the LM head), 2 = the one after, ..."
+    )
+    vocab_size: PositiveInt | None = Field(
+        None, description="Size of the head's vocabulary; defaults to the top-level `vocab_size`."
+    )
+    description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources: where targets come from.
+# --------------------------------------------------------------------------------------------------
+
+class _SourceNode(_Model):
+    description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
+
+
+class _TeacherNode(_SourceNode):
+    offset: PositiveInt = Field(
+        1,
+        description="Which future token the teacher's logits predict; must equal the offset of every head it targets.",
+    )
+    vocab_size: PositiveInt | None = Field(
+        None, description="Size of the teacher's vocabulary; defaults to the top-level `vocab_size`."
+    )
+    vocab_map: Literal["truncate", "pad"] | None = Field(
+        None,
+        description=(
+            "How to compare across vocab sizes: `truncate` drops teacher tokens beyond the head's vocab "
+            "(teacher larger), `pad` gives the head's extra tokens zero teacher mass (teacher smaller). "
+            "Required when the sizes differ."
+        ),
+    )
+
+
+class LabelsSource(_SourceNode):
+    """The dataset's next-token labels (hard targets). Also defines which positions count (the mask)."""
+
+    type: Literal["labels"] = Field(description="Source kind.")
+    ignore_index: int = Field(-100, description="Label value of positions that take no loss.")
+
+
+class TeacherSource(_TeacherNode):
+    """Dense teacher logits given at run time (a tensor, or a callable such as a frozen model)."""
+
+    type: Literal["teacher"] = Field(description="Source kind.")
+
+
+class TopKTeacherSource(_TeacherNode):
+    """Offline teacher: the indices and log-probabilities (at temperature 1) of its top-k tokens."""
+
+    type: Literal["topk_teacher"] = Field(description="Source kind.")
+    k: PositiveInt = Field(description="Number of tokens stored per position.")
+    tail: Literal["renormalize", "bucket"] = Field(
+        "renormalize",
+        description=(
+            "`renormalize`: compare teacher and student renormalized over the k stored tokens; "
+            "`bucket`: add one bucket holding the remaining mass of each."
+        ),
+    )
+
+
+class LabelSmoothingSource(_SourceNode):
+    """A labels source smoothed into a distribution: (1 - epsilon) one-hot + epsilon / V everywhere."""
+
+    type: Literal["label_smoothing"] = Field(description="Source kind.")
+    source: Name = Field(description="The `labels` source to smooth.")
+    epsilon: float = Field(gt=0.0, lt=1.0, description="Mass spread uniformly over the vocabulary, in (0, 1).")
+
+
+class MixtureSource(_SourceNode):
+    """A weighted average of the distributions of other sources (an ensemble of teachers)."""
+
+    type: Literal["mixture"] = Field(description="Source kind.")
+    sources: list[Name] = Field(
+        min_length=2, description="The sources to mix (teachers, labels, smoothed labels, mixtures)."
+    )
+    weights: list[FiniteFloat] | None = Field(
+        None, description="One non-negative weight per source, summing to 1; equal weights when omitted."
+    )
+
+
+Source = Annotated[
+    Union[LabelsSource, TeacherSource, TopKTeacherSource, LabelSmoothingSource, MixtureSource],
+    Field(discriminator="type"),
+]
+SOURCE_KINDS = ("labels", "teacher", "topk_teacher", "label_smoothing", "mixture")
+
+# --------------------------------------------------------------------------------------------------
+# Loss nodes.
+# --------------------------------------------------------------------------------------------------
+
+
+class _LossNode(_Model):
+    heads: list[Name] = Field(min_length=1, description="Names of the heads this loss applies to; one term per head.")
+    weight: ScheduledFloat = Field(
+        1.0,
+        description=(
+            "Multiplier of the loss: a number or a schedule evaluated at the training step. "
+            "0 means computed and reported, without gradient."
+        ),
+    )
+    head_weights: list[FiniteFloat] | None = Field(
+        None, description="Optional multiplier per head, same length and order as `heads` (default 1 for each)."
+    )
+    description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
+
+
+class _TemperedLoss(_LossNode):
+    temperature: ScheduledFloat = Field(
+        1.0,
+        description="Softmax temperature applied to the student logits and the target (a number > 0 or a schedule).",
+    )
+
+
+class _TargetLoss(_TemperedLoss):
+    target: Name = Field(description="Name of the source the student is compared with.")
+    temperature_scaling: bool = Field(
+        False, description="Multiply the loss by temperature squared (Hinton's convention)."
+    )
+
+
+class CrossEntropyLoss(_TargetLoss):
+    """Cross-entropy against hard labels (ignore_index aware) or against a target distribution."""
+
+    type: Literal["cross_entropy"] = Field(description="Loss kind.")
+
+
+class ZLoss(_LossNode):
+    """(logsumexp of the logits)^2: keeps the softmax normalizer near 1 (PaLM's z-loss)."""
+
+    type: Literal["z_loss"] = Field(description="Loss kind.")
+
+
+class ForwardKLLoss(_TargetLoss):
+    """KL(target || student): the usual distillation loss (mean-seeking)."""
+
+    type: Literal["forward_kl"] = Field(description="Loss kind.")
+
+
+class ReverseKLLoss(_TargetLoss):
+    """KL(student || target): mode-seeking distillation; the target must give every token some mass."""
+
+    type: Literal["reverse_kl"] = Field(description="Loss kind.")
+
+
+class JSDLoss(_TargetLoss):
+    """Generalized Jensen-Shannon divergence: beta KL(p||M) + (1 - beta) KL(q||M), M = beta p + (1 - beta) q."""
+
+    type: Literal["jsd"] = Field(description="Loss kind.")
+    beta: float = Field(0.5, gt=0.0, lt=1.0, description="Weight of the target in the mixture M, in (0, 1).")
+
+
+class TVDLoss(_TargetLoss):
+    """Total variation distance: half the L1 distance between target and student distributions."""
+
+    type: Literal["tvd"] = Field(description="Loss kind.")
+
+
+class EntropyLoss(_TemperedLoss):
+    """Entropy of the student distribution; a negative weight rewards spread-out predictions."""
+
+    type: Literal["entropy"] = Field(description="Loss kind.")
+
+
+Loss = Annotated[
+    Union[CrossEntropyLoss, ZLoss, ForwardKLLoss, ReverseKLLoss, JSDLoss, TVDLoss, EntropyLoss],
+    Field(discriminator="type"),
+]
+LOSS_KINDS = ("cross_entropy", "z_loss", "forward_kl", "reverse_kl", "jsd", "tvd", "entropy")
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd")
+
+# --------------------------------------------------------------------------------------------------
+# The document.
+# --------------------------------------------------------------------------------------------------
+
+
+class LossGraphSpec(_Model):
+    """A loss graph: the student's heads, the target sources and the loss nodes that bind them."""
+
+    version: Literal[1] = Field(description="Version of the loss-graph format; only 1 exists.")
+    vocab_size: PositiveInt | None = Field(
+        None, description="Default vocabulary size of every head and teacher that does not set its own."
+    )
+    normalization: Literal["tokens", "sum", "batch"] = Field(
+        "tokens",
+        description=(
+            "How each head's summed loss is divided: `tokens` by its unmasked token count (or the "
+            "caller's `num_items`), `sum` not at all, `batch` by the number of positions."
+        ),
+    )
+    description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
+    heads: dict[Name, Head] = Field(min_length=1, description="The student's prediction heads, by name.")
+    sources: dict[Name, Source] = Field(
+        default_factory=dict, description="Where targets come from, by name; `type` picks the kind."
+    )
+    losses: dict[Name, Loss] = Field(min_length=1, description="Loss nodes, by name; `type` picks the kind.")
+
+    # Where each node was written (file, line, column); empty for specs built in Python.
+    _source_map: SourceMap = PrivateAttr(default_factory=SourceMap)
+
+    @property
+    def source_map(self) -> SourceMap:
+        """Positions of the document this spec was loaded from (empty when built in Python)."""
+        return self._source_map
+
+    def head_vocab(self, head: str) -> int | None:
+        """Vocabulary size of a head (its own, else the default)."""
+        own = self.heads[head].vocab_size
+        return own if own is not None else self.vocab_size
+
+    def source_vocab(self, source: str) -> int | None:
+        """Vocabulary size of a teacher or top-k teacher source (its own, else the default)."""
+        own = getattr(self.sources[source], "vocab_size", None)
+        return own if own is not None else self.vocab_size
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a loss-graph document (what `lossgraph schema` writes)."""
+    schema = LossGraphSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "lossgraph loss graph (version 1)"
+    return schema
