@@ -24,6 +24,10 @@ _EXPORTS = {
     "SourceFileError": "lossgraph.errors",
     "LossGraphWarning": "lossgraph.errors",
     "Diagnostic": "lossgraph.errors",
+    "compile": "lossgraph.runtime",
+    "CompiledGraph": "lossgraph.runtime",
+    "GraphOutput": "lossgraph.runtime",
+    "TopK": "lossgraph.inputs",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
         LossGraphWarning,
         SourceFileError,
     )
+    from .inputs import TopK
+    from .runtime import CompiledGraph, GraphOutput, compile
     from .spec import LossGraphSpec
 
 

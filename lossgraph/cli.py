@@ -1,7 +1,7 @@
 """The `lossgraph` command line.
 
 Exit codes: 0 success; 1 an invalid loss graph or a failed run; 2 a usage error or a file that cannot
-be read. Errors are printed as `FILE:LINE:COL: path: message`, never as tracebacks. Commands that need
+be read or written. Errors are printed as `FILE:LINE:COL: path: message`, never as tracebacks. Commands that need
 torch import it inside their own body, so `lossgraph --help`, `validate`, `show`, `viz`, `schema` and
 `init` start fast and work without a GPU stack.
 """
@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import ConfigError, LossGraphError, SourceFileError
@@ -57,6 +58,15 @@ def cli_errors() -> Iterator[None]:
     except LossGraphError as exc:
         _print_plain(err, f"error: {exc}")
         raise typer.Exit(EXIT_INVALID) from None
+
+
+def write_or_exit(path: Path, data: bytes) -> None:
+    """Write an output file; a path that cannot be written is a usage error, not a traceback."""
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        _print_plain(err, f"error: cannot write {path}: {exc.strerror or exc}")
+        raise typer.Exit(EXIT_USAGE) from None
 
 
 def load_or_exit(path: Path):  # -> LossGraphSpec, kept unannotated to keep imports lazy
@@ -130,7 +140,7 @@ def validate(
                 _print_plain(out, diagnostic.format())
             status = "[red]invalid[/]" if failed else "[green]valid[/]"
             counts = f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)"
-            out.print(f"{path}: {status} ({counts})")
+            out.print(f"{escape(str(path))}: {status} ({counts})")
     if json_output:
         _print_plain(out, json.dumps({"valid": code == 0, "files": results}, indent=2))
     raise typer.Exit(code)
@@ -173,7 +183,7 @@ def viz(
             sys.stdout.buffer.write(data)
             sys.stdout.flush()
         else:
-            output.write_bytes(data)
+            write_or_exit(output, data)
             _print_plain(err, f"wrote {output}")
 
 
@@ -190,7 +200,7 @@ def schema(
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text, encoding="utf-8")
+        write_or_exit(output, text.encode("utf-8"))
         _print_plain(err, f"wrote {output}")
 
 
@@ -205,7 +215,7 @@ def init(
     if path.exists() and not force:
         _print_plain(err, f"error: {path} exists; pass --force to overwrite it")
         raise typer.Exit(EXIT_USAGE)
-    path.write_text(files("lossgraph").joinpath("data/starter.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    write_or_exit(path, files("lossgraph").joinpath("data/starter.yaml").read_bytes())
     _print_plain(out, f"wrote {path}; check it with: lossgraph validate {path}")
 
 

@@ -1,7 +1,7 @@
-"""The compiler: named passes over the loss graph, run in order by `analyze`.
+"""The compiler: named passes over the loss graph, called in order by `analyze`.
 
-Validation passes come first and collect every problem of the document; the planning pass (which
-fuses the terms of each head into kernels) runs only on a graph without errors.
+Validation passes come first and collect every problem of the document; the planning passes (which
+list the terms of each head and fuse them into kernels) run only on a graph without errors.
 """
 
 from __future__ import annotations
@@ -10,11 +10,26 @@ from collections.abc import Callable
 
 from . import passes
 from .passes import CompileContext
+from .fusion import plan_fusion
+from .plan import build_plan
 from .spec import LossGraphSpec
 
 Pass = Callable[[CompileContext], None]
 
-VALIDATION_PASSES: tuple[tuple[str, Pass], ...] = (
+
+def plan_terms(ctx: CompileContext) -> None:
+    """Resolve targets and group the terms by head (only for a graph without errors)."""
+    if not ctx.errors:
+        ctx.plan = build_plan(ctx.spec)
+
+
+def fuse_heads(ctx: CompileContext) -> None:
+    """Group each head's terms into fused kernel launches (only when the terms were planned)."""
+    if ctx.plan is not None:
+        ctx.fusion = plan_fusion(ctx.plan)
+
+
+PASSES: tuple[tuple[str, Pass], ...] = (
     ("check_names", passes.check_names),
     ("build_graph", passes.build_graph),
     ("check_source_cycles", passes.check_source_cycles),
@@ -26,12 +41,14 @@ VALIDATION_PASSES: tuple[tuple[str, Pass], ...] = (
     ("check_weights", passes.check_weights),
     ("check_schedules", passes.check_schedules),
     ("warn_unused", passes.warn_unused),
+    ("plan_terms", plan_terms),
+    ("fuse_heads", fuse_heads),
 )
 
 
-def analyze(spec: LossGraphSpec, validation: tuple[tuple[str, Pass], ...] = VALIDATION_PASSES) -> CompileContext:
-    """Run every validation pass on `spec`; the returned context holds the graph and all diagnostics."""
+def analyze(spec: LossGraphSpec, pass_list: tuple[tuple[str, Pass], ...] = PASSES) -> CompileContext:
+    """Run the passes on `spec` in order; the context holds the graph, the diagnostics and the plan."""
     ctx = CompileContext(spec=spec, source_map=spec.source_map)
-    for _, run in validation:
+    for _, run in pass_list:
         run(ctx)
     return ctx

@@ -36,7 +36,6 @@ _YamlLoader.add_implicit_resolver(
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 @dataclass
@@ -62,16 +61,19 @@ class _Composer:
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
             if node.tag != _SEQ_TAG:
-                self._error(path, f"unsupported YAML tag {node.tag!r} on a list", mark)
+                self._error(path, _unsupported_tag(node.tag, "a list"), mark)
             return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
+        if node.tag not in self.loader.yaml_constructors:
+            self._error(path, _unsupported_tag(node.tag, "a value"), mark)
+            return None
         return self.loader.construct_object(node, deep=True)
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any]:
         if node.tag != _MAP_TAG:
-            self._error(path, f"unsupported YAML tag {node.tag!r} on a mapping", node.start_mark)
+            self._error(path, _unsupported_tag(node.tag, "a mapping"), node.start_mark)
         first_seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+            if not self._plain_key(key_node):
                 continue
             key = self.loader.construct_object(key_node)
             line = key_node.start_mark.line + 1
@@ -90,15 +92,40 @@ class _Composer:
             if not isinstance(key_node, yaml.ScalarNode):
                 self._error(path, "mapping keys must be plain names, not lists or mappings", key_node.start_mark)
                 continue
+            if not self._plain_key(key_node):
+                self._error(path, _unsupported_tag(key_node.tag, "a key"), key_node.start_mark)
+                continue
             key = self.loader.construct_object(key_node)
+            if not isinstance(key, str):
+                # YAML 1.1 reads unquoted yes/no/on/off as booleans and digits as numbers, even as keys.
+                raw = key_node.value
+                hint = f"quote it: '{raw}'" if isinstance(key, bool) else "names start with a letter or underscore"
+                self._error(path, f"key {raw} is read as {_kind(key)}, not a name; {hint}", key_node.start_mark)
+                continue
             self.source_map.keys[(*path, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             result[key] = self.build(value_node, (*path, key))
         return result
+
+    def _plain_key(self, node: yaml.Node) -> bool:
+        """A scalar key with a tag the safe loader knows (not a `<<` merge key, not a Python tag)."""
+        return isinstance(node, yaml.ScalarNode) and node.tag in self.loader.yaml_constructors
 
     def _error(self, path: Path, message: str, mark: yaml.Mark) -> None:
         self.diagnostics.append(
             Diagnostic("error", dotted(path), message, self.source_map.file, mark.line + 1, mark.column + 1)
         )
+
+
+def _unsupported_tag(tag: str, what: str) -> str:
+    return f"unsupported YAML tag {tag!r} on {what}; remove it: a loss graph holds plain mappings, lists and values"
+
+
+# Hints for PyYAML's terse syntax messages, keyed by a fragment of the problem.
+_SYNTAX_HINTS = {
+    "'\\t'": "indent with spaces (YAML does not allow tabs)",
+    "expected <block end>": "check the indentation of this line",
+    "found another document": "a loss-graph file holds one document (remove the extra `---`)",
+}
 
 
 def parse_yaml(text: str, file: str | None = None) -> ParsedDocument:
@@ -124,7 +151,11 @@ def parse_yaml(text: str, file: str | None = None) -> ParsedDocument:
         data = composer.build(node, ())
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        problem = " ".join(part for part in (exc.context, exc.problem) if part)
+        context = exc.context
+        if context and context.startswith("while") and exc.context_mark and mark and exc.context_mark.line != mark.line:
+            context += f" (started at line {exc.context_mark.line + 1})"  # where an unclosed `[` or `{` opened
+        problem = " ".join(part for part in (context, exc.problem) if part)
+        problem += "".join(f"; {hint}" for fragment, hint in _SYNTAX_HINTS.items() if fragment in problem)
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         raise ConfigError([Diagnostic("error", "", f"YAML syntax error: {problem}", file, line, column)]) from None
     except yaml.YAMLError as exc:
@@ -298,6 +329,8 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
         choices = [c.strip().strip("'") for c in re.split(r",| or ", expected) if c.strip()]
         hint = did_you_mean(str(value), choices) if isinstance(value, str) else ""
         return f"must be {expected}, got {_kind(value)}{hint}"
+    if kind == "string_type" and isinstance(value, bool):
+        return f"expected a string, got {_kind(value)}; YAML reads unquoted yes/no/on/off as booleans, so quote it"
     if kind in _TYPE_NAMES:
         return f"expected {_TYPE_NAMES[kind]}, got {_kind(value)}"
     if kind == "too_short":
@@ -320,6 +353,8 @@ def validate_schema(document: ParsedDocument) -> LossGraphSpec:
             if error["type"] == "missing":
                 diagnostics.append(document.source_map.diagnostic(path, _message(error, loc)))
                 continue
+            if error["type"] == "union_tag_invalid":  # point at the `type:` (or `schedule:`) value itself
+                path = (*path, str(error["ctx"]["discriminator"]).strip("'"))
             is_key = error["type"] == "extra_forbidden" or (loc and loc[-1] == "[key]")
             if error["type"] == "extra_forbidden" and path[-1:] != (loc[-1],):
                 path = (*path, loc[-1])

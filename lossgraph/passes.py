@@ -51,7 +51,8 @@ class CompileContext:
     source_map: SourceMap
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     diagnostics: list[Diagnostic] = field(default_factory=list)
-    plan: object | None = None  # the fusion plan (lossgraph.plan.Plan), set by the last pass
+    plan: object | None = None  # the terms of each head (lossgraph.plan.Plan), set by plan_terms
+    fusion: object | None = None  # the kernel launches (lossgraph.fusion.FusionPlan), set by plan_fusion
 
     def error(self, path: Path, message: str, *, key: bool = False) -> None:
         self.diagnostics.append(self.source_map.diagnostic(path, message, key=key))
@@ -299,6 +300,12 @@ def check_target_kinds(ctx: CompileContext) -> None:
                 "(forward KL against one-hot labels is cross-entropy) or a label_smoothing source",
             )
             continue
+        if isinstance(source, TopKTeacherSource) and source.tail == "bucket" and loss.temperature != 1.0:
+            ctx.error(
+                ("losses", name, "temperature"),
+                f"top-k teacher {target!r} uses tail: bucket, whose tail mass cannot be re-tempered; "
+                "use temperature 1, or tail: renormalize",
+            )
         if loss.type == "reverse_kl":
             reason = zero_mass_reason(spec, target)
             if reason:

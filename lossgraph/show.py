@@ -27,7 +27,10 @@ def graph_tree(spec: LossGraphSpec, title: str) -> Tree:
         if not bound:
             branch.add("[yellow]no loss bound[/]")
         for loss_name, index in bound:
-            branch.add(f"[cyan]{escape(loss_name)}[/]: {escape(loss_summary(spec, loss_name, index))}")
+            label = f"[cyan]{escape(loss_name)}[/]: {escape(loss_summary(spec, loss_name, index))}"
+            if spec.losses[loss_name].description:
+                label += f"  [dim]{escape(spec.losses[loss_name].description)}[/]"
+            branch.add(label)
     if spec.sources:
         sources = tree.add("[bold]sources[/]")
         for name, source in spec.sources.items():

@@ -1,0 +1,684 @@
+"""Generates the Triton source of one fused-head kernel from a `KernelSpec`.
+
+One program handles one row (one token position) of the head's logits and streams its vocabulary in
+tiles of BLOCK_V:
+
+  pass 1     online max and sum-exp for every softmax the terms need (the student at each temperature
+             slot, each dense teacher at each slot it is used at), the student's and teachers' argmax,
+             and the running sums some terms can take in the same read (entropy, reverse KL against
+             one teacher).
+  (top-k)    the stored top-k entries are gathered; their terms are small vectors computed at once.
+  pass 2     only when a term needs a row sum that involves p and q at once before any gradient
+             element is known (jsd, tvd, reverse KL against a mixture): those sums.
+  last pass  every term's remaining value and the summed gradient, written once in the logits dtype;
+             then the sparse top-k gradient entries are added.
+
+Notation in the comments: for the term's temperature T, s = z / T, q = softmax(s), p the target at T,
+g_j = dl/dz_j. Every gradient below is dl/ds_j; the generated code multiplies it by the run-time
+weight w = weight x head_weight x (T^2 if temperature_scaling) / T, which also carries the 1/T of
+ds/dz, and finally by the row's scale (mask / normalizer).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .signature import (
+    KDense,
+    KernelSpec,
+    KernelTerm,
+    KLabels,
+    KMixture,
+    KSmoothed,
+    KTarget,
+    KTopK,
+    needs_reduction_pass,
+)
+
+NEG_INF = 'float("-inf")'
+
+
+class _Source:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.depth = 0
+
+    def __call__(self, *lines: str) -> None:
+        for line in lines:
+            self.lines.append(("    " * self.depth + line) if line else "")
+
+    @contextmanager
+    def block(self, header: str) -> Iterator[None]:
+        self(header)
+        self.depth += 1
+        yield
+        self.depth -= 1
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _dense_teachers(target: KTarget | None) -> list[int]:
+    if isinstance(target, KDense):
+        return [target.teacher]
+    if isinstance(target, KMixture):
+        return [t for _, part in target.parts for t in _dense_teachers(part)]
+    return []
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class KernelGenerator:
+    """Writes the kernel for one KernelSpec. `source()` returns the module text."""
+
+    def __init__(self, spec: KernelSpec):
+        self.spec = spec
+        terms = spec.terms
+        self.topk_terms = [i for i, t in enumerate(terms) if isinstance(t.target, KTopK)]
+        self.student_slots = sorted(
+            {t.slot for t in terms if not (isinstance(t.target, KTopK) and t.target.tail == "renormalize")}
+        )
+        self.teacher_states = sorted({(i, t.slot) for t in terms for i in _dense_teachers(t.target)})
+        self.moment_slots = sorted(
+            {
+                t.slot
+                for t in terms
+                if t.kind == "entropy" or (t.kind == "reverse_kl" and isinstance(t.target, KSmoothed))
+            }
+        )
+        self.online_rkl = sorted(
+            {(t.slot, t.target.teacher) for t in terms if t.kind == "reverse_kl" and isinstance(t.target, KDense)}
+        )
+        self.reduction_terms = [i for i, t in enumerate(terms) if needs_reduction_pass(t)]
+        self.topk_sources = sorted({t.target.source for t in terms if isinstance(t.target, KTopK)})
+        for index in self.topk_terms:
+            term = terms[index]
+            if term.target.tail == "bucket" and not spec.slot_is_one[term.slot]:
+                raise ValueError("a top-k term with tail 'bucket' needs a temperature slot fixed at 1")
+        for term in terms:
+            if term.kind == "z_loss" and not spec.slot_is_one[term.slot]:
+                raise ValueError("z_loss needs a temperature slot fixed at 1")
+        self.src = _Source()
+        self._tile_cache: dict[str, str] = {}
+        self.pass_reads: list[set[int]] = []  # per pass over the row: the dense teachers it reads
+
+    @property
+    def passes(self) -> int:
+        return 3 if self.reduction_terms else 2
+
+    # ----------------------------------------------------------------------------------------------
+    # Arguments.
+    # ----------------------------------------------------------------------------------------------
+
+    def arguments(self) -> list[str]:
+        spec = self.spec
+        args = ["z_ptr", "stride_z", "grad_ptr", "stride_grad", "loss_ptr", "pred_ptr", "row_scale_ptr"]
+        if spec.uses_labels:
+            args.append("label_ptr")
+        for i in range(len(spec.dense)):
+            args += [f"t{i}_ptr", f"stride_t{i}", f"vocab_t{i}", f"tpred{i}_ptr"]
+        for i in range(len(spec.topk)):
+            args += [f"k{i}_index_ptr", f"stride_k{i}_index", f"k{i}_logp_ptr", f"stride_k{i}_logp"]
+        args += [f"inv_t{s}" for s in range(len(spec.slot_is_one))]
+        args += [f"w{t}" for t, term in enumerate(spec.terms) if term.active]
+        args += ["V", "BLOCK_V: tl.constexpr"]
+        return args
+
+    # ----------------------------------------------------------------------------------------------
+    # Tile expressions (cached per loop body).
+    # ----------------------------------------------------------------------------------------------
+
+    def _cached(self, name: str, expression: str) -> str:
+        if name not in self._tile_cache:
+            self.src(f"{name} = {expression}")
+            self._tile_cache[name] = expression
+        return name
+
+    def scaled_student(self, slot: int) -> str:
+        if self.spec.slot_is_one[slot]:
+            return "x"
+        return self._cached(f"xs{slot}", f"x * inv_t{slot}")
+
+    def log_q(self, slot: int) -> str:
+        return self._cached(f"logq{slot}", f"{self.scaled_student(slot)} - lse_s{slot}")
+
+    def q(self, slot: int) -> str:
+        return self._cached(f"q{slot}", f"tl.exp({self.log_q(slot)})")
+
+    def teacher_tile(self, i: int) -> str:
+        mapping = self.spec.dense[i].mapping
+        mask = "in_v & (offs < vocab_t{i})".format(i=i) if mapping == "pad" else "in_v"
+        return self._cached(
+            f"t{i}", f"tl.load(t{i}_row + offs, mask={mask}, other={NEG_INF}).to(tl.float32)"
+        )
+
+    def scaled_teacher(self, i: int, slot: int) -> str:
+        tile = self.teacher_tile(i)
+        if self.spec.slot_is_one[slot]:
+            return tile
+        return self._cached(f"u{i}_{slot}", f"{tile} * inv_t{slot}")
+
+    def onehot(self) -> str:
+        return self._cached("is_label", "offs == y")
+
+    def p(self, target: KTarget, slot: int) -> str:
+        """Target probabilities of the tile."""
+        if isinstance(target, KLabels):
+            return self._cached("p_labels", f"tl.where({self.onehot()}, 1.0, 0.0)")
+        if isinstance(target, KSmoothed):
+            key = f"p_smooth{self._const_id(target.epsilon)}"
+            eps = repr(target.epsilon)
+            return self._cached(
+                key, f"tl.where({self.onehot()}, 1.0 - {eps} + {eps} / Vf, tl.where(in_v, {eps} / Vf, 0.0))"
+            )
+        if isinstance(target, KDense):
+            i = target.teacher
+            return self._cached(f"p_t{i}_{slot}", f"tl.exp({self.log_p(target, slot)})")
+        if isinstance(target, KMixture):
+            parts = " + ".join(f"{weight!r} * {self.p(part, slot)}" for weight, part in target.parts)
+            return self._cached(f"p_mix{self._const_id(target)}_{slot}", parts)
+        raise ValueError(f"{target} is not a dense target")
+
+    def log_p(self, target: KTarget, slot: int) -> str:
+        """Target log-probabilities of the tile (exact for dense teachers and labels)."""
+        if isinstance(target, KDense):
+            i = target.teacher
+            return self._cached(f"logp_t{i}_{slot}", f"{self.scaled_teacher(i, slot)} - lse_t{i}_{slot}")
+        if isinstance(target, KLabels):
+            return self._cached("logp_labels", f"tl.where({self.onehot()}, 0.0, {NEG_INF})")
+        if isinstance(target, KSmoothed):
+            eps = repr(target.epsilon)
+            return self._cached(
+                f"logp_smooth{self._const_id(target.epsilon)}",
+                f"tl.where({self.onehot()}, tl.log(1.0 - {eps} + {eps} / Vf), "
+                f"tl.where(in_v, tl.log({eps} / Vf), {NEG_INF}))",
+            )
+        return self._cached(f"logp_mix{self._const_id(target)}_{slot}", f"tl.log({self.p(target, slot)})")
+
+    def _const_id(self, value: object) -> int:
+        key = f"const:{value!r}"
+        if key not in self._tile_cache:
+            self._tile_cache[key] = str(len([k for k in self._tile_cache if k.startswith("const:")]))
+        return int(self._tile_cache[key])
+
+    @contextmanager
+    def tile_loop(self) -> Iterator[None]:
+        constants = {k: v for k, v in self._tile_cache.items() if k.startswith("const:")}
+        with self.src.block("for start in range(0, V, BLOCK_V):"):
+            self._tile_cache = dict(constants)
+            self.src("offs = start + cols", "in_v = offs < V")
+            self.src(f"x = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)")
+            yield
+        self.pass_reads.append({int(key[1:]) for key in self._tile_cache if re.fullmatch(r"t\d+", key)})
+        self._tile_cache = {k: v for k, v in self._tile_cache.items() if k.startswith("const:")}
+
+    # ----------------------------------------------------------------------------------------------
+    # The kernel.
+    # ----------------------------------------------------------------------------------------------
+
+    def source(self) -> str:
+        src = self.src
+        src(
+            "# Generated by lossgraph.kernels.codegen from:",
+            *[f"#   {line}" for line in _wrap(self.spec.key())],
+            "import triton",
+            "import triton.language as tl",
+            "",
+            "from lossgraph.kernels.primitives import (",
+            "    log_sum_exp,",
+            "    online_argmax_update,",
+            "    online_softmax_update,",
+            "    sign_of_difference,",
+            ")",
+            "",
+            f"PASSES = {self.passes}",
+            "",
+            "",
+            "@triton.jit",
+        )
+        with src.block("def fused_head_kernel("):
+            for argument in self.arguments():
+                src(f"{argument},")
+        src("):")
+        src.depth += 1
+        src(
+            "row = tl.program_id(0).to(tl.int64)",
+            "row_scale = tl.load(row_scale_ptr + row)",
+            "z_row = z_ptr + row * stride_z",
+            "g_row = grad_ptr + row * stride_grad",
+            "cols = tl.arange(0, BLOCK_V)",
+            "Vf = V.to(tl.float32)",
+        )
+        for i in range(len(self.spec.dense)):
+            src(f"t{i}_row = t{i}_ptr + row * stride_t{i}")
+        with src.block("if row_scale == 0.0:"):
+            self.masked_row()
+        with src.block("else:"):
+            self.live_row()
+        src.depth -= 1
+        return src.text()
+
+    def masked_row(self) -> None:
+        """A position that takes no loss: zero gradient, zero terms."""
+        src = self.src
+        if not self.spec.accumulate:
+            with src.block("for start in range(0, V, BLOCK_V):"):
+                src("offs = start + cols")
+                src("tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < V)")
+        for t in range(len(self.spec.terms)):
+            src(f"tl.store(loss_ptr + row * {len(self.spec.terms)} + {t}, 0.0)")
+        src("tl.store(pred_ptr + row, 0)")
+        for i in range(len(self.spec.dense)):
+            src(f"tl.store(tpred{i}_ptr + row, 0)")
+
+    def live_row(self) -> None:
+        src = self.src
+        spec = self.spec
+        if spec.uses_labels:
+            src("y = tl.load(label_ptr + row)")
+        self.first_pass()
+        self.after_first_pass()
+        if self.topk_sources:
+            self.topk_block()
+        if self.reduction_terms:
+            self.reduction_pass()
+        self.last_pass()
+        if self.topk_sources:
+            self.scatter_topk()
+        count = len(spec.terms)
+        for t in range(count):
+            src(f"tl.store(loss_ptr + row * {count} + {t}, loss{t})")
+        src("tl.store(pred_ptr + row, best_index)")
+        for i in range(len(spec.dense)):
+            src(f"tl.store(tpred{i}_ptr + row, best_index_t{i})")
+
+    # ----------------------------------------------------------------------------------------------
+    # Pass 1.
+    # ----------------------------------------------------------------------------------------------
+
+    def first_pass(self) -> None:
+        src = self.src
+        src("# pass 1: online softmax statistics, argmax and the sums that stream in one read")
+        src(f"best_value = {NEG_INF}", "best_index = 0")
+        for s in self.student_slots:
+            src(f"m_s{s} = {NEG_INF}", f"sum_s{s} = 0.0")
+        for s in self.moment_slots:
+            src(f"moment_s{s} = 0.0")
+        for i, s in self.teacher_states:
+            src(f"m_t{i}_{s} = {NEG_INF}", f"sum_t{i}_{s} = 0.0")
+        for i in range(len(self.spec.dense)):
+            src(f"best_value_t{i} = {NEG_INF}", f"best_index_t{i} = 0")
+        for s, i in self.online_rkl:
+            src(f"rkl_s{s}_t{i} = 0.0")
+        with self.tile_loop():
+            src("best_value, best_index = online_argmax_update(best_value, best_index, x, start)")
+            for i in range(len(self.spec.dense)):
+                tile = self.teacher_tile(i)
+                src(
+                    f"best_value_t{i}, best_index_t{i} = online_argmax_update("
+                    f"best_value_t{i}, best_index_t{i}, {tile}, start)"
+                )
+            for i, s in self.teacher_states:
+                u = self.scaled_teacher(i, s)
+                src(f"m_t{i}_{s}, sum_t{i}_{s}, _, _ = online_softmax_update(m_t{i}_{s}, sum_t{i}_{s}, {u})")
+            for s in self.student_slots:
+                xs = self.scaled_student(s)
+                src(f"m_s{s}, sum_s{s}, rescale{s}, e{s} = online_softmax_update(m_s{s}, sum_s{s}, {xs})")
+                if s in self.moment_slots:
+                    # entropy: H = lse - sum_j q_j s_j, with sum_j exp(s_j - m) s_j kept like sum-exp
+                    src(
+                        f"moment_s{s} = moment_s{s} * rescale{s} + "
+                        f"tl.sum(tl.where(e{s} > 0, e{s} * {xs}, 0.0), 0)"
+                    )
+                for slot, i in self.online_rkl:
+                    if slot == s:
+                        # reverse KL against one teacher: sum_j q_j (s_j - u_j) streams like sum-exp
+                        u = self.scaled_teacher(i, s)
+                        src(
+                            f"rkl_s{s}_t{i} = rkl_s{s}_t{i} * rescale{s} + "
+                            f"tl.sum(tl.where(e{s} > 0, e{s} * ({xs} - {u}), 0.0), 0)"
+                        )
+
+    def after_first_pass(self) -> None:
+        """log-sum-exps, and the values of the terms that are known after one read."""
+        src = self.src
+        spec = self.spec
+        for s in self.student_slots:
+            src(f"lse_s{s} = m_s{s} + tl.log(sum_s{s})")
+        for i, s in self.teacher_states:
+            src(f"lse_t{i}_{s} = m_t{i}_{s} + tl.log(sum_t{i}_{s})")
+        if spec.uses_labels:
+            # an out-of-range label (unchecked input) gives a NaN loss instead of an out-of-bounds read
+            src(
+                "label_ok = (y >= 0) & (y < V)",
+                'z_label = tl.load(z_row + tl.where(label_ok, y, 0), mask=label_ok, other=float("nan")).to(tl.float32)',
+            )
+        for t, term in enumerate(spec.terms):
+            s = term.slot
+            scaled = "" if spec.slot_is_one[s] else f" * inv_t{s}"
+            if term.kind == "cross_entropy" and isinstance(term.target, KLabels):
+                # l = lse(s) - s_y
+                src(f"loss{t} = lse_s{s} - z_label{scaled}")
+            elif term.kind == "z_loss":
+                # l = lse(z)^2
+                src(f"loss{t} = lse_s{s} * lse_s{s}")
+            elif term.kind == "entropy":
+                src(f"loss{t} = lse_s{s} - moment_s{s} / sum_s{s}")
+            elif term.kind == "reverse_kl" and isinstance(term.target, KDense):
+                # l = sum_j q_j (s_j - u_j) - lse(s) + lse(u)
+                i = term.target.teacher
+                src(f"loss{t} = rkl_s{s}_t{i} / sum_s{s} - lse_s{s} + lse_t{i}_{s}")
+            elif term.kind == "reverse_kl" and isinstance(term.target, KSmoothed):
+                # l = sum_j q_j log q_j - sum_j q_j log p_j, where log p_j = log(eps/V) + [j = y] c
+                eps = repr(term.target.epsilon)
+                src(
+                    f"q_label{t} = tl.exp(z_label{scaled} - lse_s{s})",
+                    f"low{t} = tl.log({eps} / Vf)",
+                    f"loss{t} = (moment_s{s} / sum_s{s} - lse_s{s}) - low{t} - q_label{t} * "
+                    f"(tl.log(1.0 - {eps} + {eps} / Vf) - low{t})",
+                )
+            elif not isinstance(term.target, KTopK) and t not in self.reduction_terms:
+                src(f"loss{t} = 0.0  # streamed in the last pass")
+
+    # ----------------------------------------------------------------------------------------------
+    # Top-k teachers.
+    # ----------------------------------------------------------------------------------------------
+
+    def topk_block(self) -> None:
+        src = self.src
+        src("# top-k teachers: gather the stored entries; their terms are computed on these vectors")
+        for i in self.topk_sources:
+            k = self.spec.topk[i]
+            block = next_power_of_two(k)
+            src(
+                f"kk{i} = tl.arange(0, {block})",
+                f"kmask{i} = kk{i} < {k}",
+                f"index{i} = tl.load(k{i}_index_ptr + row * stride_k{i}_index + kk{i}, mask=kmask{i}, other=0).to(tl.int64)",
+                f"stored_lp{i} = tl.load(k{i}_logp_ptr + row * stride_k{i}_logp + kk{i}, mask=kmask{i}, other=0.0).to(tl.float32)",
+                f"in_vocab{i} = kmask{i} & (index{i} >= 0) & (index{i} < V)",
+                f"safe{i} = tl.where(in_vocab{i}, index{i}, 0)",
+                f"z_top{i} = tl.load(z_row + safe{i}, mask=in_vocab{i}, other={NEG_INF}).to(tl.float32)",
+                f"delta{i} = tl.zeros([{block}], dtype=tl.float32)",
+            )
+        for t in self.topk_terms:
+            term = self.spec.terms[t]
+            if term.target.tail == "renormalize":
+                self.topk_renormalized(t, term)
+            else:
+                self.topk_bucket(t, term)
+
+    def topk_renormalized(self, t: int, term: KernelTerm) -> None:
+        src = self.src
+        i = term.target.source
+        s = term.slot
+        inv = "" if self.spec.slot_is_one[s] else f" * inv_t{s}"
+        src(
+            f"# top-k, renormalize: q' and p' are softmaxes over the k stored tokens only",
+            f"a{t} = tl.where(in_vocab{i}, z_top{i}{inv}, {NEG_INF})",
+            f"lq{t} = a{t} - log_sum_exp(a{t})",
+            f"qv{t} = tl.exp(lq{t})",
+            f"b{t} = tl.where(in_vocab{i}, stored_lp{i}{inv}, {NEG_INF})",
+            f"lp{t} = b{t} - log_sum_exp(b{t})",
+            f"pv{t} = tl.exp(lp{t})",
+            f"usable{t} = tl.max(in_vocab{i}.to(tl.int32), 0) > 0",
+        )
+        value, gradient = self.vector_divergence(t, term, f"qv{t}", f"pv{t}", f"lq{t}", f"lp{t}")
+        src(f"loss{t} = tl.where(usable{t}, {value}, 0.0)")
+        if term.active:
+            src(f"delta{i} += tl.where(in_vocab{i} & usable{t}, w{t} * ({gradient}), 0.0)")
+
+    def vector_divergence(self, t: int, term: KernelTerm, q: str, p: str, lq: str, lp: str) -> tuple[str, str]:
+        """(value, dl/ds on the entries) of a divergence between two small vectors that each sum to 1."""
+        src = self.src
+        kind = term.kind
+        if kind in ("cross_entropy", "forward_kl"):
+            if kind == "cross_entropy":
+                src(f"val{t} = tl.sum(tl.where({p} > 0, -{p} * {lq}, 0.0), 0)")
+            else:
+                src(f"val{t} = tl.sum(tl.where({p} > 0, {p} * ({lp} - {lq}), 0.0), 0)")
+            # dl/ds_i = q_i - p_i
+            return f"val{t}", f"{q} - {p}"
+        if kind == "reverse_kl":
+            # l = sum q (log q - log p); dl/ds_i = q_i (log q_i - log p_i - l)
+            src(f"val{t} = tl.sum(tl.where({q} > 0, {q} * ({lq} - {lp}), 0.0), 0)")
+            return f"val{t}", f"tl.where({q} > 0, {q} * ({lq} - {lp} - val{t}), 0.0)"
+        if kind == "jsd":
+            beta = repr(term.beta)
+            # M = beta p + (1 - beta) q; dl/ds_i = (1 - beta) q_i (log(q_i / M_i) - KL(q || M))
+            src(
+                f"lm{t} = tl.log({beta} * {p} + (1.0 - {beta}) * {q})",
+                f"kp{t} = tl.sum(tl.where({p} > 0, {p} * ({lp} - lm{t}), 0.0), 0)",
+                f"kq{t} = tl.sum(tl.where({q} > 0, {q} * ({lq} - lm{t}), 0.0), 0)",
+                f"val{t} = {beta} * kp{t} + (1.0 - {beta}) * kq{t}",
+            )
+            return f"val{t}", f"(1.0 - {beta}) * tl.where({q} > 0, {q} * ({lq} - lm{t} - kq{t}), 0.0)"
+        if kind == "tvd":
+            # l = 1/2 sum |p - q|; dl/ds_i = q_i (sign(q_i - p_i) / 2 - c), c = sum_k q_k sign(q_k - p_k) / 2
+            src(
+                f"sg{t} = sign_of_difference({q}, {p})",
+                f"val{t} = 0.5 * tl.sum(tl.abs({p} - {q}), 0)",
+                f"c{t} = 0.5 * tl.sum({q} * sg{t}, 0)",
+            )
+            return f"val{t}", f"{q} * (0.5 * sg{t} - c{t})"
+        raise ValueError(f"{kind} takes no top-k target")
+
+    def topk_bucket(self, t: int, term: KernelTerm) -> None:
+        """k stored buckets plus one tail bucket; T = 1.
+
+        With bucket b(j) of token j and G'_b = dl/dQ_b - sum_c Q_c dl/dQ_c, dl/dz_j = q_j G'_b(j):
+        a dense part alpha q_j with alpha = G'_tail for every token, plus q_i (G'_i - alpha) at the
+        stored tokens (scattered after the last pass).
+        """
+        src = self.src
+        i = term.target.source
+        s = term.slot
+        src(
+            f"# top-k, bucket: Q_i = q at the stored tokens, Q_tail = the rest; same for the teacher's P",
+            f"lQ{t} = tl.where(in_vocab{i}, z_top{i} - lse_s{s}, {NEG_INF})",
+            f"Q{t} = tl.exp(lQ{t})",
+            f"Qt{t} = tl.maximum(1.0 - tl.sum(Q{t}, 0), 0.0)",
+            f"lQt{t} = tl.log(Qt{t})",
+            f"lP{t} = tl.where(in_vocab{i}, stored_lp{i}, {NEG_INF})",
+            f"P{t} = tl.exp(lP{t})",
+            f"Pt{t} = tl.maximum(1.0 - tl.sum(P{t}, 0), 0.0)",
+            f"lPt{t} = tl.log(Pt{t})",
+        )
+        kind = term.kind
+        Q, P, lQ, lP = f"Q{t}", f"P{t}", f"lQ{t}", f"lP{t}"
+        Qt, Pt, lQt, lPt = f"Qt{t}", f"Pt{t}", f"lQt{t}", f"lPt{t}"
+        if kind in ("cross_entropy", "forward_kl"):
+            if kind == "cross_entropy":
+                src(
+                    f"loss{t} = tl.sum(tl.where({P} > 0, -{P} * {lQ}, 0.0), 0) + "
+                    f"tl.where({Pt} > 0, -{Pt} * {lQt}, 0.0)"
+                )
+            else:
+                src(
+                    f"loss{t} = tl.sum(tl.where({P} > 0, {P} * ({lP} - {lQ}), 0.0), 0) + "
+                    f"tl.where({Pt} > 0, {Pt} * ({lPt} - {lQt}), 0.0)"
+                )
+            # G'_b = 1 - P_b / Q_b, so q_j G'_b = q_j - P_b q_j / Q_b (= q_i - P_i at a stored token)
+            src(
+                f"alpha{t} = tl.where({Qt} > 0, 1.0 - {Pt} / {Qt}, 0.0)",
+                f"sparse{t} = ({Q} - {P}) - {Q} * alpha{t}",
+            )
+        else:
+            if kind == "reverse_kl":
+                # G'_b = log Q_b - log P_b - l
+                src(
+                    f"loss{t} = tl.sum(tl.where({Q} > 0, {Q} * ({lQ} - {lP}), 0.0), 0) + "
+                    f"tl.where({Qt} > 0, {Qt} * ({lQt} - {lPt}), 0.0)",
+                    f"gv{t} = {lQ} - {lP} - loss{t}",
+                    f"gt{t} = {lQt} - {lPt} - loss{t}",
+                )
+            elif kind == "jsd":
+                beta = repr(term.beta)
+                # G'_b = (1 - beta) (log(Q_b / M_b) - KL(Q || M))
+                src(
+                    f"lM{t} = tl.log({beta} * {P} + (1.0 - {beta}) * {Q})",
+                    f"lMt{t} = tl.log({beta} * {Pt} + (1.0 - {beta}) * {Qt})",
+                    f"kp{t} = tl.sum(tl.where({P} > 0, {P} * ({lP} - lM{t}), 0.0), 0) + "
+                    f"tl.where({Pt} > 0, {Pt} * ({lPt} - lMt{t}), 0.0)",
+                    f"kq{t} = tl.sum(tl.where({Q} > 0, {Q} * ({lQ} - lM{t}), 0.0), 0) + "
+                    f"tl.where({Qt} > 0, {Qt} * ({lQt} - lMt{t}), 0.0)",
+                    f"loss{t} = {beta} * kp{t} + (1.0 - {beta}) * kq{t}",
+                    f"gv{t} = (1.0 - {beta}) * ({lQ} - lM{t} - kq{t})",
+                    f"gt{t} = (1.0 - {beta}) * ({lQt} - lMt{t} - kq{t})",
+                )
+            elif kind == "tvd":
+                # G'_b = sign(Q_b - P_b) / 2 - c, c = sum_b Q_b sign(Q_b - P_b) / 2
+                src(
+                    f"sg{t} = sign_of_difference({Q}, {P})",
+                    f"sgt{t} = sign_of_difference({Qt}, {Pt})",
+                    f"loss{t} = 0.5 * (tl.sum(tl.abs({P} - {Q}), 0) + tl.abs({Pt} - {Qt}))",
+                    f"c{t} = 0.5 * (tl.sum({Q} * sg{t}, 0) + {Qt} * sgt{t})",
+                    f"gv{t} = 0.5 * sg{t} - c{t}",
+                    f"gt{t} = 0.5 * sgt{t} - c{t}",
+                )
+            else:
+                raise ValueError(f"{kind} takes no top-k target")
+            src(
+                f"alpha{t} = tl.where({Qt} > 0, gt{t}, 0.0)",
+                f"sparse{t} = tl.where({Q} > 0, {Q} * (gv{t} - alpha{t}), 0.0)",
+            )
+        if term.active:
+            src(f"delta{i} += tl.where(in_vocab{i}, w{t} * sparse{t}, 0.0)")
+
+    # ----------------------------------------------------------------------------------------------
+    # Pass 2 (only for terms whose gradient needs a row sum over p and q).
+    # ----------------------------------------------------------------------------------------------
+
+    def reduction_pass(self) -> None:
+        src = self.src
+        src("# pass 2: row sums that involve p and q together (needed before any gradient element)")
+        for t in self.reduction_terms:
+            kind = self.spec.terms[t].kind
+            names = {"jsd": ("kp", "kq"), "tvd": ("tv", "tc"), "reverse_kl": ("rk",)}[kind]
+            for name in names:
+                src(f"{name}{t} = 0.0")
+        with self.tile_loop():
+            for t in self.reduction_terms:
+                term = self.spec.terms[t]
+                s = term.slot
+                q, lq = self.q(s), self.log_q(s)
+                p, lp = self.p(term.target, s), self.log_p(term.target, s)
+                if term.kind == "jsd":
+                    beta = repr(term.beta)
+                    lm = self._cached(f"lm{t}", f"tl.log({beta} * {p} + (1.0 - {beta}) * {q})")
+                    src(
+                        f"kp{t} += tl.sum(tl.where({p} > 0, {p} * ({lp} - {lm}), 0.0), 0)",
+                        f"kq{t} += tl.sum(tl.where({q} > 0, {q} * ({lq} - {lm}), 0.0), 0)",
+                    )
+                elif term.kind == "tvd":
+                    src(
+                        f"tv{t} += 0.5 * tl.sum(tl.abs({p} - {q}), 0)",
+                        f"tc{t} += 0.5 * tl.sum({q} * sign_of_difference({q}, {p}), 0)",
+                    )
+                else:
+                    src(f"rk{t} += tl.sum(tl.where({q} > 0, {q} * ({lq} - {lp}), 0.0), 0)")
+        for t in self.reduction_terms:
+            term = self.spec.terms[t]
+            if term.kind == "jsd":
+                src(f"loss{t} = {term.beta!r} * kp{t} + (1.0 - {term.beta!r}) * kq{t}")
+            elif term.kind == "tvd":
+                src(f"loss{t} = tv{t}")
+            else:
+                src(f"loss{t} = rk{t}")
+
+    # ----------------------------------------------------------------------------------------------
+    # Last pass: streamed term values and the gradient.
+    # ----------------------------------------------------------------------------------------------
+
+    def last_pass(self) -> None:
+        src = self.src
+        spec = self.spec
+        src("# last pass: streamed values and the summed gradient, written once")
+        with self.tile_loop():
+            src("g = tl.zeros([BLOCK_V], dtype=tl.float32)")
+            for t, term in enumerate(spec.terms):
+                self.term_in_last_pass(t, term)
+            src("g = g * row_scale")
+            if spec.accumulate:
+                src("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
+            src("tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)")
+
+    def term_in_last_pass(self, t: int, term: KernelTerm) -> None:
+        src = self.src
+        s = term.slot
+        kind = term.kind
+        target = term.target
+        active = term.active
+        if isinstance(target, KTopK):
+            if target.tail == "bucket" and active:
+                # dense part of the bucket gradient: alpha q_j (T = 1)
+                src(f"g += w{t} * alpha{t} * {self.q(s)}")
+            return
+        if kind == "z_loss":
+            if active:
+                # d/dz_j lse(z)^2 = 2 lse(z) q_j
+                src(f"g += w{t} * 2.0 * lse_s{s} * {self.q(s)}")
+            return
+        if kind == "cross_entropy" and isinstance(target, KLabels):
+            if active:
+                # dl/ds_j = q_j - [j = y]
+                src(f"g += w{t} * ({self.q(s)} - tl.where({self.onehot()}, 1.0, 0.0))")
+            return
+        if kind == "entropy":
+            if active:
+                # dH/ds_j = -q_j (log q_j + H)
+                q, lq = self.q(s), self.log_q(s)
+                src(f"g += w{t} * tl.where({q} > 0, -{q} * ({lq} + loss{t}), 0.0)")
+            return
+        q, lq = self.q(s), self.log_q(s)
+        if kind in ("cross_entropy", "forward_kl"):
+            p = self.p(target, s)
+            if kind == "cross_entropy":
+                # l = -sum_j p_j log q_j
+                src(f"loss{t} += tl.sum(tl.where({p} > 0, -{p} * {lq}, 0.0), 0)")
+            else:
+                # l = sum_j p_j (log p_j - log q_j)
+                lp = self.log_p(target, s)
+                src(f"loss{t} += tl.sum(tl.where({p} > 0, {p} * ({lp} - {lq}), 0.0), 0)")
+            if active:
+                # dl/ds_j = q_j - p_j
+                src(f"g += w{t} * ({q} - {p})")
+            return
+        if not active:
+            return
+        if kind == "reverse_kl":
+            # dl/ds_j = q_j (log q_j - log p_j - l)
+            lp = self.log_p(target, s)
+            src(f"g += w{t} * tl.where({q} > 0, {q} * ({lq} - {lp} - loss{t}), 0.0)")
+        elif kind == "jsd":
+            beta = repr(term.beta)
+            p = self.p(target, s)
+            lm = self._cached(f"lm{t}", f"tl.log({beta} * {p} + (1.0 - {beta}) * {q})")
+            # dl/ds_j = (1 - beta) q_j (log(q_j / M_j) - KL(q || M))
+            src(f"g += w{t} * (1.0 - {beta}) * tl.where({q} > 0, {q} * ({lq} - {lm} - kq{t}), 0.0)")
+        elif kind == "tvd":
+            p = self.p(target, s)
+            # dl/ds_j = q_j (sign(q_j - p_j) / 2 - c)
+            src(f"g += w{t} * {q} * (0.5 * sign_of_difference({q}, {p}) - tc{t})")
+
+    def scatter_topk(self) -> None:
+        src = self.src
+        src("# the stored top-k tokens get their sparse gradient entries on top of the dense ones")
+        for i in self.topk_sources:
+            src(
+                "tl.debug_barrier()",
+                f"old{i} = tl.load(g_row + safe{i}, mask=in_vocab{i}, other=0.0).to(tl.float32)",
+                f"tl.store(g_row + safe{i}, (old{i} + delta{i} * row_scale).to(grad_ptr.dtype.element_ty), mask=in_vocab{i})",
+            )
+
+
+def _wrap(text: str, width: int = 96) -> list[str]:
+    return [text[i : i + width] for i in range(0, len(text), width)] or [""]
+
+
+def generate(spec: KernelSpec) -> str:
+    """Triton source of the fused kernel for `spec` (a module defining `fused_head_kernel`)."""
+    return KernelGenerator(spec).source()

@@ -1,0 +1,43 @@
+"""Small Triton building blocks the generated fused kernels call."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_softmax_update(m, s, x):
+    """Fold tile `x` into the running (max m, sum s of exp(x - m)); also return the tile's exp terms.
+
+    A running max of -inf (nothing finite seen yet) is replaced by 0 before subtracting, so that an
+    all -inf tile gives exp(-inf) = 0 instead of exp(nan).
+    """
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    rescale = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe)
+    return m_new, s * rescale + tl.sum(e, 0), rescale, e
+
+
+@triton.jit
+def online_argmax_update(best_value, best_index, x, start):
+    """Running argmax over tiles; the first index wins ties, as in torch.argmax."""
+    tile_max = tl.max(x, 0)
+    tile_index = tl.argmax(x, 0) + start
+    better = tile_max > best_value
+    return tl.where(better, tile_max, best_value), tl.where(better, tile_index, best_index)
+
+
+@triton.jit
+def log_sum_exp(x):
+    """log(sum(exp(x))) of a vector; -inf when every entry is -inf."""
+    m = tl.max(x, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m_safe + tl.log(tl.sum(tl.exp(x - m_safe), 0))
+
+
+@triton.jit
+def sign_of_difference(a, b):
+    """sign(a - b) with sign(0) = 0 (the subgradient autograd uses for |x| at 0)."""
+    return tl.where(a > b, 1.0, tl.where(a < b, -1.0, 0.0))

@@ -1,0 +1,547 @@
+"""Generate `docs/yaml-reference.md` from the pydantic models in `lossgraph.spec`.
+
+The whole page comes from here: the hand-written prose (layout, rules, schedule formulas, loss
+formulas, cross-checks) lives in this module next to the generator, and every field table is built
+from the models, so the page cannot drift from the contract. Regenerate it with
+
+    python -m lossgraph.docgen > docs/yaml-reference.md
+
+`tests/test_docs.py` fails when the checked-in page differs from `yaml_reference()`. Like
+`lossgraph.spec`, this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from . import spec
+
+REGENERATE = "python -m lossgraph.docgen > docs/yaml-reference.md"
+
+# --------------------------------------------------------------------------------------------------
+# The models, in page order, grouped by section.
+# --------------------------------------------------------------------------------------------------
+
+
+def _union_models(annotated: Any) -> tuple[type[BaseModel], ...]:
+    """The models of a discriminated union such as `spec.Source` (an Annotated Union)."""
+    union = typing.get_args(annotated)[0]
+    return tuple(typing.get_args(union))
+
+
+SOURCE_MODELS = _union_models(spec.Source)
+LOSS_MODELS = _union_models(spec.Loss)
+SCHEDULE_MODELS = _union_models(spec.Schedule)
+
+# Every model the page documents, in page order.
+MODELS: tuple[type[BaseModel], ...] = (
+    spec.LossGraphSpec,
+    spec.Head,
+    *SOURCE_MODELS,
+    *LOSS_MODELS,
+    *SCHEDULE_MODELS,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Hand-written parts of the page.
+# --------------------------------------------------------------------------------------------------
+
+COMPLETE_EXAMPLE = """\
+# yaml-language-server: $schema=lossgraph.schema.json
+version: 1
+vocab_size: 32000               # default vocabulary of every head and teacher
+normalization: tokens           # tokens (default) | sum | batch
+description: MTP student, distilled from a frozen teacher on the next-token head
+
+heads:                          # the student's prediction heads, by name
+  next: {offset: 1}             # predicts token t+1 (the ordinary LM head)
+  mtp2: {offset: 2}             # predicts token t+2
+
+sources:                        # where targets come from, by name; `type` picks the kind
+  labels: {type: labels, ignore_index: -100}
+  smooth: {type: label_smoothing, source: labels, epsilon: 0.1}
+  teacher: {type: teacher}      # dense logits given at run time
+
+losses:                         # loss nodes, by name; `type` picks the kind
+  lm:
+    type: cross_entropy
+    heads: [next, mtp2]         # one term per head
+    head_weights: [1.0, 0.5]    # the farther prediction counts half
+    target: smooth
+  distill:
+    type: forward_kl
+    heads: [next]
+    target: teacher
+    temperature: 2.0
+    temperature_scaling: true   # multiply by T^2
+    weight: {schedule: linear, start: 0.0, end: 0.5, steps: 1000, warmup: 200}
+  z: {type: z_loss, heads: [next], weight: 1.0e-4}
+"""
+
+SCHEDULE_EXAMPLE = """\
+version: 1
+vocab_size: 32000
+heads:
+  next: {offset: 1}
+sources:
+  labels: {type: labels}
+  teacher: {type: teacher}
+losses:
+  lm: {type: cross_entropy, heads: [next], target: labels}
+  distill:
+    type: forward_kl
+    heads: [next]
+    target: teacher
+    weight: {schedule: cosine, start: 0.0, end: 1.0, steps: 2000, warmup: 500}
+    temperature: {schedule: step, start: 4.0, end: 2.0, steps: 10000}
+"""
+
+# One short example per model, written as it appears inside its parent mapping.
+EXAMPLES: dict[type[BaseModel], str] = {
+    spec.Head: "mtp2: {offset: 2, description: predicts the token after next}",
+    spec.LabelsSource: "labels: {type: labels, ignore_index: -100}",
+    spec.TeacherSource: "teacher: {type: teacher, vocab_size: 32064, vocab_map: truncate}",
+    spec.TopKTeacherSource: "cached: {type: topk_teacher, k: 64, tail: bucket}",
+    spec.LabelSmoothingSource: "smooth: {type: label_smoothing, source: labels, epsilon: 0.1}",
+    spec.MixtureSource: "ensemble: {type: mixture, sources: [big, code], weights: [0.7, 0.3]}",
+    spec.CrossEntropyLoss: "lm: {type: cross_entropy, heads: [next, mtp2], head_weights: [1.0, 0.5], target: labels}",
+    spec.ZLoss: "z: {type: z_loss, heads: [next], weight: 1.0e-4}",
+    spec.ForwardKLLoss: (
+        "distill: {type: forward_kl, heads: [next], target: teacher, temperature: 2.0, "
+        "temperature_scaling: true, weight: 0.5}"
+    ),
+    spec.ReverseKLLoss: "rkl: {type: reverse_kl, heads: [next], target: teacher, weight: 0.1}",
+    spec.JSDLoss: "jsd: {type: jsd, heads: [next], target: teacher, beta: 0.3, weight: 0.2}",
+    spec.TVDLoss: "tvd: {type: tvd, heads: [next], target: cached, weight: 0.1}",
+    spec.EntropyLoss: "entropy: {type: entropy, heads: [next], weight: -0.01}",
+    spec.ConstantSchedule: "weight: {schedule: constant, start: 0.5}",
+    spec.LinearSchedule: "weight: {schedule: linear, start: 0.0, end: 1.0, steps: 1000, warmup: 100}",
+    spec.CosineSchedule: "weight: {schedule: cosine, start: 0.0, end: 1.0, steps: 2000, warmup: 500}",
+    spec.StepSchedule: "temperature: {schedule: step, start: 4.0, end: 2.0, steps: 10000}",
+}
+
+# The term each loss kind adds per position (DESIGN.md, "Loss math").
+FORMULAS: dict[type[BaseModel], list[str]] = {
+    spec.CrossEntropyLoss: [
+        "hard labels (a `labels` source, or a `label_smoothing` source with ε): "
+        "ℓ = −(1−ε) log q[y] − (ε/V) Σ_j log q[j] (ε = 0 for plain labels)",
+        "a distribution target (teacher, mixture): ℓ = −Σ_j p_j log q_j",
+    ],
+    spec.ZLoss: ["ℓ = (logsumexp z)², on the raw logits z (no temperature)"],
+    spec.ForwardKLLoss: ["ℓ = Σ_j p_j (log p_j − log q_j)"],
+    spec.ReverseKLLoss: ["ℓ = Σ_j q_j (log q_j − log p_j)"],
+    spec.JSDLoss: ["M = βp + (1−β)q; ℓ = β KL(p‖M) + (1−β) KL(q‖M)"],
+    spec.TVDLoss: ["ℓ = ½ Σ_j |p_j − q_j|"],
+    spec.EntropyLoss: ["ℓ = −Σ_j q_j log q_j"],
+}
+
+SCHEDULE_FORMULAS: dict[type[BaseModel], str] = {
+    spec.ConstantSchedule: "Value at every step: `start`.",
+    spec.LinearSchedule: "Value at `step`: `start + (end − start) · frac`, with `frac` as defined above.",
+    spec.CosineSchedule: (
+        "Value at `step`: `start + (end − start) · (1 − cos(π · frac)) / 2`, with `frac` as defined above."
+    ),
+    spec.StepSchedule: "Value at `step`: `start` while `step < warmup + steps`, then `end`.",
+}
+
+# What the validation passes check beyond the field types (lossgraph/passes.py).
+CHECKS: dict[type[BaseModel], list[str]] = {
+    spec.LossGraphSpec: [
+        "Heads, sources and losses share one namespace: a name may be used once across the three.",
+        "Every head, and every teacher or top-k teacher, needs a vocabulary size: its own `vocab_size` "
+        "or the top-level one.",
+        "A source that no loss reads, and a head that no loss binds, give a warning.",
+    ],
+    spec.LabelsSource: [
+        "A graph has at most one `labels` source: it reads one labels tensor.",
+        "The labels also define the token mask: positions whose label is `ignore_index` take no loss, on every head.",
+    ],
+    spec.TeacherSource: [
+        "`offset` must equal the offset of every head the teacher is compared with, also through a mixture.",
+        "When the teacher's vocabulary differs from a head's, `vocab_map` is required: `truncate` when the "
+        "teacher's is larger, `pad` when it is smaller. The other value is an error.",
+    ],
+    spec.TopKTeacherSource: [
+        "`k` may not exceed the teacher's vocabulary size.",
+        "`offset` and `vocab_map` follow the same rules as for `teacher`.",
+        "With `tail: bucket`, a loss that targets it must use temperature 1: the tail mass cannot be re-tempered.",
+        "A top-k teacher cannot be part of a `mixture` (its distribution is known on k tokens only); give it "
+        "a loss node of its own.",
+    ],
+    spec.LabelSmoothingSource: ["`source` must name the `labels` source."],
+    spec.MixtureSource: [
+        "Every name in `sources` must be a declared source, listed once; derived sources may not form a cycle.",
+        "`weights`: one per source, each >= 0, summing to 1 (within 1e-6).",
+    ],
+    spec.ForwardKLLoss: [
+        "`target` may not be the `labels` source: use `cross_entropy`, or a `label_smoothing` source."
+    ],
+    spec.ReverseKLLoss: [
+        "`target` may not be the `labels` source.",
+        "The target must give every token some mass: hard labels, a teacher with `vocab_map: pad`, or a mixture "
+        "whose weighted parts are all such, are errors. Use `forward_kl` or `jsd`, or smooth the labels.",
+    ],
+    spec.JSDLoss: ["`target` may not be the `labels` source."],
+    spec.TVDLoss: ["`target` may not be the `labels` source."],
+}
+
+# Short explanations shown under a model's docstring.
+NOTES: dict[type[BaseModel], str] = {
+    spec.LabelsSource: (
+        "One `labels` source serves every head: the head of offset d at position s reads label y[s + d − 1]. "
+        "Positions past the end of the sequence, or across a document boundary, take no loss."
+    ),
+    spec.TopKTeacherSource: (
+        "With `tail: renormalize`, the teacher's and the student's probabilities are both renormalized over "
+        "the k stored tokens and compared there. With `tail: bucket`, each side gets one extra bucket that "
+        "holds its mass outside the k tokens, and the k + 1 values are compared."
+    ),
+    spec.MixtureSource: (
+        "The target is p = Σ_i w_i p_i over the listed sources, each at the loss node's temperature. "
+        "Hard labels count as a one-hot distribution."
+    ),
+    spec.CrossEntropyLoss: "`target` may be any source.",
+    spec.ZLoss: "No `target` and no `temperature`: it reads the student's raw logits.",
+    spec.EntropyLoss: "No `target`. This is the only loss whose `weight` may be negative.",
+}
+
+LOSS_COMMON_CHECKS = [
+    "Every name in `heads` must be a declared head, listed once.",
+    "`head_weights`, when given, has one entry per head, each >= 0.",
+    "`weight` may not be negative (except for `entropy`); for a schedule, `start` and `end` are checked.",
+    "`temperature` must be > 0 (for a schedule, `start` and `end`).",
+    "`temperature_scaling: true` at temperature 1 gives a warning (it has no effect).",
+    "A loss whose target is a top-k teacher with `tail: bucket` must use temperature 1.",
+    "A schedule whose `start` equals its `end` gives a warning: write the number instead.",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Types in YAML terms.
+# --------------------------------------------------------------------------------------------------
+
+_MODEL_NOUNS: dict[type[BaseModel], str] = {spec.Head: "[head](#heads)"}
+_MODEL_NOUNS.update({model: "[source](#sources)" for model in SOURCE_MODELS})
+_MODEL_NOUNS.update({model: "[loss](#losses)" for model in LOSS_MODELS})
+_MODEL_NOUNS.update({model: "[schedule](#schedules)" for model in SCHEDULE_MODELS})
+
+
+def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
+    """Strip `Annotated` layers; return the bare type and the constraints found on the way."""
+    constraints: list[Any] = []
+    while typing.get_origin(tp) is typing.Annotated:
+        for item in tp.__metadata__:
+            if isinstance(item, FieldInfo):
+                constraints.extend(item.metadata)
+            else:
+                constraints.append(item)
+        tp = typing.get_args(tp)[0]
+    return tp, constraints
+
+
+def _constraint(constraints: list[Any], name: str) -> Any:
+    for item in constraints:
+        value = getattr(item, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _range(constraints: list[Any]) -> str:
+    """`>= 1`, `> 0`, `in (0, 1)` or '' from ge/gt/le/lt constraints."""
+    low = _constraint(constraints, "ge"), _constraint(constraints, "gt")
+    high = _constraint(constraints, "le"), _constraint(constraints, "lt")
+    lower = ("[", low[0]) if low[0] is not None else ("(", low[1]) if low[1] is not None else None
+    upper = ("]", high[0]) if high[0] is not None else (")", high[1]) if high[1] is not None else None
+    if lower and upper:
+        return f" in {lower[0]}{_number(lower[1])}, {_number(upper[1])}{upper[0]}"
+    if lower:
+        return f" {'>=' if lower[0] == '[' else '>'} {_number(lower[1])}"
+    if upper:
+        return f" {'<=' if upper[0] == ']' else '<'} {_number(upper[1])}"
+    return ""
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def yaml_type(tp: Any, constraints: list[Any] | None = None, *, plural: bool = False) -> str:
+    """A type annotation in YAML terms: `integer >= 1`, `number or schedule`, `list of names`."""
+    tp, found = _unwrap(tp)
+    constraints = [*(constraints or []), *found]
+    origin = typing.get_origin(tp)
+    if _is_union(tp):
+        members = [member for member in typing.get_args(tp) if member is not type(None)]
+        if len(members) == 1:
+            return yaml_type(members[0], constraints, plural=plural)
+        words: list[str] = []
+        for member in members:
+            word = yaml_type(member, plural=plural)
+            if word not in words:
+                words.append(word)
+        return " or ".join(words)
+    if origin is typing.Literal:
+        values = typing.get_args(tp)
+        if len(values) == 1:
+            return f"`{values[0]}`"
+        return "one of: " + ", ".join(str(value) for value in values)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        text = f"list of {yaml_type(item, plural=True)}"
+        minimum = _constraint(constraints, "min_length")
+        return text + (f" (at least {minimum})" if minimum else "")
+    if origin is dict:
+        key, value = typing.get_args(tp)
+        text = f"mapping of {yaml_type(key)} to {yaml_type(value)}"
+        minimum = _constraint(constraints, "min_length")
+        return text + (f" (at least {minimum} {'entry' if minimum == 1 else 'entries'})" if minimum else "")
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        noun = _MODEL_NOUNS.get(tp, tp.__name__)
+        return noun.replace("](", "s](") if plural else noun
+    s = "s" if plural else ""
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return f"integer{s}{_range(constraints)}"
+    if tp is float:
+        return f"number{s}{_range(constraints)}"
+    if tp is str:
+        return f"name{s}" if _constraint(constraints, "pattern") else "text"
+    return getattr(tp, "__name__", str(tp))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables and sections.
+# --------------------------------------------------------------------------------------------------
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    return json.dumps(value)
+
+
+def default_text(field: FieldInfo) -> str:
+    """The default of a field as it reads in YAML, 'required', or 'not set'."""
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        value = field.default_factory()  # type: ignore[call-arg]
+    else:
+        value = field.default
+    if value is None:
+        return "not set"
+    return f"`{_yaml_value(value)}`"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def field_order(model: type[BaseModel]) -> list[str]:
+    """Fields in page order: the kind key (`type` or `schedule`) first, then as declared."""
+    names = list(model.model_fields)
+    kind = [name for name in ("type", "schedule") if name in names]
+    return [*kind, *(name for name in names if name not in kind)]
+
+
+def field_table(model: type[BaseModel]) -> str:
+    """The Markdown table of a model's fields: key, type, default, description."""
+    rows = ["| Key | Type | Default | Description |", "| --- | --- | --- | --- |"]
+    for name in field_order(model):
+        field = model.model_fields[name]
+        kind = yaml_type(field.annotation, list(field.metadata))
+        rows.append(f"| `{name}` | {_cell(kind)} | {default_text(field)} | {_cell(field.description or '')} |")
+    return "\n".join(rows)
+
+
+def _kind(model: type[BaseModel]) -> str | None:
+    """The value of a model's `type` or `schedule` key, if it has one."""
+    for name in ("type", "schedule"):
+        field = model.model_fields.get(name)
+        if field is not None:
+            return typing.get_args(field.annotation)[0]
+    return None
+
+
+def _docstring(model: type[BaseModel]) -> str:
+    return inspect.cleandoc(model.__doc__ or "")
+
+
+def _bullets(lines: list[str]) -> str:
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def model_section(model: type[BaseModel], heading: str, level: int = 3) -> str:
+    """One section: heading, docstring, example, field table, formulas and checks."""
+    parts = [f"{'#' * level} {heading}", _docstring(model)]
+    if model in NOTES:
+        parts.append(NOTES[model])
+    if model in EXAMPLES:
+        parts.append(f"```yaml\n{EXAMPLES[model]}\n```")
+    parts.append(field_table(model))
+    if model in SCHEDULE_FORMULAS:
+        parts.append(SCHEDULE_FORMULAS[model])
+    if model in FORMULAS:
+        parts.append("Term per position:\n\n" + _bullets(FORMULAS[model]))
+    if model in CHECKS:
+        parts.append("Checked by `lossgraph validate`:\n\n" + _bullets(CHECKS[model]))
+    return "\n\n".join(parts)
+
+
+def _kind_list(models: tuple[type[BaseModel], ...]) -> str:
+    rows = ["| Kind | What it is |", "| --- | --- |"]
+    for model in models:
+        kind = _kind(model)
+        first = _docstring(model).split("\n\n")[0]
+        rows.append(f"| [`{kind}`](#{kind}) | {_cell(first)} |")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# The page.
+# --------------------------------------------------------------------------------------------------
+
+_INTRO = f"""\
+# YAML reference
+
+<!-- Generated by `{REGENERATE}` from lossgraph/spec.py. Do not edit by hand. -->
+
+This page lists every key of a version-1 loss-graph file. It is generated from the models in
+`lossgraph/spec.py`, which are also what `lossgraph validate` checks against. For what heads, sources
+and loss nodes mean, read [concepts](concepts.md).
+
+## File layout
+
+A loss-graph file is one YAML mapping with three named collections:
+
+- `heads`: the student's prediction heads. A head with `offset: d` predicts the token d steps ahead.
+- `sources`: where targets come from: the dataset labels, teachers, stored top-k teacher
+  log-probabilities, and targets derived from those (label smoothing, mixtures).
+- `losses`: loss nodes. Each compares one or more heads with a source (or, for `z_loss` and
+  `entropy`, looks at the heads alone).
+
+Each entry has a name you choose (the mapping key). Inside `sources` and `losses` the `type` key picks
+the kind. A complete example:
+
+```yaml
+{COMPLETE_EXAMPLE}```
+
+Check a file with `lossgraph validate FILE`. The first line lets editors that use the YAML language
+server complete and check keys; write the schema next to the file with
+`lossgraph schema -o lossgraph.schema.json`.
+
+## General rules
+
+- Every mapping rejects unknown keys. A misspelled key is an error that names the closest valid key.
+- Names (of heads, sources and losses) are identifiers: letters, digits and underscores, not starting
+  with a digit. Heads, sources and losses share one namespace.
+- Types are strict. An integer key does not accept `1.0`, and a quoted `"0.5"` is a string, not a
+  number. An integer is accepted where a number is expected.
+- Numbers must be finite: `.inf` and `.nan` are rejected.
+- Both `1e-4` and `1.0e-4` are read as numbers.
+- A key written twice in one mapping is an error. Anchors, aliases and merge keys (`<<: *defaults`)
+  work; explicit tags such as `!!python/object` are rejected.
+- The Default column shows the value used when a key is left out. "required" means the key must be
+  written; "not set" means it is optional and has no value of its own (the description says what
+  happens then).
+"""
+
+_SCHEDULES_INTRO = """\
+## Schedules
+
+`weight` and `temperature` of a loss node take a number or a schedule. A number is fixed for the whole
+run. A schedule is a mapping whose `schedule` key picks the kind; it is evaluated at the training step
+that the caller passes to the runtime.
+
+With `frac = clamp((step − warmup) / steps, 0, 1)`:
+
+| Schedule | Value at `step` |
+| --- | --- |
+| `constant` | `start`, always |
+| `linear` | `start + (end − start) · frac` |
+| `cosine` | `start + (end − start) · (1 − cos(π · frac)) / 2` |
+| `step` | `start` while `step < warmup + steps`, then `end` |
+
+So every schedule holds `start` during the first `warmup` steps and holds `end` from step
+`warmup + steps` on. For example, `{schedule: linear, start: 0.0, end: 1.0, steps: 1000, warmup: 100}`
+gives 0 up to step 100, 0.5 at step 600 and 1 from step 1100 on.
+
+A weight of 0 (also when a schedule is at 0) still computes and reports the term, without gradient.
+A schedule whose `start` equals its `end` gives a warning: write the number instead.
+
+```yaml
+@EXAMPLE@```
+"""
+
+_SOURCES_INTRO = """\
+## Sources
+
+The `sources` mapping names where targets come from; `type` picks the kind. `sources` may be empty
+when the graph only has losses without a target (`z_loss`, `entropy`).
+
+@KINDS@
+
+`labels`, `teacher` and `topk_teacher` read tensors given at run time. `label_smoothing` and
+`mixture` are derived: they read other sources, and may not form a cycle.
+"""
+
+_LOSSES_INTRO = """\
+## Losses
+
+The `losses` mapping names loss nodes; `type` picks the kind. A node adds one term per head in its
+`heads` list. The total loss is
+
+    total = Σ_nodes Σ_heads weight(step) · head_weight · term
+
+where each head's term is normalized as the top-level `normalization` says. In the formulas below,
+z is the student's logits row of one position, q = softmax(z / T) the student's distribution and
+p the target distribution, both at the node's temperature T. With `temperature_scaling: true` the
+term is multiplied by T².
+
+@KINDS@
+
+These checks apply to every loss node:
+
+@CHECKS@
+"""
+
+
+def yaml_reference() -> str:
+    """The full Markdown of `docs/yaml-reference.md`."""
+    parts = [_INTRO.rstrip("\n")]
+    parts.append(model_section(spec.LossGraphSpec, "Top level", level=2))
+    parts.append(model_section(spec.Head, "Heads", level=2))
+    parts.append(_SOURCES_INTRO.replace("@KINDS@", _kind_list(SOURCE_MODELS)).rstrip("\n"))
+    parts += [model_section(model, f"`{_kind(model)}`") for model in SOURCE_MODELS]
+    losses_intro = _LOSSES_INTRO.replace("@KINDS@", _kind_list(LOSS_MODELS))
+    parts.append(losses_intro.replace("@CHECKS@", _bullets(LOSS_COMMON_CHECKS)).rstrip("\n"))
+    parts += [model_section(model, f"`{_kind(model)}`") for model in LOSS_MODELS]
+    parts.append(_SCHEDULES_INTRO.replace("@EXAMPLE@", SCHEDULE_EXAMPLE).rstrip("\n"))
+    parts += [model_section(model, f"`{_kind(model)}`") for model in SCHEDULE_MODELS]
+    return "\n\n".join(parts) + "\n"
+
+
+def main() -> None:
+    """Print the page: `python -m lossgraph.docgen > docs/yaml-reference.md`."""
+    sys.stdout.write(yaml_reference())
+
+
+if __name__ == "__main__":
+    main()

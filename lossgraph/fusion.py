@@ -1,0 +1,257 @@
+"""Fusion planning: the kernel launches of every head, their softmax states, passes and bytes.
+
+All terms bound to one head read the same logits, so they form one fused group, run as one launch.
+Within a launch, terms with equal temperatures share one student softmax state ("slot"), and each
+dense teacher keeps one state per temperature it is read at. A head is split into several launches
+only when it reads more dense teachers than one launch streams (MAX_TEACHERS_PER_LAUNCH); the plan
+says so, and later launches add to the gradient of the first. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .kernels.codegen import KernelGenerator
+from .kernels.signature import (
+    DenseTeacher,
+    KDense,
+    KernelSpec,
+    KernelTerm,
+    KLabels,
+    KMixture,
+    KSmoothed,
+    KTarget,
+    KTopK,
+    needs_reduction_pass,
+)
+
+from .describe import scheduled
+from .plan import (
+    DenseTarget,
+    HeadPlan,
+    LabelsTarget,
+    MixtureTarget,
+    Plan,
+    SmoothedTarget,
+    Target,
+    Term,
+    TopKTarget,
+    target_leaves,
+)
+from .spec import ConstantSchedule
+
+# Tiles of the student and of every dense teacher live in registers together; past this many
+# teachers per launch, tiles get too narrow (or spill) and a head is split into several launches.
+MAX_TEACHERS_PER_LAUNCH = 4
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def temperature_key(value: object) -> tuple[str, object]:
+    """Terms whose keys are equal share a softmax state: equal constants, or the same schedule."""
+    if isinstance(value, (int, float)):
+        return ("constant", float(value))
+    if isinstance(value, ConstantSchedule):
+        return ("constant", float(value.start))
+    return ("schedule", value)
+
+
+ONE = ("constant", 1.0)
+
+
+def _uses_fixed_one(term: Term) -> bool:
+    return term.kind == "z_loss" or (isinstance(term.target, TopKTarget) and term.target.tail == "bucket")
+
+
+@dataclass(frozen=True)
+class SoftmaxState:
+    """One online-softmax state of a launch: a tensor at a temperature."""
+
+    tensor: str  # "student" or a teacher's name
+    temperature: str  # as written, e.g. "2" or "linear 1 -> 2 over 1000 steps"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a head."""
+
+    head: str
+    index: int
+    terms: tuple[Term, ...]
+    slots: tuple[object, ...]  # temperature value (number or schedule) of each slot
+    dense: tuple[DenseTarget, ...]
+    topk: tuple[TopKTarget, ...]
+    vocab_size: int
+    accumulate: bool
+    notes: tuple[str, ...]
+
+    def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
+        """The KernelSpec for this launch; `active[t]` False leaves term t out of the gradient."""
+        active = active or (True,) * len(self.terms)
+        keys = [temperature_key(value) for value in self.slots]
+        dense_index = {target.name: i for i, target in enumerate(self.dense)}
+        topk_index = {target.name: i for i, target in enumerate(self.topk)}
+
+        def convert(target: Target | None) -> KTarget | None:
+            if target is None:
+                return None
+            if isinstance(target, LabelsTarget):
+                return KLabels()
+            if isinstance(target, SmoothedTarget):
+                return KSmoothed(target.epsilon)
+            if isinstance(target, DenseTarget):
+                return KDense(dense_index[target.name])
+            if isinstance(target, TopKTarget):
+                return KTopK(topk_index[target.name], target.tail)
+            return KMixture(tuple((weight, convert(part)) for weight, part in target.parts))
+
+        terms = tuple(
+            KernelTerm(
+                kind=term.kind,
+                target=convert(term.target),
+                slot=keys.index(ONE if _uses_fixed_one(term) else temperature_key(term.temperature)),
+                beta=term.beta,
+                active=is_active,
+            )
+            for term, is_active in zip(self.terms, active)
+        )
+        dense = tuple(
+            DenseTeacher("same" if t.vocab_size == self.vocab_size else t.vocab_map or "same") for t in self.dense
+        )
+        return KernelSpec(
+            terms=terms,
+            slot_is_one=tuple(key == ONE for key in keys),
+            dense=dense,
+            topk=tuple(t.k for t in self.topk),
+            accumulate=self.accumulate,
+        )
+
+    @property
+    def analysis(self) -> KernelGenerator:
+        generator = KernelGenerator(self.kernel_spec())
+        generator.source()
+        return generator
+
+    @property
+    def passes(self) -> int:
+        """Reads of the logits row: 2, or 3 when a term needs a row sum over p and q first."""
+        return 3 if any(needs_reduction_pass(t) for t in self.kernel_spec().terms) else 2
+
+    @property
+    def softmaxes(self) -> tuple[SoftmaxState, ...]:
+        generator = KernelGenerator(self.kernel_spec())
+        states = [SoftmaxState("student", scheduled(self.slots[s])) for s in generator.student_slots]
+        states += [SoftmaxState(self.dense[i].name, scheduled(self.slots[s])) for i, s in generator.teacher_states]
+        return tuple(states)
+
+    def bytes_per_token(self, logits_bytes: int, teacher_bytes: int | None = None) -> int:
+        """Bytes this launch moves per token: every pass's reads, the gradient write, top-k traffic."""
+        teacher_bytes = teacher_bytes or logits_bytes
+        generator = self.analysis
+        vocab = self.vocab_size
+        total = 0
+        for reads in generator.pass_reads:
+            total += vocab * logits_bytes
+            total += sum(min(vocab, self.dense[i].vocab_size) * teacher_bytes for i in reads)
+        total += vocab * logits_bytes * (2 if self.accumulate else 1)  # gradient write (and read)
+        total += sum(t.k * (8 + 4 + 2 * logits_bytes) for t in self.topk)
+        return total
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    """Every launch of every head, in execution order."""
+
+    launches: tuple[Launch, ...]
+
+    def for_head(self, head: str) -> tuple[Launch, ...]:
+        return tuple(launch for launch in self.launches if launch.head == head)
+
+    def floor_bytes_per_token(self, plan: Plan, logits_bytes: int, teacher_bytes: int | None = None) -> int:
+        """What a perfect kernel moves: each logits row and teacher row read once, the gradient written once."""
+        teacher_bytes = teacher_bytes or logits_bytes
+        total = 0
+        for head in plan.heads:
+            if not head.terms:
+                continue
+            total += 2 * head.vocab_size * logits_bytes
+            for teacher in head.teachers:
+                if isinstance(teacher, DenseTarget):
+                    total += min(head.vocab_size, teacher.vocab_size) * teacher_bytes
+                else:
+                    total += teacher.k * 12
+        return total
+
+
+def _dense_of(term: Term) -> list[DenseTarget]:
+    if term.target is None:
+        return []
+    return [leaf for leaf in target_leaves(term.target) if isinstance(leaf, DenseTarget)]
+
+
+def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> Launch:
+    slots: list[object] = []
+    keys: list[tuple[str, object]] = []
+    for term in terms:
+        value = 1.0 if _uses_fixed_one(term) else term.temperature
+        if temperature_key(value) not in keys:
+            keys.append(temperature_key(value))
+            slots.append(value)
+    dense: dict[str, DenseTarget] = {}
+    topk: dict[str, TopKTarget] = {}
+    for term in terms:
+        for leaf in target_leaves(term.target) if term.target is not None else []:
+            if isinstance(leaf, DenseTarget):
+                dense.setdefault(leaf.name, leaf)
+            elif isinstance(leaf, TopKTarget):
+                topk.setdefault(leaf.name, leaf)
+    return Launch(
+        head=head.name,
+        index=index,
+        terms=tuple(terms),
+        slots=tuple(slots),
+        dense=tuple(dense.values()),
+        topk=tuple(topk.values()),
+        vocab_size=head.vocab_size,
+        accumulate=index > 0,
+        notes=tuple(notes),
+    )
+
+
+def plan_head(head: HeadPlan) -> list[Launch]:
+    """One launch for the head, or several when it reads too many dense teachers for one."""
+    groups: list[list[Term]] = []
+    teachers: list[set[str]] = []
+    for term in head.terms:
+        names = {t.name for t in _dense_of(term)}
+        for group, seen in zip(groups, teachers):
+            if len(seen | names) <= MAX_TEACHERS_PER_LAUNCH:
+                group.append(term)
+                seen |= names
+                break
+        else:
+            groups.append([term])
+            teachers.append(set(names))
+    launches = []
+    for index, group in enumerate(groups):
+        notes = []
+        if index > 0:
+            notes.append(
+                f"split: head {head.name!r} reads {len(set().union(*teachers))} dense teachers; one launch "
+                f"streams at most {MAX_TEACHERS_PER_LAUNCH}, so this launch adds to the gradient of launch 1"
+            )
+        if len(teachers[index]) > MAX_TEACHERS_PER_LAUNCH:
+            notes.append(f"one term reads {len(teachers[index])} teachers at once; its tiles are narrower")
+        launch = _launch(head, index, group, notes)
+        notes += [
+            f"extra pass: {term.key} ({term.kind}) needs a row sum over p and q before its gradient"
+            for term, kernel_term in zip(launch.terms, launch.kernel_spec().terms)
+            if needs_reduction_pass(kernel_term)
+        ]
+        launches.append(replace(launch, notes=tuple(notes)))
+    return launches
+
+
+def plan_fusion(plan: Plan) -> FusionPlan:
+    """The launches of every head with terms."""
+    return FusionPlan(tuple(launch for head in plan.heads if head.terms for launch in plan_head(head)))

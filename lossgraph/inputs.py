@@ -1,0 +1,303 @@
+"""Run-time inputs of a compiled graph: checking them and laying them out per head.
+
+Every backend receives, for each head, the same `HeadBatch`: logits as `[N, V]`, the head's shifted
+labels and token mask, its teachers as `[N, V_teacher]` (or top-k pairs) and the normalizer. Checks
+that only read shapes, dtypes and devices always run; checks that read tensor values (labels in
+range, top-k indices unique) cost a device synchronization on a GPU and run when `check_values`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Union
+
+import torch
+
+from .errors import InputError
+from .plan import DenseTarget, HeadPlan, Plan, TopKTarget
+from .suggest import did_you_mean
+
+
+class TopK(NamedTuple):
+    """An offline top-k teacher at run time: token ids `[.., k]` and their log-probs `[.., k]` (T = 1)."""
+
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+
+
+TeacherValue = Union[torch.Tensor, TopK, Callable[[], Union[torch.Tensor, TopK]]]
+NumItems = Union[int, float, torch.Tensor, Mapping[str, Union[int, float, torch.Tensor]], None]
+
+
+@dataclass
+class HeadBatch:
+    """One head's inputs, flattened over positions."""
+
+    logits: torch.Tensor  # [N, V], the caller's tensor (a view)
+    mask: torch.Tensor  # [N] bool: the position takes loss
+    labels: torch.Tensor | None  # [N] int64 label per position (0 where masked), None without labels
+    teachers: dict[str, torch.Tensor]  # dense teacher logits [N, V_teacher]
+    topk: dict[str, TopK]  # top-k teachers [N, k]
+    count: torch.Tensor  # int64 scalar: unmasked positions
+    normalizer: torch.Tensor  # float32 scalar > 0 that each term's sum is divided by
+
+
+def _is_float(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_int(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _tensor(value: Any, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_names(given: Mapping[str, Any], expected: list[str], optional: list[str], what: str, how: str) -> None:
+    unknown = [name for name in given if name not in expected and name not in optional]
+    for name in unknown:
+        hint = did_you_mean(str(name), [*expected, *optional])
+        raise InputError(f"unknown {what} {name!r}{hint}; the graph has {', '.join(expected + optional) or 'none'}")
+    missing = [name for name in expected if name not in given]
+    if missing:
+        raise InputError(f"missing {what} {', '.join(repr(m) for m in missing)}: {how}")
+
+
+def resolve_teachers(plan: Plan, teachers: Mapping[str, TeacherValue] | None) -> dict[str, torch.Tensor | TopK]:
+    """Check teacher names and call each callable teacher once, under no_grad."""
+    teachers = dict(teachers or {})
+    _check_names(
+        teachers,
+        list(plan.teachers),
+        [],
+        "teacher",
+        "pass teachers={name: logits tensor, TopK(indices, logprobs) or a callable returning one}",
+    )
+    resolved: dict[str, torch.Tensor | TopK] = {}
+    for name, value in teachers.items():
+        if callable(value) and not isinstance(value, (torch.Tensor, TopK)):
+            with torch.no_grad():
+                value = value()
+        target = plan.teachers[name]
+        if isinstance(target, TopKTarget) and not isinstance(value, TopK):
+            raise InputError(
+                f"teacher {name!r} is a topk_teacher source: pass lossgraph.TopK(indices, logprobs), "
+                f"got {type(value).__name__}"
+            )
+        if isinstance(target, DenseTarget) and not isinstance(value, torch.Tensor):
+            raise InputError(f"teacher {name!r} must be a logits tensor (or a callable returning one)")
+        resolved[name] = value
+    return resolved
+
+
+def _shift(values: torch.Tensor, offset: int, fill: float | int | bool) -> torch.Tensor:
+    """values[:, s + offset - 1] at position s, `fill` past the end. [B, S] -> [B, S]."""
+    if offset == 1:
+        return values
+    shifted = torch.full_like(values, fill)
+    shifted[:, : values.shape[1] - offset + 1] = values[:, offset - 1 :]
+    return shifted
+
+
+class _Layout(NamedTuple):
+    lead: tuple[int, ...]  # (B, S) or (N,)
+    device: torch.device
+
+
+def _layout(plan: Plan, logits: Mapping[str, torch.Tensor]) -> _Layout:
+    lead: tuple[int, ...] | None = None
+    device = None
+    for head in plan.heads:
+        if head.name not in logits:
+            continue
+        tensor = _tensor(logits[head.name], f"logits[{head.name!r}]")
+        if tensor.dim() not in (2, 3):
+            raise InputError(f"logits[{head.name!r}] must be [B, S, V] or [N, V], got shape {tuple(tensor.shape)}")
+        if not _is_float(tensor):
+            raise InputError(f"logits[{head.name!r}] must be a floating tensor, got {tensor.dtype}")
+        if tensor.shape[-1] != head.vocab_size:
+            raise InputError(
+                f"logits[{head.name!r}] has vocab {tensor.shape[-1]}, but head {head.name!r} declares "
+                f"vocab_size {head.vocab_size}"
+            )
+        if lead is None:
+            lead, device = tuple(tensor.shape[:-1]), tensor.device
+        elif tuple(tensor.shape[:-1]) != lead:
+            raise InputError(
+                f"logits[{head.name!r}] has leading shape {tuple(tensor.shape[:-1])}, other heads {lead}; "
+                "all heads must cover the same positions"
+            )
+        elif tensor.device != device:
+            raise InputError(f"logits[{head.name!r}] is on {tensor.device}, other heads on {device}")
+    if lead is None:
+        raise InputError("no logits given: pass logits={head name: tensor}")
+    return _Layout(lead, device)
+
+
+def _positional(value: Any, layout: _Layout, what: str, *, integer: bool) -> torch.Tensor:
+    tensor = _tensor(value, what)
+    if tuple(tensor.shape) != layout.lead:
+        raise InputError(f"{what} has shape {tuple(tensor.shape)}; the logits cover positions {layout.lead}")
+    if tensor.device != layout.device:
+        raise InputError(f"{what} is on {tensor.device}, the logits on {layout.device}")
+    if integer and not _is_int(tensor):
+        raise InputError(f"{what} must be an integer tensor, got {tensor.dtype}")
+    return tensor
+
+
+def _normalizer(plan: Plan, head: HeadPlan, count: torch.Tensor, positions: int, num_items: NumItems) -> torch.Tensor:
+    if num_items is not None and plan.normalization != "tokens":
+        raise InputError(f"num_items applies to normalization: tokens, but this graph uses {plan.normalization}")
+    if plan.normalization == "sum":
+        return torch.ones((), dtype=torch.float32, device=count.device)
+    if plan.normalization == "batch":
+        return torch.full((), float(max(positions, 1)), dtype=torch.float32, device=count.device)
+    if num_items is None:
+        return count.clamp(min=1).to(torch.float32)
+    value = num_items
+    if isinstance(num_items, Mapping):
+        _check_names(num_items, [h.name for h in plan.heads], [], "num_items head", "give a count for every head")
+        value = num_items[head.name]
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise InputError(f"num_items for head {head.name!r} must be a scalar, got shape {tuple(value.shape)}")
+        return value.reshape(()).to(device=count.device, dtype=torch.float32).clamp(min=1)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"num_items for head {head.name!r} must be a positive number, got {value!r}")
+    return torch.full((), float(value), dtype=torch.float32, device=count.device)
+
+
+def _flatten_teacher(
+    name: str, value: torch.Tensor | TopK, target: DenseTarget | TopKTarget, layout: _Layout
+) -> torch.Tensor | TopK:
+    if isinstance(value, TopK):
+        indices = _tensor(value.indices, f"TopK indices of teacher {name!r}")
+        logprobs = _tensor(value.logprobs, f"TopK logprobs of teacher {name!r}")
+        for what, tensor in (("indices", indices), ("logprobs", logprobs)):
+            if tuple(tensor.shape) != (*layout.lead, target.k):
+                raise InputError(
+                    f"TopK {what} of teacher {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {(*layout.lead, target.k)} (positions x k)"
+                )
+            if tensor.device != layout.device:
+                raise InputError(f"TopK {what} of teacher {name!r} is on {tensor.device}, the logits on {layout.device}")
+        if not _is_int(indices):
+            raise InputError(f"TopK indices of teacher {name!r} must be integers, got {indices.dtype}")
+        if not _is_float(logprobs):
+            raise InputError(f"TopK logprobs of teacher {name!r} must be floating, got {logprobs.dtype}")
+        return TopK(indices.reshape(-1, target.k), logprobs.reshape(-1, target.k))
+    if tuple(value.shape) != (*layout.lead, target.vocab_size):
+        raise InputError(
+            f"teacher {name!r} has shape {tuple(value.shape)}, expected {(*layout.lead, target.vocab_size)} "
+            "(the student's positions x the teacher's vocab_size)"
+        )
+    if not _is_float(value):
+        raise InputError(f"teacher {name!r} must be a floating tensor, got {value.dtype}")
+    if value.device != layout.device:
+        raise InputError(f"teacher {name!r} is on {value.device}, the logits on {layout.device}")
+    return value.detach().reshape(-1, target.vocab_size)
+
+
+def _check_values(head: HeadPlan, batch: HeadBatch, plan: Plan) -> None:
+    """Value checks (they synchronize with the device)."""
+    if batch.labels is not None:
+        used = batch.labels[batch.mask]
+        bad = (used < 0) | (used >= head.vocab_size)
+        if bool(bad.any()):
+            value = int(used[bad][0])
+            raise InputError(
+                f"labels of head {head.name!r} hold {value}, outside [0, {head.vocab_size}); use "
+                f"ignore_index ({plan.labels.ignore_index}) for positions without a label"
+            )
+    for name, topk in batch.topk.items():
+        vocab = plan.teachers[name].vocab_size
+        indices = topk.indices[batch.mask]
+        if bool(((indices < 0) | (indices >= vocab)).any()):
+            raise InputError(f"TopK indices of teacher {name!r} fall outside [0, {vocab})")
+        if indices.numel() and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+            raise InputError(f"TopK indices of teacher {name!r} repeat a token within a position")
+        if bool((topk.logprobs[batch.mask] > 1e-3).any()) or bool(topk.logprobs[batch.mask].isnan().any()):
+            raise InputError(f"TopK logprobs of teacher {name!r} must be log-probabilities (<= 0, not NaN)")
+
+
+def prepare_batches(
+    plan: Plan,
+    logits: Mapping[str, torch.Tensor],
+    labels: torch.Tensor | None,
+    teachers: dict[str, torch.Tensor | TopK],
+    loss_mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    num_items: NumItems,
+    check_values: bool | None,
+) -> dict[str, HeadBatch]:
+    """Check the inputs and lay them out per head (only heads with terms get a batch)."""
+    if not isinstance(logits, Mapping):
+        raise InputError("logits must be a dict {head name: tensor}")
+    bound = [head.name for head in plan.heads if head.terms]
+    unbound = [head.name for head in plan.heads if not head.terms]
+    _check_names(logits, bound, unbound, "head", "pass logits={head name: [B, S, V] or [N, V] tensor}")
+    layout = _layout(plan, logits)
+    sequence = len(layout.lead) == 2
+    if plan.labels is not None:
+        if labels is None:
+            raise InputError(f"the graph has the labels source {plan.labels.name!r}: pass labels=[B, S] token ids")
+        labels = _positional(labels, layout, "labels", integer=True).long()
+    elif labels is not None:
+        raise InputError("labels given, but the graph has no labels source; declare one or drop the argument")
+    if loss_mask is not None:
+        loss_mask = _positional(loss_mask, layout, "loss_mask", integer=False) != 0
+    if document_ids is not None:
+        if not sequence:
+            raise InputError("document_ids need [B, S] logits to know where sequences are")
+        document_ids = _positional(document_ids, layout, "document_ids", integer=True)
+    if check_values is None:
+        check_values = layout.device.type == "cpu"
+
+    batches: dict[str, HeadBatch] = {}
+    for head in plan.heads:
+        if not head.terms:
+            continue
+        if head.offset > 1 and not sequence:
+            raise InputError(
+                f"head {head.name!r} has offset {head.offset}: its labels are shifted along the sequence, "
+                "so pass [B, S, V] logits and [B, S] labels"
+            )
+        valid = torch.ones(layout.lead, dtype=torch.bool, device=layout.device)
+        if sequence and head.offset > 1:
+            valid = _shift(valid, head.offset, False)
+            if document_ids is not None:
+                valid &= _shift(document_ids, head.offset, 0) == document_ids
+        head_labels = None
+        if labels is not None:
+            head_labels = _shift(labels, head.offset, plan.labels.ignore_index) if sequence else labels
+            valid &= head_labels != plan.labels.ignore_index
+        if loss_mask is not None:
+            valid &= _shift(loss_mask, head.offset, False) if sequence else loss_mask
+        mask = valid.reshape(-1)
+        if head_labels is not None:
+            head_labels = torch.where(mask, head_labels.reshape(-1), 0)
+        count = mask.sum()
+        batch = HeadBatch(
+            logits=logits[head.name].reshape(-1, head.vocab_size),
+            mask=mask,
+            labels=head_labels,
+            teachers={},
+            topk={},
+            count=count,
+            normalizer=_normalizer(plan, head, count, mask.numel(), num_items),
+        )
+        for target in head.teachers:
+            flat = _flatten_teacher(target.name, teachers[target.name], target, layout)
+            if isinstance(flat, TopK):
+                batch.topk[target.name] = flat
+            else:
+                batch.teachers[target.name] = flat
+        if check_values:
+            _check_values(head, batch, plan)
+        batches[head.name] = batch
+    return batches

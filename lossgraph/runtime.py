@@ -1,0 +1,226 @@
+"""The compiled graph: a `torch.nn.Module` that runs a plan inside a training step.
+
+`lossgraph.compile(...)` returns a `CompiledGraph`. Calling it checks the inputs, lays them out per
+head, evaluates each head with the chosen backend (the reference math or the fused Triton kernel)
+and returns one differentiable loss with a per-term breakdown and per-head metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .document import check_spec, load
+from .errors import BackendError, ConfigError, InputError
+from .fusion import FusionPlan
+from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches, resolve_teachers
+from .plan import HeadPlan, Plan, Term
+from .reference import compute_dtype, map_vocab, reference_terms
+from .schedules import evaluate
+from .spec import LossGraphSpec
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class TermStep(NamedTuple):
+    """A term's settings at one step: weight x head weight, temperature, and the T^2 factor (or 1)."""
+
+    weight: float
+    temperature: float
+    scale: float
+
+
+class HeadResult(NamedTuple):
+    """What a backend returns for one head."""
+
+    loss: torch.Tensor  # differentiable: sum over terms of weight x scale x value (weight-0 terms left out)
+    values: torch.Tensor  # [terms] detached: each term's normalized value x scale, before the weight
+    prediction: torch.Tensor  # [N] student argmax
+    teacher_predictions: dict[str, torch.Tensor]  # [N] argmax of each teacher on the head's vocab
+
+
+HeadEvaluator = Callable[[HeadPlan, HeadBatch, list[TermStep]], HeadResult]
+
+
+@dataclass
+class GraphOutput:
+    """Result of one call: `loss` to call backward() on, and detached numbers for logging."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]  # "node/head" -> weighted term
+    values: dict[str, torch.Tensor]  # "node/head" -> unweighted term (normalized, T^2-scaled if asked)
+    weights: dict[str, float]  # "node/head" -> weight x head weight at this step
+    metrics: dict[str, dict[str, torch.Tensor]]  # head -> tokens, accuracy, agreement/<teacher>
+
+    def by_head(self) -> dict[str, torch.Tensor]:
+        """Sum of the weighted terms of each head."""
+        return self._sum_by(lambda key: key.split("/", 1)[1])
+
+    def by_node(self) -> dict[str, torch.Tensor]:
+        """Sum of the weighted terms of each loss node over its heads."""
+        return self._sum_by(lambda key: key.split("/", 1)[0])
+
+    def _sum_by(self, group: Callable[[str], str]) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        for key, value in self.terms.items():
+            name = group(key)
+            sums[name] = sums[name] + value if name in sums else value
+        return sums
+
+
+def term_step(term: Term, step: int) -> TermStep:
+    """Evaluate a term's weight and temperature schedules at `step`."""
+    weight = evaluate(term.weight, step) * term.head_weight
+    temperature = evaluate(term.temperature, step)
+    if not math.isfinite(weight):
+        raise InputError(f"loss {term.node!r} has a non-finite weight ({weight}) at step {step}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise InputError(f"loss {term.node!r} has temperature {temperature} at step {step}; it must be > 0")
+    scale = temperature * temperature if term.temperature_scaling else 1.0
+    return TermStep(weight, temperature, scale)
+
+
+def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Student argmax and each teacher's argmax over the head's vocab (for the metrics)."""
+    with torch.no_grad():
+        student = batch.logits.argmax(-1)
+        teachers = {name: map_vocab(t, head.vocab_size).argmax(-1) for name, t in batch.teachers.items()}
+        for name, topk in batch.topk.items():
+            teachers[name] = topk.indices.gather(1, topk.logprobs.argmax(-1, keepdim=True)).squeeze(1).long()
+    return student, teachers
+
+
+def reference_head(head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> HeadResult:
+    """The reference backend: plain PyTorch math, gradients by autograd."""
+    raw = reference_terms(head.terms, batch, [s.temperature for s in steps])
+    values = [value * s.scale for value, s in zip(raw, steps)]
+    loss = torch.zeros((), dtype=compute_dtype(batch.logits), device=batch.logits.device)
+    for value, s in zip(values, steps):
+        if s.weight != 0.0:
+            loss = loss + s.weight * value
+    student, teachers = predictions(head, batch)
+    return HeadResult(loss, torch.stack(values).detach(), student, teachers)
+
+
+def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        count = batch.count
+        denominator = count.clamp(min=1).to(torch.float32)
+        metrics = {"tokens": count}
+        if batch.labels is not None:
+            metrics["accuracy"] = ((result.prediction == batch.labels) & batch.mask).sum() / denominator
+        for name, teacher in result.teacher_predictions.items():
+            metrics[f"agreement/{name}"] = ((result.prediction == teacher) & batch.mask).sum() / denominator
+    return metrics
+
+
+class CompiledGraph(torch.nn.Module):
+    """A validated loss graph bound to a backend. Call it once per training step."""
+
+    def __init__(
+        self,
+        spec: LossGraphSpec,
+        plan: Plan,
+        fusion: FusionPlan,
+        backend: str = "auto",
+        *,
+        inplace_grad: bool = False,
+        check_inputs: bool | None = None,
+    ):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        self.spec = spec
+        self.plan = plan
+        self.fusion = fusion
+        self.backend = backend
+        self.inplace_grad = inplace_grad
+        self.check_inputs = check_inputs
+
+    def extra_repr(self) -> str:
+        heads = ", ".join(f"{h.name}: {len(h.terms)} terms" for h in self.plan.heads)
+        return f"backend={self.backend!r}, heads=({heads})"
+
+    def evaluator(self, device: torch.device) -> HeadEvaluator:
+        """The head evaluator the backend setting selects for tensors on `device`."""
+        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
+            return reference_head
+        from .fused import fused_head_evaluator
+
+        return fused_head_evaluator(self, device)
+
+    def forward(
+        self,
+        logits: Mapping[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        teachers: Mapping[str, TeacherValue] | None = None,
+        step: int = 0,
+        loss_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        num_items: NumItems = None,
+    ) -> GraphOutput:
+        """Evaluate every head's terms.
+
+        logits: {head: [B, S, V] or [N, V]}; labels: next-token ids [B, S] (or [N]); teachers:
+        {source: logits tensor, TopK, or a zero-argument callable, called once}; step: the training
+        step for schedules; loss_mask: [B, S], nonzero where a label counts (shifted like labels);
+        document_ids: [B, S], masks MTP targets across document boundaries; num_items: the token
+        count to divide by (one number, or one per head) for gradient accumulation or data parallel.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise InputError(f"step must be a Python int >= 0, got {step!r}")
+        resolved = resolve_teachers(self.plan, teachers)
+        batches = prepare_batches(
+            self.plan, logits, labels, resolved, loss_mask, document_ids, num_items, self.check_inputs
+        )
+        device = next(iter(batches.values())).logits.device
+        run_head = self.evaluator(device)
+        total = None
+        terms: dict[str, torch.Tensor] = {}
+        values: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        metrics: dict[str, dict[str, torch.Tensor]] = {}
+        for head in self.plan.heads:
+            if head.name not in batches:
+                continue
+            batch = batches[head.name]
+            steps = [term_step(term, step) for term in head.terms]
+            result = run_head(head, batch, steps)
+            total = result.loss if total is None else total + result.loss
+            for index, (term, s) in enumerate(zip(head.terms, steps)):
+                values[term.key] = result.values[index]
+                terms[term.key] = result.values[index] * s.weight
+                weights[term.key] = s.weight
+            metrics[head.name] = _metrics(head, batch, result)
+        return GraphOutput(total, terms, values, weights, metrics)
+
+
+def compile(
+    graph: LossGraphSpec | str | Path,
+    backend: str = "auto",
+    *,
+    inplace_grad: bool = False,
+    check_inputs: bool | None = None,
+) -> CompiledGraph:
+    """Compile a loss graph (a spec, or the path of a YAML file) into a callable module.
+
+    backend: "torch" (reference math, any device), "triton" (one fused kernel per head), or "auto"
+    (triton for CUDA tensors, torch otherwise). inplace_grad: the fused backend writes the gradient
+    over the logits, saving one N x V buffer (the logits are destroyed). check_inputs: run the value
+    checks that synchronize with the device (labels in range, top-k indices valid); None runs them
+    for CPU tensors only.
+    """
+    spec = graph if isinstance(graph, LossGraphSpec) else load(graph)
+    report = check_spec(spec)
+    context = report.context
+    if context is None or context.plan is None or context.fusion is None:
+        raise ConfigError(report.diagnostics)
+    return CompiledGraph(
+        spec, context.plan, context.fusion, backend, inplace_grad=inplace_grad, check_inputs=check_inputs
+    )
+
