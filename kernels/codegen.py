@@ -480,11 +480,13 @@ class KernelGenerator:
             f"# top-k, bucket: Q_i = q at the stored tokens, Q_tail = the rest; same for the teacher's P",
             f"lQ{t} = tl.where(in_vocab{i}, z_top{i} - lse_s{s}, {NEG_INF})",
             f"Q{t} = tl.exp(lQ{t})",
-            f"Qt{t} = tl.maximum(1.0 - tl.sum(Q{t}, 0), 0.0)",
+            # no tail when the stored tokens cover the vocab, whatever the stored mass rounds to
+            f"has_tail{t} = tl.sum(in_vocab{i}.to(tl.int32), 0) < V",
+            f"Qt{t} = tl.where(has_tail{t}, tl.maximum(1.0 - tl.sum(Q{t}, 0), 0.0), 0.0)",
             f"lQt{t} = tl.log(Qt{t})",
             f"lP{t} = tl.where(in_vocab{i}, stored_lp{i}, {NEG_INF})",
             f"P{t} = tl.exp(lP{t})",
-            f"Pt{t} = tl.maximum(1.0 - tl.sum(P{t}, 0), 0.0)",
+            f"Pt{t} = tl.where(has_tail{t}, tl.maximum(1.0 - tl.sum(P{t}, 0), 0.0), 0.0)",
             f"lPt{t} = tl.log(Pt{t})",
         )
         kind = term.kind

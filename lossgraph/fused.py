@@ -3,7 +3,7 @@
 Layers, bottom up:
   kernels/codegen.py, kernels/launcher.py   the generated Triton kernel and its launch
   `lossgraph::fused_head` (torch.library)    every launch of one head; opaque to torch.compile
-  `FusedHeadLoss` (autograd.Function)        loss in forward, gradient already computed; backward
+  `PrecomputedGradient` (autograd.Function)  loss in forward, gradient already computed; backward
                                              only scales it by the incoming gradient
   `fused_head_evaluator`                     the runtime's per-head entry point
 
@@ -18,12 +18,13 @@ from typing import Optional
 
 import torch
 
+from .autograd import PrecomputedGradient
 from .errors import BackendError
-from .fusion import Launch, temperature_key
+from .fusion import ONE, FusionPlan, temperature_key
 from .inputs import HeadBatch
 from .kernels.launcher import launch as launch_kernel
 from .kernels.signature import KernelSpec
-from .plan import DenseTarget, HeadPlan, TopKTarget
+from .plan import DenseTarget, HeadPlan, Plan, TopKTarget
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,44 +47,77 @@ class HeadKernels:
     launches: tuple[LaunchBinding, ...]
     terms: int
     dense: int
+    temperatures: int
 
 
-_REGISTRY: dict[str, HeadKernels] = {}
+@dataclass(frozen=True)
+class HeadLayout:
+    """Static facts of one head, computed once per compiled graph."""
+
+    term_temperatures: tuple[int, ...]  # head-level temperature index of each term
+    temperatures: int
+    dense: tuple[str, ...]  # dense teachers in the order the op takes them
+    topk: tuple[str, ...]
 
 
-def register_head(launches: tuple[Launch, ...], head: HeadPlan, active: tuple[bool, ...]) -> str:
-    """Register the kernels of a head and return the key the fused op looks them up by."""
-    dense_names = [t.name for t in head.teachers if isinstance(t, DenseTarget)]
-    topk_names = [t.name for t in head.teachers if isinstance(t, TopKTarget)]
+_GRAPHS: dict[str, tuple[dict[str, HeadPlan], FusionPlan]] = {}
+_KERNELS: dict[str, HeadKernels] = {}
+
+
+def _temperatures(head: HeadPlan) -> list[tuple[str, object]]:
+    """Distinct temperature keys of a head; the fixed 1 first (for z_loss and top-k buckets)."""
+    keys: list[tuple[str, object]] = [ONE]
+    for term in head.terms:
+        if temperature_key(term.temperature) not in keys:
+            keys.append(temperature_key(term.temperature))
+    return keys
+
+
+def head_layout(head: HeadPlan) -> HeadLayout:
+    temperatures = _temperatures(head)
+    return HeadLayout(
+        term_temperatures=tuple(temperatures.index(temperature_key(term.temperature)) for term in head.terms),
+        temperatures=len(temperatures),
+        dense=tuple(t.name for t in head.teachers if isinstance(t, DenseTarget)),
+        topk=tuple(t.name for t in head.teachers if isinstance(t, TopKTarget)),
+    )
+
+
+def register_graph(plan: Plan, fusion: FusionPlan) -> str:
+    """Make a compiled graph's plans known to the fused op; returns the graph's token."""
+    token = f"graph{len(_GRAPHS)}"
+    _GRAPHS[token] = ({head.name: head for head in plan.heads}, fusion)
+    return token
+
+
+@torch.compiler.assume_constant_result
+def kernel_key(graph: str, head_name: str, active: tuple[bool, ...]) -> str:
+    """The key the fused op finds a head's kernels by, for one set of gradient-active terms.
+
+    A pure function of constant arguments, so torch.compile evaluates it once while tracing.
+    """
+    key = f"{graph}/{head_name}/{''.join('1' if a else '0' for a in active)}"
+    if key in _KERNELS:
+        return key
+    heads, fusion = _GRAPHS[graph]
+    head = heads[head_name]
+    layout = head_layout(head)
+    temperatures = _temperatures(head)
     term_keys = [term.key for term in head.terms]
-    temperatures = head_temperatures(head)
     bindings = []
-    for launch in launches:
+    for launch in fusion.for_head(head_name):
         term_indices = tuple(term_keys.index(term.key) for term in launch.terms)
-        spec = launch.kernel_spec(tuple(active[i] for i in term_indices))
         bindings.append(
             LaunchBinding(
-                spec=spec,
+                spec=launch.kernel_spec(tuple(active[i] for i in term_indices)),
                 terms=term_indices,
-                dense=tuple(dense_names.index(t.name) for t in launch.dense),
-                topk=tuple(topk_names.index(t.name) for t in launch.topk),
+                dense=tuple(layout.dense.index(t.name) for t in launch.dense),
+                topk=tuple(layout.topk.index(t.name) for t in launch.topk),
                 temperatures=tuple(temperatures.index(temperature_key(v)) for v in launch.slots),
             )
         )
-    kernels = HeadKernels(tuple(bindings), len(head.terms), len(dense_names))
-    key = repr(kernels)
-    _REGISTRY.setdefault(key, kernels)
+    _KERNELS[key] = HeadKernels(tuple(bindings), len(head.terms), len(layout.dense), layout.temperatures)
     return key
-
-
-def head_temperatures(head: HeadPlan) -> list[tuple[str, object]]:
-    """Distinct temperature keys of a head, plus the fixed 1 (for z_loss and top-k buckets)."""
-    keys = [("constant", 1.0)]
-    for term in head.terms:
-        key = temperature_key(term.temperature)
-        if key not in keys:
-            keys.append(key)
-    return keys
 
 
 def _run_launches(
@@ -95,10 +129,12 @@ def _run_launches(
     dense: list[torch.Tensor],
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
-    inverse_temperatures: list[float],
-    weights: list[float],
+    scalars: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    kernels = _REGISTRY[key]
+    kernels = _KERNELS[key]
+    # a CPU tensor: reading it is no device synchronization
+    inverse_temperatures = scalars[: kernels.temperatures].tolist()
+    weights = scalars[kernels.temperatures :].tolist()
     rows = logits.shape[0]
     values = torch.zeros((rows, kernels.terms), dtype=torch.float32, device=logits.device)
     prediction = torch.zeros(rows, dtype=torch.int64, device=logits.device)
@@ -132,21 +168,24 @@ def fused_head(
     dense: list[torch.Tensor],
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
-    inverse_temperatures: list[float],
-    weights: list[float],
+    scalars: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """All launches of a head: (gradient [N, V] in the logits dtype, per-row term values [N, terms],
-    student argmax [N], teacher argmaxes [N] each)."""
+    student argmax [N], teacher argmaxes [N] each).
+
+    `scalars` is a CPU float64 tensor: each temperature slot's 1/T, then each term's gradient weight.
+    A tensor rather than floats, so that a compiled graph does not specialize on their values.
+    """
     grad = torch.empty_like(logits)
     values, prediction, teachers = _run_launches(
-        key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures, weights
+        key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, scalars
     )
     return grad, values, prediction, teachers
 
 
 @fused_head.register_fake
-def _fused_head_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures, weights):
-    kernels = _REGISTRY[key]
+def _fused_head_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
+    kernels = _KERNELS[key]
     rows = logits.shape[0]
     return (
         torch.empty_like(logits),
@@ -165,20 +204,15 @@ def fused_head_inplace(
     dense: list[torch.Tensor],
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
-    inverse_temperatures: list[float],
-    weights: list[float],
+    scalars: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Like `fused_head`, but the gradient overwrites the logits (one N x V buffer saved)."""
-    return _run_launches(
-        key, logits, logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures, weights
-    )
+    return _run_launches(key, logits, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars)
 
 
 @fused_head_inplace.register_fake
-def _fused_head_inplace_fake(
-    key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures, weights
-):
-    kernels = _REGISTRY[key]
+def _fused_head_inplace_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
+    kernels = _KERNELS[key]
     rows = logits.shape[0]
     return (
         logits.new_empty((rows, kernels.terms), dtype=torch.float32),
@@ -187,22 +221,20 @@ def _fused_head_inplace_fake(
     )
 
 
-class FusedHeadLoss(torch.autograd.Function):
-    """Connects a loss computed together with its gradient to autograd.
+def _active_terms(steps) -> tuple[bool, ...]:
+    """Which terms take part in the gradient (weight not 0), as plain bools.
 
-    forward returns the loss unchanged and keeps the gradient; backward multiplies the kept gradient
-    by the incoming scalar (in place: the buffer is used once) and hands it to the logits.
+    Written with `if` on purpose: under torch.compile a weight that follows a schedule is symbolic, and
+    branching on it makes dynamo guard on the comparison and continue with a constant, so a compiled
+    graph is specialized on the active set and recompiles only when that set changes.
     """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(grad)
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output.to(grad.dtype)), None, None
+    active = []
+    for step in steps:
+        if step.weight != 0.0:
+            active.append(True)
+        else:
+            active.append(False)
+    return tuple(active)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -226,6 +258,7 @@ def fused_head_evaluator(graph, device: torch.device):
 
     def run(head: HeadPlan, batch: HeadBatch, steps) -> HeadResult:
         logits = batch.logits
+        active = _active_terms(steps)
         if logits.dtype not in _SUPPORTED_DTYPES:
             if graph.backend == "auto":
                 return reference_head(head, batch, steps)
@@ -233,27 +266,25 @@ def fused_head_evaluator(graph, device: torch.device):
                 f"the fused kernel takes float32, bfloat16 or float16 logits, got {logits.dtype} for head "
                 f"{head.name!r}; use backend='torch' for float64"
             )
-        launches = graph.fusion.for_head(head.name)
-        active = tuple(step.weight != 0.0 for step in steps)
-        key = register_head(launches, head, active)
-        temperatures = head_temperatures(head)
-        inverse = [1.0] * len(temperatures)
-        for term, step in zip(head.terms, steps):
-            inverse[temperatures.index(temperature_key(term.temperature))] = 1.0 / step.temperature
+        layout = graph.head_layouts[head.name]
+        key = kernel_key(graph.fused_token, head.name, active)
+        inverse = [1.0] * layout.temperatures
+        for index, step in zip(layout.term_temperatures, steps):
+            inverse[index] = 1.0 / step.temperature
         # what the kernel multiplies dl/ds by: weight x scale x ds/dz (= 1/T)
         weights = [step.weight * step.scale / step.temperature for step in steps]
+        scalars = torch.tensor([*inverse, *weights], dtype=torch.float64)
         row_scale = batch.mask.to(torch.float32) / batch.normalizer
-        topk = list(batch.topk.values())
+        topk = [batch.topk[name] for name in layout.topk]
         arguments = (
             row_scale,
             batch.labels,
-            [_rows(t) for t in batch.teachers.values()],
+            [_rows(batch.teachers[name]) for name in layout.dense],
             [t.indices.contiguous() for t in topk],
             [t.logprobs.contiguous() for t in topk],
-            inverse,
-            weights,
+            scalars,
         )
-        if graph.inplace_grad and len(launches) == 1:
+        if graph.inplace_grad and len(graph.fusion.for_head(head.name)) == 1:
             grad = logits.detach()
             if grad.stride(-1) != 1:
                 raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")
@@ -263,10 +294,9 @@ def fused_head_evaluator(graph, device: torch.device):
         sums = (values * row_scale[:, None]).sum(0)
         scaled = torch.stack([sums[t] * step.scale for t, step in enumerate(steps)])
         loss = sum((scaled[t] * step.weight for t, step in enumerate(steps) if active[t]), torch.zeros_like(sums[0]))
-        loss = FusedHeadLoss.apply(logits, loss, grad)
-        names = [t.name for t in head.teachers if isinstance(t, DenseTarget)]
-        teachers = dict(zip(names, teacher_predictions))
-        for name, value in batch.topk.items():
+        loss = PrecomputedGradient.apply(logits, loss, grad)
+        teachers = dict(zip(layout.dense, teacher_predictions))
+        for name, value in zip(layout.topk, topk):
             best = value.logprobs.argmax(-1, keepdim=True)
             teachers[name] = value.indices.gather(1, best).squeeze(1).long()
         return HeadResult(loss, scaled.detach(), prediction, teachers)

@@ -100,7 +100,8 @@ def _shift(values: torch.Tensor, offset: int, fill: float | int | bool) -> torch
     if offset == 1:
         return values
     shifted = torch.full_like(values, fill)
-    shifted[:, : values.shape[1] - offset + 1] = values[:, offset - 1 :]
+    if offset - 1 < values.shape[1]:
+        shifted[:, : values.shape[1] - offset + 1] = values[:, offset - 1 :]
     return shifted
 
 
@@ -150,7 +151,9 @@ def _positional(value: Any, layout: _Layout, what: str, *, integer: bool) -> tor
     return tensor
 
 
-def _normalizer(plan: Plan, head: HeadPlan, count: torch.Tensor, positions: int, num_items: NumItems) -> torch.Tensor:
+def _normalizer(
+    plan: Plan, head: HeadPlan, count: torch.Tensor, positions: int, num_items: NumItems, check_values: bool
+) -> torch.Tensor:
     if num_items is not None and plan.normalization != "tokens":
         raise InputError(f"num_items applies to normalization: tokens, but this graph uses {plan.normalization}")
     if plan.normalization == "sum":
@@ -161,11 +164,15 @@ def _normalizer(plan: Plan, head: HeadPlan, count: torch.Tensor, positions: int,
         return count.clamp(min=1).to(torch.float32)
     value = num_items
     if isinstance(num_items, Mapping):
-        _check_names(num_items, [h.name for h in plan.heads], [], "num_items head", "give a count for every head")
+        bound = [h.name for h in plan.heads if h.terms]
+        unbound = [h.name for h in plan.heads if not h.terms]
+        _check_names(num_items, bound, unbound, "num_items head", "give a count for every head with losses")
         value = num_items[head.name]
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise InputError(f"num_items for head {head.name!r} must be a scalar, got shape {tuple(value.shape)}")
+        if check_values and not bool(torch.isfinite(value).all() & (value > 0).all()):
+            raise InputError(f"num_items for head {head.name!r} must be a positive number, got {value.item()!r}")
         return value.reshape(()).to(device=count.device, dtype=torch.float32).clamp(min=1)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise InputError(f"num_items for head {head.name!r} must be a positive number, got {value!r}")
@@ -190,7 +197,7 @@ def _flatten_teacher(
             raise InputError(f"TopK indices of teacher {name!r} must be integers, got {indices.dtype}")
         if not _is_float(logprobs):
             raise InputError(f"TopK logprobs of teacher {name!r} must be floating, got {logprobs.dtype}")
-        return TopK(indices.reshape(-1, target.k), logprobs.reshape(-1, target.k))
+        return TopK(indices.reshape(-1, target.k), logprobs.detach().reshape(-1, target.k))
     if tuple(value.shape) != (*layout.lead, target.vocab_size):
         raise InputError(
             f"teacher {name!r} has shape {tuple(value.shape)}, expected {(*layout.lead, target.vocab_size)} "
@@ -256,7 +263,8 @@ def prepare_batches(
             raise InputError("document_ids need [B, S] logits to know where sequences are")
         document_ids = _positional(document_ids, layout, "document_ids", integer=True)
     if check_values is None:
-        check_values = layout.device.type == "cpu"
+        # free on the CPU; on an accelerator, and inside torch.compile, they would cost a synchronization
+        check_values = layout.device.type == "cpu" and not torch.compiler.is_compiling()
 
     batches: dict[str, HeadBatch] = {}
     for head in plan.heads:
@@ -289,7 +297,7 @@ def prepare_batches(
             teachers={},
             topk={},
             count=count,
-            normalizer=_normalizer(plan, head, count, mask.numel(), num_items),
+            normalizer=_normalizer(plan, head, count, mask.numel(), num_items, check_values),
         )
         for target in head.teachers:
             flat = _flatten_teacher(target.name, teachers[target.name], target, layout)

@@ -153,7 +153,8 @@ def topk_log_probs(
     tail = torch.logsumexp(torch.where(stored & has_tail, -math.inf, z), dim=-1, keepdim=True)
     log_q_tail = torch.where(has_tail, tail - log_z, -math.inf)
     log_p_top = torch.where(in_vocab, teacher, -math.inf)
-    p_tail = (1.0 - log_p_top.exp().sum(-1, keepdim=True)).clamp(min=0.0)
+    # with no token left outside the stored ones there is no tail, whatever the stored mass rounds to
+    p_tail = torch.where(has_tail, (1.0 - log_p_top.exp().sum(-1, keepdim=True)).clamp(min=0.0), 0.0)
     usable = torch.ones_like(mask)
     return torch.cat([log_p_top, p_tail.log()], dim=-1), torch.cat([log_q_top, log_q_tail], dim=-1), usable
 

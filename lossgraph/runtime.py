@@ -15,8 +15,10 @@ from typing import NamedTuple
 
 import torch
 
+from .autograd import PrecomputedGradient
 from .document import check_spec, load
 from .errors import BackendError, ConfigError, InputError
+from .fused import head_layout, register_graph
 from .fusion import FusionPlan
 from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches, resolve_teachers
 from .plan import HeadPlan, Plan, Term
@@ -77,6 +79,10 @@ def term_step(term: Term, step: int) -> TermStep:
     """Evaluate a term's weight and temperature schedules at `step`."""
     weight = evaluate(term.weight, step) * term.head_weight
     temperature = evaluate(term.temperature, step)
+    if torch.compiler.is_compiling():
+        # a validated spec keeps schedules finite and temperatures positive; the checks below would
+        # only add guards on the step to a compiled graph
+        return TermStep(weight, temperature, temperature * temperature if term.temperature_scaling else 1.0)
     if not math.isfinite(weight):
         raise InputError(f"loss {term.node!r} has a non-finite weight ({weight}) at step {step}")
     if not (math.isfinite(temperature) and temperature > 0):
@@ -99,10 +105,12 @@ def reference_head(head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> H
     """The reference backend: plain PyTorch math, gradients by autograd."""
     raw = reference_terms(head.terms, batch, [s.temperature for s in steps])
     values = [value * s.scale for value, s in zip(raw, steps)]
-    loss = torch.zeros((), dtype=compute_dtype(batch.logits), device=batch.logits.device)
-    for value, s in zip(values, steps):
-        if s.weight != 0.0:
-            loss = loss + s.weight * value
+    active = [s.weight * value for value, s in zip(values, steps) if s.weight != 0.0]
+    if active:
+        loss = torch.stack(active).sum()
+    else:  # every weight is 0 at this step: a zero loss that still backpropagates (zeros)
+        zero = torch.zeros((), dtype=compute_dtype(batch.logits), device=batch.logits.device)
+        loss = PrecomputedGradient.apply(batch.logits, zero, torch.zeros_like(batch.logits))
     student, teachers = predictions(head, batch)
     return HeadResult(loss, torch.stack(values).detach(), student, teachers)
 
@@ -139,6 +147,9 @@ class CompiledGraph(torch.nn.Module):
         self.plan = plan
         self.fusion = fusion
         self.backend = backend
+        # static per-head facts the fused backend reads on every call (kept trace-friendly)
+        self.fused_token = register_graph(plan, fusion)
+        self.head_layouts = {head.name: head_layout(head) for head in plan.heads}
         self.inplace_grad = inplace_grad
         self.check_inputs = check_inputs
 
@@ -194,7 +205,10 @@ class CompiledGraph(torch.nn.Module):
             total = result.loss if total is None else total + result.loss
             for index, (term, s) in enumerate(zip(head.terms, steps)):
                 values[term.key] = result.values[index]
-                terms[term.key] = result.values[index] * s.weight
+                # a weight-0 term adds exactly 0 (its value may be infinite: 0 x inf would be NaN)
+                terms[term.key] = result.values[index] * s.weight if s.weight != 0.0 else torch.zeros_like(
+                    result.values[index]
+                )
                 weights[term.key] = s.weight
             metrics[head.name] = _metrics(head, batch, result)
         return GraphOutput(total, terms, values, weights, metrics)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, random_logits, random_labels, random_topk
+from helpers import assert_close, random_labels, random_logits, random_topk
 
 import lossgraph
 
@@ -24,7 +24,9 @@ def build(yaml_text: str) -> lossgraph.CompiledGraph:
     return lossgraph.compile(lossgraph.loads(yaml_text), backend="torch")
 
 
-def graph_text(losses: str, sources: str = "", vocab: int = V, heads: str = "next: {offset: 1}", extra: str = "") -> str:
+def graph_text(
+    losses: str, sources: str = "", vocab: int = V, heads: str = "next: {offset: 1}", extra: str = ""
+) -> str:
     indent = lambda block: "\n".join("  " + line for line in block.strip().splitlines())  # noqa: E731
     text = f"version: 1\nvocab_size: {vocab}\n{extra}heads:\n{indent(heads)}\n"
     if sources.strip():
@@ -357,8 +359,8 @@ ent: {type: entropy, heads: [next], weight: -0.1}
     p0 = [1 / (2 + math.e), math.e / (2 + math.e), 1 / (2 + math.e)]
     q1 = [math.exp(0.0 - z1), math.exp(1.0 - z1)]
     p1 = [math.exp(2.0) / (math.exp(2.0) + 1), 1 / (math.exp(2.0) + 1)]
-    kl0 = sum(p * math.log(p / q) for p, q in zip(p0, q0))
-    kl1 = sum(p * math.log(p / q) for p, q in zip(p1, q1))
+    kl0 = sum(p * math.log(p / q) for p, q in zip(p0, q0, strict=True))
+    kl1 = sum(p * math.log(p / q) for p, q in zip(p1, q1, strict=True))
     assert_close(out.values["kd/next"], torch.tensor((kl0 + kl1) / 2), dtype=torch.float32, what="forward_kl")
     entropy = (-sum(q * math.log(q) for q in q0) - sum(q * math.log(q) for q in q1)) / 2
     assert_close(out.values["ent/next"], torch.tensor(entropy), dtype=torch.float32, what="entropy")
@@ -389,7 +391,9 @@ def test_huge_logits_are_finite_and_exact():
     assert_close(out.values["lm/next"], torch.tensor(ce), dtype=torch.float32, what="cross_entropy")
     assert_close(out.values["z/next"], torch.tensor((lse0**2 + lse1**2) / 2), dtype=torch.float32, what="z_loss")
     expected_grad = torch.softmax(torch.tensor(rows, dtype=torch.float64), -1)
-    expected_grad = expected_grad * (1 + 2 * torch.tensor([lse0, lse1], dtype=torch.float64)[:, None])  # + z-loss 2 lse q
+    expected_grad = expected_grad * (
+        1 + 2 * torch.tensor([lse0, lse1], dtype=torch.float64)[:, None]
+    )  # + z-loss 2 lse q
     expected_grad[0, 1] -= 1
     expected_grad[1, 3] -= 1
     assert bool(torch.isfinite(x.grad).all())
@@ -448,7 +452,7 @@ def test_vocab_map_truncate_hand_computed():
     p = [0.25, 0.5, 0.25]
     total = 1 + math.e + math.e**2
     q = [1 / total, math.e / total, math.e**2 / total]
-    expected = sum(pj * math.log(pj / qj) for pj, qj in zip(p, q))
+    expected = sum(pj * math.log(pj / qj) for pj, qj in zip(p, q, strict=True))
     assert_close(out.loss, torch.tensor(expected, dtype=torch.float64), what="truncate")
     assert_close(x.grad, torch.tensor([[q[0] - p[0], q[1] - p[1], q[2] - p[2]]], dtype=torch.float64))
     # agreement uses the truncated teacher: its argmax over the head's vocab is token 1, the student's is 2
@@ -458,7 +462,8 @@ def test_vocab_map_truncate_hand_computed():
 def test_vocab_map_pad_hand_computed():
     graph = build(
         graph_text(
-            "kd: {type: forward_kl, heads: [next], target: small}\nce: {type: cross_entropy, heads: [next], target: small}",
+            "kd: {type: forward_kl, heads: [next], target: small}\n"
+            "ce: {type: cross_entropy, heads: [next], target: small}",
             "small: {type: teacher, vocab_size: 3, vocab_map: pad}",
             vocab=4,
         )
@@ -480,8 +485,11 @@ def test_vocab_map_pad_hand_computed():
 
 def test_topk_bucket_hand_computed():
     graph = build(
-        graph_text("kd: {type: forward_kl, heads: [next], target: cached}", "cached: {type: topk_teacher, k: 2, tail: bucket}",
-                   vocab=4)
+        graph_text(
+            "kd: {type: forward_kl, heads: [next], target: cached}",
+            "cached: {type: topk_teacher, k: 2, tail: bucket}",
+            vocab=4,
+        )
     )
     x = torch.tensor([[0.0, 0.0, math.log(2.0), math.log(4.0)]], dtype=torch.float64)
     topk = lossgraph.TopK(torch.tensor([[3, 0]]), torch.tensor([[math.log(0.5), math.log(0.3)]], dtype=torch.float64))
@@ -491,12 +499,6 @@ def test_topk_bucket_hand_computed():
     assert_close(out.loss, torch.tensor(expected, dtype=torch.float64), what="bucket")
 
 
-@pytest.mark.xfail(
-    reason="BUG: reference.topk_log_probs (tail: bucket) sets the student's tail to log 0 when the k stored "
-    "tokens cover the whole vocab, but keeps the teacher's tail 1 - sum(exp(logprobs)) > 0 from float32 rounding "
-    "(~6e-8), so forward_kl is +inf for a teacher stored exactly (k == V, logprobs = log_softmax in float32)",
-    strict=True,
-)
 def test_topk_bucket_covering_the_whole_vocab_equals_dense_kl():
     vocab = 5
     graph = build(

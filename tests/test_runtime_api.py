@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, random_logits, random_labels, random_topk
+from helpers import assert_close, random_labels, random_logits, random_topk
 
 import lossgraph
 from lossgraph.plan import DenseTarget, TopKTarget
@@ -165,11 +165,6 @@ def test_weight_zero_term_is_reported_but_takes_no_gradient():
     assert_close(x.grad, y.grad, what="gradient is the lm gradient alone")
 
 
-@pytest.mark.xfail(
-    reason="BUG: runtime.forward computes terms[key] = value * weight, so a weight-0 term with an infinite value "
-    "reports NaN in out.terms (and by_head/by_node), although it contributes exactly 0 to out.loss",
-    strict=True,
-)
 def test_weight_zero_term_with_infinite_value_reports_zero():
     graph = single_loss_graph(
         "lm: {type: cross_entropy, heads: [next], target: labels, weight: 0}\n  z: {type: z_loss, heads: [next]}"
@@ -228,12 +223,6 @@ def test_weight_schedules(name):
         assert_close(x.grad, y.grad, what=f"gradient at step {step}")
 
 
-@pytest.mark.xfail(
-    reason="BUG: when every term has weight 0 at a step (e.g. a distillation-only graph in its warmup), "
-    "runtime.reference_head returns a constant zero loss with no grad_fn, so out.loss.backward() raises "
-    "RuntimeError instead of giving zero gradients",
-    strict=True,
-)
 def test_all_weights_zero_at_this_step_still_backpropagates():
     graph = single_loss_graph(
         "lm: {type: cross_entropy, heads: [next], target: labels, "
@@ -334,13 +323,10 @@ def test_dense_teacher_tensor_gets_no_gradient():
     assert x.grad is not None
 
 
-@pytest.mark.xfail(
-    reason="BUG: dense teacher logits are detached (inputs._flatten_teacher) but TopK logprobs are not, so "
-    "a TopK whose logprobs require grad receives a gradient from the loss",
-    strict=True,
-)
 def test_topk_teacher_gets_no_gradient():
-    graph = single_loss_graph("kd: {type: forward_kl, heads: [next], target: cached}", "cached: {type: topk_teacher, k: 2}")
+    graph = single_loss_graph(
+        "kd: {type: forward_kl, heads: [next], target: cached}", "cached: {type: topk_teacher, k: 2}"
+    )
     topk = random_topk(3, vocab=5, k=2, seed=9)
     logprobs = topk.logprobs.clone().requires_grad_(True)
     x = random_logits(3, 5, seed=8).requires_grad_(True)
@@ -350,7 +336,9 @@ def test_topk_teacher_gets_no_gradient():
 
 
 def test_topk_int32_indices_and_float64_logprobs():
-    graph = single_loss_graph("kd: {type: forward_kl, heads: [next], target: cached}", "cached: {type: topk_teacher, k: 2}")
+    graph = single_loss_graph(
+        "kd: {type: forward_kl, heads: [next], target: cached}", "cached: {type: topk_teacher, k: 2}"
+    )
     topk = random_topk(3, vocab=5, k=2, seed=9)
     x = random_logits(3, 5, seed=8)
     expected = graph(logits={"next": x}, teachers={"cached": topk}).loss
