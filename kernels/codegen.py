@@ -151,10 +151,8 @@ class KernelGenerator:
 
     def teacher_tile(self, i: int) -> str:
         mapping = self.spec.dense[i].mapping
-        mask = "in_v & (offs < vocab_t{i})".format(i=i) if mapping == "pad" else "in_v"
-        return self._cached(
-            f"t{i}", f"tl.load(t{i}_row + offs, mask={mask}, other={NEG_INF}).to(tl.float32)"
-        )
+        mask = f"in_v & (offs < vocab_t{i})" if mapping == "pad" else "in_v"
+        return self._cached(f"t{i}", f"tl.load(t{i}_row + offs, mask={mask}, other={NEG_INF}).to(tl.float32)")
 
     def scaled_teacher(self, i: int, slot: int) -> str:
         tile = self.teacher_tile(i)
@@ -268,7 +266,7 @@ class KernelGenerator:
         if not self.spec.accumulate:
             with src.block("for start in range(0, V, BLOCK_V):"):
                 src("offs = start + cols")
-                src("tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < V)")
+                src("tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < V)")
         for t in range(len(self.spec.terms)):
             src(f"tl.store(loss_ptr + row * {len(self.spec.terms)} + {t}, 0.0)")
         src("tl.store(pred_ptr + row, 0)")
@@ -330,10 +328,7 @@ class KernelGenerator:
                 src(f"m_s{s}, sum_s{s}, rescale{s}, e{s} = online_softmax_update(m_s{s}, sum_s{s}, {xs})")
                 if s in self.moment_slots:
                     # entropy: H = lse - sum_j q_j s_j, with sum_j exp(s_j - m) s_j kept like sum-exp
-                    src(
-                        f"moment_s{s} = moment_s{s} * rescale{s} + "
-                        f"tl.sum(tl.where(e{s} > 0, e{s} * {xs}, 0.0), 0)"
-                    )
+                    src(f"moment_s{s} = moment_s{s} * rescale{s} + tl.sum(tl.where(e{s} > 0, e{s} * {xs}, 0.0), 0)")
                 for slot, i in self.online_rkl:
                     if slot == s:
                         # reverse KL against one teacher: sum_j q_j (s_j - u_j) streams like sum-exp
@@ -397,8 +392,10 @@ class KernelGenerator:
             src(
                 f"kk{i} = tl.arange(0, {block})",
                 f"kmask{i} = kk{i} < {k}",
-                f"index{i} = tl.load(k{i}_index_ptr + row * stride_k{i}_index + kk{i}, mask=kmask{i}, other=0).to(tl.int64)",
-                f"stored_lp{i} = tl.load(k{i}_logp_ptr + row * stride_k{i}_logp + kk{i}, mask=kmask{i}, other=0.0).to(tl.float32)",
+                f"index{i} = tl.load(k{i}_index_ptr + row * stride_k{i}_index + kk{i}, mask=kmask{i}, other=0)",
+                f"index{i} = index{i}.to(tl.int64)",
+                f"stored_lp{i} = tl.load(k{i}_logp_ptr + row * stride_k{i}_logp + kk{i}, mask=kmask{i}, other=0.0)",
+                f"stored_lp{i} = stored_lp{i}.to(tl.float32)",
                 f"in_vocab{i} = kmask{i} & (index{i} >= 0) & (index{i} < V)",
                 f"safe{i} = tl.where(in_vocab{i}, index{i}, 0)",
                 f"z_top{i} = tl.load(z_row + safe{i}, mask=in_vocab{i}, other={NEG_INF}).to(tl.float32)",
@@ -417,7 +414,7 @@ class KernelGenerator:
         s = term.slot
         inv = "" if self.spec.slot_is_one[s] else f" * inv_t{s}"
         src(
-            f"# top-k, renormalize: q' and p' are softmaxes over the k stored tokens only",
+            "# top-k, renormalize: q' and p' are softmaxes over the k stored tokens only",
             f"a{t} = tl.where(in_vocab{i}, z_top{i}{inv}, {NEG_INF})",
             f"lq{t} = a{t} - log_sum_exp(a{t})",
             f"qv{t} = tl.exp(lq{t})",
@@ -477,7 +474,7 @@ class KernelGenerator:
         i = term.target.source
         s = term.slot
         src(
-            f"# top-k, bucket: Q_i = q at the stored tokens, Q_tail = the rest; same for the teacher's P",
+            "# top-k, bucket: Q_i = q at the stored tokens, Q_tail = the rest; same for the teacher's P",
             f"lQ{t} = tl.where(in_vocab{i}, z_top{i} - lse_s{s}, {NEG_INF})",
             f"Q{t} = tl.exp(lQ{t})",
             # no tail when the stored tokens cover the vocab, whatever the stored mass rounds to
@@ -495,8 +492,7 @@ class KernelGenerator:
         if kind in ("cross_entropy", "forward_kl"):
             if kind == "cross_entropy":
                 src(
-                    f"loss{t} = tl.sum(tl.where({P} > 0, -{P} * {lQ}, 0.0), 0) + "
-                    f"tl.where({Pt} > 0, -{Pt} * {lQt}, 0.0)"
+                    f"loss{t} = tl.sum(tl.where({P} > 0, -{P} * {lQ}, 0.0), 0) + tl.where({Pt} > 0, -{Pt} * {lQt}, 0.0)"
                 )
             else:
                 src(
@@ -673,7 +669,8 @@ class KernelGenerator:
             src(
                 "tl.debug_barrier()",
                 f"old{i} = tl.load(g_row + safe{i}, mask=in_vocab{i}, other=0.0).to(tl.float32)",
-                f"tl.store(g_row + safe{i}, (old{i} + delta{i} * row_scale).to(grad_ptr.dtype.element_ty), mask=in_vocab{i})",
+                f"new{i} = (old{i} + delta{i} * row_scale).to(grad_ptr.dtype.element_ty)",
+                f"tl.store(g_row + safe{i}, new{i}, mask=in_vocab{i})",
             )
 
 

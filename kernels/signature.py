@@ -41,7 +41,7 @@ class KDense:
 class KMixture:
     """Sum of weight x part."""
 
-    parts: tuple[tuple[float, "KTarget"], ...]
+    parts: tuple[tuple[float, KTarget], ...]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import ConfigError, LossGraphError, SourceFileError
+from .errors import ConfigError, Diagnostic, LossGraphError, SourceFileError
 
 app = typer.Typer(
     name="lossgraph",
@@ -118,7 +118,16 @@ def validate(
             report = check_file(path)
         except SourceFileError as exc:
             code = EXIT_USAGE
-            results.append({"file": str(path), "readable": False, "valid": False, "message": str(exc)})
+            results.append(
+                {
+                    "file": str(path),
+                    "readable": False,
+                    "valid": False,
+                    "errors": 1,
+                    "warnings": 0,
+                    "diagnostics": [Diagnostic("error", "", str(exc), str(path)).to_dict()],
+                }
+            )
             if not json_output:
                 _print_plain(err, f"error: {exc}")
             continue
@@ -153,7 +162,7 @@ def show(file: FileArg) -> None:
 
     with cli_errors():
         spec = load_or_exit(file)
-        out.print(graph_tree(spec, str(file)))
+        out.print(graph_tree(spec, str(file)), soft_wrap=False)  # wrap long lines; never crop them
 
 
 class VizFormat(str, Enum):

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import passes
-from .passes import CompileContext
 from .fusion import plan_fusion
+from .passes import CompileContext
 from .plan import build_plan
 from .spec import LossGraphSpec
 

@@ -20,11 +20,12 @@ import torch
 
 from .autograd import PrecomputedGradient
 from .errors import BackendError
-from .fusion import ONE, FusionPlan, temperature_key
+from .fusion import ONE, FusionPlan
 from .inputs import HeadBatch
 from .kernels.launcher import launch as launch_kernel
 from .kernels.signature import KernelSpec
 from .plan import DenseTarget, HeadPlan, Plan, TopKTarget
+from .schedules import temperature_key
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .describe import scheduled
 from .kernels.codegen import KernelGenerator
 from .kernels.signature import (
     DenseTeacher,
@@ -24,13 +25,10 @@ from .kernels.signature import (
     KTopK,
     needs_reduction_pass,
 )
-
-from .describe import scheduled
 from .plan import (
     DenseTarget,
     HeadPlan,
     LabelsTarget,
-    MixtureTarget,
     Plan,
     SmoothedTarget,
     Target,
@@ -38,7 +36,7 @@ from .plan import (
     TopKTarget,
     target_leaves,
 )
-from .spec import ConstantSchedule
+from .schedules import FIXED_ONE, temperature_key
 
 # Tiles of the student and of every dense teacher live in registers together; past this many
 # teachers per launch, tiles get too narrow (or spill) and a head is split into several launches.
@@ -47,16 +45,7 @@ MAX_TEACHERS_PER_LAUNCH = 4
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def temperature_key(value: object) -> tuple[str, object]:
-    """Terms whose keys are equal share a softmax state: equal constants, or the same schedule."""
-    if isinstance(value, (int, float)):
-        return ("constant", float(value))
-    if isinstance(value, ConstantSchedule):
-        return ("constant", float(value.start))
-    return ("schedule", value)
-
-
-ONE = ("constant", 1.0)
+ONE = FIXED_ONE
 
 
 def _uses_fixed_one(term: Term) -> bool:

@@ -192,7 +192,9 @@ def _flatten_teacher(
                     f"expected {(*layout.lead, target.k)} (positions x k)"
                 )
             if tensor.device != layout.device:
-                raise InputError(f"TopK {what} of teacher {name!r} is on {tensor.device}, the logits on {layout.device}")
+                raise InputError(
+                    f"TopK {what} of teacher {name!r} is on {tensor.device}, the logits on {layout.device}"
+                )
         if not _is_int(indices):
             raise InputError(f"TopK indices of teacher {name!r} must be integers, got {indices.dtype}")
         if not _is_float(logprobs):
@@ -236,13 +238,16 @@ def prepare_batches(
     plan: Plan,
     logits: Mapping[str, torch.Tensor],
     labels: torch.Tensor | None,
-    teachers: dict[str, torch.Tensor | TopK],
+    teachers: Mapping[str, TeacherValue] | None,
     loss_mask: torch.Tensor | None,
     document_ids: torch.Tensor | None,
     num_items: NumItems,
     check_values: bool | None,
 ) -> dict[str, HeadBatch]:
-    """Check the inputs and lay them out per head (only heads with terms get a batch)."""
+    """Check the inputs and lay them out per head (only heads with terms get a batch).
+
+    Callable teachers are called here, once each, after the logits have been checked.
+    """
     if not isinstance(logits, Mapping):
         raise InputError("logits must be a dict {head name: tensor}")
     bound = [head.name for head in plan.heads if head.terms]
@@ -250,6 +255,7 @@ def prepare_batches(
     _check_names(logits, bound, unbound, "head", "pass logits={head name: [B, S, V] or [N, V] tensor}")
     layout = _layout(plan, logits)
     sequence = len(layout.lead) == 2
+    resolved = resolve_teachers(plan, teachers)
     if plan.labels is not None:
         if labels is None:
             raise InputError(f"the graph has the labels source {plan.labels.name!r}: pass labels=[B, S] token ids")
@@ -300,7 +306,7 @@ def prepare_batches(
             normalizer=_normalizer(plan, head, count, mask.numel(), num_items, check_values),
         )
         for target in head.teachers:
-            flat = _flatten_teacher(target.name, teachers[target.name], target, layout)
+            flat = _flatten_teacher(target.name, resolved[target.name], target, layout)
             if isinstance(flat, TopK):
                 batch.topk[target.name] = flat
             else:

@@ -80,8 +80,7 @@ class _Composer:
             if key in first_seen:
                 self._error(
                     (*path, key),
-                    f"duplicate key {key!r} (first defined at line {first_seen[key]}); "
-                    "remove one of them or rename it",
+                    f"duplicate key {key!r} (first defined at line {first_seen[key]}); remove one of them or rename it",
                     key_node.start_mark,
                 )
             else:
@@ -316,14 +315,15 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
     if kind == "union_tag_invalid":
         expected = [tag.strip().strip("'") for tag in str(ctx.get("expected_tags", "")).split(",")]
         hint = did_you_mean(str(ctx.get("tag")), expected)
-        return f"unknown {ctx.get('discriminator', 'type').strip(chr(39))} {ctx.get('tag')!r}{hint} (one of: {', '.join(expected)})"
+        name = str(ctx.get("discriminator", "type")).strip("'")
+        return f"unknown {name} {ctx.get('tag')!r}{hint} (one of: {', '.join(expected)})"
     if kind == "union_tag_not_found":
         name = str(ctx.get("discriminator", "type")).strip("'")
         return f"missing required key {name!r}, which picks the kind"
     if kind == "string_pattern_mismatch":
-        return (
-            f"{value!r} is not a valid name: use letters, digits and underscores, not starting with a digit"
-        )
+        return f"{value!r} is not a valid name: use letters, digits and underscores, not starting with a digit"
+    if kind == "literal_error" and loc == ("version",):
+        return f"version {value!r} is not supported; this lossgraph reads version 1 files"
     if kind == "literal_error":
         expected = str(ctx.get("expected", ""))
         choices = [c.strip().strip("'") for c in re.split(r",| or ", expected) if c.strip()]

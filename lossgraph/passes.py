@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from .errors import Diagnostic
+from .schedules import FIXED_ONE, temperature_key
 from .sourcemap import Path, SourceMap
 from .spec import (
     DIVERGENCE_KINDS,
@@ -73,6 +74,11 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
+def fixed_at_one(temperature: object) -> bool:
+    """True when a temperature is the constant 1 (a number or a constant schedule)."""
+    return temperature_key(temperature) == FIXED_ONE
+
+
 def _line(ctx: CompileContext, path: Path) -> int:
     where = ctx.source_map.locate(path, key=True)
     return where[0] if where else 0
@@ -87,9 +93,7 @@ def check_names(ctx: CompileContext) -> None:
     """A name may denote one thing only: heads, sources and losses share one namespace."""
     owners: dict[str, tuple[str, Path]] = {}
     sections = [("head", "heads"), ("source", "sources"), ("loss", "losses")]
-    entries = [
-        (kind, (section, name)) for kind, section in sections for name in getattr(ctx.spec, section)
-    ]
+    entries = [(kind, (section, name)) for kind, section in sections for name in getattr(ctx.spec, section)]
     entries.sort(key=lambda entry: _line(ctx, entry[1]))
     for kind, path in entries:
         name = path[1]
@@ -105,9 +109,7 @@ def check_names(ctx: CompileContext) -> None:
             owners[name] = (kind, path)
 
 
-def _reference(
-    ctx: CompileContext, path: Path, name: str, wanted: str, section: str, others: dict[str, str]
-) -> bool:
+def _reference(ctx: CompileContext, path: Path, name: str, wanted: str, section: str, others: dict[str, str]) -> bool:
     """Report an unresolved reference to a `wanted` ('head' or 'source'); True when it resolves."""
     if name in getattr(ctx.spec, section):
         return True
@@ -174,7 +176,8 @@ def check_source_cycles(ctx: CompileContext) -> None:
         rotated = names[names.index(start) :] + names[: names.index(start)]
         ctx.error(
             ("sources", start),
-            f"sources form a cycle: {' -> '.join([*rotated, start])}; a derived source cannot depend on itself",
+            key=True,
+            message=f"sources form a cycle: {' -> '.join([*rotated, start])}; a derived source cannot depend on itself",
         )
 
 
@@ -206,8 +209,7 @@ def check_source_kinds(ctx: CompileContext) -> None:
     for extra in sorted(labels, key=lambda n: _line(ctx, ("sources", n)))[1:]:
         ctx.error(
             ("sources", extra),
-            f"a graph reads one labels tensor, and {labels[0]!r} already declares it; "
-            "refer to that source instead",
+            f"a graph reads one labels tensor, and {labels[0]!r} already declares it; refer to that source instead",
             key=True,
         )
     for name, source in spec.sources.items():
@@ -239,12 +241,13 @@ def check_mixture_weights(ctx: CompileContext) -> None:
         if len(source.weights) != len(source.sources):
             ctx.error(
                 path,
-                f"{len(source.weights)} weights for {_count(len(source.sources), 'source')}; give one weight per source",
+                f"{len(source.weights)} weights for {_count(len(source.sources), 'source')}; "
+                "give one weight per source",
             )
             continue
         negative = [i for i, w in enumerate(source.weights) if w < 0]
         for index in negative:
-            ctx.error((*path, index), f"weight {source.weights[index]} is negative; mixture weights must be >= 0")
+            ctx.error((*path, index), f"weight {source.weights[index]:g} is negative; mixture weights must be >= 0")
         total = math.fsum(source.weights)
         if not negative and abs(total - 1.0) > MIXTURE_WEIGHT_TOLERANCE:
             ctx.error(path, f"weights sum to {total:g}; they must sum to 1")
@@ -296,11 +299,15 @@ def check_target_kinds(ctx: CompileContext) -> None:
         if loss.type in DIVERGENCE_KINDS and isinstance(source, LabelsSource):
             ctx.error(
                 path,
-                f"{loss.type} compares two distributions, but {target!r} holds hard labels; use cross_entropy "
-                "(forward KL against one-hot labels is cross-entropy) or a label_smoothing source",
+                f"{loss.type} compares two distributions, but {target!r} holds hard labels; "
+                + (
+                    "use cross_entropy (forward KL against one-hot labels is cross-entropy)"
+                    if loss.type == "forward_kl"
+                    else "use cross_entropy, or compare with a label_smoothing source of the labels"
+                ),
             )
             continue
-        if isinstance(source, TopKTeacherSource) and source.tail == "bucket" and loss.temperature != 1.0:
+        if isinstance(source, TopKTeacherSource) and source.tail == "bucket" and not fixed_at_one(loss.temperature):
             ctx.error(
                 ("losses", name, "temperature"),
                 f"top-k teacher {target!r} uses tail: bucket, whose tail mass cannot be re-tempered; "
@@ -341,13 +348,13 @@ def check_vocab_sizes(ctx: CompileContext) -> None:
     spec = ctx.spec
     for name in spec.heads:
         if spec.head_vocab(name) is None:
-            ctx.error(("heads", name), "no vocab size: set vocab_size on this head or at the top level")
+            ctx.error(("heads", name), "no vocab size: set vocab_size on this head or at the top level", key=True)
     for name, source in spec.sources.items():
         if not isinstance(source, (TeacherSource, TopKTeacherSource)):
             continue
         vocab = spec.source_vocab(name)
         if vocab is None:
-            ctx.error(("sources", name), "no vocab size: set vocab_size on this source or at the top level")
+            ctx.error(("sources", name), "no vocab size: set vocab_size on this source or at the top level", key=True)
         elif isinstance(source, TopKTeacherSource) and source.k > vocab:
             ctx.error(("sources", name, "k"), f"k = {source.k} exceeds the teacher's vocab size {vocab}")
     for name, loss, index, head in _bindings(ctx):
@@ -403,22 +410,22 @@ def check_weights(ctx: CompileContext) -> None:
                 )
             for index, weight in enumerate(loss.head_weights):
                 if weight < 0:
-                    ctx.error((*base, "head_weights", index), f"head weight {weight} is negative; use a value >= 0")
+                    ctx.error((*base, "head_weights", index), f"head weight {weight:g} is negative; use a value >= 0")
         if loss.type != "entropy":
             for part, value in _schedule_values(loss.weight):
                 if value < 0:
                     path = (*base, "weight", part) if part else (*base, "weight")
                     ctx.error(
                         path,
-                        f"weight {value} is negative, which would maximize the {loss.type} loss; use a value >= 0",
+                        f"weight {value:g} is negative, which would maximize the {loss.type} loss; use a value >= 0",
                     )
         temperature = getattr(loss, "temperature", None)
         if temperature is not None:
             for part, value in _schedule_values(temperature):
                 if value <= 0:
                     path = (*base, "temperature", part) if part else (*base, "temperature")
-                    ctx.error(path, f"temperature must be > 0, got {value}")
-            if getattr(loss, "temperature_scaling", False) and temperature == 1.0:
+                    ctx.error(path, f"temperature must be > 0, got {value:g}")
+            if getattr(loss, "temperature_scaling", False) and fixed_at_one(temperature):
                 ctx.warn((*base, "temperature_scaling"), "temperature_scaling has no effect at temperature 1")
 
 

@@ -103,7 +103,9 @@ def target_log_probs(
         return log_p.scatter(1, batch.labels[:, None], 0.0)
     if isinstance(target, SmoothedTarget):
         eps = target.epsilon
-        log_p = torch.full((batch.mask.numel(), vocab_size), math.log(eps / vocab_size), dtype=dtype, device=batch.mask.device)
+        log_p = torch.full(
+            (batch.mask.numel(), vocab_size), math.log(eps / vocab_size), dtype=dtype, device=batch.mask.device
+        )
         return log_p.scatter(1, batch.labels[:, None], math.log(1.0 - eps + eps / vocab_size))
     if isinstance(target, DenseTarget):
         teacher = map_vocab(batch.teachers[target.name].to(dtype), vocab_size)
@@ -189,9 +191,7 @@ def term_per_position(term: Term, batch: HeadBatch, temperature: float) -> torch
     return torch.where(mask, value, 0.0)
 
 
-def reference_terms(
-    terms: tuple[Term, ...], batch: HeadBatch, temperatures: list[float]
-) -> list[torch.Tensor]:
+def reference_terms(terms: tuple[Term, ...], batch: HeadBatch, temperatures: list[float]) -> list[torch.Tensor]:
     """Each term's normalized sum (a differentiable scalar), before weights and T^2 scaling."""
     return [
         term_per_position(term, batch, temperature).sum() / batch.normalizer.to(compute_dtype(batch.logits))

@@ -20,7 +20,7 @@ from .document import check_spec, load
 from .errors import BackendError, ConfigError, InputError
 from .fused import head_layout, register_graph
 from .fusion import FusionPlan
-from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches, resolve_teachers
+from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches
 from .plan import HeadPlan, Plan, Term
 from .reference import compute_dtype, map_vocab, reference_terms
 from .schedules import evaluate
@@ -185,9 +185,8 @@ class CompiledGraph(torch.nn.Module):
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InputError(f"step must be a Python int >= 0, got {step!r}")
-        resolved = resolve_teachers(self.plan, teachers)
         batches = prepare_batches(
-            self.plan, logits, labels, resolved, loss_mask, document_ids, num_items, self.check_inputs
+            self.plan, logits, labels, teachers, loss_mask, document_ids, num_items, self.check_inputs
         )
         device = next(iter(batches.values())).logits.device
         run_head = self.evaluator(device)
@@ -206,8 +205,8 @@ class CompiledGraph(torch.nn.Module):
             for index, (term, s) in enumerate(zip(head.terms, steps)):
                 values[term.key] = result.values[index]
                 # a weight-0 term adds exactly 0 (its value may be infinite: 0 x inf would be NaN)
-                terms[term.key] = result.values[index] * s.weight if s.weight != 0.0 else torch.zeros_like(
-                    result.values[index]
+                terms[term.key] = (
+                    result.values[index] * s.weight if s.weight != 0.0 else torch.zeros_like(result.values[index])
                 )
                 weights[term.key] = s.weight
             metrics[head.name] = _metrics(head, batch, result)
@@ -237,4 +236,3 @@ def compile(
     return CompiledGraph(
         spec, context.plan, context.fusion, backend, inplace_grad=inplace_grad, check_inputs=check_inputs
     )
-

@@ -7,6 +7,18 @@ import math
 from .spec import ConstantSchedule, CosineSchedule, LinearSchedule, StepSchedule
 
 
+def temperature_key(value: object) -> tuple[str, object]:
+    """Equal keys mean equal temperatures at every step: the same constant, or the same schedule."""
+    if isinstance(value, (int, float)):
+        return ("constant", float(value))
+    if isinstance(value, ConstantSchedule):
+        return ("constant", float(value.start))
+    return ("schedule", value)
+
+
+FIXED_ONE = ("constant", 1.0)
+
+
 def evaluate(value: float | ConstantSchedule | LinearSchedule | CosineSchedule | StepSchedule, step: int) -> float:
     """The value at `step` (>= 0).
 

@@ -121,6 +121,7 @@ class Head(_Model):
 # Sources: where targets come from.
 # --------------------------------------------------------------------------------------------------
 
+
 class _SourceNode(_Model):
     description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
 

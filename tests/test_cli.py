@@ -196,8 +196,8 @@ def test_validate_json(cli, invalid: Path, warns: Path):
     assert by_file[str(warns)]["valid"] is True
     assert by_file[str(warns)]["diagnostics"][0]["severity"] == "warning"
     unreadable = by_file[str(missing)]
-    assert (unreadable["readable"], unreadable["valid"]) == (False, False)
-    assert "no such file" in unreadable["message"]
+    assert (unreadable["readable"], unreadable["valid"], unreadable["errors"]) == (False, False, 1)
+    assert "no such file" in unreadable["diagnostics"][0]["message"]
 
 
 def test_validate_json_all_valid(cli):
