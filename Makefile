@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,demo]'
 	touch $(STAMP)
 
+# DEMO_ARGS passes options through, e.g. make demo DEMO_ARGS="--steps 50 --out /tmp/demo"
 demo: $(STAMP)
-	$(BIN)/lossgraph demo
+	$(BIN)/lossgraph demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q

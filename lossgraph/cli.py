@@ -213,6 +213,80 @@ def schema(
         _print_plain(err, f"wrote {output}")
 
 
+class Dtype(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+@app.command()
+def plan(
+    file: FileArg,
+    tokens: Annotated[int, typer.Option("--tokens", min=1, help="Tokens per step for the estimate.")] = 8192,
+    vocab: Annotated[
+        Optional[int],
+        typer.Option("--vocab", min=1, help="Estimate at this vocab size instead of the graph's own."),
+    ] = None,
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Element type of logits and teachers.")] = Dtype.bf16,
+    bandwidth: Annotated[
+        float,
+        typer.Option("--bandwidth", min=1.0, help="Memory bandwidth in GB/s (an H100 copies at about 3000)."),
+    ] = 3000.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
+) -> None:
+    """Show the fused kernels a graph compiles to: per launch the head, terms, softmax states, passes
+    over memory and bytes moved, with a time estimate at a given bandwidth."""
+    from rich.table import Table
+
+    from .document import check_spec
+    from .fusion import estimate
+
+    with cli_errors():
+        spec = load_or_exit(file)
+        context = check_spec(spec).context
+        report = estimate(
+            context.plan, context.fusion, tokens=tokens, dtype=dtype.value, bandwidth=bandwidth * 1e9, vocab=vocab
+        )
+    if json_output:
+        _print_plain(out, json.dumps({"file": str(file), **report}, indent=2))
+        return
+    _print_plain(out, f"{file}: {report['kernel_launches']} fused launch(es), {tokens} tokens, {dtype.value}")
+    table = Table()
+    for column in ("head", "#", "terms", "softmax states", "passes", "B/token", "total", "time"):
+        numeric = column in ("B/token", "total", "time")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold", no_wrap=numeric)
+    for entry in report["launches"]:
+        states = "\n".join(f"{s['tensor']} T={s['temperature']}" for s in entry["softmaxes"])
+        table.add_row(
+            entry["head"],
+            str(entry["launch"]),
+            "\n".join(entry["terms"]),
+            states,
+            str(entry["passes"]),
+            f"{entry['bytes_per_token']:,}",
+            _bytes(entry["bytes"]),
+            f"{entry['milliseconds']:.3f} ms",
+        )
+    out.print(table, soft_wrap=False)
+    _print_plain(
+        out,
+        f"total {_bytes(report['bytes'])} in {report['milliseconds']:.3f} ms at {bandwidth:g} GB/s; "
+        f"floor (each tensor read once, gradients written once) {_bytes(report['floor_bytes'])} in "
+        f"{report['floor_milliseconds']:.3f} ms; ratio {report['ratio_to_floor']:.2f}x",
+    )
+    for entry in report["launches"]:
+        for note in entry["notes"]:
+            _print_plain(out, f"note ({entry['head']}, launch {entry['launch']}): {note}")
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.2f} {unit}"
+        count /= 1024
+    return f"{count:.2f} GiB"
+
+
 @app.command()
 def init(
     path: Annotated[Path, typer.Argument(help="Where to write the starter graph.")] = Path("lossgraph.yaml"),
@@ -226,6 +300,35 @@ def init(
         raise typer.Exit(EXIT_USAGE)
     write_or_exit(path, files("lossgraph").joinpath("data/starter.yaml").read_bytes())
     _print_plain(out, f"wrote {path}; check it with: lossgraph validate {path}")
+
+
+class DemoDevice(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+def demo(
+    graph: Annotated[
+        Optional[Path],
+        typer.Option("--graph", help="Loss graph for the student (default: examples/mtp_distill.yaml, built in)."),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps of each model.")] = 300,
+    device: Annotated[DemoDevice, typer.Option("--device", help="Where to train.")] = DemoDevice.cpu,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for metrics and plots.")] = Path("lossgraph-demo"),
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+) -> None:
+    """Train a small teacher, then a student with multi-token-prediction heads that learns from labels
+    and from the teacher as a loss graph declares; compare it with the same student without the teacher."""
+    with cli_errors():
+        from .demo import DemoConfig, run_demo
+
+        if device is DemoDevice.cuda:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise LossGraphError("--device cuda: no CUDA device is available; use --device cpu")
+        run_demo(DemoConfig(graph=graph, steps=steps, device=device.value, out=out_dir, seed=seed), out)
 
 
 def run() -> None:

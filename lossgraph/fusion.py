@@ -133,16 +133,18 @@ class Launch:
         states += [SoftmaxState(self.dense[i].name, scheduled(self.slots[s])) for i, s in generator.teacher_states]
         return tuple(states)
 
-    def bytes_per_token(self, logits_bytes: int, teacher_bytes: int | None = None) -> int:
-        """Bytes this launch moves per token: every pass's reads, the gradient write, top-k traffic."""
-        teacher_bytes = teacher_bytes or logits_bytes
-        generator = self.analysis
-        vocab = self.vocab_size
+    def bytes_per_token(self, logits_bytes: int, vocab: int | None = None) -> int:
+        """Bytes this launch moves per token: every pass's reads, the gradient write, top-k traffic.
+
+        Teachers are counted at the logits' element size. `vocab` replaces every vocab size of the
+        graph (to estimate a file written for a small vocab at a production one).
+        """
+        head_vocab = vocab or self.vocab_size
         total = 0
-        for reads in generator.pass_reads:
-            total += vocab * logits_bytes
-            total += sum(min(vocab, self.dense[i].vocab_size) * teacher_bytes for i in reads)
-        total += vocab * logits_bytes * (2 if self.accumulate else 1)  # gradient write (and read)
+        for reads in self.analysis.pass_reads:
+            total += head_vocab * logits_bytes
+            total += sum(min(head_vocab, vocab or self.dense[i].vocab_size) * logits_bytes for i in reads)
+        total += head_vocab * logits_bytes * (2 if self.accumulate else 1)  # gradient write (and read)
         total += sum(t.k * (8 + 4 + 2 * logits_bytes) for t in self.topk)
         return total
 
@@ -156,20 +158,62 @@ class FusionPlan:
     def for_head(self, head: str) -> tuple[Launch, ...]:
         return tuple(launch for launch in self.launches if launch.head == head)
 
-    def floor_bytes_per_token(self, plan: Plan, logits_bytes: int, teacher_bytes: int | None = None) -> int:
-        """What a perfect kernel moves: each logits row and teacher row read once, the gradient written once."""
-        teacher_bytes = teacher_bytes or logits_bytes
-        total = 0
-        for head in plan.heads:
-            if not head.terms:
-                continue
-            total += 2 * head.vocab_size * logits_bytes
-            for teacher in head.teachers:
-                if isinstance(teacher, DenseTarget):
-                    total += min(head.vocab_size, teacher.vocab_size) * teacher_bytes
-                else:
-                    total += teacher.k * 12
-        return total
+
+def floor_bytes_per_token(plan: Plan, logits_bytes: int, vocab: int | None = None) -> int:
+    """What a perfect implementation moves per token: each logits and teacher row read once, each
+    gradient row written once, top-k entries read once."""
+    total = 0
+    for head in plan.heads:
+        if not head.terms:
+            continue
+        head_vocab = vocab or head.vocab_size
+        total += 2 * head_vocab * logits_bytes
+        for teacher in head.teachers:
+            if isinstance(teacher, DenseTarget):
+                total += min(head_vocab, vocab or teacher.vocab_size) * logits_bytes
+            else:
+                total += teacher.k * 12
+    return total
+
+
+def estimate(
+    plan: Plan, fusion: FusionPlan, *, tokens: int, dtype: str, bandwidth: float, vocab: int | None = None
+) -> dict[str, object]:
+    """Per launch and in total: passes, bytes moved and the time they take at `bandwidth` (bytes/s)."""
+    size = DTYPE_BYTES[dtype]
+    launches = []
+    for launch in fusion.launches:
+        per_token = launch.bytes_per_token(size, vocab)
+        launches.append(
+            {
+                "head": launch.head,
+                "launch": launch.index + 1,
+                "terms": [term.key for term in launch.terms],
+                "softmaxes": [{"tensor": s.tensor, "temperature": s.temperature} for s in launch.softmaxes],
+                "teachers": [t.name for t in launch.dense] + [t.name for t in launch.topk],
+                "passes": launch.passes,
+                "accumulates": launch.accumulate,
+                "notes": list(launch.notes),
+                "bytes_per_token": per_token,
+                "bytes": per_token * tokens,
+                "milliseconds": per_token * tokens / bandwidth * 1e3,
+            }
+        )
+    total = sum(entry["bytes"] for entry in launches)
+    floor = floor_bytes_per_token(plan, size, vocab) * tokens
+    return {
+        "tokens": tokens,
+        "dtype": dtype,
+        "bandwidth_bytes_per_second": bandwidth,
+        "vocab_override": vocab,
+        "launches": launches,
+        "kernel_launches": len(launches),
+        "bytes": total,
+        "milliseconds": total / bandwidth * 1e3,
+        "floor_bytes": floor,
+        "floor_milliseconds": floor / bandwidth * 1e3,
+        "ratio_to_floor": total / floor if floor else None,
+    }
 
 
 def _dense_of(term: Term) -> list[DenseTarget]:
