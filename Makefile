@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,demo]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,demo,transformers]'
 	touch $(STAMP)
 
 # DEMO_ARGS passes options through, e.g. make demo DEMO_ARGS="--steps 50 --out /tmp/demo"
