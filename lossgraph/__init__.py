@@ -28,6 +28,7 @@ _EXPORTS = {
     "CompiledGraph": "lossgraph.runtime",
     "GraphOutput": "lossgraph.runtime",
     "TopK": "lossgraph.inputs",
+    "Linear": "lossgraph.inputs",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
         LossGraphWarning,
         SourceFileError,
     )
-    from .inputs import TopK
+    from .inputs import Linear, TopK
     from .runtime import CompiledGraph, GraphOutput, compile
     from .spec import LossGraphSpec
 

@@ -232,10 +232,18 @@ def plan(
         float,
         typer.Option("--bandwidth", min=1.0, help="Memory bandwidth in GB/s (an H100 copies at about 3000)."),
     ] = 3000.0,
+    hidden: Annotated[
+        Optional[int],
+        typer.Option("--hidden", min=1, help="Hidden size, for the memory and matmul estimate of input: hidden heads."),
+    ] = None,
+    tflops: Annotated[
+        float, typer.Option("--tflops", min=1.0, help="Matmul rate in TFLOP/s (an H100 reaches about 790 in bf16).")
+    ] = 790.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
 ) -> None:
     """Show the fused kernels a graph compiles to: per launch the head, terms, softmax states, passes
-    over memory and bytes moved, with a time estimate at a given bandwidth."""
+    over memory and bytes moved, with a time estimate at a given bandwidth; for heads that take
+    hidden states, the chunking and the peak extra memory."""
     from rich.table import Table
 
     from .document import check_spec
@@ -245,7 +253,14 @@ def plan(
         spec = load_or_exit(file)
         context = check_spec(spec).context
         report = estimate(
-            context.plan, context.fusion, tokens=tokens, dtype=dtype.value, bandwidth=bandwidth * 1e9, vocab=vocab
+            context.plan,
+            context.fusion,
+            tokens=tokens,
+            dtype=dtype.value,
+            bandwidth=bandwidth * 1e9,
+            vocab=vocab,
+            hidden=hidden,
+            flops=tflops * 1e12,
         )
     if json_output:
         _print_plain(out, json.dumps({"file": str(file), **report}, indent=2))
@@ -277,6 +292,21 @@ def plan(
     for entry in report["launches"]:
         for note in entry["notes"]:
             _print_plain(out, f"note ({entry['head']}, launch {entry['launch']}): {note}")
+        chunking = entry["chunking"]
+        if chunking:
+            line = (
+                f"{entry['head']} takes hidden states: {chunking['chunks']} chunk(s) of {chunking['chunk_rows']} "
+                "rows; the logits are never held whole"
+            )
+            if "peak_extra_bytes" in chunking:
+                line += (
+                    f"; peak extra memory {_bytes(chunking['peak_extra_bytes'])} (gradients + one chunk); "
+                    f"matmuls {chunking['matmul_flop'] / 1e12:.2f} TFLOP, {chunking['matmul_milliseconds']:.3f} ms "
+                    f"at {tflops:g} TFLOP/s"
+                )
+            else:
+                line += "; give --hidden for the memory and matmul estimate"
+            _print_plain(out, line)
 
 
 def _bytes(count: float) -> str:

@@ -24,6 +24,7 @@ from .fusion import ONE, FusionPlan
 from .inputs import HeadBatch
 from .kernels.launcher import launch as launch_kernel
 from .kernels.signature import KernelSpec
+from .linear import ChunkResult
 from .plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from .schedules import temperature_key
 
@@ -243,11 +244,50 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
+def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool) -> ChunkResult:
+    """Run every launch of `head` over the rows of `batch.logits`; with `inplace` the gradient
+    overwrites the logits (only possible when the head is one launch)."""
+    logits = batch.logits
+    layout = graph.head_layouts[head.name]
+    key = kernel_key(graph.fused_token, head.name, _active_terms(steps))
+    inverse = [1.0] * layout.temperatures
+    for index, step in zip(layout.term_temperatures, steps):
+        inverse[index] = 1.0 / step.temperature
+    # what the kernel multiplies dl/ds by: weight x scale x ds/dz (= 1/T)
+    weights = [step.weight * step.scale / step.temperature for step in steps]
+    scalars = torch.tensor([*inverse, *weights], dtype=torch.float64)
+    row_scale = batch.mask.to(torch.float32) / batch.normalizer
+    topk = [batch.topk[name] for name in layout.topk]
+    arguments = (
+        row_scale,
+        batch.labels,
+        [_rows(batch.teachers[name]) for name in layout.dense],
+        [t.indices.contiguous() for t in topk],
+        [t.logprobs.contiguous() for t in topk],
+        scalars,
+    )
+    if inplace and len(graph.fusion.for_head(head.name)) == 1:
+        grad = logits.detach()
+        if grad.stride(-1) != 1:
+            raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")
+        values, prediction, teacher_predictions = fused_head_inplace(key, grad, *arguments)
+    else:
+        grad, values, prediction, teacher_predictions = fused_head(key, _rows(logits.detach()), *arguments)
+    sums = (values * row_scale[:, None]).sum(0)
+    scaled = torch.stack([sums[t] * step.scale for t, step in enumerate(steps)])
+    teachers = dict(zip(layout.dense, teacher_predictions))
+    for name, value in zip(layout.topk, topk):
+        best = value.logprobs.argmax(-1, keepdim=True)
+        teachers[name] = value.indices.gather(1, best).squeeze(1).long()
+    return ChunkResult(grad, scaled, prediction, teachers)
+
+
 def fused_head_evaluator(graph, device: torch.device):
     """The per-head evaluator of the fused backend for tensors on `device`."""
     import importlib.util
 
-    from .runtime import HeadResult, reference_head
+    from .linear import linear_head
+    from .runtime import HeadResult, weighted_sum
 
     if importlib.util.find_spec("triton") is None:
         raise BackendError("backend='triton' needs the triton package; install it, or use backend='torch'")
@@ -258,48 +298,20 @@ def fused_head_evaluator(graph, device: torch.device):
         )
 
     def run(head: HeadPlan, batch: HeadBatch, steps) -> HeadResult:
-        logits = batch.logits
-        active = _active_terms(steps)
-        if logits.dtype not in _SUPPORTED_DTYPES:
+        dtype = batch.linear.hidden.dtype if batch.linear is not None else batch.logits.dtype
+        if dtype not in _SUPPORTED_DTYPES:
             if graph.backend == "auto":
-                return reference_head(head, batch, steps)
+                return graph.reference_evaluator(head, batch, steps)
             raise BackendError(
-                f"the fused kernel takes float32, bfloat16 or float16 logits, got {logits.dtype} for head "
+                f"the fused kernel takes float32, bfloat16 or float16 logits, got {dtype} for head "
                 f"{head.name!r}; use backend='torch' for float64"
             )
-        layout = graph.head_layouts[head.name]
-        key = kernel_key(graph.fused_token, head.name, active)
-        inverse = [1.0] * layout.temperatures
-        for index, step in zip(layout.term_temperatures, steps):
-            inverse[index] = 1.0 / step.temperature
-        # what the kernel multiplies dl/ds by: weight x scale x ds/dz (= 1/T)
-        weights = [step.weight * step.scale / step.temperature for step in steps]
-        scalars = torch.tensor([*inverse, *weights], dtype=torch.float64)
-        row_scale = batch.mask.to(torch.float32) / batch.normalizer
-        topk = [batch.topk[name] for name in layout.topk]
-        arguments = (
-            row_scale,
-            batch.labels,
-            [_rows(batch.teachers[name]) for name in layout.dense],
-            [t.indices.contiguous() for t in topk],
-            [t.logprobs.contiguous() for t in topk],
-            scalars,
-        )
-        if graph.inplace_grad and len(graph.fusion.for_head(head.name)) == 1:
-            grad = logits.detach()
-            if grad.stride(-1) != 1:
-                raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")
-            values, prediction, teacher_predictions = fused_head_inplace(key, grad, *arguments)
-        else:
-            grad, values, prediction, teacher_predictions = fused_head(key, _rows(logits.detach()), *arguments)
-        sums = (values * row_scale[:, None]).sum(0)
-        scaled = torch.stack([sums[t] * step.scale for t, step in enumerate(steps)])
-        loss = sum((scaled[t] * step.weight for t, step in enumerate(steps) if active[t]), torch.zeros_like(sums[0]))
-        loss = PrecomputedGradient.apply(logits, loss, grad)
-        teachers = dict(zip(layout.dense, teacher_predictions))
-        for name, value in zip(layout.topk, topk):
-            best = value.logprobs.argmax(-1, keepdim=True)
-            teachers[name] = value.indices.gather(1, best).squeeze(1).long()
-        return HeadResult(loss, scaled.detach(), prediction, teachers)
+        if batch.linear is not None:
+            return linear_head(
+                graph, head, batch, steps, lambda chunk: fused_rows(graph, head, chunk, steps, inplace=True)
+            )
+        rows = fused_rows(graph, head, batch, steps, inplace=graph.inplace_grad)
+        loss = PrecomputedGradient.apply(batch.logits, weighted_sum(rows.values, steps), rows.grad)
+        return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions)
 
     return run

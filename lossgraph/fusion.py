@@ -44,6 +44,24 @@ MAX_TEACHERS_PER_LAUNCH = 4
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
+# Default budget for one chunk of a hidden-input head's logits (student and teachers given as hidden).
+CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def chunk_rows(vocab: int, linear_teacher_vocabs: list[int], element_bytes: int, budget: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so that one chunk's logits fit in `budget` bytes (a power of two, at least 1)."""
+    per_row = element_bytes * (vocab + sum(linear_teacher_vocabs))
+    rows = max(1, budget // per_row)
+    return 1 << (rows.bit_length() - 1)
+
+
+def peak_extra_bytes(
+    rows: int, hidden: int, vocab: int, linear_teacher_vocabs: list[int], element_bytes: int, chunk: int, fp32: bool
+) -> int:
+    """Memory a hidden-input head allocates beyond its inputs: its gradients plus one chunk of logits."""
+    gradients = rows * hidden * element_bytes + vocab * hidden * (4 if fp32 else element_bytes)
+    return gradients + min(chunk, rows) * element_bytes * (vocab + sum(linear_teacher_vocabs))
+
 
 ONE = FIXED_ONE
 
@@ -177,15 +195,41 @@ def floor_bytes_per_token(plan: Plan, logits_bytes: int, vocab: int | None = Non
 
 
 def estimate(
-    plan: Plan, fusion: FusionPlan, *, tokens: int, dtype: str, bandwidth: float, vocab: int | None = None
+    plan: Plan,
+    fusion: FusionPlan,
+    *,
+    tokens: int,
+    dtype: str,
+    bandwidth: float,
+    vocab: int | None = None,
+    hidden: int | None = None,
+    flops: float | None = None,
 ) -> dict[str, object]:
-    """Per launch and in total: passes, bytes moved and the time they take at `bandwidth` (bytes/s)."""
+    """Per launch and in total: passes, bytes moved and the time they take at `bandwidth` (bytes/s).
+
+    For heads declared `input: hidden`, also the chunking, the peak extra memory and the matmuls'
+    time at `flops` (FLOP/s), with hidden size `hidden` (teachers assumed given as hidden states too).
+    """
     size = DTYPE_BYTES[dtype]
     launches = []
     for launch in fusion.launches:
         per_token = launch.bytes_per_token(size, vocab)
+        head = plan.head(launch.head)
+        chunking = None
+        if head.hidden_input and launch.index == 0:
+            head_vocab = vocab or head.vocab_size
+            teachers = [vocab or t.vocab_size for t in head.teachers if isinstance(t, DenseTarget)]
+            rows = chunk_rows(head_vocab, teachers, size)
+            chunking = {"chunk_rows": rows, "chunks": -(-tokens // rows)}
+            if hidden:
+                chunking["peak_extra_bytes"] = peak_extra_bytes(tokens, hidden, head_vocab, teachers, size, rows, False)
+                matmul = 2 * tokens * hidden * (3 * head_vocab + sum(teachers))
+                chunking["matmul_flop"] = matmul
+                if flops:
+                    chunking["matmul_milliseconds"] = matmul / flops * 1e3
         launches.append(
             {
+                "chunking": chunking,
                 "head": launch.head,
                 "launch": launch.index + 1,
                 "terms": [term.key for term in launch.terms],
@@ -206,6 +250,7 @@ def estimate(
         "dtype": dtype,
         "bandwidth_bytes_per_second": bandwidth,
         "vocab_override": vocab,
+        "hidden": hidden,
         "launches": launches,
         "kernel_launches": len(launches),
         "bytes": total,

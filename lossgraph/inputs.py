@@ -27,7 +27,19 @@ class TopK(NamedTuple):
     logprobs: torch.Tensor
 
 
-TeacherValue = Union[torch.Tensor, TopK, Callable[[], Union[torch.Tensor, TopK]]]
+class Linear(NamedTuple):
+    """Hidden states `[.., H]` and an output layer (`weight [V, H]`, optional `bias [V]`).
+
+    Given for a head declared `input: hidden`, the loss is computed chunk by chunk without holding all
+    logits; given as a teacher, it stands for the teacher's logits `hidden @ weight.T + bias`.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+TeacherValue = Union[torch.Tensor, TopK, Linear, Callable[[], Union[torch.Tensor, TopK, Linear]]]
 NumItems = Union[int, float, torch.Tensor, Mapping[str, Union[int, float, torch.Tensor]], None]
 
 
@@ -35,13 +47,36 @@ NumItems = Union[int, float, torch.Tensor, Mapping[str, Union[int, float, torch.
 class HeadBatch:
     """One head's inputs, flattened over positions."""
 
-    logits: torch.Tensor  # [N, V], the caller's tensor (a view)
+    logits: torch.Tensor | None  # [N, V], the caller's tensor (a view); None for a hidden-input head
     mask: torch.Tensor  # [N] bool: the position takes loss
     labels: torch.Tensor | None  # [N] int64 label per position (0 where masked), None without labels
-    teachers: dict[str, torch.Tensor]  # dense teacher logits [N, V_teacher]
+    teachers: dict[str, torch.Tensor | Linear]  # dense teachers [N, V_teacher] (Linear: [N, H_teacher])
     topk: dict[str, TopK]  # top-k teachers [N, k]
     count: torch.Tensor  # int64 scalar: unmasked positions
     normalizer: torch.Tensor  # float32 scalar > 0 that each term's sum is divided by
+    linear: Linear | None = None  # hidden [N, H] and the head's weight, for a hidden-input head
+
+    def rows(self, start: int, stop: int, logits: torch.Tensor) -> HeadBatch:
+        """Positions [start, stop) with `logits` for them; Linear teachers become logits. Keeps the
+        whole batch's count and normalizer, so chunk values add up to the batch's."""
+        teachers = {name: teacher_logits(value, start, stop) for name, value in self.teachers.items()}
+        return HeadBatch(
+            logits=logits,
+            mask=self.mask[start:stop],
+            labels=None if self.labels is None else self.labels[start:stop],
+            teachers=teachers,
+            topk={name: TopK(t.indices[start:stop], t.logprobs[start:stop]) for name, t in self.topk.items()},
+            count=self.count,
+            normalizer=self.normalizer,
+        )
+
+
+def teacher_logits(value: torch.Tensor | Linear, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) of a dense teacher's logits (computed, without gradient, for a Linear)."""
+    if isinstance(value, Linear):
+        with torch.no_grad():
+            return torch.nn.functional.linear(value.hidden[start:stop], value.weight, value.bias)
+    return value[start:stop]
 
 
 def _is_float(tensor: torch.Tensor) -> bool:
@@ -80,7 +115,7 @@ def resolve_teachers(plan: Plan, teachers: Mapping[str, TeacherValue] | None) ->
     )
     resolved: dict[str, torch.Tensor | TopK] = {}
     for name, value in teachers.items():
-        if callable(value) and not isinstance(value, (torch.Tensor, TopK)):
+        if callable(value) and not isinstance(value, (torch.Tensor, TopK, Linear)):
             with torch.no_grad():
                 value = value()
         target = plan.teachers[name]
@@ -89,8 +124,10 @@ def resolve_teachers(plan: Plan, teachers: Mapping[str, TeacherValue] | None) ->
                 f"teacher {name!r} is a topk_teacher source: pass lossgraph.TopK(indices, logprobs), "
                 f"got {type(value).__name__}"
             )
-        if isinstance(target, DenseTarget) and not isinstance(value, torch.Tensor):
-            raise InputError(f"teacher {name!r} must be a logits tensor (or a callable returning one)")
+        if isinstance(target, DenseTarget) and not isinstance(value, (torch.Tensor, Linear)):
+            raise InputError(
+                f"teacher {name!r} must be a logits tensor or a lossgraph.Linear (or a callable returning one)"
+            )
         resolved[name] = value
     return resolved
 
@@ -110,31 +147,59 @@ class _Layout(NamedTuple):
     device: torch.device
 
 
-def _layout(plan: Plan, logits: Mapping[str, torch.Tensor]) -> _Layout:
+def _check_linear(value: Any, what: str, vocab: int) -> Linear:
+    """A Linear's shapes: hidden [B, S, H] or [N, H], weight [vocab, H], bias [vocab]."""
+    if not isinstance(value, Linear):
+        raise InputError(f"{what} must be lossgraph.Linear(hidden, weight, bias), got {type(value).__name__}")
+    hidden = _tensor(value.hidden, f"{what}.hidden")
+    weight = _tensor(value.weight, f"{what}.weight")
+    if hidden.dim() not in (2, 3):
+        raise InputError(f"{what}.hidden must be [B, S, H] or [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape != (vocab, hidden.shape[-1]):
+        raise InputError(
+            f"{what}.weight has shape {tuple(weight.shape)}, expected {(vocab, hidden.shape[-1])} (vocab x hidden)"
+        )
+    if not (_is_float(hidden) and hidden.dtype == weight.dtype):
+        raise InputError(f"{what}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one floating dtype")
+    if weight.device != hidden.device:
+        raise InputError(f"{what}: weight is on {weight.device}, hidden on {hidden.device}")
+    if value.bias is not None:
+        bias = _tensor(value.bias, f"{what}.bias")
+        if bias.shape != (vocab,) or bias.dtype != weight.dtype or bias.device != weight.device:
+            raise InputError(f"{what}.bias must be a [{vocab}] tensor like the weight, got {tuple(bias.shape)}")
+    return value
+
+
+def _layout(plan: Plan, logits: Mapping[str, Any]) -> _Layout:
     lead: tuple[int, ...] | None = None
     device = None
     for head in plan.heads:
         if head.name not in logits:
             continue
-        tensor = _tensor(logits[head.name], f"logits[{head.name!r}]")
-        if tensor.dim() not in (2, 3):
-            raise InputError(f"logits[{head.name!r}] must be [B, S, V] or [N, V], got shape {tuple(tensor.shape)}")
-        if not _is_float(tensor):
-            raise InputError(f"logits[{head.name!r}] must be a floating tensor, got {tensor.dtype}")
-        if tensor.shape[-1] != head.vocab_size:
-            raise InputError(
-                f"logits[{head.name!r}] has vocab {tensor.shape[-1]}, but head {head.name!r} declares "
-                f"vocab_size {head.vocab_size}"
-            )
+        what = f"logits[{head.name!r}]"
+        if head.hidden_input:
+            tensor = _check_linear(logits[head.name], what, head.vocab_size).hidden
+        else:
+            if isinstance(logits[head.name], Linear):
+                raise InputError(f"{what} is a Linear, but head {head.name!r} takes logits; declare it input: hidden")
+            tensor = _tensor(logits[head.name], what)
+            if tensor.dim() not in (2, 3):
+                raise InputError(f"{what} must be [B, S, V] or [N, V], got shape {tuple(tensor.shape)}")
+            if not _is_float(tensor):
+                raise InputError(f"{what} must be a floating tensor, got {tensor.dtype}")
+            if tensor.shape[-1] != head.vocab_size:
+                raise InputError(
+                    f"{what} has vocab {tensor.shape[-1]}, but head {head.name!r} declares vocab_size {head.vocab_size}"
+                )
         if lead is None:
             lead, device = tuple(tensor.shape[:-1]), tensor.device
         elif tuple(tensor.shape[:-1]) != lead:
             raise InputError(
-                f"logits[{head.name!r}] has leading shape {tuple(tensor.shape[:-1])}, other heads {lead}; "
+                f"{what} has leading shape {tuple(tensor.shape[:-1])}, other heads {lead}; "
                 "all heads must cover the same positions"
             )
         elif tensor.device != device:
-            raise InputError(f"logits[{head.name!r}] is on {tensor.device}, other heads on {device}")
+            raise InputError(f"{what} is on {tensor.device}, other heads on {device}")
     if lead is None:
         raise InputError("no logits given: pass logits={head name: tensor}")
     return _Layout(lead, device)
@@ -180,8 +245,22 @@ def _normalizer(
 
 
 def _flatten_teacher(
-    name: str, value: torch.Tensor | TopK, target: DenseTarget | TopKTarget, layout: _Layout
-) -> torch.Tensor | TopK:
+    name: str, value: torch.Tensor | TopK | Linear, target: DenseTarget | TopKTarget, layout: _Layout
+) -> torch.Tensor | TopK | Linear:
+    if isinstance(value, Linear):
+        if isinstance(target, TopKTarget):
+            raise InputError(f"teacher {name!r} is a topk_teacher source: pass lossgraph.TopK, not a Linear")
+        linear = _check_linear(value, f"teacher {name!r}", target.vocab_size)
+        if tuple(linear.hidden.shape[:-1]) != layout.lead:
+            raise InputError(
+                f"teacher {name!r} hidden has leading shape {tuple(linear.hidden.shape[:-1])}; "
+                f"the student's positions are {layout.lead}"
+            )
+        if linear.hidden.device != layout.device:
+            raise InputError(f"teacher {name!r} is on {linear.hidden.device}, the logits on {layout.device}")
+        hidden = linear.hidden.detach().reshape(-1, linear.hidden.shape[-1])
+        bias = None if linear.bias is None else linear.bias.detach()
+        return Linear(hidden, linear.weight.detach(), bias)
     if isinstance(value, TopK):
         indices = _tensor(value.indices, f"TopK indices of teacher {name!r}")
         logprobs = _tensor(value.logprobs, f"TopK logprobs of teacher {name!r}")
@@ -296,19 +375,26 @@ def prepare_batches(
         if head_labels is not None:
             head_labels = torch.where(mask, head_labels.reshape(-1), 0)
         count = mask.sum()
+        linear = None
+        if head.hidden_input:
+            given = logits[head.name]
+            linear = Linear(given.hidden.reshape(-1, given.hidden.shape[-1]), given.weight, given.bias)
         batch = HeadBatch(
-            logits=logits[head.name].reshape(-1, head.vocab_size),
+            logits=None if head.hidden_input else logits[head.name].reshape(-1, head.vocab_size),
             mask=mask,
             labels=head_labels,
             teachers={},
             topk={},
             count=count,
             normalizer=_normalizer(plan, head, count, mask.numel(), num_items, check_values),
+            linear=linear,
         )
         for target in head.teachers:
             flat = _flatten_teacher(target.name, resolved[target.name], target, layout)
             if isinstance(flat, TopK):
                 batch.topk[target.name] = flat
+            elif isinstance(flat, Linear) and not head.hidden_input:
+                batch.teachers[target.name] = teacher_logits(flat)  # a logits head gets logits
             else:
                 batch.teachers[target.name] = flat
         if check_values:

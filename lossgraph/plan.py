@@ -109,6 +109,7 @@ class HeadPlan:
     offset: int
     vocab_size: int
     terms: tuple[Term, ...]
+    hidden_input: bool = False  # receives lossgraph.Linear(hidden, weight, bias), chunked
 
     @property
     def teachers(self) -> list[DenseTarget | TopKTarget]:
@@ -180,7 +181,7 @@ def build_plan(spec: LossGraphSpec) -> Plan:
                     beta=getattr(loss, "beta", 0.5),
                 )
             )
-        heads.append(HeadPlan(head_name, head.offset, spec.head_vocab(head_name), tuple(terms)))
+        heads.append(HeadPlan(head_name, head.offset, spec.head_vocab(head_name), tuple(terms), head.input == "hidden"))
     labels = next(
         (LabelsTarget(n, s.ignore_index) for n, s in spec.sources.items() if isinstance(s, LabelsSource)), None
     )

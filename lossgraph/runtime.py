@@ -21,6 +21,7 @@ from .errors import BackendError, ConfigError, InputError
 from .fused import head_layout, register_graph
 from .fusion import FusionPlan
 from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches
+from .linear import linear_head, reference_rows
 from .plan import HeadPlan, Plan, Term
 from .reference import compute_dtype, map_vocab, reference_terms
 from .schedules import evaluate
@@ -101,18 +102,23 @@ def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[st
     return student, teachers
 
 
+def weighted_sum(values: torch.Tensor, steps: list[TermStep]) -> torch.Tensor:
+    """sum_t weight_t x values[t] over the terms whose weight is not 0 (a weight-0 term may be inf)."""
+    active = [values[t] * s.weight for t, s in enumerate(steps) if s.weight != 0.0]
+    return torch.stack(active).sum() if active else values.new_zeros(())
+
+
 def reference_head(head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> HeadResult:
     """The reference backend: plain PyTorch math, gradients by autograd."""
     raw = reference_terms(head.terms, batch, [s.temperature for s in steps])
-    values = [value * s.scale for value, s in zip(raw, steps)]
-    active = [s.weight * value for value, s in zip(values, steps) if s.weight != 0.0]
-    if active:
-        loss = torch.stack(active).sum()
+    values = torch.stack([value * s.scale for value, s in zip(raw, steps)])
+    if any(s.weight != 0.0 for s in steps):
+        loss = weighted_sum(values, steps)
     else:  # every weight is 0 at this step: a zero loss that still backpropagates (zeros)
         zero = torch.zeros((), dtype=compute_dtype(batch.logits), device=batch.logits.device)
         loss = PrecomputedGradient.apply(batch.logits, zero, torch.zeros_like(batch.logits))
     student, teachers = predictions(head, batch)
-    return HeadResult(loss, torch.stack(values).detach(), student, teachers)
+    return HeadResult(loss, values.detach(), student, teachers)
 
 
 def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult) -> dict[str, torch.Tensor]:
@@ -139,8 +145,14 @@ class CompiledGraph(torch.nn.Module):
         *,
         inplace_grad: bool = False,
         check_inputs: bool | None = None,
+        chunk_size: int | None = None,
+        accumulate_fp32: bool = False,
     ):
         super().__init__()
+        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+            raise InputError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.accumulate_fp32 = accumulate_fp32
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.spec = spec
@@ -160,10 +172,16 @@ class CompiledGraph(torch.nn.Module):
     def evaluator(self, device: torch.device) -> HeadEvaluator:
         """The head evaluator the backend setting selects for tensors on `device`."""
         if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
-            return reference_head
+            return self.reference_evaluator
         from .fused import fused_head_evaluator
 
         return fused_head_evaluator(self, device)
+
+    def reference_evaluator(self, head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> HeadResult:
+        """The reference math; chunked over rows for a hidden-input head."""
+        if batch.linear is not None:
+            return linear_head(self, head, batch, steps, lambda chunk: reference_rows(head, chunk, steps))
+        return reference_head(head, batch, steps)
 
     def forward(
         self,
@@ -188,7 +206,7 @@ class CompiledGraph(torch.nn.Module):
         batches = prepare_batches(
             self.plan, logits, labels, teachers, loss_mask, document_ids, num_items, self.check_inputs
         )
-        device = next(iter(batches.values())).logits.device
+        device = next(iter(batches.values())).mask.device
         run_head = self.evaluator(device)
         total = None
         terms: dict[str, torch.Tensor] = {}
@@ -219,6 +237,8 @@ def compile(
     *,
     inplace_grad: bool = False,
     check_inputs: bool | None = None,
+    chunk_size: int | None = None,
+    accumulate_fp32: bool = False,
 ) -> CompiledGraph:
     """Compile a loss graph (a spec, or the path of a YAML file) into a callable module.
 
@@ -226,7 +246,9 @@ def compile(
     (triton for CUDA tensors, torch otherwise). inplace_grad: the fused backend writes the gradient
     over the logits, saving one N x V buffer (the logits are destroyed). check_inputs: run the value
     checks that synchronize with the device (labels in range, top-k indices valid); None runs them
-    for CPU tensors only.
+    for CPU tensors only. chunk_size: rows per chunk of a hidden-input head (default: chosen from V so
+    that one chunk of logits takes at most 256 MiB); accumulate_fp32: accumulate the weight gradient
+    of hidden-input heads in float32.
     """
     spec = graph if isinstance(graph, LossGraphSpec) else load(graph)
     report = check_spec(spec)
@@ -234,5 +256,12 @@ def compile(
     if context is None or context.plan is None or context.fusion is None:
         raise ConfigError(report.diagnostics)
     return CompiledGraph(
-        spec, context.plan, context.fusion, backend, inplace_grad=inplace_grad, check_inputs=check_inputs
+        spec,
+        context.plan,
+        context.fusion,
+        backend,
+        inplace_grad=inplace_grad,
+        check_inputs=check_inputs,
+        chunk_size=chunk_size,
+        accumulate_fp32=accumulate_fp32,
     )

@@ -114,6 +114,14 @@ class Head(_Model):
     vocab_size: PositiveInt | None = Field(
         None, description="Size of the head's vocabulary; defaults to the top-level `vocab_size`."
     )
+    input: Literal["logits", "hidden"] = Field(
+        "logits",
+        description=(
+            "What the head receives at run time: `logits` ([B, S, V] tensors), or `hidden` "
+            "(lossgraph.Linear(hidden, weight, bias)): the loss is computed chunk by chunk from hidden "
+            "states and the head's weight, without materializing the logits."
+        ),
+    )
     description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
 
 

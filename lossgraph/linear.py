@@ -1,0 +1,115 @@
+"""Fused-linear heads: losses from hidden states and the head's weight, chunk by chunk.
+
+For a head declared `input: hidden`, the logits of all positions are never held at once. Per chunk
+of rows, `logits = hidden @ weight.T + bias` is computed, the head's terms are evaluated on it (by the
+fused kernel in place, or by the reference math), and the chunk's logits gradient is folded into
+`grad_hidden` and `grad_weight` right away:
+
+    grad_hidden[rows] = grad_logits @ weight        grad_weight += grad_logits.T @ hidden[rows]
+    grad_bias += grad_logits.sum(0)
+
+so the extra memory is one chunk of logits (and of each teacher given as hidden states), plus the
+gradients themselves. Backward only scales the gradients by the incoming scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from .fusion import chunk_rows
+from .inputs import HeadBatch
+from .plan import HeadPlan
+
+
+class ChunkResult(NamedTuple):
+    """What evaluating a block of rows gives."""
+
+    grad: torch.Tensor  # dl/dlogits of these rows, in the logits dtype
+    values: torch.Tensor  # [terms] each term's share of its normalized value (x T^2 where asked)
+    prediction: torch.Tensor  # [rows] student argmax
+    teacher_predictions: dict[str, torch.Tensor]  # [rows] argmax of each teacher
+
+
+class LinearHeadLoss(torch.autograd.Function):
+    """A loss whose gradients with respect to hidden, weight and bias are computed in forward.
+
+    `compute()` runs the chunked evaluation and returns (loss, grad_hidden, grad_weight, grad_bias);
+    backward scales the kept gradients by the incoming scalar, in place.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, compute):
+        loss, grad_hidden, grad_weight, grad_bias = compute()
+        ctx.has_bias = grad_bias is not None
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_output.to(torch.float32)
+        return (
+            grad_hidden.mul_(scale.to(grad_hidden.dtype)),
+            grad_weight.mul_(scale.to(grad_weight.dtype)),
+            grad_bias.mul_(scale.to(grad_bias.dtype)) if ctx.has_bias else None,
+            None,
+        )
+
+
+def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: Callable[[HeadBatch], ChunkResult]):
+    """Evaluate a hidden-input head chunk by chunk; returns the runtime's HeadResult."""
+    from .runtime import HeadResult, weighted_sum
+
+    hidden, weight, bias = batch.linear
+    rows = hidden.shape[0]
+    linear_teachers = [w.weight.shape[0] for w in batch.teachers.values() if not isinstance(w, torch.Tensor)]
+    size = graph.chunk_size or chunk_rows(head.vocab_size, linear_teachers, hidden.element_size())
+    fp32 = graph.accumulate_fp32
+    outputs: dict[str, object] = {}
+
+    def compute():
+        grad_hidden = torch.empty_like(hidden)
+        wide = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
+        grad_weight = torch.zeros(weight.shape, dtype=wide if fp32 else weight.dtype, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=wide, device=bias.device)
+        values, predictions, teachers = None, [], {}
+        for start in range(0, rows, size):
+            stop = min(rows, start + size)
+            block = hidden[start:stop].detach()
+            with torch.no_grad():
+                logits = torch.nn.functional.linear(block, weight.detach(), None if bias is None else bias.detach())
+            result = evaluate_rows(batch.rows(start, stop, logits))
+            grad = result.grad.to(hidden.dtype)
+            torch.mm(grad, weight.detach(), out=grad_hidden[start:stop])
+            if fp32:
+                grad_weight.addmm_(grad.t().to(wide), block.to(wide))
+            else:
+                grad_weight.addmm_(grad.t(), block)
+            if grad_bias is not None:
+                grad_bias += grad.sum(0, dtype=wide)
+            values = result.values.detach() if values is None else values + result.values.detach()
+            predictions.append(result.prediction)
+            for name, predicted in result.teacher_predictions.items():
+                teachers.setdefault(name, []).append(predicted)
+        outputs["values"] = values
+        outputs["prediction"] = torch.cat(predictions)
+        outputs["teachers"] = {name: torch.cat(parts) for name, parts in teachers.items()}
+        return weighted_sum(values, steps), grad_hidden, grad_weight, grad_bias
+
+    loss = LinearHeadLoss.apply(hidden, weight, bias, compute)
+    return HeadResult(loss, outputs["values"], outputs["prediction"], outputs["teachers"])
+
+
+def reference_rows(head: HeadPlan, chunk: HeadBatch, steps) -> ChunkResult:
+    """The reference math on a block of rows, with the logits gradient from autograd."""
+    from .runtime import reference_head
+
+    logits = chunk.logits.detach().requires_grad_()
+    chunk.logits = logits
+    with torch.enable_grad():
+        result = reference_head(head, chunk, steps)
+        (grad,) = torch.autograd.grad(result.loss, logits)
+    return ChunkResult(grad, result.values, result.prediction, result.teacher_predictions)
