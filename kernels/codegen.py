@@ -144,7 +144,8 @@ class KernelGenerator:
         return self._cached(f"xs{slot}", f"x * inv_t{slot}")
 
     def log_q(self, slot: int) -> str:
-        return self._cached(f"logq{slot}", f"{self.scaled_student(slot)} - lse_s{slot}")
+        # (s - m) - log S rather than s - lse: exact for huge logits (lse would round near them)
+        return self._cached(f"logq{slot}", f"({self.scaled_student(slot)} - m_s{slot}) - log_sum_s{slot}")
 
     def q(self, slot: int) -> str:
         return self._cached(f"q{slot}", f"tl.exp({self.log_q(slot)})")
@@ -185,7 +186,9 @@ class KernelGenerator:
         """Target log-probabilities of the tile (exact for dense teachers and labels)."""
         if isinstance(target, KDense):
             i = target.teacher
-            return self._cached(f"logp_t{i}_{slot}", f"{self.scaled_teacher(i, slot)} - lse_t{i}_{slot}")
+            return self._cached(
+                f"logp_t{i}_{slot}", f"({self.scaled_teacher(i, slot)} - m_t{i}_{slot}) - log_sum_t{i}_{slot}"
+            )
         if isinstance(target, KLabels):
             return self._cached("logp_labels", f"tl.where({self.onehot()}, 0.0, {NEG_INF})")
         if isinstance(target, KSmoothed):
@@ -229,6 +232,7 @@ class KernelGenerator:
             "from lossgraph.kernels.primitives import (",
             "    log_sum_exp,",
             "    online_argmax_update,",
+            "    online_centered_moment,",
             "    online_softmax_update,",
             "    sign_of_difference,",
             ")",
@@ -325,10 +329,15 @@ class KernelGenerator:
                 src(f"m_t{i}_{s}, sum_t{i}_{s}, _, _ = online_softmax_update(m_t{i}_{s}, sum_t{i}_{s}, {u})")
             for s in self.student_slots:
                 xs = self.scaled_student(s)
+                if s in self.moment_slots:
+                    src(f"m_old{s} = m_s{s}", f"sum_old{s} = sum_s{s}")
                 src(f"m_s{s}, sum_s{s}, rescale{s}, e{s} = online_softmax_update(m_s{s}, sum_s{s}, {xs})")
                 if s in self.moment_slots:
-                    # entropy: H = lse - sum_j q_j s_j, with sum_j exp(s_j - m) s_j kept like sum-exp
-                    src(f"moment_s{s} = moment_s{s} * rescale{s} + tl.sum(tl.where(e{s} > 0, e{s} * {xs}, 0.0), 0)")
+                    # entropy: H = log S - sum_j exp(s_j - m) (s_j - m) / S, the sum kept like sum-exp
+                    src(
+                        f"moment_s{s} = online_centered_moment("
+                        f"moment_s{s}, m_old{s}, m_s{s}, sum_old{s}, rescale{s}, e{s}, {xs})"
+                    )
                 for slot, i in self.online_rkl:
                     if slot == s:
                         # reverse KL against one teacher: sum_j q_j (s_j - u_j) streams like sum-exp
@@ -343,9 +352,9 @@ class KernelGenerator:
         src = self.src
         spec = self.spec
         for s in self.student_slots:
-            src(f"lse_s{s} = m_s{s} + tl.log(sum_s{s})")
+            src(f"log_sum_s{s} = tl.log(sum_s{s})", f"lse_s{s} = m_s{s} + log_sum_s{s}")
         for i, s in self.teacher_states:
-            src(f"lse_t{i}_{s} = m_t{i}_{s} + tl.log(sum_t{i}_{s})")
+            src(f"log_sum_t{i}_{s} = tl.log(sum_t{i}_{s})")
         if spec.uses_labels:
             # an out-of-range label (unchecked input) gives a NaN loss instead of an out-of-bounds read
             src(
@@ -357,23 +366,23 @@ class KernelGenerator:
             scaled = "" if spec.slot_is_one[s] else f" * inv_t{s}"
             if term.kind == "cross_entropy" and isinstance(term.target, KLabels):
                 # l = lse(s) - s_y
-                src(f"loss{t} = lse_s{s} - z_label{scaled}")
+                src(f"loss{t} = (m_s{s} - z_label{scaled}) + log_sum_s{s}")
             elif term.kind == "z_loss":
                 # l = lse(z)^2
                 src(f"loss{t} = lse_s{s} * lse_s{s}")
             elif term.kind == "entropy":
-                src(f"loss{t} = lse_s{s} - moment_s{s} / sum_s{s}")
+                src(f"loss{t} = log_sum_s{s} - moment_s{s} / sum_s{s}")
             elif term.kind == "reverse_kl" and isinstance(term.target, KDense):
                 # l = sum_j q_j (s_j - u_j) - lse(s) + lse(u)
                 i = term.target.teacher
-                src(f"loss{t} = rkl_s{s}_t{i} / sum_s{s} - lse_s{s} + lse_t{i}_{s}")
+                src(f"loss{t} = rkl_s{s}_t{i} / sum_s{s} - (m_s{s} - m_t{i}_{s}) - log_sum_s{s} + log_sum_t{i}_{s}")
             elif term.kind == "reverse_kl" and isinstance(term.target, KSmoothed):
                 # l = sum_j q_j log q_j - sum_j q_j log p_j, where log p_j = log(eps/V) + [j = y] c
                 eps = repr(term.target.epsilon)
                 src(
-                    f"q_label{t} = tl.exp(z_label{scaled} - lse_s{s})",
+                    f"q_label{t} = tl.exp((z_label{scaled} - m_s{s}) - log_sum_s{s})",
                     f"low{t} = tl.log({eps} / Vf)",
-                    f"loss{t} = (moment_s{s} / sum_s{s} - lse_s{s}) - low{t} - q_label{t} * "
+                    f"loss{t} = (moment_s{s} / sum_s{s} - log_sum_s{s}) - low{t} - q_label{t} * "
                     f"(tl.log(1.0 - {eps} + {eps} / Vf) - low{t})",
                 )
             elif not isinstance(term.target, KTopK) and t not in self.reduction_terms:
@@ -475,7 +484,7 @@ class KernelGenerator:
         s = term.slot
         src(
             "# top-k, bucket: Q_i = q at the stored tokens, Q_tail = the rest; same for the teacher's P",
-            f"lQ{t} = tl.where(in_vocab{i}, z_top{i} - lse_s{s}, {NEG_INF})",
+            f"lQ{t} = tl.where(in_vocab{i}, (z_top{i} - m_s{s}) - log_sum_s{s}, {NEG_INF})",
             f"Q{t} = tl.exp(lQ{t})",
             # no tail when the stored tokens cover the vocab, whatever the stored mass rounds to
             f"has_tail{t} = tl.sum(in_vocab{i}.to(tl.int32), 0) < V",

@@ -21,6 +21,19 @@ def online_softmax_update(m, s, x):
 
 
 @triton.jit
+def online_centered_moment(moment, m_old, m_new, sum_old, rescale, e, x):
+    """Fold tile `x` into moment = sum_j exp(x_j - m) (x_j - m), centered on the running max m.
+
+    Centering keeps the entropy exact for huge logits (H = log S - moment / S, no m - m cancels).
+    When the max grows from m_old to m_new, the old sum re-centers: each unit of old mass moves by
+    (m_old - m_new) before the usual rescale by exp(m_old - m_new).
+    """
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = tl.where(m_old == float("-inf"), 0.0, m_old - m_safe)
+    return (moment + shift * sum_old) * rescale + tl.sum(tl.where(e > 0, e * (x - m_safe), 0.0), 0)
+
+
+@triton.jit
 def online_argmax_update(best_value, best_index, x, start):
     """Running argmax over tiles; the first index wins ties, as in torch.argmax."""
     tile_max = tl.max(x, 0)

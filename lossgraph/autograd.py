@@ -14,11 +14,16 @@ class PrecomputedGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(grad)
+    def forward(ctx, logits: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor, in_place: bool) -> torch.Tensor:
+        if in_place:
+            # `grad` is the logits' own storage: saved tensors would check its version counter, which
+            # the in-place kernel of a later head (logits that are views of one tensor) bumps
+            ctx.grad = grad
+        else:
+            ctx.save_for_backward(grad)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output.to(grad.dtype)), None, None
+        grad = ctx.grad if hasattr(ctx, "grad") else ctx.saved_tensors[0]
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None

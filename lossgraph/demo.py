@@ -150,6 +150,8 @@ def without_teachers(spec: LossGraphSpec) -> LossGraphSpec | None:
 
 
 def _check_graph(spec: LossGraphSpec) -> None:
+    if not any(head.offset == 1 for head in spec.heads.values()):
+        raise LossGraphError("the demo scores the next-token head on held-out text: declare a head with offset 1")
     for name in spec.heads:
         if spec.head_vocab(name) != VOCAB:
             raise LossGraphError(
@@ -203,11 +205,12 @@ def _teachers_for(graph: CompiledGraph, teacher: TinyLM | None, tokens: torch.Te
 
 
 def held_out_loss(model: TinyLM, windows: Windows, device: torch.device) -> float:
-    """Mean next-token cross-entropy (nats per byte) of the model on the held-out windows."""
+    """Mean next-token cross-entropy (nats per byte) of the model's offset-1 head on held-out windows."""
     tokens, labels = (t.to(device) for t in windows.evaluation())
+    next_head = next(name for name, offset in model.head_offsets.items() if offset == 1)
     model.eval()
     with torch.no_grad():
-        logits = model(tokens)["next"]
+        logits = model(tokens)[next_head]
         loss = F.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1))
     model.train()
     return float(loss)
@@ -263,7 +266,8 @@ class _Display:
             TimeElapsedColumn(),
             console=console,
         )
-        self.tasks = {phase: self.progress.add_task(phase, total=steps) for phase, steps in phases}
+        # each bar's clock starts with its phase
+        self.tasks = {phase: self.progress.add_task(phase, total=steps, start=False) for phase, steps in phases}
         self.latest: dict[str, dict[str, float]] = {}
         self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
 
@@ -278,6 +282,8 @@ class _Display:
         return Group(self.progress, table)
 
     def update(self, phase: str, step: int, values: dict[str, float]) -> None:
+        if step == 1:
+            self.progress.start_task(self.tasks[phase])
         self.progress.update(self.tasks[phase], completed=step)
         self.latest[phase] = values
         if step % 10 == 0:
@@ -365,6 +371,10 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     else:
         spec = loads(default_graph_text(), "mtp_distill.yaml")
     _check_graph(spec)
+    try:  # fail before training, not after it
+        config.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LossGraphError(f"--out {config.out}: cannot create the folder ({exc.strerror})") from None
     graph = compile(spec)
     baseline_spec = without_teachers(spec)
     heads = {head.name: head.offset for head in graph.plan.heads}
@@ -376,10 +386,12 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     )
 
     teacher = None
-    phases = [("student (distilled)", config.steps)]
+    student_phase = "student (distilled)" if graph.plan.teachers else "student"
+    phases = [(student_phase, config.steps)]
     if graph.plan.teachers:
         phases.insert(0, ("teacher", config.steps))
-    if baseline_spec is not None and graph.plan.teachers:
+    compare = baseline_spec is not None and bool(graph.plan.teachers)
+    if compare:
         phases.append(("student (no teacher)", config.steps))
     display = _Display(console, phases)
     logs: list[RunLog] = []
@@ -393,9 +405,9 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
             summary["teacher_held_out_loss"] = logs[-1].held_out[-1][1]
         # both students start from the same weights and see the same batches: only the teacher differs
         student = _fresh_student(heads, config, device, windows)
-        logs.append(train("student (distilled)", student, graph, windows, config, device, teacher, display.update))
+        logs.append(train(student_phase, student, graph, windows, config, device, teacher, display.update))
         summary["student_held_out_loss"] = logs[-1].held_out[-1][1]
-        if len(phases) == 3:
+        if compare:
             plain = _fresh_student(heads, config, device, windows)
             logs.append(
                 train(

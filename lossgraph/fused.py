@@ -132,7 +132,7 @@ def _run_launches(
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
     scalars: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kernels = _KERNELS[key]
     # a CPU tensor: reading it is no device synchronization
     inverse_temperatures = scalars[: kernels.temperatures].tolist()
@@ -140,7 +140,7 @@ def _run_launches(
     rows = logits.shape[0]
     values = torch.zeros((rows, kernels.terms), dtype=torch.float32, device=logits.device)
     prediction = torch.zeros(rows, dtype=torch.int64, device=logits.device)
-    teacher_predictions = [torch.zeros(rows, dtype=torch.int64, device=logits.device) for _ in dense]
+    teacher_predictions = torch.zeros((len(dense), rows), dtype=torch.int64, device=logits.device)
     for binding in kernels.launches:
         active = [t for t, kt in zip(binding.terms, binding.spec.terms) if kt.active]
         launch_values, launch_prediction, launch_teachers = launch_kernel(
@@ -171,9 +171,9 @@ def fused_head(
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
     scalars: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """All launches of a head: (gradient [N, V] in the logits dtype, per-row term values [N, terms],
-    student argmax [N], teacher argmaxes [N] each).
+    student argmax [N], teacher argmaxes [dense teachers, N]).
 
     `scalars` is a CPU float64 tensor: each temperature slot's 1/T, then each term's gradient weight.
     A tensor rather than floats, so that a compiled graph does not specialize on their values.
@@ -193,7 +193,7 @@ def _fused_head_fake(key, logits, row_scale, labels, dense, topk_indices, topk_l
         torch.empty_like(logits),
         logits.new_empty((rows, kernels.terms), dtype=torch.float32),
         logits.new_empty((rows,), dtype=torch.int64),
-        [logits.new_empty((rows,), dtype=torch.int64) for _ in dense],
+        logits.new_empty((len(dense), rows), dtype=torch.int64),
     )
 
 
@@ -207,7 +207,7 @@ def fused_head_inplace(
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
     scalars: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like `fused_head`, but the gradient overwrites the logits (one N x V buffer saved)."""
     return _run_launches(key, logits, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars)
 
@@ -219,7 +219,7 @@ def _fused_head_inplace_fake(key, logits, row_scale, labels, dense, topk_indices
     return (
         logits.new_empty((rows, kernels.terms), dtype=torch.float32),
         logits.new_empty((rows,), dtype=torch.int64),
-        [logits.new_empty((rows,), dtype=torch.int64) for _ in dense],
+        logits.new_empty((len(dense), rows), dtype=torch.int64),
     )
 
 
@@ -266,7 +266,10 @@ def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool)
         [t.logprobs.contiguous() for t in topk],
         scalars,
     )
-    if inplace and len(graph.fusion.for_head(head.name)) == 1:
+    # in place needs a single launch (later launches re-read the logits); inside torch.compile the
+    # compiler owns the buffers and cannot functionalize a kernel that overwrites a graph input
+    in_place = inplace and len(graph.fusion.for_head(head.name)) == 1 and not torch.compiler.is_compiling()
+    if in_place:
         grad = logits.detach()
         if grad.stride(-1) != 1:
             raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")
@@ -275,11 +278,11 @@ def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool)
         grad, values, prediction, teacher_predictions = fused_head(key, _rows(logits.detach()), *arguments)
     sums = (values * row_scale[:, None]).sum(0)
     scaled = torch.stack([sums[t] * step.scale for t, step in enumerate(steps)])
-    teachers = dict(zip(layout.dense, teacher_predictions))
+    teachers = {name: teacher_predictions[index] for index, name in enumerate(layout.dense)}
     for name, value in zip(layout.topk, topk):
         best = value.logprobs.argmax(-1, keepdim=True)
         teachers[name] = value.indices.gather(1, best).squeeze(1).long()
-    return ChunkResult(grad, scaled, prediction, teachers)
+    return ChunkResult(grad, scaled, prediction, teachers, in_place)
 
 
 def fused_head_evaluator(graph, device: torch.device):
@@ -311,7 +314,7 @@ def fused_head_evaluator(graph, device: torch.device):
                 graph, head, batch, steps, lambda chunk: fused_rows(graph, head, chunk, steps, inplace=True)
             )
         rows = fused_rows(graph, head, batch, steps, inplace=graph.inplace_grad)
-        loss = PrecomputedGradient.apply(batch.logits, weighted_sum(rows.values, steps), rows.grad)
+        loss = PrecomputedGradient.apply(batch.logits, weighted_sum(rows.values, steps), rows.grad, rows.in_place)
         return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions)
 
     return run

@@ -31,6 +31,7 @@ class ChunkResult(NamedTuple):
     values: torch.Tensor  # [terms] each term's share of its normalized value (x T^2 where asked)
     prediction: torch.Tensor  # [rows] student argmax
     teacher_predictions: dict[str, torch.Tensor]  # [rows] argmax of each teacher
+    in_place: bool = False  # `grad` is the logits' own storage
 
 
 class LinearHeadLoss(torch.autograd.Function):

@@ -116,7 +116,7 @@ def reference_head(head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> H
         loss = weighted_sum(values, steps)
     else:  # every weight is 0 at this step: a zero loss that still backpropagates (zeros)
         zero = torch.zeros((), dtype=compute_dtype(batch.logits), device=batch.logits.device)
-        loss = PrecomputedGradient.apply(batch.logits, zero, torch.zeros_like(batch.logits))
+        loss = PrecomputedGradient.apply(batch.logits, zero, torch.zeros_like(batch.logits), False)
     student, teachers = predictions(head, batch)
     return HeadResult(loss, values.detach(), student, teachers)
 

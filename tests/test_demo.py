@@ -1,0 +1,324 @@
+"""`lossgraph demo` trains and writes what it promises, and docs/tutorial.md runs.
+
+- One short demo run (module fixture, through the CLI): summary.json, metrics.jsonl, metrics.csv and
+  the plots exist and parse, each phase's training loss fell, the held-out losses are finite, and the
+  command says where it wrote them.
+- Bad graphs fail cleanly (exit 1, a located message, no traceback); a graph without teachers trains
+  one student and no baseline; `without_teachers` strips exactly the teacher's nodes and sources.
+- The demo's packaged graph is examples/mtp_distill.yaml, byte for byte.
+- The tutorial's ```python blocks run in order in one namespace, in a directory holding the files its
+  ```bash blocks create and the demo's output; the tutorial and docs/cli.md name every summary field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lossgraph.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "mtp_distill.yaml"
+PACKAGED = ROOT / "lossgraph" / "data" / "mtp_distill.yaml"
+TUTORIAL = ROOT / "docs" / "tutorial.md"
+CLI_PAGE = ROOT / "docs" / "cli.md"
+STEPS = 30
+PHASES = ["teacher", "student (distilled)", "student (no teacher)"]
+SUMMARY_KEYS = {"teacher_held_out_loss", "student_held_out_loss", "baseline_held_out_loss", "training_loss", "seconds"}
+
+
+def invoke(*args: str | Path):
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def graph_variant(tmp_path: Path, name: str, source: Path, old: str, new: str) -> Path:
+    """A copy of `source` with `old` replaced by `new` (which must occur in it)."""
+    text = source.read_text(encoding="utf-8")
+    assert old in text, f"{source.name} no longer contains {old!r}; update this test"
+    path = tmp_path / name
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# --------------------------------------------------------------------------------------------------
+# One short run of the default demo.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`lossgraph demo --steps 30 --out WORK/lossgraph-demo`: (work dir, out dir, CLI result)."""
+    pytest.importorskip("torch")
+    work = tmp_path_factory.mktemp("demo")
+    out = work / "lossgraph-demo"
+    return work, out, invoke("demo", "--steps", STEPS, "--out", out)
+
+
+@pytest.mark.slow
+def test_demo_exits_0_and_says_where_it_wrote(demo_run):
+    _, out, result = demo_run
+    assert result.exit_code == 0, result.output
+    assert "wrote:" in result.output
+    for name in ("metrics.jsonl", "metrics.csv", "summary.json"):
+        assert str(out / name) in result.output, f"the demo does not say it wrote {name}:\n{result.output}"
+    assert "held-out next-token loss" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_demo_summary(demo_run):
+    _, out, _ = demo_run
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert SUMMARY_KEYS <= set(summary), f"summary.json lacks {SUMMARY_KEYS - set(summary)}"
+    assert summary["steps"] == STEPS
+    for key in ("teacher_held_out_loss", "student_held_out_loss", "baseline_held_out_loss"):
+        assert isinstance(summary[key], float) and math.isfinite(summary[key]) and summary[key] > 0, (key, summary)
+    assert list(summary["training_loss"]) == PHASES
+    for phase, loss in summary["training_loss"].items():
+        assert math.isfinite(loss["first"]) and math.isfinite(loss["last10_mean"])
+        assert loss["last10_mean"] < loss["first"], f"the training loss of {phase!r} did not fall: {loss}"
+    assert summary["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_demo_metrics_jsonl(demo_run):
+    _, out, _ = demo_run
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [row["phase"] for row in rows] == [phase for phase in PHASES for _ in range(STEPS)]
+    for phase in PHASES:
+        mine = [row for row in rows if row["phase"] == phase]
+        assert [row["step"] for row in mine] == list(range(STEPS))
+        losses = [row["loss"] for row in mine]
+        assert all(math.isfinite(loss) for loss in losses)
+        assert sum(losses[-10:]) / 10 < losses[0], f"{phase}: {losses}"
+        assert "held_out_loss" in mine[-1], f"{phase}: the last step is not scored on held-out text"
+        for row in mine:  # the weighted node losses add up to the step's loss
+            assert sum(row["nodes"].values()) == pytest.approx(row["loss"], rel=1e-4, abs=1e-6)
+    nodes = {phase: set(next(row for row in rows if row["phase"] == phase)["nodes"]) for phase in PHASES}
+    assert nodes == {
+        "teacher": {"lm"},
+        "student (distilled)": {"lm", "distill", "z"},
+        "student (no teacher)": {"lm", "z"},
+    }
+    distilled = next(row for row in rows if row["phase"] == "student (distilled)")
+    assert set(distilled["terms"]) == {"lm/next", "lm/mtp2", "lm/mtp3", "distill/next", "z/next"}
+    assert set(distilled["accuracy"]) == {"next", "mtp2", "mtp3"}
+
+
+@pytest.mark.slow
+def test_demo_metrics_csv(demo_run):
+    _, out, _ = demo_run
+    with (out / "metrics.csv").open(newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))
+    assert rows[0] == ["phase", "step", "series", "value"]
+    body = rows[1:]
+    assert {row[0] for row in body} == set(PHASES)
+    assert all(math.isfinite(float(row[3])) for row in body)
+    jsonl = read_jsonl(out / "metrics.jsonl")
+    loss_rows = [(row[0], int(row[1]), float(row[3])) for row in body if row[2] == "loss"]
+    assert loss_rows == [(row["phase"], row["step"], row["loss"]) for row in jsonl]
+    assert {row[2] for row in body} >= {"loss", "node/lm", "node/distill", "node/z", "held_out_loss"}
+
+
+@pytest.mark.slow
+def test_demo_plots(demo_run):
+    pytest.importorskip("matplotlib")
+    _, out, _ = demo_run
+    for node in ("lm", "distill", "z"):
+        path = out / f"loss_{node}.png"
+        assert path.is_file(), f"{path.name} was not written"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Other graphs.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_demo_invalid_graph_is_a_located_error(tmp_path):
+    pytest.importorskip("torch")
+    bad = graph_variant(
+        tmp_path, "bad.yaml", EXAMPLE, "heads: [next]\n    target: teacher", "heads: [next, mtp2]\n    target: teacher"
+    )
+    lines = bad.read_text(encoding="utf-8").splitlines()
+    line = next(index for index, text in enumerate(lines, 1) if "heads: [next, mtp2]" in text)
+    column = lines[line - 1].index("mtp2") + 1
+    result = invoke("demo", "--graph", bad, "--steps", 1, "--out", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert f"{bad}:{line}:{column}: losses.distill.heads[1]: head 'mtp2' predicts token t+2" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_missing_graph_file_exits_2(tmp_path):
+    pytest.importorskip("torch")
+    result = invoke("demo", "--graph", tmp_path / "missing.yaml", "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "missing.yaml" in result.output and "Traceback" not in result.output
+
+
+def test_demo_needs_byte_vocab(tmp_path):
+    pytest.importorskip("torch")
+    big = graph_variant(tmp_path, "big.yaml", EXAMPLE, "vocab_size: 256", "vocab_size: 32000")
+    result = invoke("demo", "--graph", big, "--steps", 1, "--out", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert "256" in result.output and "vocab_size" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_demo_graph_without_teachers_has_no_baseline(tmp_path):
+    pytest.importorskip("torch")
+    lm = graph_variant(tmp_path, "lm.yaml", ROOT / "examples" / "lm.yaml", "vocab_size: 32000", "vocab_size: 256")
+    out = tmp_path / "out"
+    result = invoke("demo", "--graph", lm, "--steps", 5, "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert math.isfinite(summary["student_held_out_loss"])
+    assert "baseline_held_out_loss" not in summary and "teacher_held_out_loss" not in summary
+    assert list(summary["training_loss"]) == ["student"]
+    assert {row["phase"] for row in read_jsonl(out / "metrics.jsonl")} == {"student"}
+    assert "labels only" not in result.output  # no baseline row in the results table
+
+
+def test_without_teachers_removes_the_distillation_node_and_the_teacher():
+    pytest.importorskip("torch")
+    from lossgraph.demo import default_graph_text, without_teachers
+    from lossgraph.document import check_spec, loads
+
+    spec = loads(default_graph_text(), "mtp_distill.yaml")
+    baseline = without_teachers(spec)
+    assert baseline is not None and check_spec(baseline).ok
+    assert set(spec.losses) - set(baseline.losses) == {"distill"}
+    assert set(baseline.losses) == {"lm", "z"}
+    assert set(spec.sources) - set(baseline.sources) == {"teacher"}
+    assert set(baseline.sources) == {"labels"}
+    assert baseline.heads == spec.heads
+    for name in baseline.losses:
+        assert baseline.losses[name] == spec.losses[name]
+
+
+def test_without_teachers_keeps_sources_derived_from_labels():
+    pytest.importorskip("torch")
+    from lossgraph.demo import without_teachers
+    from lossgraph.document import loads
+
+    spec = loads(
+        """
+version: 1
+vocab_size: 256
+heads: {next: {offset: 1}}
+sources:
+  labels: {type: labels}
+  smooth: {type: label_smoothing, source: labels, epsilon: 0.1}
+  teacher: {type: teacher}
+  blend: {type: mixture, sources: [teacher, smooth], weights: [0.5, 0.5]}
+losses:
+  lm: {type: cross_entropy, heads: [next], target: smooth}
+  distill: {type: forward_kl, heads: [next], target: blend}
+"""
+    )
+    baseline = without_teachers(spec)
+    assert set(baseline.losses) == {"lm"}
+    assert set(baseline.sources) == {"labels", "smooth"}
+    only_teacher = loads(
+        "version: 1\nvocab_size: 256\nheads: {next: {offset: 1}}\nsources: {teacher: {type: teacher}}\n"
+        "losses: {distill: {type: forward_kl, heads: [next], target: teacher}}\n"
+    )
+    assert without_teachers(only_teacher) is None
+
+
+def test_packaged_graph_is_the_example():
+    assert PACKAGED.read_bytes() == EXAMPLE.read_bytes(), (
+        "lossgraph/data/mtp_distill.yaml (the demo's default graph) differs from examples/mtp_distill.yaml; "
+        "copy the example over the packaged file: cp examples/mtp_distill.yaml lossgraph/data/mtp_distill.yaml"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The pages that describe the demo.
+# --------------------------------------------------------------------------------------------------
+
+
+def fenced(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+
+
+def test_docs_never_run_a_long_demo():
+    # tests/test_docs.py runs every `lossgraph ...` line of a ```bash block; a full demo takes minutes.
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for block in fenced(page.read_text(encoding="utf-8"), "bash"):
+            for line in block.splitlines():
+                if line.strip().startswith("lossgraph demo"):
+                    args = shlex.split(line, comments=True)
+                    assert "--steps" in args and int(args[args.index("--steps") + 1]) <= 5, (
+                        f"{page.name}: `{line.strip()}` would train for minutes inside tests/test_docs.py; "
+                        "pass --steps 5 or fewer, or show it in a ```console block"
+                    )
+
+
+@pytest.mark.parametrize("page", [TUTORIAL, CLI_PAGE], ids=lambda page: page.name)
+def test_pages_name_every_summary_field(page: Path):
+    text = page.read_text(encoding="utf-8")
+    for key in sorted(SUMMARY_KEYS):
+        assert f"`{key}`" in text, f"{page.name} does not explain summary.json's {key}"
+
+
+@pytest.mark.slow
+def test_tutorial_python_blocks_run(demo_run, monkeypatch, capsys):
+    work, out, result = demo_run
+    assert result.exit_code == 0, result.output
+    text = TUTORIAL.read_text(encoding="utf-8")
+    # The files the reader created with the ```bash blocks' heredocs, in the same directory.
+    for block in fenced(text, "bash"):
+        for name, body in re.findall(r"^cat > (\S+) <<'EOF'\n(.*?)^EOF$", block, flags=re.DOTALL | re.MULTILINE):
+            (work / name).write_text(body, encoding="utf-8")
+    monkeypatch.chdir(work)
+    blocks = fenced(text, "python")
+    assert len(blocks) >= 5
+    namespace: dict = {"__name__": "tutorial"}
+    for index, block in enumerate(blocks):
+        code = compile(block, f"{TUTORIAL.name} (python block {index + 1})", "exec")
+        exec(code, namespace)  # noqa: S102 - the documentation's own examples
+    printed = capsys.readouterr().out
+    assert "CompiledGraph(backend='auto', heads=(next: 2 terms))" in printed
+    assert "{'lm/next': 1.0, 'distill/next': 0.5, 'z/next': 0.0001}" in printed
+    assert "{'next': 16, 'mtp2': 14, 'mtp3': 12}" in printed
+    assert "120 0.25\n" in printed and "70 0.0732\n" in printed
+    assert "student (distilled): " in printed
+    assert namespace["summary"] == json.loads((out / "summary.json").read_text(encoding="utf-8"))
+
+
+def test_demo_refuses_a_graph_without_a_next_token_head(tmp_path):
+    pytest.importorskip("torch")
+    text = (ROOT / "examples" / "lm.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "far.yaml"
+    path.write_text(text.replace("vocab_size: 32000", "vocab_size: 256").replace("{offset: 1}", "{offset: 2}"))
+    result = invoke("demo", "--graph", path, "--steps", 2, "--out", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert "offset 1" in result.output and "Traceback" not in result.output
+
+
+def test_demo_refuses_an_unwritable_out_before_training(tmp_path):
+    pytest.importorskip("torch")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = invoke("demo", "--steps", 2, "--out", blocker / "out")
+    assert result.exit_code == 1, result.output
+    assert "cannot create the folder" in result.output and "Traceback" not in result.output
+    assert "teacher" not in result.output  # nothing was trained
