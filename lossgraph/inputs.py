@@ -18,6 +18,7 @@ import torch
 from .errors import InputError
 from .plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from .suggest import did_you_mean
+from .vocab import Vocab
 
 
 class TopK(NamedTuple):
@@ -55,6 +56,7 @@ class HeadBatch:
     count: torch.Tensor  # int64 scalar: unmasked positions
     normalizer: torch.Tensor  # float32 scalar > 0 that each term's sum is divided by
     linear: Linear | None = None  # hidden [N, H] and the head's weight, for a hidden-input head
+    vocab: Vocab | None = None  # the vocabulary the columns of the logits cover (all, or this rank's slice)
 
     def rows(self, start: int, stop: int, logits: torch.Tensor) -> HeadBatch:
         """Positions [start, stop) with `logits` for them; Linear teachers become logits. Keeps the
@@ -68,6 +70,7 @@ class HeadBatch:
             topk={name: TopK(t.indices[start:stop], t.logprobs[start:stop]) for name, t in self.topk.items()},
             count=self.count,
             normalizer=self.normalizer,
+            vocab=self.vocab,
         )
 
 
@@ -388,6 +391,7 @@ def prepare_batches(
             count=count,
             normalizer=_normalizer(plan, head, count, mask.numel(), num_items, check_values),
             linear=linear,
+            vocab=Vocab(head.vocab_size),
         )
         for target in head.teachers:
             flat = _flatten_teacher(target.name, resolved[target.name], target, layout)

@@ -94,9 +94,10 @@ def term_step(term: Term, step: int) -> TermStep:
 
 def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Student argmax and each teacher's argmax over the head's vocab (for the metrics)."""
+    vocab = batch.vocab
     with torch.no_grad():
-        student = batch.logits.argmax(-1)
-        teachers = {name: map_vocab(t, head.vocab_size).argmax(-1) for name, t in batch.teachers.items()}
+        student = vocab.argmax(batch.logits)
+        teachers = {name: vocab.argmax(map_vocab(t, vocab.size)) for name, t in batch.teachers.items()}
         for name, topk in batch.topk.items():
             teachers[name] = topk.indices.gather(1, topk.logprobs.argmax(-1, keepdim=True)).squeeze(1).long()
     return student, teachers

@@ -13,8 +13,8 @@ once triton is imported). Without either, the fused tests skip with `FUSED_SKIP_
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,6 +45,14 @@ else:
 
 requires_fused = pytest.mark.skipif(bool(FUSED_SKIP_REASON), reason=FUSED_SKIP_REASON or "runs")
 
+# numpy noise of Triton's interpreter (masked lanes evaluate -inf - -inf, then get discarded by tl.where)
+interpreter_warnings = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
+]
+
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -70,16 +78,19 @@ class FusedTolerance:
     grad_atol: float
 
 
-# Where the numbers come from (measured worst cases over this suite are 3-10x below them):
+# Where the numbers come from:
 # - fp32: the kernel works in float32 on float32 inputs. A value is a sum over V of terms each correct to
-#   a few ulps (2^-24 = 6e-8 relative), so its relative error grows like sqrt(V) x 6e-8 < 1e-5 for the
-#   vocabularies tested. Gradients q_j - p_j are exp(s_j - lse) with an absolute error of about
-#   |s_j - lse| x 6e-8 relative to q_j; 1e-5 of the largest entry covers it.
-# - bf16 / fp16: the float32 math is the same (values come back in float32, so only a little slack is
-#   added for the row sums of the mixed terms), but the gradient is stored in the logits dtype: bf16 keeps
-#   8 significant bits (round-to-nearest: relative error <= 2^-9 = 2e-3 per element, and a split head
-#   rounds twice when its second launch adds to the first's gradient), fp16 keeps 11 bits (2^-12 = 2.4e-4)
-#   and flushes entries below 6e-8 to subnormals, covered by the absolute part.
+#   a few ulps (2^-24 = 6e-8 relative), so its relative error grows like sqrt(V) x 6e-8, well below 1e-5
+#   for the vocabularies tested. A gradient entry q_j - p_j comes from exp(s_j - lse), whose relative
+#   error is about |s_j - lse| x 6e-8; 1e-5 of the largest entry covers it.
+# - bf16 / fp16: values come back in float32 from the same float32 math (a little slack for the mixed
+#   row sums only), but the gradient is stored in the logits dtype: bf16 keeps 8 significant bits
+#   (round-to-nearest: <= 2^-8 = 3.9e-3 relative per element, about twice that for a split head, whose
+#   second launch reads the first one's rounded gradient back and rounds the sum again), fp16 keeps 11
+#   (2^-11 = 4.9e-4; entries below 6.1e-5 lose bits as subnormals, which the absolute part absorbs).
+#   The gradient tolerances are 2x the unit roundoff.
+# Worst measured error / tolerance over this suite: values 0.07 (fp32), 0.02 (bf16), 0.01 (fp16);
+# gradients 0.3 (fp32), 0.72 (bf16, the split head), 0.32 (fp16).
 FUSED_TOLERANCES: dict[torch.dtype, FusedTolerance] = {
     torch.float32: FusedTolerance(value_rtol=1e-5, value_atol=1e-6, grad_rtol=1e-5, grad_atol=1e-5),
     torch.bfloat16: FusedTolerance(value_rtol=3e-5, value_atol=3e-6, grad_rtol=8e-3, grad_atol=8e-3),
@@ -92,15 +103,24 @@ FUSED_TOLERANCES: dict[torch.dtype, FusedTolerance] = {
 # --------------------------------------------------------------------------------------------------
 
 
-def graph_yaml(losses: str, *, vocab: int, sources: str = "", heads: str = "next: {offset: 1}", extra: str = "") -> str:
-    """A version-1 document; `sources` is added to a `labels` source."""
+def graph_yaml(
+    losses: str,
+    *,
+    vocab: int,
+    sources: str = "labels: {type: labels}",
+    heads: str = "next: {offset: 1}",
+) -> str:
+    """A version-1 document from the lines of its `heads`, `sources` and `losses` mappings."""
     indent = "\n  "
+
+    def block(name: str, lines: str) -> str:
+        return f"{name}:" + "".join(indent + line for line in lines.strip().splitlines()) + "\n"
+
     return (
-        f"version: 1\nvocab_size: {vocab}\n{extra}"
-        f"heads:{indent}{heads.replace(chr(10), indent)}\n"
-        f"sources:{indent}labels: {{type: labels}}"
-        + (indent + sources.replace(chr(10), indent) if sources else "")
-        + f"\nlosses:{indent}{losses.replace(chr(10), indent)}\n"
+        f"version: 1\nvocab_size: {vocab}\n"
+        + block("heads", heads)
+        + block("sources", sources)
+        + block("losses", losses)
     )
 
 
@@ -111,9 +131,7 @@ def spec_of(text_or_path: str | Path) -> lossgraph.LossGraphSpec:
     """The validated spec of YAML text (or of a file), cached."""
     key = str(text_or_path)
     if key not in _SPECS:
-        _SPECS[key] = (
-            lossgraph.load(text_or_path) if isinstance(text_or_path, Path) else lossgraph.loads(text_or_path)
-        )
+        _SPECS[key] = lossgraph.load(text_or_path) if isinstance(text_or_path, Path) else lossgraph.loads(text_or_path)
     return _SPECS[key]
 
 
@@ -136,9 +154,12 @@ def make_inputs(
     seed: int = 0,
     scale: float = 3.0,
     ignore_fraction: float = 0.2,
-    teacher_scale: float | None = None,
 ) -> Inputs:
-    """Random logits for every head with terms, labels, and every teacher the graph reads."""
+    """Random logits for every head with terms, labels, and every teacher the graph reads.
+
+    With `ignore_fraction` > 0, about that fraction of the positions is masked (labels = -100, or
+    loss_mask = 0 when the graph has no labels), always including position 1 and never position 0.
+    """
     graph = lossgraph.compile(spec, backend="torch")
     plan = graph.plan
     logits = {
@@ -152,12 +173,22 @@ def make_inputs(
     for i, (name, target) in enumerate(sorted(plan.teachers.items())):
         if isinstance(target, DenseTarget):
             teachers[name] = random_logits(
-                *lead, target.vocab_size, scale=teacher_scale or scale, dtype=torch.float64, seed=seed + 100 + i
+                *lead, target.vocab_size, scale=scale, dtype=torch.float64, seed=seed + 100 + i
             )
         else:
             assert isinstance(target, TopKTarget)
             teachers[name] = random_topk(*lead, vocab=target.vocab_size, k=target.k, seed=seed + 200 + i)
-    return Inputs(logits, labels, teachers)
+    loss_mask = None
+    if labels is None:  # no labels source: mask about `ignore_fraction` of the positions with loss_mask
+        generator = torch.Generator().manual_seed(seed + 2)
+        loss_mask = (torch.rand(lead, generator=generator) >= ignore_fraction).to(torch.int64)
+    if ignore_fraction > 0:  # whatever the seed: position 0 counts, position 1 does not
+        if labels is not None:
+            labels.view(-1)[0] = labels.view(-1)[0].clamp(min=0)
+            labels.view(-1)[1] = -100
+        else:
+            loss_mask.view(-1)[0], loss_mask.view(-1)[1] = 1, 0
+    return Inputs(logits, labels, teachers, loss_mask=loss_mask)
 
 
 @dataclass
@@ -176,13 +207,15 @@ def _teacher_as(value, dtype: torch.dtype, device: torch.device):
     return value.to(device=device, dtype=dtype)
 
 
-def low_precision(inputs: Inputs, dtype: torch.dtype, device: torch.device = DEVICE) -> Inputs:
+def low_precision(
+    inputs: Inputs, dtype: torch.dtype, device: torch.device = DEVICE, teacher_dtype: torch.dtype | None = None
+) -> Inputs:
     """The inputs the fused backend gets: logits and dense teachers rounded to `dtype`, on `device`."""
     return replace(
         inputs,
         logits={name: x.to(device=device, dtype=dtype) for name, x in inputs.logits.items()},
         labels=None if inputs.labels is None else inputs.labels.to(device),
-        teachers={name: _teacher_as(t, dtype, device) for name, t in inputs.teachers.items()},
+        teachers={name: _teacher_as(t, teacher_dtype or dtype, device) for name, t in inputs.teachers.items()},
         loss_mask=None if inputs.loss_mask is None else inputs.loss_mask.to(device),
         document_ids=None if inputs.document_ids is None else inputs.document_ids.to(device),
     )
@@ -194,12 +227,21 @@ def upcast(inputs: Inputs) -> Inputs:
 
 
 def call(
-    graph: lossgraph.CompiledGraph, inputs: Inputs, *, step: int = 0, grad_output: float = 1.0, backward: bool = True
+    graph: lossgraph.CompiledGraph,
+    inputs: Inputs,
+    *,
+    step: int = 0,
+    grad_output: float = 1.0,
+    backward: bool = True,
+    layout: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Run:
-    """Call `graph` on fresh leaf copies of the inputs' logits and backpropagate `grad_output`."""
+    """Call `graph` on fresh leaf copies of the inputs' logits and backpropagate `grad_output`.
+
+    `layout` maps each leaf to the tensor the graph gets (a view of it, say); gradients are the leaves'.
+    """
     leaves = {name: x.detach().clone().requires_grad_(True) for name, x in inputs.logits.items()}
     out = graph(
-        leaves,
+        {name: layout(x) if layout else x for name, x in leaves.items()},
         labels=inputs.labels,
         teachers=dict(inputs.teachers),
         step=step,
@@ -231,29 +273,40 @@ def run_pair(
     step: int = 0,
     inplace_grad: bool = False,
     grad_output: float = 1.0,
+    teacher_dtype: torch.dtype | None = None,
+    layout: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Pair:
-    """Evaluate `spec` with backend="triton" on `inputs` in `dtype` and with backend="torch" on float64."""
+    """Evaluate `spec` with backend="triton" on `inputs` in `dtype` and with backend="torch" on float64.
+
+    `teacher_dtype`: dense teachers in another dtype than the logits. `layout`: applied to the fused
+    side's logits and dense teachers (same values, e.g. a non-contiguous view).
+    """
     if not isinstance(spec, lossgraph.LossGraphSpec):
         spec = spec_of(spec)
-    fused_inputs = low_precision(inputs, dtype)
+    fused_inputs = low_precision(inputs, dtype, teacher_dtype=teacher_dtype)
     reference_inputs = upcast(fused_inputs)  # taken before the fused call (inplace_grad overwrites logits)
+    if layout is not None:
+        fused_inputs.teachers = {
+            name: t if isinstance(t, lossgraph.TopK) else layout(t) for name, t in fused_inputs.teachers.items()
+        }
     fused = call(
         lossgraph.compile(spec, backend="triton", inplace_grad=inplace_grad),
         fused_inputs,
         step=step,
         grad_output=grad_output,
+        layout=layout,
     )
     reference = call(lossgraph.compile(spec, backend="torch"), reference_inputs, step=step, grad_output=grad_output)
     return Pair(fused, reference, dtype)
 
 
-def assert_values_match(pair: Pair, *, value_atol_scale: float = 1.0, what: str = "") -> None:
+def assert_values_match(pair: Pair, *, what: str = "") -> None:
     """values, terms, weights and loss of the fused backend equal the reference's."""
     tol = FUSED_TOLERANCES[pair.dtype]
     fused, reference = pair.fused.out, pair.reference.out
     assert list(fused.values) == list(reference.values), what
     assert fused.weights == reference.weights, what
-    kwargs = {"rtol": tol.value_rtol, "atol": tol.value_atol * value_atol_scale}
+    kwargs = {"rtol": tol.value_rtol, "atol": tol.value_atol}
     for key in reference.values:
         assert fused.values[key].dtype == torch.float32, key
         assert_close(fused.values[key], reference.values[key], **kwargs, what=f"{what} value {key}")
@@ -279,8 +332,9 @@ def assert_grads_match(pair: Pair, *, what: str = "") -> None:
         )
 
 
-def assert_pair_matches(pair: Pair, *, value_atol_scale: float = 1.0, what: str = "") -> None:
-    assert_values_match(pair, value_atol_scale=value_atol_scale, what=what)
+def assert_pair_matches(pair: Pair, *, what: str = "") -> None:
+    """Values, terms, loss and every head's gradient match the reference's."""
+    assert_values_match(pair, what=what)
     assert_grads_match(pair, what=what)
 
 
@@ -292,7 +346,3 @@ def assert_metrics_match(pair: Pair) -> None:
         assert set(fused[head]) == set(expected), head
         for name, value in expected.items():
             assert float(fused[head][name]) == float(value), (head, name, float(fused[head][name]), float(value))
-
-
-def is_finite_number(value: torch.Tensor) -> bool:
-    return math.isfinite(float(value))

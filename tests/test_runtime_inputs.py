@@ -410,9 +410,8 @@ def test_check_inputs_false_skips_value_checks():
         build(DISTILL, check_inputs=True)(**inputs)
     inputs = good_inputs()
     inputs["labels"] = _labels_with(V)
-    with pytest.raises(Exception) as info:  # noqa: B017 - whatever torch raises, it is not the checked error
-        build(DISTILL, check_inputs=False)(**inputs)
-    assert not isinstance(info.value, lossgraph.InputError)
+    # unchecked, a label outside the vocab is not an error but poisons the loss (as in the fused kernel)
+    assert math.isnan(float(build(DISTILL, check_inputs=False)(**inputs).loss))
 
 
 def test_labels_beyond_vocab_at_masked_positions_are_fine(distill):

@@ -1,0 +1,259 @@
+"""Every generated kernel compiles ahead of time for an H100 (sm_90), without spilling to local memory.
+
+The fused tests run the kernels in Triton's interpreter, which accepts code that the GPU compiler
+rejects (a shape mismatch in a reduction, a Python-only construct, a dtype the hardware lacks).
+`triton.compile` with a CUDA target lowers a kernel all the way to a cubin with the ptxas that Triton
+ships, on a machine without a GPU, so these tests catch that code, and `cuobjdump --dump-resource-usage`
+tells whether registers spilled (LOCAL > 0: a kernel that would run far below its bandwidth).
+
+The kernels compile in a child process: with TRITON_INTERPRET=1 (as `make test` sets) `@triton.jit`
+gives interpreter objects that cannot be compiled. The child is this file, run as a script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="compiling the fused kernels needs the triton package")
+
+from lossgraph.kernels.signature import (  # noqa: E402
+    KINDS,
+    DenseTeacher,
+    KDense,
+    KernelSpec,
+    KernelTerm,
+    KLabels,
+    KMixture,
+    KSmoothed,
+    KTopK,
+)
+
+from lossgraph.document import check_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+PRODUCTION_VOCAB = 128256
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+# --------------------------------------------------------------------------------------------------
+# The kernels to compile: every launch of every example, and a synthetic list covering every kind and
+# target (each kind against each target it takes, at a temperature slot that is not 1 unless the
+# target needs 1), gradient-inactive terms, accumulating launches and vocab maps.
+# --------------------------------------------------------------------------------------------------
+
+SMOOTHED = KSmoothed(0.1)
+TARGETS = {
+    "labels": KLabels(),
+    "label_smoothing": SMOOTHED,
+    "dense": KDense(0),
+    "mixture-dense-smoothed": KMixture(((0.6, KDense(0)), (0.4, SMOOTHED))),
+    "mixture-two-dense": KMixture(((0.3, KDense(0)), (0.7, KDense(1)))),
+    "topk-renormalize": KTopK(0, "renormalize"),
+    "topk-bucket": KTopK(0, "bucket"),
+}
+TARGET_KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "tvd")
+
+
+def _dense_count(target) -> int:
+    if isinstance(target, KDense):
+        return target.teacher + 1
+    if isinstance(target, KMixture):
+        return max(_dense_count(part) for _, part in target.parts)
+    return 0
+
+
+def _target_spec(name: str, *, active: bool = True, accumulate: bool = False, mapping: str = "same") -> KernelSpec:
+    """Every kind that takes target `name`, as the terms of one kernel."""
+    target = TARGETS[name]
+    kinds = ("cross_entropy",) if name == "labels" else TARGET_KINDS
+    slot = 0 if name == "topk-bucket" else 1  # a bucket tail cannot be re-tempered: slot 0 is T = 1
+    terms = tuple(KernelTerm(kind, target, slot, beta=0.3, active=active) for kind in kinds)
+    return KernelSpec(
+        terms=terms,
+        slot_is_one=(True, False),
+        dense=tuple(DenseTeacher(mapping) for _ in range(_dense_count(target))),
+        topk=(64,) if isinstance(target, KTopK) else (),
+        accumulate=accumulate,
+    )
+
+
+def synthetic_specs() -> dict[str, KernelSpec]:
+    specs = {f"target-{name}": _target_spec(name) for name in TARGETS}
+    specs["no-target-z_loss-entropy"] = KernelSpec(
+        terms=(
+            KernelTerm("z_loss", None, 0),
+            KernelTerm("entropy", None, 1),
+            KernelTerm("entropy", None, 0, active=False),
+        ),
+        slot_is_one=(True, False),
+    )
+    specs["inactive-dense"] = _target_spec("dense", active=False)
+    specs["inactive-topk-bucket"] = _target_spec("topk-bucket", active=False)
+    specs["accumulate-dense"] = _target_spec("dense", accumulate=True)
+    specs["accumulate-topk-renormalize"] = _target_spec("topk-renormalize", accumulate=True)
+    specs["truncate-dense"] = _target_spec("dense", mapping="truncate")
+    specs["pad-mixture"] = _target_spec("mixture-two-dense", mapping="pad")
+    # the widest launch: four dense teachers at two temperatures, two top-k teachers, labels
+    specs["widest"] = KernelSpec(
+        terms=(
+            KernelTerm("cross_entropy", KLabels(), 0),
+            *(KernelTerm("forward_kl", KDense(i), i % 2) for i in range(4)),
+            KernelTerm("jsd", KMixture(((0.5, KDense(0)), (0.5, KDense(3)))), 1, beta=0.3),
+            KernelTerm("reverse_kl", KTopK(0, "bucket"), 0),
+            KernelTerm("tvd", KTopK(1, "renormalize"), 1),
+            KernelTerm("z_loss", None, 0),
+        ),
+        slot_is_one=(True, False),
+        dense=(DenseTeacher("same"),) * 4,
+        topk=(64, 32),
+    )
+    return specs
+
+
+def example_specs() -> dict[str, KernelSpec]:
+    specs = {}
+    for path in EXAMPLES:
+        for launch in check_file(path).context.fusion.launches:
+            specs[f"{path.stem}-{launch.head}-{launch.index + 1}"] = launch.kernel_spec()
+    return specs
+
+
+def cases() -> dict[str, tuple[KernelSpec, str]]:
+    """id -> (spec, pointer type of the logits, gradient and teachers)."""
+    all_cases = {name: (spec, "*bf16") for name, spec in {**example_specs(), **synthetic_specs()}.items()}
+    all_cases["target-mixture-dense-smoothed-fp32"] = (synthetic_specs()["target-mixture-dense-smoothed"], "*fp32")
+    all_cases["widest-fp32"] = (synthetic_specs()["widest"], "*fp32")
+    return all_cases
+
+
+def test_synthetic_specs_cover_every_kind_and_target():
+    """The synthetic list holds every kind, every target class, both tails, and every kind x target pair."""
+    seen = set()
+
+    def visit(target):
+        if isinstance(target, KMixture):
+            for _, part in target.parts:
+                visit(part)
+        return type(target).__name__ + (f"-{target.tail}" if isinstance(target, KTopK) else "")
+
+    for spec in synthetic_specs().values():
+        for term in spec.terms:
+            seen.add((term.kind, visit(term.target) if term.target is not None else None))
+    assert {kind for kind, _ in seen} == set(KINDS)
+    targets = {"KSmoothed", "KDense", "KMixture", "KTopK-renormalize", "KTopK-bucket"}
+    assert {(kind, target) for kind in TARGET_KINDS for target in targets} <= seen
+    assert {("cross_entropy", "KLabels"), ("z_loss", None), ("entropy", None)} <= seen
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiling (in the child process).
+# --------------------------------------------------------------------------------------------------
+
+
+def signature(arg_names: list[str], pointer: str) -> dict[str, str]:
+    """Triton types of the kernel's arguments, by name; an argument nobody knows fails loudly."""
+    types = {}
+    for name in arg_names:
+        if name == "BLOCK_V":
+            types[name] = "constexpr"
+        elif name in ("z_ptr", "grad_ptr") or re.fullmatch(r"t\d+_ptr", name):
+            types[name] = pointer
+        elif name in ("loss_ptr", "row_scale_ptr") or re.fullmatch(r"k\d+_logp_ptr", name):
+            types[name] = "*fp32"
+        elif name in ("label_ptr", "pred_ptr") or re.fullmatch(r"(tpred\d+|k\d+_index)_ptr", name):
+            types[name] = "*i64"
+        elif re.fullmatch(r"inv_t\d+|w\d+", name):
+            types[name] = "fp32"
+        elif name == "V" or re.fullmatch(r"stride_\w+|vocab_t\d+", name):
+            types[name] = "i32"
+        else:
+            raise ValueError(f"unknown kernel argument {name!r}: teach this test its type")
+    return types
+
+
+def local_memory(cubin: bytes) -> int | None:
+    """Bytes of local memory per thread (register spills) of a cubin, or None without cuobjdump."""
+    if not CUOBJDUMP.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        result = subprocess.run(
+            [str(CUOBJDUMP), "--dump-resource-usage", file.name], capture_output=True, text=True, check=True
+        )
+    found = re.findall(r"\bLOCAL:(\d+)", result.stdout)
+    if not found:
+        raise ValueError(f"no LOCAL in cuobjdump output:\n{result.stdout}")
+    return max(int(value) for value in found)
+
+
+def compile_all(out: Path) -> None:
+    """Compile every case for sm_90 and write {id: {ok, error, local, block, warps}} to `out`."""
+    from lossgraph.kernels.launcher import block_size, kernel_module
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results = {}
+    for name, (spec, pointer) in cases().items():
+        entry: dict[str, object] = {}
+        try:
+            fn = kernel_module(spec).fused_head_kernel
+            block, warps = block_size(PRODUCTION_VOCAB, 1 + len(spec.dense))
+            entry.update(block=block, warps=warps)
+            source = ASTSource(fn=fn, signature=signature(fn.arg_names, pointer), constexprs={"BLOCK_V": block})
+            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            entry["local"] = local_memory(kernel.asm["cubin"])
+            entry["ok"] = True
+        except Exception as error:  # reported by the test of that case
+            entry.update(ok=False, error=f"{type(error).__name__}: {error}"[:4000])
+        results[name] = entry
+    out.write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, dict]:
+    """Results of compiling every case (in one child process, where TRITON_INTERPRET is unset)."""
+    out = tmp_path_factory.mktemp("aot") / "results.json"
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, __file__, str(out)],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+CASES = list(cases())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_compiles_for_sm90(compiled, case):
+    entry = compiled[case]
+    assert entry["ok"], f"{case} does not compile for sm_90:\n{entry.get('error')}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_does_not_spill(compiled, case):
+    entry = compiled[case]
+    if not entry["ok"]:
+        pytest.fail(f"{case} does not compile (see test_kernel_compiles_for_sm90)")
+    if entry["local"] is None:
+        pytest.skip(f"no cuobjdump at {CUOBJDUMP}: cannot read the cubin's resource usage")
+    assert entry["local"] == 0, f"{case} spills {entry['local']} bytes per thread to local memory"
+
+
+if __name__ == "__main__":
+    compile_all(Path(sys.argv[1]))
