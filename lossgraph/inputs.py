@@ -16,9 +16,9 @@ from typing import Any, NamedTuple, Union
 import torch
 
 from .errors import InputError
+from .parallel import VocabShard, group_size
 from .plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from .suggest import did_you_mean
-from .vocab import Vocab
 
 
 class TopK(NamedTuple):
@@ -56,7 +56,7 @@ class HeadBatch:
     count: torch.Tensor  # int64 scalar: unmasked positions
     normalizer: torch.Tensor  # float32 scalar > 0 that each term's sum is divided by
     linear: Linear | None = None  # hidden [N, H] and the head's weight, for a hidden-input head
-    vocab: Vocab | None = None  # the vocabulary the columns of the logits cover (all, or this rank's slice)
+    shard: VocabShard | None = None  # under vocab parallel: which columns of the vocab this rank holds
 
     def rows(self, start: int, stop: int, logits: torch.Tensor) -> HeadBatch:
         """Positions [start, stop) with `logits` for them; Linear teachers become logits. Keeps the
@@ -70,7 +70,6 @@ class HeadBatch:
             topk={name: TopK(t.indices[start:stop], t.logprobs[start:stop]) for name, t in self.topk.items()},
             count=self.count,
             normalizer=self.normalizer,
-            vocab=self.vocab,
         )
 
 
@@ -148,6 +147,7 @@ def _shift(values: torch.Tensor, offset: int, fill: float | int | bool) -> torch
 class _Layout(NamedTuple):
     lead: tuple[int, ...]  # (B, S) or (N,)
     device: torch.device
+    shards: int  # vocab-parallel ranks: each holds 1/shards of every vocab
 
 
 def _check_linear(value: Any, what: str, vocab: int) -> Linear:
@@ -173,7 +173,11 @@ def _check_linear(value: Any, what: str, vocab: int) -> Linear:
     return value
 
 
-def _layout(plan: Plan, logits: Mapping[str, Any]) -> _Layout:
+def _slice_note(shards: int) -> str:
+    return f" (this rank's 1/{shards} of the vocab)" if shards > 1 else ""
+
+
+def _layout(plan: Plan, logits: Mapping[str, Any], shards: int) -> _Layout:
     lead: tuple[int, ...] | None = None
     device = None
     for head in plan.heads:
@@ -190,9 +194,11 @@ def _layout(plan: Plan, logits: Mapping[str, Any]) -> _Layout:
                 raise InputError(f"{what} must be [B, S, V] or [N, V], got shape {tuple(tensor.shape)}")
             if not _is_float(tensor):
                 raise InputError(f"{what} must be a floating tensor, got {tensor.dtype}")
-            if tensor.shape[-1] != head.vocab_size:
+            if tensor.shape[-1] != head.vocab_size // shards:
                 raise InputError(
-                    f"{what} has vocab {tensor.shape[-1]}, but head {head.name!r} declares vocab_size {head.vocab_size}"
+                    f"{what} has vocab {tensor.shape[-1]}, but head {head.name!r} declares vocab_size "
+                    f"{head.vocab_size}"
+                    + (f": expected {head.vocab_size // shards}{_slice_note(shards)}" if shards > 1 else "")
                 )
         if lead is None:
             lead, device = tuple(tensor.shape[:-1]), tensor.device
@@ -205,7 +211,7 @@ def _layout(plan: Plan, logits: Mapping[str, Any]) -> _Layout:
             raise InputError(f"{what} is on {tensor.device}, other heads on {device}")
     if lead is None:
         raise InputError("no logits given: pass logits={head name: tensor}")
-    return _Layout(lead, device)
+    return _Layout(lead, device, shards)
 
 
 def _positional(value: Any, layout: _Layout, what: str, *, integer: bool) -> torch.Tensor:
@@ -282,16 +288,17 @@ def _flatten_teacher(
         if not _is_float(logprobs):
             raise InputError(f"TopK logprobs of teacher {name!r} must be floating, got {logprobs.dtype}")
         return TopK(indices.reshape(-1, target.k), logprobs.detach().reshape(-1, target.k))
-    if tuple(value.shape) != (*layout.lead, target.vocab_size):
+    columns = target.vocab_size // layout.shards
+    if tuple(value.shape) != (*layout.lead, columns):
         raise InputError(
-            f"teacher {name!r} has shape {tuple(value.shape)}, expected {(*layout.lead, target.vocab_size)} "
-            "(the student's positions x the teacher's vocab_size)"
+            f"teacher {name!r} has shape {tuple(value.shape)}, expected {(*layout.lead, columns)} "
+            f"(the student's positions x the teacher's vocab_size{_slice_note(layout.shards)})"
         )
     if not _is_float(value):
         raise InputError(f"teacher {name!r} must be a floating tensor, got {value.dtype}")
     if value.device != layout.device:
         raise InputError(f"teacher {name!r} is on {value.device}, the logits on {layout.device}")
-    return value.detach().reshape(-1, target.vocab_size)
+    return value.detach().reshape(-1, columns)
 
 
 def _check_values(head: HeadPlan, batch: HeadBatch, plan: Plan) -> None:
@@ -325,6 +332,7 @@ def prepare_batches(
     document_ids: torch.Tensor | None,
     num_items: NumItems,
     check_values: bool | None,
+    vocab_group=None,
 ) -> dict[str, HeadBatch]:
     """Check the inputs and lay them out per head (only heads with terms get a batch).
 
@@ -335,7 +343,8 @@ def prepare_batches(
     bound = [head.name for head in plan.heads if head.terms]
     unbound = [head.name for head in plan.heads if not head.terms]
     _check_names(logits, bound, unbound, "head", "pass logits={head name: [B, S, V] or [N, V] tensor}")
-    layout = _layout(plan, logits)
+    shards = 1 if vocab_group is None else group_size(vocab_group)
+    layout = _layout(plan, logits, shards)
     sequence = len(layout.lead) == 2
     resolved = resolve_teachers(plan, teachers)
     if plan.labels is not None:
@@ -383,7 +392,7 @@ def prepare_batches(
             given = logits[head.name]
             linear = Linear(given.hidden.reshape(-1, given.hidden.shape[-1]), given.weight, given.bias)
         batch = HeadBatch(
-            logits=None if head.hidden_input else logits[head.name].reshape(-1, head.vocab_size),
+            logits=None if head.hidden_input else logits[head.name].reshape(-1, head.vocab_size // shards),
             mask=mask,
             labels=head_labels,
             teachers={},
@@ -391,7 +400,7 @@ def prepare_batches(
             count=count,
             normalizer=_normalizer(plan, head, count, mask.numel(), num_items, check_values),
             linear=linear,
-            vocab=Vocab(head.vocab_size),
+            shard=None if vocab_group is None else VocabShard(head.vocab_size, vocab_group),
         )
         for target in head.teachers:
             flat = _flatten_teacher(target.name, resolved[target.name], target, layout)

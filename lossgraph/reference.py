@@ -18,7 +18,6 @@ import torch
 
 from .inputs import HeadBatch, TopK
 from .plan import DenseTarget, LabelsTarget, MixtureTarget, SmoothedTarget, Target, Term, TopKTarget
-from .vocab import Vocab
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -31,63 +30,65 @@ def compute_dtype(logits: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 
 
-# `vocab` sums over the distribution's support: the whole vocabulary (possibly sharded across ranks),
-# or PLAIN for the small top-k bucket vectors every rank holds whole.
-PLAIN = Vocab(0)
-
-
-def relative_entropy(log_a: torch.Tensor, log_b: torch.Tensor, vocab: Vocab = PLAIN) -> torch.Tensor:
+def relative_entropy(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) = sum_j a_j (log a_j - log b_j), with 0 log 0 = 0."""
     a = log_a.exp()
     support = a > 0
     difference = torch.where(support, log_a - torch.where(support, log_b, 0.0), 0.0)
-    return vocab.sum(a * difference)
+    return (a * difference).sum(-1)
 
 
-def soft_cross_entropy(log_p: torch.Tensor, log_q: torch.Tensor, vocab: Vocab = PLAIN) -> torch.Tensor:
+def soft_cross_entropy(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """-sum_j p_j log q_j, with 0 log 0 = 0."""
     p = log_p.exp()
-    return -vocab.sum(p * torch.where(p > 0, log_q, 0.0))
+    return -(p * torch.where(p > 0, log_q, 0.0)).sum(-1)
 
 
-def jensen_shannon(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, vocab: Vocab = PLAIN) -> torch.Tensor:
+def jensen_shannon(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
     """beta KL(p || M) + (1 - beta) KL(q || M) with M = beta p + (1 - beta) q."""
     both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
     weighted_p = torch.where(both_zero, 0.0, log_p + math.log(beta))
     weighted_q = torch.where(both_zero, 0.0, log_q + math.log1p(-beta))
     log_m = torch.where(both_zero, -math.inf, torch.logaddexp(weighted_p, weighted_q))
-    return beta * relative_entropy(log_p, log_m, vocab) + (1.0 - beta) * relative_entropy(log_q, log_m, vocab)
+    return beta * relative_entropy(log_p, log_m) + (1.0 - beta) * relative_entropy(log_q, log_m)
 
 
-def total_variation(log_p: torch.Tensor, log_q: torch.Tensor, vocab: Vocab = PLAIN) -> torch.Tensor:
+def total_variation(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """1/2 sum_j |p_j - q_j|."""
-    return 0.5 * vocab.sum((log_p.exp() - log_q.exp()).abs())
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
-def entropy(log_q: torch.Tensor, vocab: Vocab = PLAIN) -> torch.Tensor:
+def entropy(log_q: torch.Tensor) -> torch.Tensor:
     """-sum_j q_j log q_j, with 0 log 0 = 0."""
     q = log_q.exp()
-    return -vocab.sum(q * torch.where(q > 0, log_q, 0.0))
+    return -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
 
 
-def divergence(kind: str, log_p: torch.Tensor, log_q: torch.Tensor, beta: float, vocab: Vocab = PLAIN) -> torch.Tensor:
+def divergence(kind: str, log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
     """The per-position value of a target-based loss kind."""
     if kind == "cross_entropy":
-        return soft_cross_entropy(log_p, log_q, vocab)
+        return soft_cross_entropy(log_p, log_q)
     if kind == "forward_kl":
-        return relative_entropy(log_p, log_q, vocab)
+        return relative_entropy(log_p, log_q)
     if kind == "reverse_kl":
-        return relative_entropy(log_q, log_p, vocab)
+        return relative_entropy(log_q, log_p)
     if kind == "jsd":
-        return jensen_shannon(log_p, log_q, beta, vocab)
+        return jensen_shannon(log_p, log_q, beta)
     if kind == "tvd":
-        return total_variation(log_p, log_q, vocab)
+        return total_variation(log_p, log_q)
     raise ValueError(f"{kind} takes no target")
 
 
 # --------------------------------------------------------------------------------------------------
 # Targets as log-probabilities over the head's vocabulary.
 # --------------------------------------------------------------------------------------------------
+
+
+def at_labels(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """values[i, labels[i]]; NaN for a label outside the vocab (an input nobody checked), as in the kernel."""
+    inside = (labels >= 0) & (labels < values.shape[-1])
+    picked = values.gather(1, torch.where(inside, labels, 0)[:, None]).squeeze(1)
+    return torch.where(inside, picked, torch.nan)
 
 
 def map_vocab(teacher: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -100,29 +101,26 @@ def map_vocab(teacher: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return teacher
 
 
-def _at_labels(batch: HeadBatch, inside: float, outside: float, dtype: torch.dtype) -> torch.Tensor:
-    """[N, V held here] filled with `outside`, `inside` at each row's label (where this device holds it)."""
-    vocab = batch.vocab
-    values = torch.full((batch.mask.numel(), vocab.size), outside, dtype=dtype, device=batch.mask.device)
-    column, held = vocab.local(batch.labels[:, None])
-    return values.scatter(1, column, torch.where(held, values.new_tensor(inside), values.new_tensor(outside)))
-
-
-def target_log_probs(target: Target, batch: HeadBatch, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+def target_log_probs(
+    target: Target, batch: HeadBatch, vocab_size: int, temperature: float, dtype: torch.dtype
+) -> torch.Tensor:
     """log p [N, V] of a dense target at `temperature` (masked rows hold finite placeholder values)."""
-    vocab = batch.vocab
     if isinstance(target, LabelsTarget):
-        return _at_labels(batch, 0.0, -math.inf, dtype)
+        log_p = torch.full((batch.mask.numel(), vocab_size), -math.inf, dtype=dtype, device=batch.mask.device)
+        return log_p.scatter(1, batch.labels[:, None], 0.0)
     if isinstance(target, SmoothedTarget):
-        eps, size = target.epsilon, vocab.total
-        return _at_labels(batch, math.log(1.0 - eps + eps / size), math.log(eps / size), dtype)
+        eps = target.epsilon
+        log_p = torch.full(
+            (batch.mask.numel(), vocab_size), math.log(eps / vocab_size), dtype=dtype, device=batch.mask.device
+        )
+        return log_p.scatter(1, batch.labels[:, None], math.log(1.0 - eps + eps / vocab_size))
     if isinstance(target, DenseTarget):
-        teacher = map_vocab(batch.teachers[target.name].to(dtype), vocab.size)
+        teacher = map_vocab(batch.teachers[target.name].to(dtype), vocab_size)
         teacher = torch.where(batch.mask[:, None], teacher, 0.0)
-        return vocab.log_softmax(teacher / temperature)
+        return torch.log_softmax(teacher / temperature, dim=-1)
     if isinstance(target, MixtureTarget):
         parts = [
-            math.log(weight) + target_log_probs(part, batch, temperature, dtype)
+            math.log(weight) + target_log_probs(part, batch, vocab_size, temperature, dtype)
             for weight, part in target.parts
             if weight > 0
         ]
@@ -131,7 +129,7 @@ def target_log_probs(target: Target, batch: HeadBatch, temperature: float, dtype
 
 
 def topk_log_probs(
-    target: TopKTarget, topk: TopK, z: torch.Tensor, mask: torch.Tensor, temperature: float, vocab: Vocab
+    target: TopKTarget, topk: TopK, z: torch.Tensor, mask: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p, log q, usable) over the top-k buckets, plus a tail bucket for `tail: bucket`.
 
@@ -143,26 +141,25 @@ def topk_log_probs(
     position then contributes 0).
     """
     dtype = z.dtype
+    vocab = z.shape[-1]
     k = topk.indices.shape[-1]
     indices = torch.where(mask[:, None], topk.indices.long(), 0)
-    in_vocab = indices < vocab.total
+    in_vocab = indices < vocab
     safe = torch.where(in_vocab, indices, 0)
     # masked positions get a harmless uniform placeholder instead of whatever the caller stored there
     teacher = torch.where(mask[:, None], topk.logprobs.to(dtype), -math.log(k + 1))
-    gathered = vocab.take(z, safe)
+    gathered = z.gather(1, safe)
     if target.tail == "renormalize":
         usable = in_vocab.any(-1)
         keep = in_vocab | ~usable[:, None]
         log_q = torch.log_softmax(torch.where(keep, gathered, -math.inf), dim=-1)
         log_p = torch.log_softmax(torch.where(keep, teacher / temperature, -math.inf), dim=-1)
         return log_p, log_q, usable
-    log_z = vocab.logsumexp(z)
+    log_z = torch.logsumexp(z, dim=-1, keepdim=True)
     log_q_top = torch.where(in_vocab, gathered - log_z, -math.inf)
-    column, held = vocab.local(safe)
-    stored = torch.zeros_like(z).scatter_add(1, column, (in_vocab & held).to(dtype)) > 0
-    # k == V leaves no tail; keep its logsumexp off all -inf
-    has_tail = (vocab.sum(stored.to(dtype)) < vocab.total)[:, None]
-    tail = vocab.logsumexp(torch.where(stored & has_tail, -math.inf, z))
+    stored = torch.zeros_like(z).scatter_add(1, safe, in_vocab.to(dtype)) > 0
+    has_tail = ~stored.all(-1, keepdim=True)  # k == V leaves no tail; keep its logsumexp off all -inf
+    tail = torch.logsumexp(torch.where(stored & has_tail, -math.inf, z), dim=-1, keepdim=True)
     log_q_tail = torch.where(has_tail, tail - log_z, -math.inf)
     log_p_top = torch.where(in_vocab, teacher, -math.inf)
     # with no token left outside the stored ones there is no tail, whatever the stored mass rounds to
@@ -179,25 +176,25 @@ def topk_log_probs(
 def term_per_position(term: Term, batch: HeadBatch, temperature: float) -> torch.Tensor:
     """The unweighted loss of `term` at every position, [N] (zero where masked)."""
     dtype = compute_dtype(batch.logits)
-    mask, vocab = batch.mask, batch.vocab
+    mask = batch.mask
     logits = torch.where(mask[:, None], batch.logits.to(dtype), 0.0)
     if term.kind == "z_loss":
-        value = vocab.logsumexp(logits).squeeze(1) ** 2
+        value = torch.logsumexp(logits, dim=-1) ** 2
     else:
         z = logits / temperature
         target = term.target
         if isinstance(target, TopKTarget):
-            log_p, log_q, usable = topk_log_probs(target, batch.topk[target.name], z, mask, temperature, vocab)
+            log_p, log_q, usable = topk_log_probs(target, batch.topk[target.name], z, mask, temperature)
             value = torch.where(usable, divergence(term.kind, log_p, log_q, term.beta), 0.0)
         else:
-            log_q = vocab.log_softmax(z)
+            log_q = torch.log_softmax(z, dim=-1)
             if term.kind == "entropy":
-                value = entropy(log_q, vocab)
+                value = entropy(log_q)
             elif term.kind == "cross_entropy" and isinstance(target, LabelsTarget):
-                value = -vocab.take(log_q, batch.labels[:, None]).squeeze(1)
+                value = -at_labels(log_q, batch.labels)
             else:
-                log_p = target_log_probs(target, batch, temperature, dtype)
-                value = divergence(term.kind, log_p, log_q, term.beta, vocab)
+                log_p = target_log_probs(target, batch, logits.shape[-1], temperature, dtype)
+                value = divergence(term.kind, log_p, log_q, term.beta)
     return torch.where(mask, value, 0.0)
 
 

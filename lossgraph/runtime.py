@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +22,8 @@ from .fused import head_layout, register_graph
 from .fusion import FusionPlan
 from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches
 from .linear import linear_head, reference_rows
-from .plan import HeadPlan, Plan, Term
+from .parallel import GatherVocab, global_counts, group_size
+from .plan import DenseTarget, HeadPlan, Plan, Term
 from .reference import compute_dtype, map_vocab, reference_terms
 from .schedules import evaluate
 from .spec import LossGraphSpec
@@ -94,10 +95,9 @@ def term_step(term: Term, step: int) -> TermStep:
 
 def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Student argmax and each teacher's argmax over the head's vocab (for the metrics)."""
-    vocab = batch.vocab
     with torch.no_grad():
-        student = vocab.argmax(batch.logits)
-        teachers = {name: vocab.argmax(map_vocab(t, vocab.size)) for name, t in batch.teachers.items()}
+        student = batch.logits.argmax(-1)
+        teachers = {name: map_vocab(t, head.vocab_size).argmax(-1) for name, t in batch.teachers.items()}
         for name, topk in batch.topk.items():
             teachers[name] = topk.indices.gather(1, topk.logprobs.argmax(-1, keepdim=True)).squeeze(1).long()
     return student, teachers
@@ -148,8 +148,16 @@ class CompiledGraph(torch.nn.Module):
         check_inputs: bool | None = None,
         chunk_size: int | None = None,
         accumulate_fp32: bool = False,
+        vocab_parallel_group=None,
+        normalize_across=None,
     ):
         super().__init__()
+        if vocab_parallel_group is not None:
+            _check_vocab_parallel(plan, vocab_parallel_group)
+        if normalize_across is not None:
+            group_size(normalize_across)  # fails clearly when torch.distributed is not initialized
+        self.vocab_parallel_group = vocab_parallel_group
+        self.normalize_across = normalize_across
         if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
             raise InputError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
         self.chunk_size = chunk_size
@@ -179,9 +187,18 @@ class CompiledGraph(torch.nn.Module):
         return fused_head_evaluator(self, device)
 
     def reference_evaluator(self, head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> HeadResult:
-        """The reference math; chunked over rows for a hidden-input head."""
+        """The reference math; chunked over rows for a hidden-input head; on full rows (gathered
+        from every rank's slice) under vocab parallel."""
         if batch.linear is not None:
             return linear_head(self, head, batch, steps, lambda chunk: reference_rows(head, chunk, steps))
+        if batch.shard is not None:
+            full = replace(
+                batch,
+                logits=GatherVocab.apply(batch.logits, batch.shard),
+                teachers={name: GatherVocab.apply(t, batch.shard) for name, t in batch.teachers.items()},
+                shard=None,
+            )
+            return reference_head(head, full, steps)
         return reference_head(head, batch, steps)
 
     def forward(
@@ -204,9 +221,23 @@ class CompiledGraph(torch.nn.Module):
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InputError(f"step must be a Python int >= 0, got {step!r}")
+        if self.normalize_across is not None and num_items is not None:
+            raise InputError("give num_items or compile with normalize_across, not both: both set the normalizer")
         batches = prepare_batches(
-            self.plan, logits, labels, teachers, loss_mask, document_ids, num_items, self.check_inputs
+            self.plan,
+            logits,
+            labels,
+            teachers,
+            loss_mask,
+            document_ids,
+            num_items,
+            self.check_inputs,
+            self.vocab_parallel_group,
         )
+        if self.normalize_across is not None and self.plan.normalization == "tokens":
+            counts = global_counts([batch.count for batch in batches.values()], self.normalize_across)
+            for batch, count in zip(batches.values(), counts):
+                batch.normalizer = count.clamp(min=1).to(torch.float32)
         device = next(iter(batches.values())).mask.device
         run_head = self.evaluator(device)
         total = None
@@ -232,6 +263,26 @@ class CompiledGraph(torch.nn.Module):
         return GraphOutput(total, terms, values, weights, metrics)
 
 
+def _check_vocab_parallel(plan: Plan, group) -> None:
+    """What vocab parallel needs of a graph: even splits, logits heads, teachers on the head's vocab."""
+    ranks = group_size(group)
+    for head in plan.heads:
+        if not head.terms:
+            continue
+        if head.hidden_input:
+            raise BackendError(f"head {head.name!r} takes hidden states; vocab parallel needs logits heads")
+        if head.vocab_size % ranks:
+            raise BackendError(
+                f"head {head.name!r} has vocab {head.vocab_size}, which does not split evenly over {ranks} ranks"
+            )
+        for teacher in head.teachers:
+            if isinstance(teacher, DenseTarget) and teacher.vocab_size != head.vocab_size:
+                raise BackendError(
+                    f"teacher {teacher.name!r} (vocab {teacher.vocab_size}) and head {head.name!r} (vocab "
+                    f"{head.vocab_size}) must share one vocab under vocab parallel"
+                )
+
+
 def compile(
     graph: LossGraphSpec | str | Path,
     backend: str = "auto",
@@ -240,6 +291,8 @@ def compile(
     check_inputs: bool | None = None,
     chunk_size: int | None = None,
     accumulate_fp32: bool = False,
+    vocab_parallel_group=None,
+    normalize_across=None,
 ) -> CompiledGraph:
     """Compile a loss graph (a spec, or the path of a YAML file) into a callable module.
 
@@ -249,7 +302,11 @@ def compile(
     checks that synchronize with the device (labels in range, top-k indices valid); None runs them
     for CPU tensors only. chunk_size: rows per chunk of a hidden-input head (default: chosen from V so
     that one chunk of logits takes at most 256 MiB); accumulate_fp32: accumulate the weight gradient
-    of hidden-input heads in float32.
+    of hidden-input heads in float32. vocab_parallel_group: a torch.distributed group over which every
+    head's and dense teacher's logits are split along the vocab (rank r holds columns
+    [r V/R, (r+1) V/R)); labels and top-k ids stay global. normalize_across: a group (the data-parallel
+    one) over which each head's unmasked-token count is summed, so every rank divides by the global
+    count (multiply the loss by the group's size when the gradients are averaged, as DDP does).
     """
     spec = graph if isinstance(graph, LossGraphSpec) else load(graph)
     report = check_spec(spec)
@@ -265,4 +322,6 @@ def compile(
         check_inputs=check_inputs,
         chunk_size=chunk_size,
         accumulate_fp32=accumulate_fp32,
+        vocab_parallel_group=vocab_parallel_group,
+        normalize_across=normalize_across,
     )

@@ -1,0 +1,83 @@
+"""Beyond one GPU: vocab-parallel heads and global token normalization, over torch.distributed.
+
+Vocab parallel (tensor parallel on the LM head): rank r of a group of R holds columns
+[r V/R, (r+1) V/R) of every head's and dense teacher's logits; labels and top-k indices stay global
+token ids. Every rank ends with the same loss and the slice of the gradient for its own columns.
+
+- The fused backend keeps the slices: each rank's first pass produces partial softmax statistics
+  (max, sum-exp, ...), which are all-reduced once per head (max first, then the sums rescaled to the
+  common max); the last pass computes the terms and the local gradient slice.
+- The reference backend (the ground truth) gathers the slices into full rows and runs the ordinary
+  math; the gather's backward hands each rank the slice of the gradient for its columns.
+
+Data parallel: with `normalize_across`, each head's count of unmasked tokens is all-reduced, so the
+loss is normalized by the global count and the gradient does not depend on how tokens are split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import InputError
+
+
+def group_size(group) -> int:
+    """The size of `group`, with a clear error when torch.distributed is not set up."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InputError("vocab_parallel_group / normalize_across need torch.distributed to be initialized first")
+    return dist.get_world_size(group)
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """The columns of a vocab of `total` tokens that this rank of `group` holds: [start, start + size)."""
+
+    total: int
+    group: object
+
+    @property
+    def ranks(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def size(self) -> int:
+        return self.total // self.ranks
+
+    @property
+    def start(self) -> int:
+        return dist.get_rank(self.group) * self.size
+
+
+class GatherVocab(torch.autograd.Function):
+    """Concatenate every rank's vocab slice into full rows; backward keeps this rank's columns.
+
+    Whatever is computed from the full rows is computed identically on every rank (each holds a copy
+    of the loss), so the gradient of this rank's slice is its columns of the full gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, part: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+        ctx.columns = (shard.start, shard.size)
+        pieces = [torch.empty_like(part) for _ in range(shard.ranks)]
+        dist.all_gather(pieces, part.contiguous(), group=shard.group)
+        return torch.cat(pieces, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        start, size = ctx.columns
+        return grad[..., start : start + size], None
+
+
+def all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    """A reduced copy of `tensor` (not differentiable)."""
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=op, group=group)
+    return total
+
+
+def global_counts(counts: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Each head's count of unmasked tokens summed over the group, in one all-reduce."""
+    return list(all_reduce(torch.stack(counts), dist.ReduceOp.SUM, group).unbind(0))
