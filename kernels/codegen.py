@@ -72,11 +72,25 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-class KernelGenerator:
-    """Writes the kernel for one KernelSpec. `source()` returns the module text."""
+PHASES = ("single", "stats", "reduce", "apply")
 
-    def __init__(self, spec: KernelSpec):
+
+class KernelGenerator:
+    """Writes the kernel for one KernelSpec and phase. `source()` returns the module text.
+
+    phase "single" is the whole algorithm in one launch. Under vocab parallel each rank holds a slice
+    of the vocab, and the algorithm is cut where statistics must be combined across ranks: "stats"
+    (pass 1 and the gathers, written out), "reduce" (pass 2's partial sums, when a term needs them)
+    and "apply" (the last pass, from the combined statistics). Column j of a slice is global token id
+    vocab_start + j; V is the slice's width and VT the whole vocab's.
+    """
+
+    def __init__(self, spec: KernelSpec, phase: str = "single"):
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}")
         self.spec = spec
+        self.phase = phase
+        self.sliced = phase != "single"
         terms = spec.terms
         self.topk_terms = [i for i, t in enumerate(terms) if isinstance(t.target, KTopK)]
         self.student_slots = sorted(
@@ -116,17 +130,85 @@ class KernelGenerator:
 
     def arguments(self) -> list[str]:
         spec = self.spec
-        args = ["z_ptr", "stride_z", "grad_ptr", "stride_grad", "loss_ptr", "pred_ptr", "row_scale_ptr"]
+        phase = self.phase
+        args = ["z_ptr", "stride_z", "row_scale_ptr"]
+        if phase in ("single", "apply"):
+            args += ["grad_ptr", "stride_grad", "loss_ptr"]
+        if phase == "single":
+            args.append("pred_ptr")
         if spec.uses_labels:
             args.append("label_ptr")
         for i in range(len(spec.dense)):
-            args += [f"t{i}_ptr", f"stride_t{i}", f"vocab_t{i}", f"tpred{i}_ptr"]
+            args += [f"t{i}_ptr", f"stride_t{i}", f"vocab_t{i}"]
+            if phase == "single":
+                args.append(f"tpred{i}_ptr")
         for i in range(len(spec.topk)):
             args += [f"k{i}_index_ptr", f"stride_k{i}_index", f"k{i}_logp_ptr", f"stride_k{i}_logp"]
+        if phase == "stats":
+            args += ["statf_ptr", "stati_ptr"]
+        if phase in ("reduce", "apply"):
+            args.append("statf_ptr")
+        if phase in ("stats", "apply"):
+            args += [f"topz{i}_ptr" for i in range(len(spec.topk))]
+        if phase == "reduce" or (phase == "apply" and self.reduction_terms):
+            args.append("red_ptr")
         args += [f"inv_t{s}" for s in range(len(spec.slot_is_one))]
-        args += [f"w{t}" for t, term in enumerate(spec.terms) if term.active]
-        args += ["V", "BLOCK_V: tl.constexpr"]
+        if phase in ("single", "apply"):
+            args += [f"w{t}" for t, term in enumerate(spec.terms) if term.active]
+        args.append("V")
+        if self.sliced:
+            args += ["vocab_start", "V_total"]
+        args.append("BLOCK_V: tl.constexpr")
         return args
+
+    # ----------------------------------------------------------------------------------------------
+    # What crosses ranks under vocab parallel: the layout of the statistics buffers.
+    # ----------------------------------------------------------------------------------------------
+
+    def float_stats(self) -> list[tuple[str, str, tuple]]:
+        """(variable, how ranks combine it, the softmax state it belongs to) for each float statistic.
+
+        max: all-reduce max; scaled: a sum taken against the state's local max, rescaled to the global
+        max and summed; moment: the centered entropy moment (re-centered on the global max, summed);
+        sum: summed as is (the label's logit, written by the rank holding it); argmax: the max of a
+        running argmax (its index is in the int buffer, same order).
+        """
+        entries: list[tuple[str, str, tuple]] = []
+        for s in self.student_slots:
+            entries += [(f"m_s{s}", "max", ("s", s)), (f"sum_s{s}", "scaled", ("s", s))]
+        entries += [(f"moment_s{s}", "moment", ("s", s)) for s in self.moment_slots]
+        entries += [(f"rkl_s{s}_t{i}", "scaled", ("s", s)) for s, i in self.online_rkl]
+        for i, s in self.teacher_states:
+            entries += [(f"m_t{i}_{s}", "max", ("t", i, s)), (f"sum_t{i}_{s}", "scaled", ("t", i, s))]
+        entries.append(("best_value", "argmax", ()))
+        entries += [(f"best_value_t{i}", "argmax", ()) for i in range(len(self.spec.dense))]
+        if self.spec.uses_labels:
+            entries.append(("z_label", "sum", ()))
+        return entries
+
+    def int_stats(self) -> list[str]:
+        return ["best_index", *[f"best_index_t{i}" for i in range(len(self.spec.dense))]]
+
+    def reduction_stats(self) -> list[str]:
+        names = []
+        for t in self.reduction_terms:
+            kind = self.spec.terms[t].kind
+            names += [f"{name}{t}" for name in {"jsd": ("kp", "kq"), "tvd": ("tv", "tc"), "reverse_kl": ("rk",)}[kind]]
+        return names
+
+    def streamed_terms(self) -> list[int]:
+        """Terms whose value the last pass adds up over columns (each rank has part of it)."""
+        return [
+            t
+            for t, term in enumerate(self.spec.terms)
+            if term.kind in ("cross_entropy", "forward_kl") and not isinstance(term.target, (KLabels, KTopK))
+        ]
+
+    def topk_width(self, i: int) -> int:
+        return next_power_of_two(self.spec.topk[i])
+
+    def global_offs(self) -> str:
+        return "(vocab_start + offs)" if self.sliced else "offs"
 
     # ----------------------------------------------------------------------------------------------
     # Tile expressions (cached per loop body).
@@ -162,7 +244,8 @@ class KernelGenerator:
         return self._cached(f"u{i}_{slot}", f"{tile} * inv_t{slot}")
 
     def onehot(self) -> str:
-        return self._cached("is_label", "offs == y")
+        # in_v: a padded lane past this row's columns may carry the id of a column another rank holds
+        return self._cached("is_label", f"in_v & ({self.global_offs()} == y)")
 
     def p(self, target: KTarget, slot: int) -> str:
         """Target probabilities of the tile."""
@@ -224,7 +307,7 @@ class KernelGenerator:
     def source(self) -> str:
         src = self.src
         src(
-            "# Generated by lossgraph.kernels.codegen from:",
+            f"# Generated by lossgraph.kernels.codegen (phase {self.phase}) from:",
             *[f"#   {line}" for line in _wrap(self.spec.key())],
             "import triton",
             "import triton.language as tl",
@@ -251,31 +334,55 @@ class KernelGenerator:
             "row = tl.program_id(0).to(tl.int64)",
             "row_scale = tl.load(row_scale_ptr + row)",
             "z_row = z_ptr + row * stride_z",
-            "g_row = grad_ptr + row * stride_grad",
             "cols = tl.arange(0, BLOCK_V)",
-            "Vf = V.to(tl.float32)",
+            "VT = V_total" if self.sliced else "VT = V",
+            "Vf = VT.to(tl.float32)",
         )
+        if self.phase in ("single", "apply"):
+            src("g_row = grad_ptr + row * stride_grad")
         for i in range(len(self.spec.dense)):
             src(f"t{i}_row = t{i}_ptr + row * stride_t{i}")
         with src.block("if row_scale == 0.0:"):
             self.masked_row()
         with src.block("else:"):
-            self.live_row()
+            {"single": self.live_row, "stats": self.stats_row, "reduce": self.reduce_row, "apply": self.apply_row}[
+                self.phase
+            ]()
         src.depth -= 1
         return src.text()
 
     def masked_row(self) -> None:
-        """A position that takes no loss: zero gradient, zero terms."""
+        """A position that takes no loss: zero gradient, zero terms (and neutral statistics)."""
         src = self.src
+        if self.phase == "stats":
+            floats, ints = len(self.float_stats()), len(self.int_stats())
+            src(
+                f"tl.store(statf_ptr + row * {floats} + tl.arange(0, {next_power_of_two(floats)}), 0.0, "
+                f"mask=tl.arange(0, {next_power_of_two(floats)}) < {floats})"
+            )
+            src(
+                f"tl.store(stati_ptr + row * {ints} + tl.arange(0, {next_power_of_two(ints)}), 0, "
+                f"mask=tl.arange(0, {next_power_of_two(ints)}) < {ints})"
+            )
+            for i in self.topk_sources:
+                width = self.topk_width(i)
+                src(f"tl.store(topz{i}_ptr + row * {width} + tl.arange(0, {width}), 0.0)")
+            return
+        if self.phase == "reduce":
+            names = self.reduction_stats()
+            for c in range(len(names)):
+                src(f"tl.store(red_ptr + row * {len(names)} + {c}, 0.0)")
+            return
         if not self.spec.accumulate:
             with src.block("for start in range(0, V, BLOCK_V):"):
                 src("offs = start + cols")
                 src("tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < V)")
         for t in range(len(self.spec.terms)):
             src(f"tl.store(loss_ptr + row * {len(self.spec.terms)} + {t}, 0.0)")
-        src("tl.store(pred_ptr + row, 0)")
-        for i in range(len(self.spec.dense)):
-            src(f"tl.store(tpred{i}_ptr + row, 0)")
+        if self.phase == "single":
+            src("tl.store(pred_ptr + row, 0)")
+            for i in range(len(self.spec.dense)):
+                src(f"tl.store(tpred{i}_ptr + row, 0)")
 
     def live_row(self) -> None:
         src = self.src
@@ -288,15 +395,76 @@ class KernelGenerator:
             self.topk_block()
         if self.reduction_terms:
             self.reduction_pass()
+            self.reduction_values()
         self.last_pass()
         if self.topk_sources:
             self.scatter_topk()
-        count = len(spec.terms)
-        for t in range(count):
-            src(f"tl.store(loss_ptr + row * {count} + {t}, loss{t})")
+        self.store_values()
         src("tl.store(pred_ptr + row, best_index)")
         for i in range(len(spec.dense)):
             src(f"tl.store(tpred{i}_ptr + row, best_index_t{i})")
+
+    def store_values(self) -> None:
+        count = len(self.spec.terms)
+        for t in range(count):
+            self.src(f"tl.store(loss_ptr + row * {count} + {t}, loss{t})")
+
+    def stats_row(self) -> None:
+        """Vocab parallel, phase 1: this slice's statistics, its share of the label logit and of the
+        stored top-k logits (0 where another rank holds the token)."""
+        src = self.src
+        if self.spec.uses_labels:
+            src("y = tl.load(label_ptr + row)")
+        self.first_pass()
+        if self.spec.uses_labels:
+            src(
+                "held = (y >= vocab_start) & (y < vocab_start + V)",
+                "z_label = tl.load(z_row + tl.where(held, y - vocab_start, 0), mask=held, other=0.0).to(tl.float32)",
+            )
+        for i in self.topk_sources:
+            self.load_topk_indices(i)
+            src(f"tl.store(topz{i}_ptr + row * {self.topk_width(i)} + kk{i}, tl.where(held{i}, z_top{i}, 0.0))")
+        floats = self.float_stats()
+        for c, (name, _, _) in enumerate(floats):
+            src(f"tl.store(statf_ptr + row * {len(floats)} + {c}, {name})")
+        ints = self.int_stats()
+        for c, name in enumerate(ints):
+            src(f"tl.store(stati_ptr + row * {len(ints)} + {c}, {name})")
+
+    def load_stats(self) -> None:
+        floats = self.float_stats()
+        for c, (name, _, _) in enumerate(floats):
+            self.src(f"{name} = tl.load(statf_ptr + row * {len(floats)} + {c})")
+
+    def reduce_row(self) -> None:
+        """Vocab parallel, phase 2: this slice's share of the row sums jsd, tvd and reverse KL need."""
+        if self.spec.uses_labels:
+            self.src("y = tl.load(label_ptr + row)")
+        self.load_stats()
+        self.after_first_pass()
+        self.reduction_pass()
+        names = self.reduction_stats()
+        for c, name in enumerate(names):
+            self.src(f"tl.store(red_ptr + row * {len(names)} + {c}, {name})")
+
+    def apply_row(self) -> None:
+        """Vocab parallel, last phase: the terms and this slice's gradient, from combined statistics."""
+        src = self.src
+        if self.spec.uses_labels:
+            src("y = tl.load(label_ptr + row)")
+        self.load_stats()
+        names = self.reduction_stats()
+        for c, name in enumerate(names):
+            src(f"{name} = tl.load(red_ptr + row * {len(names)} + {c})")
+        self.after_first_pass()
+        if self.reduction_terms:
+            self.reduction_values()
+        if self.topk_sources:
+            self.topk_block()
+        self.last_pass()
+        if self.topk_sources:
+            self.scatter_topk()
+        self.store_values()
 
     # ----------------------------------------------------------------------------------------------
     # Pass 1.
@@ -317,12 +485,13 @@ class KernelGenerator:
         for s, i in self.online_rkl:
             src(f"rkl_s{s}_t{i} = 0.0")
         with self.tile_loop():
-            src("best_value, best_index = online_argmax_update(best_value, best_index, x, start)")
+            first = "vocab_start + start" if self.sliced else "start"
+            src(f"best_value, best_index = online_argmax_update(best_value, best_index, x, {first})")
             for i in range(len(self.spec.dense)):
                 tile = self.teacher_tile(i)
                 src(
                     f"best_value_t{i}, best_index_t{i} = online_argmax_update("
-                    f"best_value_t{i}, best_index_t{i}, {tile}, start)"
+                    f"best_value_t{i}, best_index_t{i}, {tile}, {first})"
                 )
             for i, s in self.teacher_states:
                 u = self.scaled_teacher(i, s)
@@ -357,10 +526,14 @@ class KernelGenerator:
             src(f"log_sum_t{i}_{s} = tl.log(sum_t{i}_{s})")
         if spec.uses_labels:
             # an out-of-range label (unchecked input) gives a NaN loss instead of an out-of-bounds read
-            src(
-                "label_ok = (y >= 0) & (y < V)",
-                'z_label = tl.load(z_row + tl.where(label_ok, y, 0), mask=label_ok, other=float("nan")).to(tl.float32)',
-            )
+            src("label_ok = (y >= 0) & (y < VT)")
+            if self.sliced:  # the combined statistics hold the label's logit
+                src('z_label = tl.where(label_ok, z_label, float("nan"))')
+            else:
+                src(
+                    'z_label = tl.load(z_row + tl.where(label_ok, y, 0), mask=label_ok, other=float("nan"))',
+                    "z_label = z_label.to(tl.float32)",
+                )
         for t, term in enumerate(spec.terms):
             s = term.slot
             scaled = "" if spec.slot_is_one[s] else f" * inv_t{s}"
@@ -396,26 +569,40 @@ class KernelGenerator:
         src = self.src
         src("# top-k teachers: gather the stored entries; their terms are computed on these vectors")
         for i in self.topk_sources:
-            k = self.spec.topk[i]
-            block = next_power_of_two(k)
-            src(
-                f"kk{i} = tl.arange(0, {block})",
-                f"kmask{i} = kk{i} < {k}",
-                f"index{i} = tl.load(k{i}_index_ptr + row * stride_k{i}_index + kk{i}, mask=kmask{i}, other=0)",
-                f"index{i} = index{i}.to(tl.int64)",
-                f"stored_lp{i} = tl.load(k{i}_logp_ptr + row * stride_k{i}_logp + kk{i}, mask=kmask{i}, other=0.0)",
-                f"stored_lp{i} = stored_lp{i}.to(tl.float32)",
-                f"in_vocab{i} = kmask{i} & (index{i} >= 0) & (index{i} < V)",
-                f"safe{i} = tl.where(in_vocab{i}, index{i}, 0)",
-                f"z_top{i} = tl.load(z_row + safe{i}, mask=in_vocab{i}, other={NEG_INF}).to(tl.float32)",
-                f"delta{i} = tl.zeros([{block}], dtype=tl.float32)",
-            )
+            self.load_topk_indices(i)
+            width = self.topk_width(i)
+            if self.sliced:  # every rank's share, combined
+                src(f"z_top{i} = tl.where(in_vocab{i}, tl.load(topz{i}_ptr + row * {width} + kk{i}), {NEG_INF})")
+            src(f"delta{i} = tl.zeros([{width}], dtype=tl.float32)")
         for t in self.topk_terms:
             term = self.spec.terms[t]
             if term.target.tail == "renormalize":
                 self.topk_renormalized(t, term)
             else:
                 self.topk_bucket(t, term)
+
+    def load_topk_indices(self, i: int) -> None:
+        """The stored ids and log-probs of top-k source i; `held` ids are columns of this row's slice."""
+        k = self.spec.topk[i]
+        self.src(
+            f"kk{i} = tl.arange(0, {self.topk_width(i)})",
+            f"kmask{i} = kk{i} < {k}",
+            f"index{i} = tl.load(k{i}_index_ptr + row * stride_k{i}_index + kk{i}, mask=kmask{i}, other=0)",
+            f"index{i} = index{i}.to(tl.int64)",
+            f"stored_lp{i} = tl.load(k{i}_logp_ptr + row * stride_k{i}_logp + kk{i}, mask=kmask{i}, other=0.0)",
+            f"stored_lp{i} = stored_lp{i}.to(tl.float32)",
+            f"in_vocab{i} = kmask{i} & (index{i} >= 0) & (index{i} < VT)",
+        )
+        if self.sliced:
+            self.src(
+                f"column{i} = index{i} - vocab_start",
+                f"held{i} = in_vocab{i} & (column{i} >= 0) & (column{i} < V)",
+                f"safe{i} = tl.where(held{i}, column{i}, 0)",
+            )
+        else:
+            self.src(f"held{i} = in_vocab{i}", f"safe{i} = tl.where(in_vocab{i}, index{i}, 0)")
+        if self.phase in ("single", "stats"):
+            self.src(f"z_top{i} = tl.load(z_row + safe{i}, mask=held{i}, other={NEG_INF}).to(tl.float32)")
 
     def topk_renormalized(self, t: int, term: KernelTerm) -> None:
         src = self.src
@@ -487,7 +674,7 @@ class KernelGenerator:
             f"lQ{t} = tl.where(in_vocab{i}, (z_top{i} - m_s{s}) - log_sum_s{s}, {NEG_INF})",
             f"Q{t} = tl.exp(lQ{t})",
             # no tail when the stored tokens cover the vocab, whatever the stored mass rounds to
-            f"has_tail{t} = tl.sum(in_vocab{i}.to(tl.int32), 0) < V",
+            f"has_tail{t} = tl.sum(in_vocab{i}.to(tl.int32), 0) < VT",
             f"Qt{t} = tl.where(has_tail{t}, tl.maximum(1.0 - tl.sum(Q{t}, 0), 0.0), 0.0)",
             f"lQt{t} = tl.log(Qt{t})",
             f"lP{t} = tl.where(in_vocab{i}, stored_lp{i}, {NEG_INF})",
@@ -562,11 +749,8 @@ class KernelGenerator:
     def reduction_pass(self) -> None:
         src = self.src
         src("# pass 2: row sums that involve p and q together (needed before any gradient element)")
-        for t in self.reduction_terms:
-            kind = self.spec.terms[t].kind
-            names = {"jsd": ("kp", "kq"), "tvd": ("tv", "tc"), "reverse_kl": ("rk",)}[kind]
-            for name in names:
-                src(f"{name}{t} = 0.0")
+        for name in self.reduction_stats():
+            src(f"{name} = 0.0")
         with self.tile_loop():
             for t in self.reduction_terms:
                 term = self.spec.terms[t]
@@ -587,6 +771,10 @@ class KernelGenerator:
                     )
                 else:
                     src(f"rk{t} += tl.sum(tl.where({q} > 0, {q} * ({lq} - {lp}), 0.0), 0)")
+
+    def reduction_values(self) -> None:
+        """The values of the terms pass 2 sums up."""
+        src = self.src
         for t in self.reduction_terms:
             term = self.spec.terms[t]
             if term.kind == "jsd":
@@ -677,9 +865,9 @@ class KernelGenerator:
         for i in self.topk_sources:
             src(
                 "tl.debug_barrier()",
-                f"old{i} = tl.load(g_row + safe{i}, mask=in_vocab{i}, other=0.0).to(tl.float32)",
+                f"old{i} = tl.load(g_row + safe{i}, mask=held{i}, other=0.0).to(tl.float32)",
                 f"new{i} = (old{i} + delta{i} * row_scale).to(grad_ptr.dtype.element_ty)",
-                f"tl.store(g_row + safe{i}, new{i}, mask=in_vocab{i})",
+                f"tl.store(g_row + safe{i}, new{i}, mask=held{i})",
             )
 
 

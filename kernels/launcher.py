@@ -15,13 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
-from .codegen import generate, next_power_of_two
+from .codegen import KernelGenerator, next_power_of_two
 from .signature import KernelSpec
 
-_MODULES: dict[str, ModuleType] = {}
+_MODULES: dict[tuple[str, str], tuple[ModuleType, KernelGenerator]] = {}
 
 # Widest vocab tile: tiles of the student and every teacher stream live in registers at once.
 MAX_BLOCK_V = 4096
@@ -33,13 +34,23 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "lossgraph" / "kernels"
 
 
-def kernel_module(spec: KernelSpec) -> ModuleType:
-    """The imported module of the generated kernel for `spec` (generated on first use)."""
-    key = spec.key()
-    module = _MODULES.get(key)
-    if module is not None:
-        return module
-    source = generate(spec)
+def kernel_module(spec: KernelSpec, phase: str = "single") -> ModuleType:
+    """The imported module of the generated kernel for `spec` and `phase` (generated on first use)."""
+    return _built(spec, phase)[0]
+
+
+def layout(spec: KernelSpec, phase: str = "single") -> KernelGenerator:
+    """The generator of a kernel, which knows its statistics layout (for vocab-parallel launches)."""
+    return _built(spec, phase)[1]
+
+
+def _built(spec: KernelSpec, phase: str) -> tuple[ModuleType, KernelGenerator]:
+    key = (spec.key(), phase)
+    built = _MODULES.get(key)
+    if built is not None:
+        return built
+    generator = KernelGenerator(spec, phase)
+    source = generator.source()
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     name = f"lossgraph_fused_{digest}"
     folder = cache_dir()
@@ -54,8 +65,8 @@ def kernel_module(spec: KernelSpec) -> ModuleType:
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[name] = module
     loader_spec.loader.exec_module(module)
-    _MODULES[key] = module
-    return module
+    _MODULES[key] = (module, generator)
+    return module, generator
 
 
 def block_size(vocab: int, streams: int) -> tuple[int, int]:
@@ -70,39 +81,137 @@ def block_size(vocab: int, streams: int) -> tuple[int, int]:
     return block, warps
 
 
+class Inputs(NamedTuple):
+    """What every phase of a fused launch reads."""
+
+    logits: torch.Tensor  # [N, V] (this rank's columns under vocab parallel), unit stride on V
+    row_scale: torch.Tensor  # [N] float32: mask / normalizer
+    labels: torch.Tensor | None  # [N] int64 global ids
+    dense: list[torch.Tensor]  # dense teachers [N, V_teacher], unit stride
+    topk: list[tuple[torch.Tensor, torch.Tensor]]  # (indices [N, k], log-probs [N, k])
+    inverse_temperatures: list[float]
+
+
+def _arguments(spec: KernelSpec, inputs: Inputs) -> dict[str, object]:
+    logits = inputs.logits
+    arguments: dict[str, object] = {
+        "z_ptr": logits,
+        "stride_z": logits.stride(0),
+        "row_scale_ptr": inputs.row_scale,
+        "V": logits.shape[1],
+    }
+    if spec.uses_labels:
+        arguments["label_ptr"] = inputs.labels
+    for i, teacher in enumerate(inputs.dense):
+        arguments.update({f"t{i}_ptr": teacher, f"stride_t{i}": teacher.stride(0), f"vocab_t{i}": teacher.shape[1]})
+    for i, (indices, logprobs) in enumerate(inputs.topk):
+        arguments.update(
+            {
+                f"k{i}_index_ptr": indices,
+                f"stride_k{i}_index": indices.stride(0),
+                f"k{i}_logp_ptr": logprobs,
+                f"stride_k{i}_logp": logprobs.stride(0),
+            }
+        )
+    arguments.update({f"inv_t{s}": float(x) for s, x in enumerate(inputs.inverse_temperatures)})
+    return arguments
+
+
+def _weights(spec: KernelSpec, weights: list[float]) -> dict[str, float]:
+    active = [t for t, term in enumerate(spec.terms) if term.active]
+    return {f"w{t}": float(w) for t, w in zip(active, weights)}
+
+
+def _run(spec: KernelSpec, phase: str, inputs: Inputs, arguments: dict[str, object]) -> None:
+    rows, vocab = inputs.logits.shape
+    if rows:
+        block, warps = block_size(vocab, 1 + len(inputs.dense))
+        kernel_module(spec, phase).fused_head_kernel[(rows,)](**arguments, BLOCK_V=block, num_warps=warps)
+
+
 def launch(
-    spec: KernelSpec,
-    *,
-    logits: torch.Tensor,
-    grad: torch.Tensor,
-    row_scale: torch.Tensor,
-    labels: torch.Tensor | None,
-    dense: list[torch.Tensor],
-    topk: list[tuple[torch.Tensor, torch.Tensor]],
-    inverse_temperatures: list[float],
-    weights: list[float],
+    spec: KernelSpec, inputs: Inputs, *, grad: torch.Tensor, weights: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Run one fused launch over the rows of `logits` [N, V]; the gradient goes into `grad` [N, V].
+    """Run one fused launch over the rows of `inputs.logits` [N, V]; the gradient goes into `grad`.
 
     Returns (per-row term values [N, terms] float32, student argmax [N], teacher argmaxes [N] each).
-    `weights` has one entry per active term; `grad` may be `logits` itself (in-place).
+    `weights` has one entry per active term; `grad` may be the logits themselves (in-place).
     """
-    rows, vocab = logits.shape
-    device = logits.device
+    rows = inputs.logits.shape[0]
+    device = inputs.logits.device
     values = torch.empty((rows, len(spec.terms)), dtype=torch.float32, device=device)
     prediction = torch.empty(rows, dtype=torch.int64, device=device)
-    teacher_predictions = [torch.empty(rows, dtype=torch.int64, device=device) for _ in dense]
-    block, warps = block_size(vocab, 1 + len(dense))
-    arguments: list[object] = [logits, logits.stride(0), grad, grad.stride(0), values, prediction, row_scale]
-    if spec.uses_labels:
-        arguments.append(labels)
-    for teacher, predicted in zip(dense, teacher_predictions):
-        arguments += [teacher, teacher.stride(0), teacher.shape[1], predicted]
-    for indices, logprobs in topk:
-        arguments += [indices, indices.stride(0), logprobs, logprobs.stride(0)]
-    arguments += [float(x) for x in inverse_temperatures]
-    arguments += [float(x) for x in weights]
-    arguments.append(vocab)
-    if rows:
-        kernel_module(spec).fused_head_kernel[(rows,)](*arguments, BLOCK_V=block, num_warps=warps)
+    teacher_predictions = [torch.empty(rows, dtype=torch.int64, device=device) for _ in inputs.dense]
+    arguments = _arguments(spec, inputs)
+    arguments.update({"grad_ptr": grad, "stride_grad": grad.stride(0), "loss_ptr": values, "pred_ptr": prediction})
+    arguments.update({f"tpred{i}_ptr": p for i, p in enumerate(teacher_predictions)})
+    arguments.update(_weights(spec, weights))
+    _run(spec, "single", inputs, arguments)
     return values, prediction, teacher_predictions
+
+
+class SliceStatistics(NamedTuple):
+    """What the vocab-parallel "stats" phase writes per row (see KernelGenerator.float_stats)."""
+
+    floats: torch.Tensor  # [N, float statistics]
+    ints: torch.Tensor  # [N, int statistics]: argmax indices (global ids)
+    topk_logits: list[torch.Tensor]  # [N, k rounded up to a power of two] per top-k source
+
+
+def launch_stats(spec: KernelSpec, inputs: Inputs, *, vocab_start: int, vocab_total: int) -> SliceStatistics:
+    """Vocab parallel, phase 1: this rank's statistics of every row."""
+    generator = layout(spec, "stats")
+    rows, device = inputs.logits.shape[0], inputs.logits.device
+    statistics = SliceStatistics(
+        torch.empty((rows, len(generator.float_stats())), dtype=torch.float32, device=device),
+        torch.empty((rows, len(generator.int_stats())), dtype=torch.int64, device=device),
+        [
+            torch.empty((rows, generator.topk_width(i)), dtype=torch.float32, device=device)
+            for i in range(len(spec.topk))
+        ],
+    )
+    arguments = _arguments(spec, inputs)
+    arguments.update({"statf_ptr": statistics.floats, "stati_ptr": statistics.ints})
+    arguments.update({f"topz{i}_ptr": z for i, z in enumerate(statistics.topk_logits)})
+    arguments.update({"vocab_start": vocab_start, "V_total": vocab_total})
+    _run(spec, "stats", inputs, arguments)
+    return statistics
+
+
+def launch_reduce(
+    spec: KernelSpec, inputs: Inputs, floats: torch.Tensor, *, vocab_start: int, vocab_total: int
+) -> torch.Tensor:
+    """Vocab parallel, phase 2: this rank's share of the row sums of jsd / tvd / reverse KL terms."""
+    generator = layout(spec, "reduce")
+    partial = torch.empty(
+        (inputs.logits.shape[0], len(generator.reduction_stats())), dtype=torch.float32, device=inputs.logits.device
+    )
+    arguments = _arguments(spec, inputs)
+    arguments.update({"statf_ptr": floats, "red_ptr": partial, "vocab_start": vocab_start, "V_total": vocab_total})
+    _run(spec, "reduce", inputs, arguments)
+    return partial
+
+
+def launch_apply(
+    spec: KernelSpec,
+    inputs: Inputs,
+    *,
+    grad: torch.Tensor,
+    weights: list[float],
+    floats: torch.Tensor,
+    topk_logits: list[torch.Tensor],
+    reductions: torch.Tensor | None,
+    vocab_start: int,
+    vocab_total: int,
+) -> torch.Tensor:
+    """Vocab parallel, last phase: term values [N, terms] (streamed ones partial) and the local gradient."""
+    values = torch.empty((inputs.logits.shape[0], len(spec.terms)), dtype=torch.float32, device=inputs.logits.device)
+    arguments = _arguments(spec, inputs)
+    arguments.update({"grad_ptr": grad, "stride_grad": grad.stride(0), "loss_ptr": values, "statf_ptr": floats})
+    arguments.update({f"topz{i}_ptr": z for i, z in enumerate(topk_logits)})
+    if reductions is not None:
+        arguments["red_ptr"] = reductions
+    arguments.update({"vocab_start": vocab_start, "V_total": vocab_total})
+    arguments.update(_weights(spec, weights))
+    _run(spec, "apply", inputs, arguments)
+    return values

@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from .autograd import PrecomputedGradient
 from .errors import BackendError
 from .fusion import ONE, FusionPlan
 from .inputs import HeadBatch
-from .kernels.launcher import launch as launch_kernel
+from .kernels.launcher import Inputs, launch, launch_apply, launch_reduce, launch_stats, layout
 from .kernels.signature import KernelSpec
 from .linear import ChunkResult
+from .parallel import VocabShard, all_reduce, combine_statistics
 from .plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from .schedules import temperature_key
 
@@ -103,22 +105,22 @@ def kernel_key(graph: str, head_name: str, active: tuple[bool, ...]) -> str:
         return key
     heads, fusion = _GRAPHS[graph]
     head = heads[head_name]
-    layout = head_layout(head)
+    head_info = head_layout(head)
     temperatures = _temperatures(head)
     term_keys = [term.key for term in head.terms]
     bindings = []
-    for launch in fusion.for_head(head_name):
-        term_indices = tuple(term_keys.index(term.key) for term in launch.terms)
+    for planned in fusion.for_head(head_name):
+        term_indices = tuple(term_keys.index(term.key) for term in planned.terms)
         bindings.append(
             LaunchBinding(
-                spec=launch.kernel_spec(tuple(active[i] for i in term_indices)),
+                spec=planned.kernel_spec(tuple(active[i] for i in term_indices)),
                 terms=term_indices,
-                dense=tuple(layout.dense.index(t.name) for t in launch.dense),
-                topk=tuple(layout.topk.index(t.name) for t in launch.topk),
-                temperatures=tuple(temperatures.index(temperature_key(v)) for v in launch.slots),
+                dense=tuple(head_info.dense.index(t.name) for t in planned.dense),
+                topk=tuple(head_info.topk.index(t.name) for t in planned.topk),
+                temperatures=tuple(temperatures.index(temperature_key(v)) for v in planned.slots),
             )
         )
-    _KERNELS[key] = HeadKernels(tuple(bindings), len(head.terms), len(layout.dense), layout.temperatures)
+    _KERNELS[key] = HeadKernels(tuple(bindings), len(head.terms), len(head_info.dense), head_info.temperatures)
     return key
 
 
@@ -132,6 +134,7 @@ def _run_launches(
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
     scalars: torch.Tensor,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kernels = _KERNELS[key]
     # a CPU tensor: reading it is no device synchronization
@@ -142,23 +145,61 @@ def _run_launches(
     prediction = torch.zeros(rows, dtype=torch.int64, device=logits.device)
     teacher_predictions = torch.zeros((len(dense), rows), dtype=torch.int64, device=logits.device)
     for binding in kernels.launches:
-        active = [t for t, kt in zip(binding.terms, binding.spec.terms) if kt.active]
-        launch_values, launch_prediction, launch_teachers = launch_kernel(
-            binding.spec,
-            logits=logits,
-            grad=grad,
-            row_scale=row_scale,
-            labels=labels,
-            dense=[dense[i] for i in binding.dense],
-            topk=[(topk_indices[i], topk_logprobs[i]) for i in binding.topk],
-            inverse_temperatures=[inverse_temperatures[i] for i in binding.temperatures],
-            weights=[weights[t] for t in active],
+        inputs = _launch_inputs(
+            binding, logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures
         )
+        launch_weights = [weights[t] for t, term in zip(binding.terms, binding.spec.terms) if term.active]
+        if shard is None:
+            launch_values, launch_prediction, launch_teachers = launch(
+                binding.spec, inputs, grad=grad, weights=launch_weights
+            )
+        else:
+            launch_values, launch_prediction, launch_teachers = _sliced_launch(
+                binding.spec, inputs, grad, launch_weights, shard
+            )
         values[:, list(binding.terms)] = launch_values
         prediction = launch_prediction
         for local, head_index in enumerate(binding.dense):
             teacher_predictions[head_index] = launch_teachers[local]
     return values, prediction, teacher_predictions
+
+
+def _launch_inputs(
+    binding: LaunchBinding, logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures
+) -> Inputs:
+    return Inputs(
+        logits,
+        row_scale,
+        labels,
+        [dense[i] for i in binding.dense],
+        [(topk_indices[i], topk_logprobs[i]) for i in binding.topk],
+        [inverse_temperatures[i] for i in binding.temperatures],
+    )
+
+
+def _sliced_launch(spec: KernelSpec, inputs: Inputs, grad: torch.Tensor, weights: list[float], shard: VocabShard):
+    """One launch under vocab parallel: statistics of this slice, combined across ranks, then the
+    terms and this slice's gradient. The same results as one launch over the whole vocab."""
+    where = {"vocab_start": shard.start, "vocab_total": shard.total}
+    statistics = combine_statistics(layout(spec, "stats"), launch_stats(spec, inputs, **where), shard.group)
+    reductions = None
+    if layout(spec, "apply").reduction_terms:
+        partial = launch_reduce(spec, inputs, statistics.floats, **where)
+        reductions = all_reduce(partial, dist.ReduceOp.SUM, shard.group)
+    values = launch_apply(
+        spec,
+        inputs,
+        grad=grad,
+        weights=weights,
+        floats=statistics.floats,
+        topk_logits=statistics.topk_logits,
+        reductions=reductions,
+        **where,
+    )
+    streamed = layout(spec, "apply").streamed_terms()
+    if streamed:  # each rank summed these over its own columns
+        values[:, streamed] = all_reduce(values[:, streamed], dist.ReduceOp.SUM, shard.group)
+    return values, statistics.ints[:, 0], list(statistics.ints[:, 1:].unbind(1))
 
 
 @torch.library.custom_op("lossgraph::fused_head", mutates_args=())
@@ -269,7 +310,13 @@ def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool)
     # in place needs a single launch (later launches re-read the logits); inside torch.compile the
     # compiler owns the buffers and cannot functionalize a kernel that overwrites a graph input
     in_place = inplace and len(graph.fusion.for_head(head.name)) == 1 and not torch.compiler.is_compiling()
-    if in_place:
+    if batch.shard is not None:  # collectives between the phases: eager only, outside the compilable op
+        rows_ = _rows(logits.detach())
+        if in_place and rows_ is not logits.detach() and rows_.data_ptr() != logits.data_ptr():
+            raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")
+        grad = rows_ if in_place else torch.empty_like(rows_)
+        values, prediction, teacher_predictions = _run_launches(key, rows_, grad, *arguments, shard=batch.shard)
+    elif in_place:
         grad = logits.detach()
         if grad.stride(-1) != 1:
             raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")

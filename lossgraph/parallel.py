@@ -78,6 +78,55 @@ def all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return total
 
 
+def combine_statistics(generator, statistics, group):
+    """Combine every rank's per-row statistics of a vocab-parallel launch into whole-vocab ones.
+
+    Three collectives: the maxima (and argmax values) with MAX; every sum, rescaled from its rank's
+    max to the common one, with SUM (exp(m_r - m) S_r sums to S; a centered moment also moves by
+    (m_r - m) per unit of mass); the argmax ids with MIN among the ranks that hold the maximum.
+    """
+    from .kernels.launcher import SliceStatistics
+
+    entries = generator.float_stats()
+    floats = statistics.floats
+    peaks = [c for c, (_, kind, _) in enumerate(entries) if kind in ("max", "argmax")]
+    highest = all_reduce(floats[:, peaks], dist.ReduceOp.MAX, group)
+    combined = floats.clone()
+    combined[:, peaks] = highest
+    factor, shift = {}, {}
+    for c, (_, kind, state) in enumerate(entries):
+        if kind == "max":
+            local, overall = floats[:, c], combined[:, c]
+            empty = torch.isneginf(local)  # nothing finite in this slice: it contributes nothing
+            factor[state] = torch.where(empty, 0.0, torch.exp(local - overall))
+            shift[state] = torch.where(empty, 0.0, local - overall)
+    sums = {
+        state: floats[:, c]
+        for c, (name, kind, state) in enumerate(entries)
+        if kind == "scaled" and name.startswith("sum_")
+    }
+    added = [c for c, (_, kind, _) in enumerate(entries) if kind in ("scaled", "moment", "sum")]
+    parts = []
+    for c in added:
+        _, kind, state = entries[c]
+        value = floats[:, c]
+        if kind == "scaled":
+            value = value * factor[state]
+        elif kind == "moment":
+            value = factor[state] * (value + shift[state] * sums[state])
+        parts.append(value[:, None])
+    widths = [z.shape[1] for z in statistics.topk_logits]
+    total = all_reduce(torch.cat([*parts, *statistics.topk_logits], dim=1), dist.ReduceOp.SUM, group)
+    combined[:, added] = total[:, : len(added)]
+    # the kernels address these buffers as contiguous [N, width] rows
+    topk_logits = [part.contiguous() for part in total[:, len(added) :].split(widths, dim=1)]
+    values = [c for c, (_, kind, _) in enumerate(entries) if kind == "argmax"]
+    holds_max = floats[:, values] == combined[:, values]
+    candidates = torch.where(holds_max, statistics.ints, torch.iinfo(torch.int64).max)
+    ints = all_reduce(candidates, dist.ReduceOp.MIN, group)
+    return SliceStatistics(combined, ints, topk_logits)
+
+
 def global_counts(counts: list[torch.Tensor], group) -> list[torch.Tensor]:
     """Each head's count of unmasked tokens summed over the group, in one all-reduce."""
     return list(all_reduce(torch.stack(counts), dist.ReduceOp.SUM, group).unbind(0))

@@ -1,0 +1,183 @@
+"""Vocab parallel and data-parallel normalization over torch.distributed (gloo processes on the CPU).
+
+Every rank computes the same graph on its part of the work; the results must equal one process doing
+all of it: the loss (and every term) on every rank, and each rank's gradient slice.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from fused_cases import FUSED_SKIP_REASON, interpreter_warnings
+from helpers import assert_close, random_labels, random_logits, random_topk
+
+import lossgraph
+
+VOCAB = 48
+B, S = 2, 6
+
+GRAPH = f"""
+version: 1
+vocab_size: {VOCAB}
+heads: {{next: {{offset: 1}}, mtp2: {{offset: 2}}}}
+sources:
+  labels: {{type: labels}}
+  teacher: {{type: teacher}}
+  cached: {{type: topk_teacher, k: 5, tail: bucket}}
+  smooth: {{type: label_smoothing, source: labels, epsilon: 0.1}}
+losses:
+  lm: {{type: cross_entropy, heads: [next, mtp2], target: labels}}
+  fkl: {{type: forward_kl, heads: [next], target: teacher, temperature: 2.0, temperature_scaling: true}}
+  rkl: {{type: reverse_kl, heads: [next], target: teacher, weight: 0.3}}
+  jsd: {{type: jsd, heads: [next], target: teacher, beta: 0.3, weight: 0.5}}
+  z: {{type: z_loss, heads: [next, mtp2], weight: 1.0e-2}}
+  top: {{type: forward_kl, heads: [next], target: cached, weight: 0.5}}
+  smooth_ce: {{type: cross_entropy, heads: [mtp2], target: smooth, weight: 0.2}}
+  entropy: {{type: entropy, heads: [mtp2], weight: -0.05}}
+"""
+
+
+def _inputs():
+    return {
+        "logits": {"next": random_logits(B, S, VOCAB, seed=1), "mtp2": random_logits(B, S, VOCAB, seed=2)},
+        "labels": random_labels(B, S, vocab=VOCAB, seed=3),
+        "teacher": random_logits(B, S, VOCAB, seed=4),
+        "cached": random_topk(B, S, vocab=VOCAB, k=5, seed=5),
+    }
+
+
+def _single_process(backend: str):
+    """The whole vocab in one process: (loss, values, gradients by head)."""
+    data = _inputs()
+    logits = {head: value.clone().requires_grad_() for head, value in data["logits"].items()}
+    graph = lossgraph.compile(lossgraph.loads(GRAPH), backend=backend)
+    out = graph(logits, labels=data["labels"], teachers={"teacher": data["teacher"], "cached": data["cached"]})
+    out.loss.backward()
+    return out, {head: value.grad for head, value in logits.items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def _vocab_parallel_worker(rank: int, world: int, port: int, backend: str, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        data = _inputs()
+        width = VOCAB // world
+        columns = slice(rank * width, (rank + 1) * width)
+        logits = {head: value[..., columns].clone().requires_grad_() for head, value in data["logits"].items()}
+        graph = lossgraph.compile(lossgraph.loads(GRAPH), backend=backend, vocab_parallel_group=dist.group.WORLD)
+        teachers = {"teacher": data["teacher"][..., columns], "cached": data["cached"]}
+        out = graph(logits, labels=data["labels"], teachers=teachers)
+        out.loss.backward()
+        result = {
+            "loss": out.loss.detach(),
+            "values": out.values,
+            "metrics": out.metrics,
+            "grads": {head: value.grad for head, value in logits.items()},
+        }
+        torch.save(result, Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+BACKENDS = [
+    pytest.param("torch", id="reference"),
+    pytest.param(
+        "triton", id="fused", marks=pytest.mark.skipif(bool(FUSED_SKIP_REASON), reason=FUSED_SKIP_REASON or "runs")
+    ),
+]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_parallel_equals_one_process(backend, world, tmp_path):
+    mp.spawn(_vocab_parallel_worker, args=(world, _free_port(), backend, str(tmp_path)), nprocs=world)
+    expected, grads = _single_process(backend)
+    width = VOCAB // world
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_close(got["loss"], expected.loss.detach(), rtol=1e-5, atol=1e-6, what=f"rank {rank} loss")
+        for key, value in expected.values.items():
+            assert_close(got["values"][key], value, rtol=1e-5, atol=1e-6, what=f"rank {rank} {key}")
+        for head, grad in grads.items():
+            local = grad[..., rank * width : (rank + 1) * width]
+            assert_close(got["grads"][head], local, rtol=1e-5, atol=1e-7, what=f"rank {rank} grad {head}")
+        for head, metrics in expected.metrics.items():
+            for name, value in metrics.items():
+                assert torch.equal(got["metrics"][head][name], value), (rank, head, name)
+
+
+def _data_parallel_worker(rank: int, world: int, port: int, folder: str, normalize: bool) -> None:
+    """Rank r takes batch row r; its rows carry different numbers of masked tokens."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        data = _dp_inputs()
+        rows = slice(rank, rank + 1)
+        logits = {head: value[rows].clone().requires_grad_() for head, value in data["logits"].items()}
+        group = dist.group.WORLD if normalize else None
+        graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="torch", normalize_across=group)
+        teachers = {"teacher": data["teacher"][rows], "cached": lossgraph.TopK(*(t[rows] for t in data["cached"]))}
+        out = graph(logits, labels=data["labels"][rows], teachers=teachers)
+        # each rank's loss is its share of the global mean, so the shares add up to the full loss;
+        # DDP would average the gradients, hence the factor world size there (see docs/distributed.md)
+        out.loss.backward()
+        torch.save(
+            {"loss": out.loss.detach(), "grads": {head: value.grad for head, value in logits.items()}},
+            Path(folder) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _dp_inputs():
+    data = _inputs()
+    data["labels"][0, :4] = -100  # row 0 has far fewer tokens than row 1
+    return data
+
+
+def test_normalize_across_makes_unequal_data_parallel_shards_equal_one_process(tmp_path):
+    world = 2
+    mp.spawn(_data_parallel_worker, args=(world, _free_port(), str(tmp_path), True), nprocs=world)
+    out, grads = _dp_single_process()
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    assert_close(sum(r["loss"] for r in results), out.loss.detach(), rtol=1e-6, atol=1e-7, what="summed loss")
+    for rank, result in enumerate(results):
+        for head, grad in grads.items():
+            assert_close(result["grads"][head], grad[rank : rank + 1], rtol=1e-6, atol=1e-8, what=f"{head}")
+
+
+def _dp_single_process():
+    data = _dp_inputs()
+    logits = {head: value.clone().requires_grad_() for head, value in data["logits"].items()}
+    graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="torch")
+    out = graph(logits, labels=data["labels"], teachers={"teacher": data["teacher"], "cached": data["cached"]})
+    out.loss.backward()
+    return out, {head: value.grad for head, value in logits.items()}
+
+
+def test_without_normalize_across_the_gradient_depends_on_the_split(tmp_path):
+    """The bug normalize_across prevents: per-rank means weigh a token by 1 / (its rank's count)."""
+    mp.spawn(_data_parallel_worker, args=(2, _free_port(), str(tmp_path), False), nprocs=2)
+    _, grads = _dp_single_process()
+    local = torch.cat([torch.load(tmp_path / f"rank{rank}.pt")["grads"]["next"] for rank in range(2)])
+    assert not torch.allclose(local / 2, grads["next"], rtol=1e-3)  # what DDP's average would give
+
+
+def test_vocab_parallel_needs_an_initialized_group_and_an_even_split():
+    with pytest.raises(lossgraph.LossGraphError, match="initialized"):
+        lossgraph.compile(lossgraph.loads(GRAPH), vocab_parallel_group=object())
+
+
+pytestmark = interpreter_warnings
