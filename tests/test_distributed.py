@@ -181,3 +181,30 @@ def test_vocab_parallel_needs_an_initialized_group_and_an_even_split():
 
 
 pytestmark = interpreter_warnings
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--tp", "1"]], ids=["vocab-parallel", "data-parallel"])
+def test_distributed_example_trains_under_torchrun(layout):
+    """examples/distributed_train.py, launched as the docs say; both layouts train the same way."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        str(root / "examples" / "distributed_train.py"),
+        *layout,
+        "--steps",
+        "21",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [float(value) for value in re.findall(r"step \d+: loss ([0-9.]+)", result.stdout)]
+    assert len(losses) == 3 and losses[-1] < 0.5 * losses[0], result.stdout

@@ -126,11 +126,25 @@ def example_specs() -> dict[str, KernelSpec]:
     return specs
 
 
-def cases() -> dict[str, tuple[KernelSpec, str]]:
-    """id -> (spec, pointer type of the logits, gradient and teachers)."""
-    all_cases = {name: (spec, "*bf16") for name, spec in {**example_specs(), **synthetic_specs()}.items()}
-    all_cases["target-mixture-dense-smoothed-fp32"] = (synthetic_specs()["target-mixture-dense-smoothed"], "*fp32")
-    all_cases["widest-fp32"] = (synthetic_specs()["widest"], "*fp32")
+def cases() -> dict[str, tuple[KernelSpec, str, str]]:
+    """id -> (spec, pointer type of the logits, gradient and teachers, phase)."""
+    all_cases = {name: (spec, "*bf16", "single") for name, spec in {**example_specs(), **synthetic_specs()}.items()}
+    all_cases["target-mixture-dense-smoothed-fp32"] = (
+        synthetic_specs()["target-mixture-dense-smoothed"],
+        "*fp32",
+        "single",
+    )
+    all_cases["widest-fp32"] = (synthetic_specs()["widest"], "*fp32", "single")
+    # the vocab-parallel phases of the widest launch and of every example launch that has a pass 2
+    from lossgraph.kernels.codegen import KernelGenerator
+
+    split = {"widest": synthetic_specs()["widest"], **example_specs()}
+    for name, spec in split.items():
+        phases = ["stats", "apply"] + (["reduce"] if KernelGenerator(spec).reduction_terms else [])
+        if name != "widest" and "reduce" not in phases:
+            continue
+        for phase in phases:
+            all_cases[f"{name}-{phase}"] = (spec, "*bf16", phase)
     return all_cases
 
 
@@ -166,13 +180,15 @@ def signature(arg_names: list[str], pointer: str) -> dict[str, str]:
             types[name] = "constexpr"
         elif name in ("z_ptr", "grad_ptr") or re.fullmatch(r"t\d+_ptr", name):
             types[name] = pointer
-        elif name in ("loss_ptr", "row_scale_ptr") or re.fullmatch(r"k\d+_logp_ptr", name):
+        elif name in ("loss_ptr", "row_scale_ptr", "statf_ptr", "red_ptr") or re.fullmatch(
+            r"(k\d+_logp|topz\d+)_ptr", name
+        ):
             types[name] = "*fp32"
-        elif name in ("label_ptr", "pred_ptr") or re.fullmatch(r"(tpred\d+|k\d+_index)_ptr", name):
+        elif name in ("label_ptr", "pred_ptr", "stati_ptr") or re.fullmatch(r"(tpred\d+|k\d+_index)_ptr", name):
             types[name] = "*i64"
         elif re.fullmatch(r"inv_t\d+|w\d+", name):
             types[name] = "fp32"
-        elif name == "V" or re.fullmatch(r"stride_\w+|vocab_t\d+", name):
+        elif name in ("V", "vocab_start", "V_total") or re.fullmatch(r"stride_\w+|vocab_t\d+", name):
             types[name] = "i32"
         else:
             raise ValueError(f"unknown kernel argument {name!r}: teach this test its type")
@@ -202,10 +218,10 @@ def compile_all(out: Path) -> None:
     from triton.compiler import ASTSource
 
     results = {}
-    for name, (spec, pointer) in cases().items():
+    for name, (spec, pointer, phase) in cases().items():
         entry: dict[str, object] = {}
         try:
-            fn = kernel_module(spec).fused_head_kernel
+            fn = kernel_module(spec, phase).fused_head_kernel
             block, warps = block_size(PRODUCTION_VOCAB, 1 + len(spec.dense))
             entry.update(block=block, warps=warps)
             source = ASTSource(fn=fn, signature=signature(fn.arg_names, pointer), constexprs={"BLOCK_V": block})
