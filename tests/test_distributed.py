@@ -40,6 +40,7 @@ losses:
   top: {{type: forward_kl, heads: [next], target: cached, weight: 0.5}}
   smooth_ce: {{type: cross_entropy, heads: [mtp2], target: smooth, weight: 0.2}}
   entropy: {{type: entropy, heads: [mtp2], weight: -0.05}}
+  tvd: {{type: tvd, heads: [mtp2], target: smooth, weight: 0.1}}
 """
 
 
