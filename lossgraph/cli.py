@@ -332,6 +332,105 @@ def init(
     _print_plain(out, f"wrote {path}; check it with: lossgraph validate {path}")
 
 
+class BenchDevice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+def bench(
+    cases: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Cases to run: a b c d (logits), e (from hidden states); default all.", show_default=False),
+    ] = None,
+    tokens: Annotated[
+        Optional[int], typer.Option("--tokens", min=1, help="Tokens per case (default: the case's).")
+    ] = None,
+    vocab: Annotated[Optional[int], typer.Option("--vocab", min=1, help="Vocab size (default: the case's).")] = None,
+    hidden: Annotated[
+        Optional[int], typer.Option("--hidden", min=1, help="Hidden size of case e (default 4096; 64 on a CPU).")
+    ] = None,
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Element type of logits and teachers.")] = Dtype.bf16,
+    device: Annotated[BenchDevice, typer.Option("--device", help="auto: cuda when available.")] = BenchDevice.auto,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed steps per implementation.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first (compilation, caches).")] = 3,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this file.")] = None,
+) -> None:
+    """Time forward+backward of the standard cases for lossgraph and its peers, with the memory floor.
+
+    On a CPU the cases shrink to 512 tokens and a 4096 vocab unless --tokens/--vocab say otherwise
+    (a smoke test: the fused kernels and the peers' GPU kernels need a GPU).
+    """
+    with cli_errors():
+        import torch
+        from rich.progress import Progress
+        from rich.table import Table
+
+        from .bench import copy_bandwidth, environment, ratio, run_case, run_linear_case, standard_cases, write_json
+
+        if device is BenchDevice.auto:
+            target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            target = torch.device(device.value)
+            if target.type == "cuda" and not torch.cuda.is_available():
+                raise LossGraphError("--device cuda: no CUDA device is available; use --device cpu")
+        if target.type == "cpu":
+            tokens, vocab, hidden = tokens or 512, vocab or 4096, hidden or 64
+        known = {case.name: case for case in standard_cases(tokens, vocab)}
+        names = cases or [*known, "e"]
+        unknown = [name for name in names if name not in known and name != "e"]
+        if unknown:
+            raise LossGraphError(f"unknown case(s) {', '.join(unknown)}; the cases are a, b, c, d, e")
+        info = environment(target)
+        bandwidth = copy_bandwidth(target, megabytes=256 if target.type == "cpu" else 1024)
+        results = []
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task("benchmarking", total=len(names))
+            settings = {
+                "dtype": dtype.value,
+                "device": target,
+                "repeats": repeats,
+                "warmup": warmup,
+                "progress": lambda text: progress.update(task, description=text),
+            }
+            for name in names:
+                if name == "e":
+                    case_tokens, case_vocab = tokens or 8192, vocab or 128256
+                    results.append(
+                        run_linear_case(tokens=case_tokens, vocab=case_vocab, hidden=hidden or 4096, **settings)
+                    )
+                else:
+                    results.append(run_case(known[name], bandwidth=bandwidth, **settings))
+                progress.advance(task)
+        _print_plain(
+            out,
+            f"{info['card']}; torch {info['torch']}, triton {info.get('triton', '-')}; {dtype.value}; "
+            f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; median of {repeats} forward+backward steps",
+        )
+        for result in results:
+            table = Table()
+            for column in ("implementation", "median", "min", "x floor", "peak extra", "note"):
+                table.add_column(
+                    column, justify="right" if column in ("median", "min", "x floor", "peak extra") else "left"
+                )
+            table.add_row(f"floor ({result.floor})", f"{result.floor_ms:.3f} ms", "", "1.00x", "", "")
+            for m in result.measurements:
+                table.add_row(
+                    m.implementation,
+                    f"{m.median_ms:.3f} ms" if m.median_ms is not None else "",
+                    f"{m.min_ms:.3f} ms" if m.min_ms is not None else "",
+                    ratio(m.median_ms, result.floor_ms),
+                    _bytes(m.peak_extra_bytes) if m.peak_extra_bytes is not None else "",
+                    m.note,
+                )
+            _print_plain(out, f"case ({result.case}) {result.description}: N={result.tokens}, V={result.vocab}")
+            out.print(table, soft_wrap=False)
+        if json_path is not None:
+            write_json(json_path, info, bandwidth, results)
+            _print_plain(err, f"wrote {json_path}")
+
+
 class DemoDevice(str, Enum):
     cpu = "cpu"
     cuda = "cuda"

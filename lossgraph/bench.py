@@ -1,0 +1,467 @@
+"""`lossgraph bench`: forward+backward time and peak extra memory, side by side with the peers.
+
+Every implementation computes the same loss from the same logits and teachers, and is timed in the
+same process: lossgraph's fused backend (one kernel per head), its reference backend, the usual user
+code in torch eager (float32 upcast, `F.cross_entropy` and `F.kl_div`), `torch.compile` of that code,
+and Liger-Kernel's cross-entropy and KL-divergence when it is installed. The floor is the time a
+perfect implementation would need to move its bytes (each logits and teacher row read once, each
+gradient row written once) at the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .fusion import DTYPE_BYTES, floor_bytes_per_token
+from .runtime import CompiledGraph, compile
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Term:
+    """One loss term of a benchmark case, as plain data for the peers' user code."""
+
+    kind: str  # cross_entropy | forward_kl | z_loss
+    head: str
+    teacher: str | None = None
+    temperature: float = 1.0
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    description: str
+    heads: tuple[str, ...]
+    teachers: tuple[str, ...]
+    terms: tuple[Term, ...]
+    tokens: int
+    vocab: int
+
+    def yaml(self) -> str:
+        """The case as a loss graph."""
+        heads = ", ".join(f"{name}: {{offset: {index + 1}}}" for index, name in enumerate(self.heads))
+        sources = ["labels: {type: labels}", *[f"{t}: {{type: teacher}}" for t in self.teachers]]
+        losses = []
+        for index, term in enumerate(self.terms):
+            target = "labels" if term.kind == "cross_entropy" else term.teacher
+            parts = [f"type: {term.kind}", f"heads: [{term.head}]", f"weight: {term.weight}"]
+            if target:
+                parts.append(f"target: {target}")
+            if term.temperature != 1.0:
+                parts.append(f"temperature: {term.temperature}")
+            losses.append(f"  t{index}: {{{', '.join(parts)}}}")
+        return "\n".join(
+            [
+                "version: 1",
+                f"vocab_size: {self.vocab}",
+                f"heads: {{{heads}}}",
+                "sources:",
+                *[f"  {source}" for source in sources],
+                "losses:",
+                *losses,
+            ]
+        )
+
+
+def standard_cases(tokens: int | None = None, vocab: int | None = None) -> list[Case]:
+    """Cases (a)-(d) of the benchmark suite; `tokens`/`vocab` replace their sizes (for small runs)."""
+
+    def case(name, description, heads, teachers, terms, n, v):
+        return Case(name, description, heads, teachers, tuple(terms), tokens or n, vocab or v)
+
+    kd = Term("forward_kl", "next", "teacher", 1.0)
+    return [
+        case(
+            "a", "CE + forward KL, one head", ("next",), ("teacher",), [Term("cross_entropy", "next"), kd], 8192, 128256
+        ),
+        case(
+            "b", "CE + forward KL, one head", ("next",), ("teacher",), [Term("cross_entropy", "next"), kd], 16384, 32000
+        ),
+        case(
+            "c",
+            "MTP: CE on 3 heads; head 1 also forward KL (T=2) and z-loss",
+            ("next", "mtp2", "mtp3"),
+            ("teacher",),
+            [
+                Term("cross_entropy", "next"),
+                Term("forward_kl", "next", "teacher", 2.0),
+                Term("z_loss", "next", weight=1e-4),
+                Term("cross_entropy", "mtp2"),
+                Term("cross_entropy", "mtp3"),
+            ],
+            8192,
+            128256,
+        ),
+        case(
+            "d",
+            "two teachers on one head: CE + forward KL from each",
+            ("next",),
+            ("teacher", "teacher2"),
+            [Term("cross_entropy", "next"), kd, Term("forward_kl", "next", "teacher2", 1.0, 0.5)],
+            8192,
+            128256,
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# The implementations.
+# --------------------------------------------------------------------------------------------------
+
+Inputs = dict[str, torch.Tensor]
+LossFunction = Callable[[dict[str, torch.Tensor], torch.Tensor, Inputs], torch.Tensor]
+
+
+def eager_loss(case: Case) -> LossFunction:
+    """The usual user code: upcast to float32, one PyTorch call per term."""
+
+    def loss(logits: dict[str, torch.Tensor], labels: torch.Tensor, teachers: Inputs) -> torch.Tensor:
+        total = 0.0
+        for term in case.terms:
+            z = logits[term.head].float().reshape(-1, case.vocab)
+            if term.kind == "cross_entropy":
+                total = total + term.weight * F.cross_entropy(z, _shift(labels, case.heads.index(term.head)))
+            elif term.kind == "z_loss":
+                total = total + term.weight * torch.logsumexp(z, -1).pow(2).mean()
+            else:
+                t = term.temperature
+                log_q = torch.log_softmax(z / t, -1)
+                log_p = torch.log_softmax(teachers[term.teacher].float().reshape(-1, case.vocab) / t, -1)
+                total = total + term.weight * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+        return total
+
+    return loss
+
+
+def liger_loss(case: Case) -> LossFunction | None:
+    """Liger-Kernel's cross-entropy and KL-divergence (their documented use), or None without Liger."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+
+    cross_entropy = LigerCrossEntropyLoss()
+    kl_div = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+    def loss(logits: dict[str, torch.Tensor], labels: torch.Tensor, teachers: Inputs) -> torch.Tensor:
+        total = 0.0
+        for term in case.terms:
+            z = logits[term.head].reshape(-1, case.vocab)
+            if term.kind == "cross_entropy":
+                total = total + term.weight * cross_entropy(z, _shift(labels, case.heads.index(term.head)))
+            elif term.kind == "z_loss":
+                total = total + term.weight * torch.logsumexp(z.float(), -1).pow(2).mean()
+            else:
+                t = term.temperature
+                log_q = torch.log_softmax(z / t, -1)
+                log_p = torch.log_softmax(teachers[term.teacher].reshape(-1, case.vocab) / t, -1)
+                total = total + term.weight * kl_div(log_q, log_p)
+        return total
+
+    return loss
+
+
+def graph_loss(graph: CompiledGraph, case: Case) -> LossFunction:
+    def loss(logits: dict[str, torch.Tensor], labels: torch.Tensor, teachers: Inputs) -> torch.Tensor:
+        return graph(logits, labels=labels, teachers=teachers).loss
+
+    return loss
+
+
+def _shift(labels: torch.Tensor, head_index: int) -> torch.Tensor:
+    """Flat labels [N] of the head at `head_index` (offset head_index + 1) from next-token labels [1, N]."""
+    labels = labels.reshape(-1)
+    if head_index == 0:
+        return labels
+    shifted = torch.full_like(labels, -100)
+    shifted[:-head_index] = labels[head_index:]
+    return shifted
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    implementation: str
+    median_ms: float | None = None
+    min_ms: float | None = None
+    peak_extra_bytes: int | None = None
+    note: str = ""
+
+
+@dataclass
+class CaseResult:
+    case: str
+    description: str
+    tokens: int
+    vocab: int
+    floor_bytes: int
+    floor_ms: float
+    measurements: list[Measurement] = field(default_factory=list)
+    floor: str = "bytes / copy bandwidth"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 1024) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written), median of 10."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    seconds = []
+    for _ in range(10):
+        _synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        _synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return 2 * source.numel() / statistics.median(seconds)
+
+
+def time_step(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
+    """(median, min) milliseconds of `step`, after `warmup` calls; CUDA events on a GPU."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
+    """Bytes allocated at the peak of one step beyond what was allocated before it (GPU only)."""
+    if device.type != "cuda":
+        return None
+    _synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    _synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def logits():  # one sequence of `tokens` positions, so MTP heads shift along it
+        return (torch.randn(1, case.tokens, case.vocab, generator=generator) * 3).to(device=device, dtype=dtype)
+
+    student = {head: logits().requires_grad_() for head in case.heads}
+    teachers = {name: logits() for name in case.teachers}
+    labels = torch.randint(0, case.vocab, (1, case.tokens), generator=generator).to(device)
+    return student, labels, teachers
+
+
+def _measure_all(
+    result: CaseResult,
+    implementations: list[tuple[str, Callable[[], torch.Tensor] | None, str]],
+    leaves: list[torch.Tensor],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    progress: Callable[[str], None],
+) -> CaseResult:
+    """Time forward+backward of each implementation (a function returning the loss)."""
+    for name, function, note in implementations:
+        progress(f"case {result.case}: {name}")
+        if function is None:
+            result.measurements.append(Measurement(name, note=note))
+            continue
+
+        def step(function=function):
+            function().backward()
+            for leaf in leaves:
+                leaf.grad = None
+
+        try:
+            median, fastest = time_step(step, device, repeats, warmup)
+            result.measurements.append(Measurement(name, median, fastest, peak_memory(step, device)))
+        except Exception as error:  # a peer failing (out of memory, compile error) is reported, not fatal
+            result.measurements.append(Measurement(name, note=f"failed: {type(error).__name__}: {error}"[:200]))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return result
+
+
+def run_case(
+    case: Case,
+    *,
+    dtype: str,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    bandwidth: float,
+    progress: Callable[[str], None] = lambda _: None,
+) -> CaseResult:
+    graph_spec = compile_case_graph(case)
+    floor = floor_bytes_per_token(graph_spec.plan, DTYPE_BYTES[dtype]) * case.tokens
+    result = CaseResult(case.name, case.description, case.tokens, case.vocab, floor, floor / bandwidth * 1e3)
+    student, labels, teachers = make_inputs(case, DTYPES[dtype], device)
+    fused_ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    implementations: list[tuple[str, LossFunction | None, str]] = [
+        (
+            "lossgraph fused",
+            graph_loss(compile_case_graph(case, "triton"), case) if fused_ok else None,
+            "" if fused_ok else "needs CUDA + Triton",
+        ),
+        ("lossgraph reference", graph_loss(compile_case_graph(case, "torch"), case), ""),
+        ("torch eager (fp32)", eager_loss(case), ""),
+        ("torch.compile", torch.compile(eager_loss(case)), ""),
+    ]
+    liger = liger_loss(case) if device.type == "cuda" else None
+    implementations.append(("Liger-Kernel CE + KL", liger, "" if liger else "no Liger (or no GPU)"))
+    calls = [
+        (name, None if function is None else (lambda f=function: f(student, labels, teachers)), note)
+        for name, function, note in implementations
+    ]
+    return _measure_all(result, calls, list(student.values()), device, repeats, warmup, progress)
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a large matrix product in `dtype` on `device` (median of 10), on random data."""
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    median, _ = time_step(lambda: a @ b, device, repeats=10, warmup=2)
+    return 2 * size**3 / (median / 1e3)
+
+
+def run_linear_case(
+    *,
+    tokens: int,
+    vocab: int,
+    hidden: int,
+    dtype: str,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    progress: Callable[[str], None] = lambda _: None,
+) -> CaseResult:
+    """Case (e): CE + forward KL from hidden states and head weights (student and teacher), against
+    the four matrix products any implementation does (student logits, its two gradients, teacher
+    logits) at the matmul rate measured in the same run."""
+    from .document import loads
+    from .inputs import Linear
+
+    torch_dtype = DTYPES[dtype]
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=torch_dtype)
+
+    states, weight = tensor(tokens, hidden).requires_grad_(), tensor(vocab, hidden, scale=hidden**-0.5).requires_grad_()
+    teacher_states, teacher_weight = tensor(tokens, hidden), tensor(vocab, hidden, scale=hidden**-0.5)
+    labels = torch.randint(0, vocab, (tokens,), generator=generator).to(device)
+    text = (
+        f"version: 1\nvocab_size: {vocab}\nheads: {{next: {{input: hidden}}}}\n"
+        "sources: {labels: {type: labels}, teacher: {type: teacher}}\n"
+        "losses: {lm: {type: cross_entropy, heads: [next], target: labels},\n"
+        "         kd: {type: forward_kl, heads: [next], target: teacher}}\n"
+    )
+    spec = loads(text, "case-e.yaml")
+    matmuls = 4 * 2 * tokens * vocab * hidden
+    rate = matmul_rate(torch_dtype, device)
+    result = CaseResult(
+        "e",
+        f"fused-linear CE + forward KL from hidden states, H={hidden}",
+        tokens,
+        vocab,
+        0,
+        matmuls / rate * 1e3,
+        floor="four matmuls / matmul rate",
+    )
+
+    def lossgraph_call(backend: str):
+        graph = compile(spec, backend=backend)
+        teacher = Linear(teacher_states, teacher_weight)
+        return lambda: graph({"next": Linear(states, weight)}, labels=labels, teachers={"teacher": teacher}).loss
+
+    def eager() -> torch.Tensor:
+        logits = (states @ weight.T).float()
+        with torch.no_grad():
+            teacher_logits = (teacher_states @ teacher_weight.T).float()
+        kd = F.kl_div(
+            torch.log_softmax(logits, -1), torch.log_softmax(teacher_logits, -1), log_target=True, reduction="batchmean"
+        )
+        return F.cross_entropy(logits, labels) + kd
+
+    fused_ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    implementations = [
+        ("lossgraph fused", lossgraph_call("triton") if fused_ok else None, "" if fused_ok else "needs CUDA + Triton"),
+        ("lossgraph reference", lossgraph_call("torch"), "chunked"),
+        ("torch eager (fp32)", eager, "materializes the logits"),
+        ("torch.compile", torch.compile(eager), ""),
+    ]
+    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        jsd = LigerFusedLinearJSD(jsd_beta=0.5)
+        implementations.append(
+            (
+                "Liger fused-linear JSD",
+                lambda: jsd(states, weight, teacher_states, teacher_weight, labels),
+                "JSD, not KL",
+            )
+        )
+    else:
+        implementations.append(("Liger fused-linear JSD", None, "no Liger (or no GPU)"))
+    return _measure_all(result, implementations, [states, weight], device, repeats, warmup, progress)
+
+
+def compile_case_graph(case: Case, backend: str = "torch") -> CompiledGraph:
+    from .document import loads
+
+    return compile(loads(case.yaml(), f"case-{case.name}.yaml"), backend=backend)
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    info = {"torch": torch.__version__, "device": str(device)}
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        info["triton"] = triton.__version__
+    if device.type == "cuda":
+        info["card"] = torch.cuda.get_device_name(device)
+    else:
+        import platform
+
+        info["card"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return info
+
+
+def write_json(path: Path, info: dict, bandwidth: float, results: list[CaseResult]) -> None:
+    payload = {"environment": info, "copy_bandwidth_bytes_per_second": bandwidth, "cases": [asdict(r) for r in results]}
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    if value is None or base is None or base == 0 or math.isnan(value):
+        return ""
+    return f"{value / base:.2f}x"

@@ -1,0 +1,86 @@
+"""`lossgraph bench`: the implementations it compares compute the same loss, and it runs on a CPU.
+
+Timings are never asserted (they belong to the benchmark's output, not to tests).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import assert_close
+from typer.testing import CliRunner
+
+import lossgraph
+from lossgraph.bench import eager_loss, graph_loss, make_inputs, standard_cases
+from lossgraph.cli import app
+
+
+@pytest.mark.parametrize("case", standard_cases(tokens=64, vocab=300), ids=lambda case: case.name)
+def test_every_case_is_a_valid_graph_and_the_peers_compute_the_same_loss(case):
+    spec = lossgraph.loads(case.yaml())
+    graph = lossgraph.compile(spec, backend="torch")
+    student, labels, teachers = make_inputs(case, torch.float32, torch.device("cpu"))
+    ours = graph_loss(graph, case)(student, labels, teachers)
+    peer = eager_loss(case)(student, labels, teachers)
+    assert_close(peer, ours.detach(), dtype=torch.float32, rtol=1e-5, what=f"case {case.name}: eager vs lossgraph")
+    ours.backward()
+    ours_grads = {head: value.grad.clone() for head, value in student.items()}
+    for value in student.values():
+        value.grad = None
+    peer.backward()
+    for head, value in student.items():
+        assert_close(value.grad, ours_grads[head], dtype=torch.float32, rtol=1e-4, atol=1e-8, what=f"grad {head}")
+
+
+def test_case_c_compiles_to_three_launches_and_d_to_one():
+    cases = {case.name: case for case in standard_cases(tokens=64, vocab=300)}
+    assert len(lossgraph.compile(lossgraph.loads(cases["c"].yaml())).fusion.launches) == 3
+    assert len(lossgraph.compile(lossgraph.loads(cases["d"].yaml())).fusion.launches) == 1
+
+
+def test_bench_runs_on_the_cpu_and_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "a",
+            "e",
+            "--device",
+            "cpu",
+            "--tokens",
+            "32",
+            "--vocab",
+            "256",
+            "--hidden",
+            "16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(path),
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "case (a) CE + forward KL" in result.output and "case (e) fused-linear" in result.output
+    assert "floor (bytes / copy bandwidth)" in result.output and "needs CUDA + Triton" in result.output
+    payload = json.loads(path.read_text())
+    assert payload["environment"]["device"] == "cpu" and payload["copy_bandwidth_bytes_per_second"] > 0
+    cases = {case["case"]: case for case in payload["cases"]}
+    assert set(cases) == {"a", "e"}
+    timed = {m["implementation"]: m for m in cases["a"]["measurements"] if m["median_ms"] is not None}
+    assert {"lossgraph reference", "torch eager (fp32)", "torch.compile"} <= set(timed)
+    assert cases["a"]["floor_bytes"] == 32 * 3 * 256 * 2  # student, teacher, gradient rows in bf16
+    assert cases["e"]["floor"] == "four matmuls / matmul rate"
+
+
+def test_bench_rejects_unknown_cases_and_a_missing_gpu():
+    result = CliRunner().invoke(app, ["bench", "z", "--device", "cpu"])
+    assert result.exit_code == 1 and "unknown case(s) z" in result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(app, ["bench", "a", "--device", "cuda"])
+        assert result.exit_code == 1 and "no CUDA device" in result.output
