@@ -226,16 +226,19 @@ def fused_head(
     return grad, values, prediction, teachers
 
 
-@fused_head.register_fake
-def _fused_head_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
-    kernels = _KERNELS[key]
+def _fake_results(key: str, logits: torch.Tensor, dense: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Shapes of (values, student argmax, teacher argmaxes), for torch.compile's tracing."""
     rows = logits.shape[0]
     return (
-        torch.empty_like(logits),
-        logits.new_empty((rows, kernels.terms), dtype=torch.float32),
+        logits.new_empty((rows, _KERNELS[key].terms), dtype=torch.float32),
         logits.new_empty((rows,), dtype=torch.int64),
         logits.new_empty((len(dense), rows), dtype=torch.int64),
     )
+
+
+@fused_head.register_fake
+def _fused_head_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
+    return (torch.empty_like(logits), *_fake_results(key, logits, dense))
 
 
 @torch.library.custom_op("lossgraph::fused_head_inplace", mutates_args=("logits",))
@@ -255,13 +258,7 @@ def fused_head_inplace(
 
 @fused_head_inplace.register_fake
 def _fused_head_inplace_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
-    kernels = _KERNELS[key]
-    rows = logits.shape[0]
-    return (
-        logits.new_empty((rows, kernels.terms), dtype=torch.float32),
-        logits.new_empty((rows,), dtype=torch.int64),
-        logits.new_empty((len(dense), rows), dtype=torch.int64),
-    )
+    return _fake_results(key, logits, dense)
 
 
 def _active_terms(steps) -> tuple[bool, ...]:

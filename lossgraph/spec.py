@@ -52,24 +52,23 @@ class ConstantSchedule(_Model):
     start: FiniteFloat = Field(description="The value.")
 
 
-class LinearSchedule(_Model):
+class _Ramp(_Model):
+    start: FiniteFloat = Field(description=_START)
+    end: FiniteFloat = Field(description=_END)
+    steps: PositiveInt = Field(description=_STEPS)
+    warmup: Annotated[int, Field(ge=0)] = Field(0, description=_WARMUP)
+
+
+class LinearSchedule(_Ramp):
     """Straight line from `start` to `end` over `steps` steps, after `warmup` steps at `start`."""
 
     schedule: Literal["linear"] = Field(description="Schedule kind: linear interpolation.")
-    start: FiniteFloat = Field(description=_START)
-    end: FiniteFloat = Field(description=_END)
-    steps: PositiveInt = Field(description=_STEPS)
-    warmup: Annotated[int, Field(ge=0)] = Field(0, description=_WARMUP)
 
 
-class CosineSchedule(_Model):
+class CosineSchedule(_Ramp):
     """Half-cosine from `start` to `end` over `steps` steps, after `warmup` steps at `start`."""
 
     schedule: Literal["cosine"] = Field(description="Schedule kind: half-cosine interpolation.")
-    start: FiniteFloat = Field(description=_START)
-    end: FiniteFloat = Field(description=_END)
-    steps: PositiveInt = Field(description=_STEPS)
-    warmup: Annotated[int, Field(ge=0)] = Field(0, description=_WARMUP)
 
 
 class StepSchedule(_Model):
