@@ -21,6 +21,7 @@ ds/dz, and finally by the row's scale (mask / normalizer).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,6 +108,8 @@ class KernelGenerator:
         self.online_rkl = sorted(
             {(t.slot, t.target.teacher) for t in terms if t.kind == "reverse_kl" and isinstance(t.target, KDense)}
         )
+        # student slots whose sum-exp is also kept in float64, for the exact tail mass of bucket terms
+        self.wide_slots = sorted({t.slot for t in terms if isinstance(t.target, KTopK) and t.target.tail == "bucket"})
         self.reduction_terms = [i for i, t in enumerate(terms) if needs_reduction_pass(t)]
         self.topk_sources = sorted({t.target.source for t in terms if isinstance(t.target, KTopK)})
         for index in self.topk_terms:
@@ -177,6 +180,7 @@ class KernelGenerator:
         for s in self.student_slots:
             entries += [(f"m_s{s}", "max", ("s", s)), (f"sum_s{s}", "scaled", ("s", s))]
         entries += [(f"moment_s{s}", "moment", ("s", s)) for s in self.moment_slots]
+        entries += [(f"wide_sum_s{s}", "scaled", ("s", s)) for s in self.wide_slots]
         entries += [(f"rkl_s{s}_t{i}", "scaled", ("s", s)) for s, i in self.online_rkl]
         for i, s in self.teacher_states:
             entries += [(f"m_t{i}_{s}", "max", ("t", i, s)), (f"sum_t{i}_{s}", "scaled", ("t", i, s))]
@@ -281,7 +285,13 @@ class KernelGenerator:
                 f"tl.where({self.onehot()}, tl.log(1.0 - {eps} + {eps} / Vf), "
                 f"tl.where(in_v, tl.log({eps} / Vf), {NEG_INF}))",
             )
-        return self._cached(f"logp_mix{self._const_id(target)}_{slot}", f"tl.log({self.p(target, slot)})")
+        # log sum_i w_i p_i from the parts' exact log-probabilities: log of the summed probabilities
+        # would be -inf wherever every part underflows, while the terms need the true (finite) value
+        parts = [f"{math.log(weight)!r} + {self.log_p(part, slot)}" for weight, part in target.parts if weight > 0]
+        total = parts[0]
+        for part in parts[1:]:
+            total = f"log_add_exp({total}, {part})"
+        return self._cached(f"logp_mix{self._const_id(target)}_{slot}", total)
 
     def _const_id(self, value: object) -> int:
         key = f"const:{value!r}"
@@ -313,8 +323,10 @@ class KernelGenerator:
             "import triton.language as tl",
             "",
             "from lossgraph.kernels.primitives import (",
+            "    log_add_exp,",
             "    log_sum_exp,",
             "    online_argmax_update,",
+            "    online_wide_sum,",
             "    online_centered_moment,",
             "    online_softmax_update,",
             "    sign_of_difference,",
@@ -432,9 +444,11 @@ class KernelGenerator:
             src(f"tl.store(stati_ptr + row * {len(ints)} + {c}, {name})")
 
     def load_stats(self) -> None:
+        """The combined statistics (a float64 buffer: the wide sums need it; the rest is float32)."""
         floats = self.float_stats()
         for c, (name, _, _) in enumerate(floats):
-            self.src(f"{name} = tl.load(statf_ptr + row * {len(floats)} + {c})")
+            width = "tl.float64" if name.startswith("wide_sum") else "tl.float32"
+            self.src(f"{name} = tl.load(statf_ptr + row * {len(floats)} + {c}).to({width})")
 
     def reduce_row(self) -> None:
         """Vocab parallel, phase 2: this slice's share of the row sums jsd, tvd and reverse KL need."""
@@ -478,6 +492,8 @@ class KernelGenerator:
             src(f"m_s{s} = {NEG_INF}", f"sum_s{s} = 0.0")
         for s in self.moment_slots:
             src(f"moment_s{s} = 0.0")
+        for s in self.wide_slots:
+            src(f"wide_sum_s{s} = tl.zeros((), dtype=tl.float64)")
         for i, s in self.teacher_states:
             src(f"m_t{i}_{s} = {NEG_INF}", f"sum_t{i}_{s} = 0.0")
         for i in range(len(self.spec.dense)):
@@ -498,9 +514,13 @@ class KernelGenerator:
                 src(f"m_t{i}_{s}, sum_t{i}_{s}, _, _ = online_softmax_update(m_t{i}_{s}, sum_t{i}_{s}, {u})")
             for s in self.student_slots:
                 xs = self.scaled_student(s)
-                if s in self.moment_slots:
+                if s in self.moment_slots or s in self.wide_slots:
                     src(f"m_old{s} = m_s{s}", f"sum_old{s} = sum_s{s}")
                 src(f"m_s{s}, sum_s{s}, rescale{s}, e{s} = online_softmax_update(m_s{s}, sum_s{s}, {xs})")
+                if s in self.wide_slots:
+                    # the same sum-exp in float64: the tail mass of a bucket term is S minus the
+                    # stored tokens' share, which in float32 would cancel away below ~1e-7
+                    src(f"wide_sum_s{s} = online_wide_sum(wide_sum_s{s}, m_old{s}, m_s{s}, {xs})")
                 if s in self.moment_slots:
                     # entropy: H = log S - sum_j exp(s_j - m) (s_j - m) / S, the sum kept like sum-exp
                     src(
@@ -675,7 +695,11 @@ class KernelGenerator:
             f"Q{t} = tl.exp(lQ{t})",
             # no tail when the stored tokens cover the vocab, whatever the stored mass rounds to
             f"has_tail{t} = tl.sum(in_vocab{i}.to(tl.int32), 0) < VT",
-            f"Qt{t} = tl.where(has_tail{t}, tl.maximum(1.0 - tl.sum(Q{t}, 0), 0.0), 0.0)",
+            # Q_tail = (S - sum of the stored tokens' exp) / S, in float64
+            f"stored{t} = tl.sum(tl.where(in_vocab{i}, tl.exp(z_top{i}.to(tl.float64) - m_s{s}.to(tl.float64)), "
+            "0.0), 0)",
+            f"Qt{t} = tl.where(has_tail{t}, tl.maximum((wide_sum_s{s} - stored{t}) / wide_sum_s{s}, 0.0), 0.0)",
+            f"Qt{t} = Qt{t}.to(tl.float32)",
             f"lQt{t} = tl.log(Qt{t})",
             f"lP{t} = tl.where(in_vocab{i}, stored_lp{i}, {NEG_INF})",
             f"P{t} = tl.exp(lP{t})",

@@ -24,6 +24,11 @@ from .signature import KernelSpec
 
 _MODULES: dict[tuple[str, str], tuple[ModuleType, KernelGenerator]] = {}
 
+
+class KernelCacheError(OSError):
+    """The folder for generated kernels cannot be written (lossgraph turns this into a BackendError)."""
+
+
 # Widest vocab tile: tiles of the student and every teacher stream live in registers at once.
 MAX_BLOCK_V = 4096
 MIN_BLOCK_V = 128
@@ -54,13 +59,19 @@ def _built(spec: KernelSpec, phase: str) -> tuple[ModuleType, KernelGenerator]:
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     name = f"lossgraph_fused_{digest}"
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.py"
-    if not path.exists() or path.read_text(encoding="utf-8") != source:
-        handle, temporary = tempfile.mkstemp(dir=folder, suffix=".py.tmp")
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(source)
-        os.replace(temporary, path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_text(encoding="utf-8") != source:
+            handle, temporary = tempfile.mkstemp(dir=folder, suffix=".py.tmp")
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                file.write(source)
+            os.replace(temporary, path)
+    except OSError as error:
+        raise KernelCacheError(
+            f"cannot write generated kernels to {folder} ({error.strerror}); point LOSSGRAPH_CACHE_DIR "
+            "at a writable folder"
+        ) from None
     loader_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[name] = module
@@ -153,7 +164,7 @@ def launch(
 class SliceStatistics(NamedTuple):
     """What the vocab-parallel "stats" phase writes per row (see KernelGenerator.float_stats)."""
 
-    floats: torch.Tensor  # [N, float statistics]
+    floats: torch.Tensor  # [N, float statistics], float64
     ints: torch.Tensor  # [N, int statistics]: argmax indices (global ids)
     topk_logits: list[torch.Tensor]  # [N, k rounded up to a power of two] per top-k source
 
@@ -163,7 +174,7 @@ def launch_stats(spec: KernelSpec, inputs: Inputs, *, vocab_start: int, vocab_to
     generator = layout(spec, "stats")
     rows, device = inputs.logits.shape[0], inputs.logits.device
     statistics = SliceStatistics(
-        torch.empty((rows, len(generator.float_stats())), dtype=torch.float32, device=device),
+        torch.empty((rows, len(generator.float_stats())), dtype=torch.float64, device=device),
         torch.empty((rows, len(generator.int_stats())), dtype=torch.int64, device=device),
         [
             torch.empty((rows, generator.topk_width(i)), dtype=torch.float32, device=device)

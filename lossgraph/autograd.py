@@ -5,25 +5,61 @@ from __future__ import annotations
 import torch
 
 
+@torch.library.custom_op("lossgraph::scale_", mutates_args=("buffer",))
+def scale_(buffer: torch.Tensor, scale: torch.Tensor) -> None:
+    """buffer *= scale, computed in float32 whatever the buffer's dtype; no host synchronization.
+
+    On a GPU a Triton kernel reads the scale on the device (and skips the work when it is 1); on the
+    CPU the scale is read directly, which costs nothing there.
+    """
+    if buffer.device.type == "cuda" and buffer.is_contiguous():
+        from .kernels.scale import scale_in_place
+
+        scale_in_place(buffer, scale.to(device=buffer.device, dtype=torch.float32).reshape(()))
+    else:
+        factor = float(scale)
+        if factor != 1.0:
+            buffer.copy_(buffer.to(torch.float32).mul_(factor))
+
+
+@scale_.register_fake
+def _scale_fake(buffer, scale):
+    return None
+
+
 class PrecomputedGradient(torch.autograd.Function):
     """`loss` whose gradient with respect to `logits` is already known (`grad`, same shape).
 
     forward returns the loss and keeps the gradient; backward multiplies the kept gradient by the
-    incoming scalar, in place (the buffer serves one backward), and hands it to the logits. The fused
-    kernel computes loss and gradient in one launch, so backward never reads the logits again.
+    incoming scalar (and by `grad_scale`, a factor left out of the buffer), in place: the buffer serves
+    one backward. The fused kernel computes loss and gradient in one launch, so backward never reads
+    the logits again.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor, in_place: bool) -> torch.Tensor:
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        loss: torch.Tensor,
+        grad: torch.Tensor,
+        in_place: bool,
+        grad_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if in_place:
             # `grad` is the logits' own storage: saved tensors would check its version counter, which
             # the in-place kernel of a later head (logits that are views of one tensor) bumps
             ctx.grad = grad
+            ctx.save_for_backward(grad_scale)
         else:
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(grad_scale, grad)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad = ctx.grad if hasattr(ctx, "grad") else ctx.saved_tensors[0]
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None
+        saved = ctx.saved_tensors
+        grad = ctx.grad if hasattr(ctx, "grad") else saved[1]
+        scale = grad_output.to(torch.float32)
+        if saved[0] is not None:
+            scale = scale * saved[0]
+        scale_(grad, scale)
+        return grad, None, None, None, None

@@ -23,7 +23,15 @@ from .autograd import PrecomputedGradient
 from .errors import BackendError
 from .fusion import ONE, FusionPlan
 from .inputs import HeadBatch
-from .kernels.launcher import Inputs, launch, launch_apply, launch_reduce, launch_stats, layout
+from .kernels.launcher import (
+    Inputs,
+    KernelCacheError,
+    launch,
+    launch_apply,
+    launch_reduce,
+    launch_stats,
+    layout,
+)
 from .kernels.signature import KernelSpec
 from .linear import ChunkResult
 from .parallel import VocabShard, all_reduce, combine_statistics
@@ -157,7 +165,8 @@ def _run_launches(
             launch_values, launch_prediction, launch_teachers = _sliced_launch(
                 binding.spec, inputs, grad, launch_weights, shard
             )
-        values[:, list(binding.terms)] = launch_values
+        for column, term in enumerate(binding.terms):  # slices: a list index would sync with the GPU
+            values[:, term] = launch_values[:, column]
         prediction = launch_prediction
         for local, head_index in enumerate(binding.dense):
             teacher_predictions[head_index] = launch_teachers[local]
@@ -198,7 +207,9 @@ def _sliced_launch(spec: KernelSpec, inputs: Inputs, grad: torch.Tensor, weights
     )
     streamed = layout(spec, "apply").streamed_terms()
     if streamed:  # each rank summed these over its own columns
-        values[:, streamed] = all_reduce(values[:, streamed], dist.ReduceOp.SUM, shard.group)
+        totals = all_reduce(torch.stack([values[:, t] for t in streamed], 1), dist.ReduceOp.SUM, shard.group)
+        for column, term in enumerate(streamed):
+            values[:, term] = totals[:, column]
     return values, statistics.ints[:, 0], list(statistics.ints[:, 1:].unbind(1))
 
 
@@ -282,9 +293,11 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool) -> ChunkResult:
+def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool, fold: bool = False) -> ChunkResult:
     """Run every launch of `head` over the rows of `batch.logits`; with `inplace` the gradient
-    overwrites the logits (only possible when the head is one launch)."""
+    overwrites the logits (only possible when the head is one launch). With `fold`, the gradient is
+    written without the 1/normalizer factor, which is returned as `grad_scale` for backward to apply:
+    float16 gradients then keep small entries that 1/N would flush to zero."""
     logits = batch.logits
     layout = graph.head_layouts[head.name]
     key = kernel_key(graph.fused_token, head.name, _active_terms(steps))
@@ -294,7 +307,9 @@ def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool)
     # what the kernel multiplies dl/ds by: weight x scale x ds/dz (= 1/T)
     weights = [step.weight * step.scale / step.temperature for step in steps]
     scalars = torch.tensor([*inverse, *weights], dtype=torch.float64)
-    row_scale = batch.mask.to(torch.float32) / batch.normalizer
+    mask = batch.mask.to(torch.float32)
+    inverse_normalizer = 1.0 / batch.normalizer
+    row_scale = mask if fold else mask * inverse_normalizer
     topk = [batch.topk[name] for name in layout.topk]
     arguments = (
         row_scale,
@@ -307,26 +322,28 @@ def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool)
     # in place needs a single launch (later launches re-read the logits); inside torch.compile the
     # compiler owns the buffers and cannot functionalize a kernel that overwrites a graph input
     in_place = inplace and len(graph.fusion.for_head(head.name)) == 1 and not torch.compiler.is_compiling()
+    rows = _rows(logits.detach())
+    if in_place and rows.data_ptr() != logits.data_ptr():
+        raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")
+    if in_place:
+        # .data, not .detach(): its own version counter, so autograd does not see the caller's tensor
+        # (a view of the model's output) modified and does not rebuild its backward as a copy
+        rows = logits.data
     if batch.shard is not None:  # collectives between the phases: eager only, outside the compilable op
-        rows_ = _rows(logits.detach())
-        if in_place and rows_ is not logits.detach() and rows_.data_ptr() != logits.data_ptr():
-            raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")
-        grad = rows_ if in_place else torch.empty_like(rows_)
-        values, prediction, teacher_predictions = _run_launches(key, rows_, grad, *arguments, shard=batch.shard)
+        grad = rows if in_place else torch.empty_like(rows)
+        values, prediction, teacher_predictions = _run_launches(key, rows, grad, *arguments, shard=batch.shard)
     elif in_place:
-        grad = logits.detach()
-        if grad.stride(-1) != 1:
-            raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")
+        grad = rows
         values, prediction, teacher_predictions = fused_head_inplace(key, grad, *arguments)
     else:
-        grad, values, prediction, teacher_predictions = fused_head(key, _rows(logits.detach()), *arguments)
-    sums = (values * row_scale[:, None]).sum(0)
+        grad, values, prediction, teacher_predictions = fused_head(key, rows, *arguments)
+    sums = (values * mask[:, None]).sum(0) * inverse_normalizer
     scaled = torch.stack([sums[t] * step.scale for t, step in enumerate(steps)])
     teachers = {name: teacher_predictions[index] for index, name in enumerate(layout.dense)}
     for name, value in zip(layout.topk, topk):
         best = value.logprobs.argmax(-1, keepdim=True)
         teachers[name] = value.indices.gather(1, best).squeeze(1).long()
-    return ChunkResult(grad, scaled, prediction, teachers, in_place)
+    return ChunkResult(grad, scaled, prediction, teachers, in_place, inverse_normalizer if fold else None)
 
 
 def fused_head_evaluator(graph, device: torch.device):
@@ -345,6 +362,12 @@ def fused_head_evaluator(graph, device: torch.device):
         )
 
     def run(head: HeadPlan, batch: HeadBatch, steps) -> HeadResult:
+        try:
+            return evaluate(head, batch, steps)
+        except KernelCacheError as error:
+            raise BackendError(str(error)) from None
+
+    def evaluate(head: HeadPlan, batch: HeadBatch, steps) -> HeadResult:
         dtype = batch.linear.hidden.dtype if batch.linear is not None else batch.logits.dtype
         if dtype not in _SUPPORTED_DTYPES:
             if graph.backend == "auto":
@@ -357,8 +380,11 @@ def fused_head_evaluator(graph, device: torch.device):
             return linear_head(
                 graph, head, batch, steps, lambda chunk: fused_rows(graph, head, chunk, steps, inplace=True)
             )
-        rows = fused_rows(graph, head, batch, steps, inplace=graph.inplace_grad)
-        loss = PrecomputedGradient.apply(batch.logits, weighted_sum(rows.values, steps), rows.grad, rows.in_place)
+        fold = batch.logits.dtype == torch.float16
+        rows = fused_rows(graph, head, batch, steps, inplace=graph.inplace_grad, fold=fold)
+        loss = PrecomputedGradient.apply(
+            batch.logits, weighted_sum(rows.values, steps), rows.grad, rows.in_place, rows.grad_scale
+        )
         return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions)
 
     return run

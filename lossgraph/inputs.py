@@ -247,7 +247,8 @@ def _normalizer(
             raise InputError(f"num_items for head {head.name!r} must be a scalar, got shape {tuple(value.shape)}")
         if check_values and not bool(torch.isfinite(value).all() & (value > 0).all()):
             raise InputError(f"num_items for head {head.name!r} must be a positive number, got {value.item()!r}")
-        return value.reshape(()).to(device=count.device, dtype=torch.float32).clamp(min=1)
+        # a positive count (checked above where values are read): the clamp only keeps 0 from dividing
+        return value.reshape(()).to(device=count.device, dtype=torch.float32).clamp(min=torch.finfo(torch.float32).tiny)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise InputError(f"num_items for head {head.name!r} must be a positive number, got {value!r}")
     return torch.full((), float(value), dtype=torch.float32, device=count.device)

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from .autograd import scale_
 from .fusion import chunk_rows
 from .inputs import HeadBatch
 from .plan import HeadPlan
@@ -32,6 +33,7 @@ class ChunkResult(NamedTuple):
     prediction: torch.Tensor  # [rows] student argmax
     teacher_predictions: dict[str, torch.Tensor]  # [rows] argmax of each teacher
     in_place: bool = False  # `grad` is the logits' own storage
+    grad_scale: torch.Tensor | None = None  # a factor left out of `grad`, for backward to apply
 
 
 class LinearHeadLoss(torch.autograd.Function):
@@ -52,12 +54,10 @@ class LinearHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_output.to(torch.float32)
-        return (
-            grad_hidden.mul_(scale.to(grad_hidden.dtype)),
-            grad_weight.mul_(scale.to(grad_weight.dtype)),
-            grad_bias.mul_(scale.to(grad_bias.dtype)) if ctx.has_bias else None,
-            None,
-        )
+        for grad in (grad_hidden, grad_weight, grad_bias):
+            if grad is not None:
+                scale_(grad, scale)
+        return grad_hidden, grad_weight, grad_bias, None
 
 
 def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: Callable[[HeadBatch], ChunkResult]):
@@ -95,6 +95,11 @@ def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: C
             predictions.append(result.prediction)
             for name, predicted in result.teacher_predictions.items():
                 teachers.setdefault(name, []).append(predicted)
+        if values is None:  # no rows at all
+            values = torch.zeros(len(head.terms), dtype=torch.float32, device=hidden.device)
+            empty = torch.zeros(0, dtype=torch.int64, device=hidden.device)
+            predictions, teachers = [empty], {name: [empty] for name in batch.teachers}
+            teachers.update({name: [empty] for name in batch.topk})
         outputs["values"] = values
         outputs["prediction"] = torch.cat(predictions)
         outputs["teachers"] = {name: torch.cat(parts) for name, parts in teachers.items()}

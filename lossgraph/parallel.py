@@ -89,10 +89,11 @@ def combine_statistics(generator, statistics, group):
 
     entries = generator.float_stats()
     floats = statistics.floats
+    # columns are taken and written one by one: indexing with a Python list would sync with the GPU
     peaks = [c for c, (_, kind, _) in enumerate(entries) if kind in ("max", "argmax")]
-    highest = all_reduce(floats[:, peaks], dist.ReduceOp.MAX, group)
+    highest = all_reduce(_columns(floats, peaks), dist.ReduceOp.MAX, group)
     combined = floats.clone()
-    combined[:, peaks] = highest
+    _set_columns(combined, peaks, highest)
     factor, shift = {}, {}
     for c, (_, kind, state) in enumerate(entries):
         if kind == "max":
@@ -117,14 +118,23 @@ def combine_statistics(generator, statistics, group):
         parts.append(value[:, None])
     widths = [z.shape[1] for z in statistics.topk_logits]
     total = all_reduce(torch.cat([*parts, *statistics.topk_logits], dim=1), dist.ReduceOp.SUM, group)
-    combined[:, added] = total[:, : len(added)]
+    _set_columns(combined, added, total[:, : len(added)])
     # the kernels address these buffers as contiguous [N, width] rows
-    topk_logits = [part.contiguous() for part in total[:, len(added) :].split(widths, dim=1)]
+    topk_logits = [part.to(torch.float32).contiguous() for part in total[:, len(added) :].split(widths, dim=1)]
     values = [c for c, (_, kind, _) in enumerate(entries) if kind == "argmax"]
-    holds_max = floats[:, values] == combined[:, values]
+    holds_max = _columns(floats, values) == _columns(combined, values)
     candidates = torch.where(holds_max, statistics.ints, torch.iinfo(torch.int64).max)
     ints = all_reduce(candidates, dist.ReduceOp.MIN, group)
     return SliceStatistics(combined, ints, topk_logits)
+
+
+def _columns(tensor: torch.Tensor, columns: list[int]) -> torch.Tensor:
+    return torch.stack([tensor[:, c] for c in columns], dim=1)
+
+
+def _set_columns(tensor: torch.Tensor, columns: list[int], values: torch.Tensor) -> None:
+    for index, column in enumerate(columns):
+        tensor[:, column] = values[:, index]
 
 
 def global_counts(counts: list[torch.Tensor], group) -> list[torch.Tensor]:

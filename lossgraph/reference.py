@@ -144,7 +144,7 @@ def topk_log_probs(
     vocab = z.shape[-1]
     k = topk.indices.shape[-1]
     indices = torch.where(mask[:, None], topk.indices.long(), 0)
-    in_vocab = indices < vocab
+    in_vocab = (indices >= 0) & (indices < vocab)  # as the kernel: ids outside the vocab are dropped
     safe = torch.where(in_vocab, indices, 0)
     # masked positions get a harmless uniform placeholder instead of whatever the caller stored there
     teacher = torch.where(mask[:, None], topk.logprobs.to(dtype), -math.log(k + 1))

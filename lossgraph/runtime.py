@@ -17,7 +17,7 @@ import torch
 
 from .autograd import PrecomputedGradient
 from .document import check_spec, load
-from .errors import BackendError, ConfigError, InputError
+from .errors import BackendError, ConfigError, InputError, SourceFileError
 from .fused import head_layout, register_graph
 from .fusion import FusionPlan
 from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches
@@ -117,7 +117,7 @@ def reference_head(head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> H
         loss = weighted_sum(values, steps)
     else:  # every weight is 0 at this step: a zero loss that still backpropagates (zeros)
         zero = torch.zeros((), dtype=compute_dtype(batch.logits), device=batch.logits.device)
-        loss = PrecomputedGradient.apply(batch.logits, zero, torch.zeros_like(batch.logits), False)
+        loss = PrecomputedGradient.apply(batch.logits, zero, torch.zeros_like(batch.logits), False, None)
     student, teachers = predictions(head, batch)
     return HeadResult(loss, values.detach(), student, teachers)
 
@@ -158,7 +158,9 @@ class CompiledGraph(torch.nn.Module):
             group_size(normalize_across)  # fails clearly when torch.distributed is not initialized
         self.vocab_parallel_group = vocab_parallel_group
         self.normalize_across = normalize_across
-        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
             raise InputError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
         self.chunk_size = chunk_size
         self.accumulate_fp32 = accumulate_fp32
@@ -308,6 +310,11 @@ def compile(
     one) over which each head's unmasked-token count is summed, so every rank divides by the global
     count (multiply the loss by the group's size when the gradients are averaged, as DDP does).
     """
+    if isinstance(graph, str) and "\n" in graph:
+        raise SourceFileError(
+            "compile() takes a spec or the path of a YAML file, and this string has line breaks: "
+            "for YAML text, use lossgraph.compile(lossgraph.loads(text))"
+        )
     spec = graph if isinstance(graph, LossGraphSpec) else load(graph)
     report = check_spec(spec)
     context = report.context

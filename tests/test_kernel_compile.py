@@ -180,9 +180,9 @@ def signature(arg_names: list[str], pointer: str) -> dict[str, str]:
             types[name] = "constexpr"
         elif name in ("z_ptr", "grad_ptr") or re.fullmatch(r"t\d+_ptr", name):
             types[name] = pointer
-        elif name in ("loss_ptr", "row_scale_ptr", "statf_ptr", "red_ptr") or re.fullmatch(
-            r"(k\d+_logp|topz\d+)_ptr", name
-        ):
+        elif name == "statf_ptr":
+            types[name] = "*fp64"
+        elif name in ("loss_ptr", "row_scale_ptr", "red_ptr") or re.fullmatch(r"(k\d+_logp|topz\d+)_ptr", name):
             types[name] = "*fp32"
         elif name in ("label_ptr", "pred_ptr", "stati_ptr") or re.fullmatch(r"(tpred\d+|k\d+_index)_ptr", name):
             types[name] = "*i64"

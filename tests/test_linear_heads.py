@@ -286,3 +286,25 @@ def test_plan_reports_chunking_and_peak_memory(tmp_path):
 
 
 pytestmark = interpreter_warnings
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("triton", marks=pytest.mark.skipif(bool(FUSED_SKIP_REASON), reason=FUSED_SKIP_REASON or "runs")),
+    ],
+)
+def test_an_empty_batch_gives_zero_loss_and_empty_gradients(backend):
+    graph = lossgraph.compile(lossgraph.loads(GRAPH), backend=backend)
+    weight = torch.randn(VOCAB, H, requires_grad=True)
+    # offset-2 heads need [B, S] positions: empty sequences
+    hidden = torch.zeros(2, 0, H, requires_grad=True)
+    out = graph(
+        {"next": lossgraph.Linear(hidden, weight), "mtp2": lossgraph.Linear(hidden, weight)},
+        labels=torch.zeros(2, 0, dtype=torch.long),
+        teachers={"teacher": lossgraph.Linear(torch.zeros(2, 0, TEACHER_H), torch.randn(VOCAB, TEACHER_H))},
+    )
+    out.loss.backward()
+    assert float(out.loss) == 0.0 and hidden.grad.shape == (2, 0, H)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))

@@ -439,3 +439,15 @@ def test_example_graph_runs(path):
         assert tensor.grad is not None, name
         assert bool(torch.isfinite(tensor.grad).all()), name
         assert bool(tensor.grad.abs().sum() > 0), name
+
+
+def test_compile_arguments_are_checked():
+    yaml_text = (
+        "version: 1\nvocab_size: 8\nheads: {next: {}}\nsources: {labels: {type: labels}}\n"
+        "losses: {lm: {type: cross_entropy, heads: [next], target: labels}}\n"
+    )
+    with pytest.raises(lossgraph.SourceFileError, match="lossgraph.loads"):
+        lossgraph.compile(yaml_text)
+    for bad in (0, 2.5, True):
+        with pytest.raises(lossgraph.InputError, match="chunk_size"):
+            lossgraph.compile(lossgraph.loads(yaml_text), chunk_size=bad)

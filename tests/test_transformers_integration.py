@@ -168,3 +168,20 @@ def test_trainer_trains_and_logs_every_term(graph, tmp_path):
     assert logged[-1]["loss"] < 0.9 * logged[0]["loss"], [entry["loss"] for entry in logged]
     assert {"lossgraph/lm/next", "lossgraph/lm/mtp2", "lossgraph/kd/next"} <= set(logged[-1])
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_trainer_evaluate_reports_the_graph_loss(graph, tmp_path):
+    student, teacher = tiny_llama(32, seed=0), tiny_llama(48, seed=1)
+    attach_mtp_heads(student, graph)
+    batch = batch_of(8, 12)
+    data = [{key: value[i] for key, value in batch.items()} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=4, use_cpu=True, report_to=[], disable_tqdm=True
+    )
+    trainer = LossGraphTrainer(
+        model=student, args=args, eval_dataset=data, loss_graph=graph, teachers={"teacher": teacher}
+    )
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        expected = [compute_loss(student, batch_of(8, 12), graph, {"teacher": teacher}).loss]
+    assert metrics["eval_loss"] == pytest.approx(float(expected[0]), rel=0.05)  # mean of per-batch losses

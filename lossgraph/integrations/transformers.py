@@ -165,6 +165,9 @@ class LossGraphTrainer(Trainer):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        # the graph normalizes by num_items_in_batch itself: transformers must not also divide the loss
+        # by the gradient-accumulation steps, whatever the model's forward signature says
+        self.model_accepts_loss_kwargs = True
         self.loss_graph = loss_graph
         self.teachers = dict(teachers or {})
         for teacher in self.teachers.values():
@@ -177,7 +180,15 @@ class LossGraphTrainer(Trainer):
             model, inputs, self.loss_graph, self.teachers, step=self.state.global_step, num_items=num_items_in_batch
         )
         self._latest_terms = out.terms
-        return (out.loss, out) if return_outputs else out.loss
+        loss = out.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # transformers gathered num_items_in_batch over the processes, and DDP averages gradients:
+            # undo the average, as transformers' own compute_loss does
+            processes = self.accelerator.num_processes // (self.get_tp_size() if hasattr(self, "get_tp_size") else 1)
+            loss = loss * (processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        if return_outputs:  # evaluation reads the outputs like a dict of tensors
+            return loss, {"loss": loss.detach(), **out.terms}
+        return loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # training logs: add the latest value of every term
