@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import LossGraphError
 from .fusion import DTYPE_BYTES, floor_bytes_per_token
 from .runtime import CompiledGraph, compile
 
@@ -342,6 +343,63 @@ def run_case(
         for name, function, note in implementations
     ]
     return _measure_all(result, calls, list(student.values()), device, repeats, warmup, progress)
+
+
+def run_graph_file(
+    path: Path,
+    *,
+    tokens: int,
+    dtype: str,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    bandwidth: float,
+    progress: Callable[[str], None] = lambda _: None,
+) -> CaseResult:
+    """A user's loss graph: lossgraph's fused and reference backends on random inputs of its shapes
+    (the peers' user code exists only for the standard cases)."""
+    from .document import load
+    from .inputs import Linear, TopK
+    from .plan import TopKTarget
+
+    spec = load(path)
+    reference = compile(spec, backend="torch")
+    plan = reference.plan
+    if any(head.hidden_input for head in plan.heads):
+        raise LossGraphError(f"{path}: heads with input: hidden are benchmarked by case e, not from a file")
+    generator = torch.Generator().manual_seed(0)
+    torch_dtype = DTYPES[dtype]
+
+    def logits(vocab: int) -> torch.Tensor:
+        return (torch.randn(1, tokens, vocab, generator=generator) * 3).to(device=device, dtype=torch_dtype)
+
+    student = {head.name: logits(head.vocab_size).requires_grad_() for head in plan.heads if head.terms}
+    labels = None
+    if plan.labels is not None:
+        labels = torch.randint(0, min(h.vocab_size for h in plan.heads), (1, tokens), generator=generator).to(device)
+    teachers: dict[str, torch.Tensor | TopK | Linear] = {}
+    for name, target in plan.teachers.items():
+        if isinstance(target, TopKTarget):
+            ids = torch.rand(1, tokens, target.vocab_size, generator=generator).topk(target.k, -1).indices
+            logprobs = torch.log_softmax(torch.randn(1, tokens, target.k, generator=generator), -1) - 0.1
+            teachers[name] = TopK(ids.to(device), logprobs.to(device))
+        else:
+            teachers[name] = logits(target.vocab_size)
+    floor = floor_bytes_per_token(plan, DTYPE_BYTES[dtype]) * tokens
+    result = CaseResult(
+        path.name, f"graph {path}", tokens, max(h.vocab_size for h in plan.heads), floor, floor / bandwidth * 1e3
+    )
+    fused_ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    fused = compile(spec, backend="triton") if fused_ok else None
+
+    def call(graph: CompiledGraph):
+        return lambda: graph(student, labels=labels, teachers=teachers).loss
+
+    implementations = [
+        ("lossgraph fused", call(fused) if fused else None, "" if fused else "needs CUDA + Triton"),
+        ("lossgraph reference", call(reference), ""),
+    ]
+    return _measure_all(result, implementations, list(student.values()), device, repeats, warmup, progress)
 
 
 def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:

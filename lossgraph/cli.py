@@ -367,7 +367,16 @@ def bench(
         from rich.progress import Progress
         from rich.table import Table
 
-        from .bench import copy_bandwidth, environment, ratio, run_case, run_linear_case, standard_cases, write_json
+        from .bench import (
+            copy_bandwidth,
+            environment,
+            ratio,
+            run_case,
+            run_graph_file,
+            run_linear_case,
+            standard_cases,
+            write_json,
+        )
 
         if device is BenchDevice.auto:
             target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -379,9 +388,11 @@ def bench(
             tokens, vocab, hidden = tokens or 512, vocab or 4096, hidden or 64
         known = {case.name: case for case in standard_cases(tokens, vocab)}
         names = cases or [*known, "e"]
-        unknown = [name for name in names if name not in known and name != "e"]
+        unknown = [name for name in names if name not in known and name != "e" and not Path(name).is_file()]
         if unknown:
-            raise LossGraphError(f"unknown case(s) {', '.join(unknown)}; the cases are a, b, c, d, e")
+            raise LossGraphError(
+                f"unknown case(s) {', '.join(unknown)}: give a, b, c, d, e or the path of a loss-graph file"
+            )
         info = environment(target)
         bandwidth = copy_bandwidth(target, megabytes=256 if target.type == "cpu" else 1024)
         results = []
@@ -400,6 +411,8 @@ def bench(
                     results.append(
                         run_linear_case(tokens=case_tokens, vocab=case_vocab, hidden=hidden or 4096, **settings)
                     )
+                elif name not in known:
+                    results.append(run_graph_file(Path(name), tokens=tokens or 8192, bandwidth=bandwidth, **settings))
                 else:
                     results.append(run_case(known[name], bandwidth=bandwidth, **settings))
                 progress.advance(task)

@@ -6,6 +6,7 @@ Timings are never asserted (they belong to the benchmark's output, not to tests)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,16 @@ def test_bench_rejects_unknown_cases_and_a_missing_gpu():
     if not torch.cuda.is_available():
         result = CliRunner().invoke(app, ["bench", "a", "--device", "cuda"])
         assert result.exit_code == 1 and "no CUDA device" in result.output
+
+
+def test_bench_takes_a_loss_graph_file(tmp_path):
+    path = tmp_path / "graph.yaml"
+    path.write_text((Path(__file__).parent.parent / "examples" / "ensemble.yaml").read_text())
+    result = CliRunner().invoke(
+        app,
+        ["bench", str(path), "--device", "cpu", "--tokens", "16", "--repeats", "1", "--warmup", "0"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "case (graph.yaml)" in result.output and "lossgraph reference" in result.output
+    assert "torch eager" not in result.output  # the peers' code exists for the standard cases only
