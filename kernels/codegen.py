@@ -25,6 +25,7 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 from .signature import (
     KDense,
@@ -89,6 +90,8 @@ class KernelGenerator:
     def __init__(self, spec: KernelSpec, phase: str = "single"):
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}")
+        if not spec.gradient:  # values only: no term takes part in a gradient
+            spec = replace(spec, terms=tuple(replace(term, active=False) for term in spec.terms))
         self.spec = spec
         self.phase = phase
         self.sliced = phase != "single"
@@ -108,8 +111,11 @@ class KernelGenerator:
         self.online_rkl = sorted(
             {(t.slot, t.target.teacher) for t in terms if t.kind == "reverse_kl" and isinstance(t.target, KDense)}
         )
-        # student slots whose sum-exp is also kept in float64, for the exact tail mass of bucket terms
-        self.wide_slots = sorted({t.slot for t in terms if isinstance(t.target, KTopK) and t.target.tail == "bucket"})
+        # top-k sources with a bucket term: pass 1 keeps the softmax state of the tokens they do not
+        # store (the tail), so that a tail far below the stored mass stays exact (no S - stored cancels)
+        self.tail_sources = sorted(
+            {t.target.source for t in terms if isinstance(t.target, KTopK) and t.target.tail == "bucket"}
+        )
         self.reduction_terms = [i for i, t in enumerate(terms) if needs_reduction_pass(t)]
         self.topk_sources = sorted({t.target.source for t in terms if isinstance(t.target, KTopK)})
         for index in self.topk_terms:
@@ -136,7 +142,7 @@ class KernelGenerator:
         phase = self.phase
         args = ["z_ptr", "stride_z", "row_scale_ptr"]
         if phase in ("single", "apply"):
-            args += ["grad_ptr", "stride_grad", "loss_ptr"]
+            args += ["grad_ptr", "stride_grad", "loss_ptr"] if spec.gradient else ["loss_ptr"]
         if phase == "single":
             args.append("pred_ptr")
         if spec.uses_labels:
@@ -180,7 +186,8 @@ class KernelGenerator:
         for s in self.student_slots:
             entries += [(f"m_s{s}", "max", ("s", s)), (f"sum_s{s}", "scaled", ("s", s))]
         entries += [(f"moment_s{s}", "moment", ("s", s)) for s in self.moment_slots]
-        entries += [(f"wide_sum_s{s}", "scaled", ("s", s)) for s in self.wide_slots]
+        for i in self.tail_sources:
+            entries += [(f"tail_m{i}", "max", ("tail", i)), (f"tail_sum{i}", "scaled", ("tail", i))]
         entries += [(f"rkl_s{s}_t{i}", "scaled", ("s", s)) for s, i in self.online_rkl]
         for i, s in self.teacher_states:
             entries += [(f"m_t{i}_{s}", "max", ("t", i, s)), (f"sum_t{i}_{s}", "scaled", ("t", i, s))]
@@ -246,6 +253,16 @@ class KernelGenerator:
         if self.spec.slot_is_one[slot]:
             return tile
         return self._cached(f"u{i}_{slot}", f"{tile} * inv_t{slot}")
+
+    def stored_columns(self, i: int) -> str:
+        """Which columns of the tile top-k source i stores: a histogram of its ids that fall in the tile."""
+        inside = self._cached(f"in_tile{i}", f"held{i} & (safe{i} >= start) & (safe{i} < start + BLOCK_V)")
+        bins = self._cached(f"bin{i}", f"tl.where({inside}, safe{i} - start, 0).to(tl.int32)")
+        return self._cached(f"is_stored{i}", f"tl.histogram({bins}, BLOCK_V, mask={inside}) > 0")
+
+    def log_mixture(self, beta: float, log_a: str, log_b: str) -> str:
+        """log(beta a + (1 - beta) b) from log a and log b: never formed from underflowed probabilities."""
+        return f"log_add_exp({math.log(beta)!r} + {log_a}, {math.log1p(-beta)!r} + {log_b})"
 
     def onehot(self) -> str:
         # in_v: a padded lane past this row's columns may carry the id of a column another rank holds
@@ -326,7 +343,6 @@ class KernelGenerator:
             "    log_add_exp,",
             "    log_sum_exp,",
             "    online_argmax_update,",
-            "    online_wide_sum,",
             "    online_centered_moment,",
             "    online_softmax_update,",
             "    sign_of_difference,",
@@ -350,7 +366,7 @@ class KernelGenerator:
             "VT = V_total" if self.sliced else "VT = V",
             "Vf = VT.to(tl.float32)",
         )
-        if self.phase in ("single", "apply"):
+        if self.phase in ("single", "apply") and self.spec.gradient:
             src("g_row = grad_ptr + row * stride_grad")
         for i in range(len(self.spec.dense)):
             src(f"t{i}_row = t{i}_ptr + row * stride_t{i}")
@@ -385,7 +401,7 @@ class KernelGenerator:
             for c in range(len(names)):
                 src(f"tl.store(red_ptr + row * {len(names)} + {c}, 0.0)")
             return
-        if not self.spec.accumulate:
+        if self.spec.gradient and not self.spec.accumulate:
             with src.block("for start in range(0, V, BLOCK_V):"):
                 src("offs = start + cols")
                 src("tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < V)")
@@ -401,6 +417,8 @@ class KernelGenerator:
         spec = self.spec
         if spec.uses_labels:
             src("y = tl.load(label_ptr + row)")
+        for i in self.topk_sources:
+            self.load_topk_indices(i)
         self.first_pass()
         self.after_first_pass()
         if self.topk_sources:
@@ -409,7 +427,7 @@ class KernelGenerator:
             self.reduction_pass()
             self.reduction_values()
         self.last_pass()
-        if self.topk_sources:
+        if self.topk_sources and self.spec.gradient:
             self.scatter_topk()
         self.store_values()
         src("tl.store(pred_ptr + row, best_index)")
@@ -418,7 +436,12 @@ class KernelGenerator:
 
     def store_values(self) -> None:
         count = len(self.spec.terms)
-        for t in range(count):
+        for t, term in enumerate(self.spec.terms):
+            checks = [f"ok_t{i}" for i in _dense_teachers(term.target)]
+            if isinstance(term.target, KTopK):
+                checks.append(f"ok_k{term.target.source}")
+            if checks:
+                self.src(f'loss{t} = tl.where({" & ".join(checks)}, loss{t}, float("nan"))')
             self.src(f"tl.store(loss_ptr + row * {count} + {t}, loss{t})")
 
     def stats_row(self) -> None:
@@ -427,6 +450,8 @@ class KernelGenerator:
         src = self.src
         if self.spec.uses_labels:
             src("y = tl.load(label_ptr + row)")
+        for i in self.topk_sources:
+            self.load_topk_indices(i)
         self.first_pass()
         if self.spec.uses_labels:
             src(
@@ -434,7 +459,6 @@ class KernelGenerator:
                 "z_label = tl.load(z_row + tl.where(held, y - vocab_start, 0), mask=held, other=0.0).to(tl.float32)",
             )
         for i in self.topk_sources:
-            self.load_topk_indices(i)
             src(f"tl.store(topz{i}_ptr + row * {self.topk_width(i)} + kk{i}, tl.where(held{i}, z_top{i}, 0.0))")
         floats = self.float_stats()
         for c, (name, _, _) in enumerate(floats):
@@ -444,11 +468,10 @@ class KernelGenerator:
             src(f"tl.store(stati_ptr + row * {len(ints)} + {c}, {name})")
 
     def load_stats(self) -> None:
-        """The combined statistics (a float64 buffer: the wide sums need it; the rest is float32)."""
+        """The combined statistics (kept in a float64 buffer, computed with in float32)."""
         floats = self.float_stats()
         for c, (name, _, _) in enumerate(floats):
-            width = "tl.float64" if name.startswith("wide_sum") else "tl.float32"
-            self.src(f"{name} = tl.load(statf_ptr + row * {len(floats)} + {c}).to({width})")
+            self.src(f"{name} = tl.load(statf_ptr + row * {len(floats)} + {c}).to(tl.float32)")
 
     def reduce_row(self) -> None:
         """Vocab parallel, phase 2: this slice's share of the row sums jsd, tvd and reverse KL need."""
@@ -466,6 +489,8 @@ class KernelGenerator:
         src = self.src
         if self.spec.uses_labels:
             src("y = tl.load(label_ptr + row)")
+        for i in self.topk_sources:
+            self.load_topk_indices(i)
         self.load_stats()
         names = self.reduction_stats()
         for c, name in enumerate(names):
@@ -476,7 +501,7 @@ class KernelGenerator:
         if self.topk_sources:
             self.topk_block()
         self.last_pass()
-        if self.topk_sources:
+        if self.topk_sources and self.spec.gradient:
             self.scatter_topk()
         self.store_values()
 
@@ -492,8 +517,8 @@ class KernelGenerator:
             src(f"m_s{s} = {NEG_INF}", f"sum_s{s} = 0.0")
         for s in self.moment_slots:
             src(f"moment_s{s} = 0.0")
-        for s in self.wide_slots:
-            src(f"wide_sum_s{s} = tl.zeros((), dtype=tl.float64)")
+        for i in self.tail_sources:
+            src(f"tail_m{i} = {NEG_INF}", f"tail_sum{i} = 0.0")
         for i, s in self.teacher_states:
             src(f"m_t{i}_{s} = {NEG_INF}", f"sum_t{i}_{s} = 0.0")
         for i in range(len(self.spec.dense)):
@@ -512,15 +537,17 @@ class KernelGenerator:
             for i, s in self.teacher_states:
                 u = self.scaled_teacher(i, s)
                 src(f"m_t{i}_{s}, sum_t{i}_{s}, _, _ = online_softmax_update(m_t{i}_{s}, sum_t{i}_{s}, {u})")
+            for i in self.tail_sources:
+                # the softmax state of the tokens source i does not store (a bucket's tail, T = 1)
+                src(
+                    f"tail_m{i}, tail_sum{i}, _, _ = online_softmax_update("
+                    f"tail_m{i}, tail_sum{i}, tl.where({self.stored_columns(i)}, {NEG_INF}, x))"
+                )
             for s in self.student_slots:
                 xs = self.scaled_student(s)
-                if s in self.moment_slots or s in self.wide_slots:
+                if s in self.moment_slots:
                     src(f"m_old{s} = m_s{s}", f"sum_old{s} = sum_s{s}")
                 src(f"m_s{s}, sum_s{s}, rescale{s}, e{s} = online_softmax_update(m_s{s}, sum_s{s}, {xs})")
-                if s in self.wide_slots:
-                    # the same sum-exp in float64: the tail mass of a bucket term is S minus the
-                    # stored tokens' share, which in float32 would cancel away below ~1e-7
-                    src(f"wide_sum_s{s} = online_wide_sum(wide_sum_s{s}, m_old{s}, m_s{s}, {xs})")
                 if s in self.moment_slots:
                     # entropy: H = log S - sum_j exp(s_j - m) (s_j - m) / S, the sum kept like sum-exp
                     src(
@@ -544,6 +571,24 @@ class KernelGenerator:
             src(f"log_sum_s{s} = tl.log(sum_s{s})", f"lse_s{s} = m_s{s} + log_sum_s{s}")
         for i, s in self.teacher_states:
             src(f"log_sum_t{i}_{s} = tl.log(sum_t{i}_{s})")
+        for i in range(len(spec.dense)):
+            # a NaN or +inf logit, or no finite one, leaves the teacher's log-sum-exp non-finite (x - x != 0)
+            _, s = next(state for state in self.teacher_states if state[0] == i)
+            src(f"lse_t{i} = m_t{i}_{s} + log_sum_t{i}_{s}", f"ok_t{i} = (lse_t{i} - lse_t{i}) == 0.0")
+        for i in self.topk_sources if self.phase != "reduce" else ():
+            # the same for the stored log-probs of a top-k teacher
+            src(
+                f"lse_k{i} = log_sum_exp(tl.where(kmask{i}, stored_lp{i}, {NEG_INF}))",
+                f"ok_k{i} = (lse_k{i} - lse_k{i}) == 0.0",
+            )
+        if self.phase in ("single", "apply"):
+            # a row whose teacher is not a distribution gets a NaN gradient, as its loss is NaN: a
+            # finite loss never hides a broken teacher, and a NaN loss never comes with a finite gradient
+            checks = [f"ok_t{i}" for i in range(len(spec.dense))] + [f"ok_k{i}" for i in self.topk_sources]
+            if checks:
+                src(f'grad_scale = tl.where({" & ".join(checks)}, row_scale, float("nan"))')
+            else:
+                src("grad_scale = row_scale")
         if spec.uses_labels:
             # an out-of-range label (unchecked input) gives a NaN loss instead of an out-of-bounds read
             src("label_ok = (y >= 0) & (y < VT)")
@@ -589,7 +634,6 @@ class KernelGenerator:
         src = self.src
         src("# top-k teachers: gather the stored entries; their terms are computed on these vectors")
         for i in self.topk_sources:
-            self.load_topk_indices(i)
             width = self.topk_width(i)
             if self.sliced:  # every rank's share, combined
                 src(f"z_top{i} = tl.where(in_vocab{i}, tl.load(topz{i}_ptr + row * {width} + kk{i}), {NEG_INF})")
@@ -663,7 +707,7 @@ class KernelGenerator:
             beta = repr(term.beta)
             # M = beta p + (1 - beta) q; dl/ds_i = (1 - beta) q_i (log(q_i / M_i) - KL(q || M))
             src(
-                f"lm{t} = tl.log({beta} * {p} + (1.0 - {beta}) * {q})",
+                f"lm{t} = {self.log_mixture(term.beta, lp, lq)}",
                 f"kp{t} = tl.sum(tl.where({p} > 0, {p} * ({lp} - lm{t}), 0.0), 0)",
                 f"kq{t} = tl.sum(tl.where({q} > 0, {q} * ({lq} - lm{t}), 0.0), 0)",
                 f"val{t} = {beta} * kp{t} + (1.0 - {beta}) * kq{t}",
@@ -682,9 +726,11 @@ class KernelGenerator:
     def topk_bucket(self, t: int, term: KernelTerm) -> None:
         """k stored buckets plus one tail bucket; T = 1.
 
-        With bucket b(j) of token j and G'_b = dl/dQ_b - sum_c Q_c dl/dQ_c, dl/dz_j = q_j G'_b(j):
-        a dense part alpha q_j with alpha = G'_tail for every token, plus q_i (G'_i - alpha) at the
-        stored tokens (scattered after the last pass).
+        With bucket b(j) of token j and G'_b = dl/dQ_b - sum_c Q_c dl/dQ_c, dl/dz_j = q_j G'_b(j): the
+        stored tokens get q_i G'_i (`sparse`, scattered after the last pass), every other token
+        q_j G'_tail (written by the last pass, which skips the stored columns).
+        Q_tail comes from pass 1's own softmax state of the unstored tokens, in log space: exact however
+        far the tail lies below the stored mass (a confident student).
         """
         src = self.src
         i = term.target.source
@@ -695,12 +741,8 @@ class KernelGenerator:
             f"Q{t} = tl.exp(lQ{t})",
             # no tail when the stored tokens cover the vocab, whatever the stored mass rounds to
             f"has_tail{t} = tl.sum(in_vocab{i}.to(tl.int32), 0) < VT",
-            # Q_tail = (S - sum of the stored tokens' exp) / S, in float64
-            f"stored{t} = tl.sum(tl.where(in_vocab{i}, tl.exp(z_top{i}.to(tl.float64) - m_s{s}.to(tl.float64)), "
-            "0.0), 0)",
-            f"Qt{t} = tl.where(has_tail{t}, tl.maximum((wide_sum_s{s} - stored{t}) / wide_sum_s{s}, 0.0), 0.0)",
-            f"Qt{t} = Qt{t}.to(tl.float32)",
-            f"lQt{t} = tl.log(Qt{t})",
+            f"lQt{t} = tl.where(has_tail{t}, (tail_m{i} - m_s{s}) + tl.log(tail_sum{i}) - log_sum_s{s}, {NEG_INF})",
+            f"Qt{t} = tl.exp(lQt{t})",
             f"lP{t} = tl.where(in_vocab{i}, stored_lp{i}, {NEG_INF})",
             f"P{t} = tl.exp(lP{t})",
             f"Pt{t} = tl.where(has_tail{t}, tl.maximum(1.0 - tl.sum(P{t}, 0), 0.0), 0.0)",
@@ -711,22 +753,21 @@ class KernelGenerator:
         Qt, Pt, lQt, lPt = f"Qt{t}", f"Pt{t}", f"lQt{t}", f"lPt{t}"
         if kind in ("cross_entropy", "forward_kl"):
             if kind == "cross_entropy":
+                # l = -sum_b P_b log Q_b
                 src(
                     f"loss{t} = tl.sum(tl.where({P} > 0, -{P} * {lQ}, 0.0), 0) + tl.where({Pt} > 0, -{Pt} * {lQt}, 0.0)"
                 )
             else:
+                # l = sum_b P_b (log P_b - log Q_b)
                 src(
                     f"loss{t} = tl.sum(tl.where({P} > 0, {P} * ({lP} - {lQ}), 0.0), 0) + "
                     f"tl.where({Pt} > 0, {Pt} * ({lPt} - {lQt}), 0.0)"
                 )
-            # G'_b = 1 - P_b / Q_b, so q_j G'_b = q_j - P_b q_j / Q_b (= q_i - P_i at a stored token)
-            src(
-                f"alpha{t} = tl.where({Qt} > 0, 1.0 - {Pt} / {Qt}, 0.0)",
-                f"sparse{t} = ({Q} - {P}) - {Q} * alpha{t}",
-            )
+            # G'_b = 1 - P_b / Q_b: q_i G'_i = Q_i - P_i at a stored token; the tail's share is in the last pass
+            src(f"sparse{t} = {Q} - {P}")
         else:
             if kind == "reverse_kl":
-                # G'_b = log Q_b - log P_b - l
+                # l = sum_b Q_b (log Q_b - log P_b); G'_b = log Q_b - log P_b - l
                 src(
                     f"loss{t} = tl.sum(tl.where({Q} > 0, {Q} * ({lQ} - {lP}), 0.0), 0) + "
                     f"tl.where({Qt} > 0, {Qt} * ({lQt} - {lPt}), 0.0)",
@@ -735,10 +776,11 @@ class KernelGenerator:
                 )
             elif kind == "jsd":
                 beta = repr(term.beta)
+                # M = beta P + (1 - beta) Q; l = beta KL(P || M) + (1 - beta) KL(Q || M)
                 # G'_b = (1 - beta) (log(Q_b / M_b) - KL(Q || M))
                 src(
-                    f"lM{t} = tl.log({beta} * {P} + (1.0 - {beta}) * {Q})",
-                    f"lMt{t} = tl.log({beta} * {Pt} + (1.0 - {beta}) * {Qt})",
+                    f"lM{t} = {self.log_mixture(term.beta, lP, lQ)}",
+                    f"lMt{t} = {self.log_mixture(term.beta, lPt, lQt)}",
                     f"kp{t} = tl.sum(tl.where({P} > 0, {P} * ({lP} - lM{t}), 0.0), 0) + "
                     f"tl.where({Pt} > 0, {Pt} * ({lPt} - lMt{t}), 0.0)",
                     f"kq{t} = tl.sum(tl.where({Q} > 0, {Q} * ({lQ} - lM{t}), 0.0), 0) + "
@@ -748,7 +790,7 @@ class KernelGenerator:
                     f"gt{t} = (1.0 - {beta}) * ({lQt} - lMt{t} - kq{t})",
                 )
             elif kind == "tvd":
-                # G'_b = sign(Q_b - P_b) / 2 - c, c = sum_b Q_b sign(Q_b - P_b) / 2
+                # l = 1/2 sum_b |P_b - Q_b|; G'_b = sign(Q_b - P_b) / 2 - c, c = sum_b Q_b sign(Q_b - P_b) / 2
                 src(
                     f"sg{t} = sign_of_difference({Q}, {P})",
                     f"sgt{t} = sign_of_difference({Qt}, {Pt})",
@@ -759,12 +801,21 @@ class KernelGenerator:
                 )
             else:
                 raise ValueError(f"{kind} takes no top-k target")
-            src(
-                f"alpha{t} = tl.where({Qt} > 0, gt{t}, 0.0)",
-                f"sparse{t} = tl.where({Q} > 0, {Q} * (gv{t} - alpha{t}), 0.0)",
-            )
+            src(f"sparse{t} = tl.where({Q} > 0, {Q} * gv{t}, 0.0)")
         if term.active:
             src(f"delta{i} += tl.where(in_vocab{i}, w{t} * sparse{t}, 0.0)")
+
+    def bucket_tail_gradient(self, t: int, term: KernelTerm) -> str:
+        """q_j G'_tail of a bucket term at the tile's columns; 0 at the stored ones (they get `sparse`)."""
+        i = term.target.source
+        q, lq = self.q(term.slot), self.log_q(term.slot)
+        if term.kind in ("cross_entropy", "forward_kl"):
+            # q_j (1 - P_tail / Q_tail) = q_j - P_tail exp(log q_j - log Q_tail): the ratio is at most 1
+            # for an unstored token, where P_tail / Q_tail alone could overflow
+            tail = f"tl.where({q} > 0, {q} - Pt{t} * tl.exp({lq} - lQt{t}), 0.0)"
+        else:
+            tail = f"tl.where({q} > 0, {q} * gt{t}, 0.0)"
+        return f"tl.where({self.stored_columns(i)}, 0.0, {tail})"
 
     # ----------------------------------------------------------------------------------------------
     # Pass 2 (only for terms whose gradient needs a row sum over p and q).
@@ -782,8 +833,7 @@ class KernelGenerator:
                 q, lq = self.q(s), self.log_q(s)
                 p, lp = self.p(term.target, s), self.log_p(term.target, s)
                 if term.kind == "jsd":
-                    beta = repr(term.beta)
-                    lm = self._cached(f"lm{t}", f"tl.log({beta} * {p} + (1.0 - {beta}) * {q})")
+                    lm = self._cached(f"lm{t}", self.log_mixture(term.beta, lp, lq))
                     src(
                         f"kp{t} += tl.sum(tl.where({p} > 0, {p} * ({lp} - {lm}), 0.0), 0)",
                         f"kq{t} += tl.sum(tl.where({q} > 0, {q} * ({lq} - {lm}), 0.0), 0)",
@@ -815,12 +865,19 @@ class KernelGenerator:
     def last_pass(self) -> None:
         src = self.src
         spec = self.spec
+        if not spec.gradient:
+            if self.streamed_terms():
+                src("# last pass: the values that stream (no gradient is asked for)")
+                with self.tile_loop():
+                    for t, term in enumerate(spec.terms):
+                        self.term_in_last_pass(t, term)
+            return
         src("# last pass: streamed values and the summed gradient, written once")
         with self.tile_loop():
             src("g = tl.zeros([BLOCK_V], dtype=tl.float32)")
             for t, term in enumerate(spec.terms):
                 self.term_in_last_pass(t, term)
-            src("g = g * row_scale")
+            src("g = g * grad_scale")
             if spec.accumulate:
                 src("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
             src("tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)")
@@ -833,8 +890,8 @@ class KernelGenerator:
         active = term.active
         if isinstance(target, KTopK):
             if target.tail == "bucket" and active:
-                # dense part of the bucket gradient: alpha q_j (T = 1)
-                src(f"g += w{t} * alpha{t} * {self.q(s)}")
+                # the tail's part of the bucket gradient: q_j G'_tail at every unstored token (T = 1)
+                src(f"g += w{t} * {self.bucket_tail_gradient(t, term)}")
             return
         if kind == "z_loss":
             if active:
@@ -874,8 +931,7 @@ class KernelGenerator:
             src(f"g += w{t} * tl.where({q} > 0, {q} * ({lq} - {lp} - loss{t}), 0.0)")
         elif kind == "jsd":
             beta = repr(term.beta)
-            p = self.p(target, s)
-            lm = self._cached(f"lm{t}", f"tl.log({beta} * {p} + (1.0 - {beta}) * {q})")
+            lm = self._cached(f"lm{t}", self.log_mixture(term.beta, self.log_p(target, s), lq))
             # dl/ds_j = (1 - beta) q_j (log(q_j / M_j) - KL(q || M))
             src(f"g += w{t} * (1.0 - {beta}) * tl.where({q} > 0, {q} * ({lq} - {lm} - kq{t}), 0.0)")
         elif kind == "tvd":
@@ -890,7 +946,7 @@ class KernelGenerator:
             src(
                 "tl.debug_barrier()",
                 f"old{i} = tl.load(g_row + safe{i}, mask=held{i}, other=0.0).to(tl.float32)",
-                f"new{i} = (old{i} + delta{i} * row_scale).to(grad_ptr.dtype.element_ty)",
+                f"new{i} = (old{i} + delta{i} * grad_scale).to(grad_ptr.dtype.element_ty)",
                 f"tl.store(g_row + safe{i}, new{i}, mask=held{i})",
             )
 

@@ -128,9 +128,14 @@ def _arguments(spec: KernelSpec, inputs: Inputs) -> dict[str, object]:
     return arguments
 
 
-def _weights(spec: KernelSpec, weights: list[float]) -> dict[str, float]:
+def _gradient_arguments(spec: KernelSpec, grad: torch.Tensor | None, weights: list[float]) -> dict[str, object]:
+    """The gradient buffer and each active term's weight; none of them when the spec writes no gradient."""
+    if not spec.gradient:
+        return {}
+    if grad is None:
+        raise ValueError("a kernel that writes the gradient needs a gradient buffer")
     active = [t for t, term in enumerate(spec.terms) if term.active]
-    return {f"w{t}": float(w) for t, w in zip(active, weights)}
+    return {"grad_ptr": grad, "stride_grad": grad.stride(0), **{f"w{t}": float(w) for t, w in zip(active, weights)}}
 
 
 def _run(spec: KernelSpec, phase: str, inputs: Inputs, arguments: dict[str, object]) -> None:
@@ -141,12 +146,13 @@ def _run(spec: KernelSpec, phase: str, inputs: Inputs, arguments: dict[str, obje
 
 
 def launch(
-    spec: KernelSpec, inputs: Inputs, *, grad: torch.Tensor, weights: list[float]
+    spec: KernelSpec, inputs: Inputs, *, grad: torch.Tensor | None, weights: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Run one fused launch over the rows of `inputs.logits` [N, V]; the gradient goes into `grad`.
 
     Returns (per-row term values [N, terms] float32, student argmax [N], teacher argmaxes [N] each).
-    `weights` has one entry per active term; `grad` may be the logits themselves (in-place).
+    `weights` has one entry per active term; `grad` may be the logits themselves (in-place). A spec
+    with `gradient=False` takes no `grad` (None) and ignores `weights`.
     """
     rows = inputs.logits.shape[0]
     device = inputs.logits.device
@@ -154,9 +160,9 @@ def launch(
     prediction = torch.empty(rows, dtype=torch.int64, device=device)
     teacher_predictions = [torch.empty(rows, dtype=torch.int64, device=device) for _ in inputs.dense]
     arguments = _arguments(spec, inputs)
-    arguments.update({"grad_ptr": grad, "stride_grad": grad.stride(0), "loss_ptr": values, "pred_ptr": prediction})
+    arguments.update({"loss_ptr": values, "pred_ptr": prediction})
     arguments.update({f"tpred{i}_ptr": p for i, p in enumerate(teacher_predictions)})
-    arguments.update(_weights(spec, weights))
+    arguments.update(_gradient_arguments(spec, grad, weights))
     _run(spec, "single", inputs, arguments)
     return values, prediction, teacher_predictions
 
@@ -207,7 +213,7 @@ def launch_apply(
     spec: KernelSpec,
     inputs: Inputs,
     *,
-    grad: torch.Tensor,
+    grad: torch.Tensor | None,
     weights: list[float],
     floats: torch.Tensor,
     topk_logits: list[torch.Tensor],
@@ -218,11 +224,11 @@ def launch_apply(
     """Vocab parallel, last phase: term values [N, terms] (streamed ones partial) and the local gradient."""
     values = torch.empty((inputs.logits.shape[0], len(spec.terms)), dtype=torch.float32, device=inputs.logits.device)
     arguments = _arguments(spec, inputs)
-    arguments.update({"grad_ptr": grad, "stride_grad": grad.stride(0), "loss_ptr": values, "statf_ptr": floats})
+    arguments.update({"loss_ptr": values, "statf_ptr": floats})
     arguments.update({f"topz{i}_ptr": z for i, z in enumerate(topk_logits)})
     if reductions is not None:
         arguments["red_ptr"] = reductions
     arguments.update({"vocab_start": vocab_start, "V_total": vocab_total})
-    arguments.update(_weights(spec, weights))
+    arguments.update(_gradient_arguments(spec, grad, weights))
     _run(spec, "apply", inputs, arguments)
     return values

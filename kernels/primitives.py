@@ -34,14 +34,6 @@ def online_centered_moment(moment, m_old, m_new, sum_old, rescale, e, x):
 
 
 @triton.jit
-def online_wide_sum(total, m_old, m_new, x):
-    """The sum-exp of online_softmax_update kept in float64 (x, m_old, m_new are float32)."""
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(tl.float64)
-    rescale = tl.exp(m_old.to(tl.float64) - m_safe)
-    return total * rescale + tl.sum(tl.exp(x.to(tl.float64) - m_safe), 0)
-
-
-@triton.jit
 def online_argmax_update(best_value, best_index, x, start):
     """Running argmax over tiles; the first index wins ties, as in torch.argmax."""
     tile_max = tl.max(x, 0)

@@ -76,6 +76,7 @@ class KernelSpec:
     dense: tuple[DenseTeacher, ...] = ()
     topk: tuple[int, ...] = ()  # k of each top-k teacher
     accumulate: bool = False  # add to the gradient buffer (a later launch of a split head)
+    gradient: bool = True  # write dl/dz; False (under torch.no_grad) writes nothing N x V
 
     @property
     def uses_labels(self) -> bool:

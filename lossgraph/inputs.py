@@ -313,6 +313,9 @@ def _check_values(head: HeadPlan, batch: HeadBatch, plan: Plan) -> None:
                 f"labels of head {head.name!r} hold {value}, outside [0, {head.vocab_size}); use "
                 f"ignore_index ({plan.labels.ignore_index}) for positions without a label"
             )
+    for name, teacher in batch.teachers.items():
+        if isinstance(teacher, torch.Tensor):  # a Linear teacher's logits only exist chunk by chunk
+            _check_teacher_logits(name, teacher[batch.mask], batch.mask, sliced=batch.shard is not None)
     for name, topk in batch.topk.items():
         vocab = plan.teachers[name].vocab_size
         indices = topk.indices[batch.mask]
@@ -320,8 +323,59 @@ def _check_values(head: HeadPlan, batch: HeadBatch, plan: Plan) -> None:
             raise InputError(f"TopK indices of teacher {name!r} fall outside [0, {vocab})")
         if indices.numel() and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
             raise InputError(f"TopK indices of teacher {name!r} repeat a token within a position")
-        if bool((topk.logprobs[batch.mask] > 1e-3).any()) or bool(topk.logprobs[batch.mask].isnan().any()):
-            raise InputError(f"TopK logprobs of teacher {name!r} must be log-probabilities (<= 0, not NaN)")
+        _check_topk_logprobs(name, topk.logprobs[batch.mask], batch.mask)
+
+
+def _position(mask: torch.Tensor, index: int) -> int:
+    """The flattened position of the index-th unmasked row."""
+    return int(mask.nonzero()[index, 0])
+
+
+def _check_teacher_logits(name: str, logits: torch.Tensor, mask: torch.Tensor, *, sliced: bool) -> None:
+    """Dense teacher logits: -inf bans a token, but NaN, +inf or a row without a finite logit is no
+    distribution (the loss would be NaN, or, worse, quietly drop the row). A vocab slice may hold
+    only banned tokens."""
+    broken = logits.isnan().any(-1) | logits.isposinf().any(-1)
+    if not sliced:
+        broken |= logits.isneginf().all(-1)
+    if bool(broken.any()):
+        row = int(broken.nonzero()[0, 0])
+        values = logits[row]
+        what = "NaN" if bool(values.isnan().any()) else "+inf" if bool(values.isposinf().any()) else "only -inf"
+        raise InputError(
+            f"teacher {name!r} holds {what} at position {_position(mask, row)} (flattened); teacher logits "
+            "must be finite, with -inf only for banned tokens; check the teacher's forward pass and dtype"
+        )
+
+
+# stored log-probs may sum to a little over probability 1 through rounding of their dtype
+_TOPK_MASS_SLACK = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
+def _check_topk_logprobs(name: str, logprobs: torch.Tensor, mask: torch.Tensor) -> None:
+    """Stored top-k log-probs: each <= 0, not NaN, some finite, and together at most probability 1."""
+    if bool((logprobs > 1e-3).any()) or bool(logprobs.isnan().any()):
+        raise InputError(f"TopK logprobs of teacher {name!r} must be log-probabilities (<= 0, not NaN)")
+    if not logprobs.numel():
+        return
+    empty = logprobs.isneginf().all(-1)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0, 0])
+        raise InputError(
+            f"TopK logprobs of teacher {name!r} are all -inf at position {_position(mask, row)} (flattened): "
+            "a stored row needs at least one token with probability above 0"
+        )
+    mass = torch.logsumexp(logprobs.to(torch.float64), dim=-1)
+    slack = _TOPK_MASS_SLACK.get(logprobs.dtype, 1e-2)
+    over = mass > math.log1p(slack)
+    if bool(over.any()):
+        row = int(over.nonzero()[0, 0])
+        raise InputError(
+            f"TopK logprobs of teacher {name!r} at position {_position(mask, row)} (flattened) add up to "
+            f"probability {math.exp(float(mass[row])):.4g}: the stored tokens of a position are part of one "
+            "distribution, so their probabilities sum to at most 1; store log_softmax of the teacher's "
+            "logits (over the whole vocab), not raw logits or per-token scores"
+        )
 
 
 def prepare_batches(

@@ -168,6 +168,21 @@ def topk_log_probs(
     return torch.cat([log_p_top, p_tail.log()], dim=-1), torch.cat([log_q_top, log_q_tail], dim=-1), usable
 
 
+def teacher_rows_finite(target: Target, batch: HeadBatch, vocab_size: int) -> torch.Tensor | None:
+    """[N] True where every teacher behind `target` is a distribution: no NaN or +inf, and something
+    finite (its log-sum-exp is finite). None for targets that read no teacher."""
+    if isinstance(target, DenseTarget):
+        teacher = map_vocab(batch.teachers[target.name], vocab_size)
+        return torch.logsumexp(teacher.to(torch.float64), dim=-1).isfinite()
+    if isinstance(target, TopKTarget):
+        return torch.logsumexp(batch.topk[target.name].logprobs.to(torch.float64), dim=-1).isfinite()
+    if isinstance(target, MixtureTarget):
+        parts = [teacher_rows_finite(part, batch, vocab_size) for _, part in target.parts]
+        parts = [part for part in parts if part is not None]
+        return torch.stack(parts).all(0) if parts else None
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # One term at one head.
 # --------------------------------------------------------------------------------------------------
@@ -183,6 +198,11 @@ def term_per_position(term: Term, batch: HeadBatch, temperature: float) -> torch
     else:
         z = logits / temperature
         target = term.target
+        finite = teacher_rows_finite(target, batch, logits.shape[-1])
+        broken = None if finite is None else mask & ~finite
+        if broken is not None:
+            # a broken teacher row gives a NaN value and a NaN gradient, never a finite value that hides it
+            z = z * torch.where(broken, math.nan, 1.0)[:, None].to(dtype)  # exact on the other rows
         if isinstance(target, TopKTarget):
             log_p, log_q, usable = topk_log_probs(target, batch.topk[target.name], z, mask, temperature)
             value = torch.where(usable, divergence(term.kind, log_p, log_q, term.beta), 0.0)
@@ -195,6 +215,8 @@ def term_per_position(term: Term, batch: HeadBatch, temperature: float) -> torch
             else:
                 log_p = target_log_probs(target, batch, logits.shape[-1], temperature, dtype)
                 value = divergence(term.kind, log_p, log_q, term.beta)
+        if broken is not None:
+            value = torch.where(broken, z.sum(-1), value)  # NaN, with a NaN gradient through z
     return torch.where(mask, value, 0.0)
 
 
