@@ -180,6 +180,8 @@ CHECKS: dict[type[BaseModel], list[str]] = {
     spec.MixtureSource: [
         "Every name in `sources` must be a declared source, listed once; derived sources may not form a cycle.",
         "`weights`: one per source, each >= 0, summing to 1 (within 1e-6).",
+        f"Expanded through the mixtures it contains, a mixture reads at most {spec.MAX_MIXTURE_PARTS} teacher and "
+        "label distributions.",
     ],
     spec.ForwardKLLoss: [
         "`target` may not be the `labels` source: use `cross_entropy`, or a `label_smoothing` source."
@@ -217,7 +219,7 @@ LOSS_COMMON_CHECKS = [
     "Every name in `heads` must be a declared head, listed once.",
     "`head_weights`, when given, has one entry per head, each >= 0.",
     "`weight` may not be negative (except for `entropy`); for a schedule, `start` and `end` are checked.",
-    "`temperature` must be > 0 (for a schedule, `start` and `end`).",
+    "`temperature` must be in [0.001, 1000]; for a schedule, `start` and `end` are checked.",
     "`temperature_scaling: true` at temperature 1 gives a warning (it has no effect).",
     "A loss whose target is a top-k teacher with `tail: bucket` must use temperature 1.",
     "A schedule whose `start` equals its `end` gives a warning: write the number instead.",
@@ -255,6 +257,9 @@ def _constraint(constraints: list[Any], name: str) -> Any:
 
 
 def _number(value: float) -> str:
+    """1, 0.5, 0.001, 16777216, 1000000: whole numbers in full, others briefly."""
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 1e16):
+        return str(int(value))
     return f"{value:g}"
 
 
@@ -454,14 +459,66 @@ server complete and check keys; write the schema next to the file with
   with a digit. Heads, sources and losses share one namespace.
 - Types are strict. An integer key does not accept `1.0`, and a quoted `"0.5"` is a string, not a
   number. An integer is accepted where a number is expected.
-- Numbers must be finite: `.inf` and `.nan` are rejected.
-- Both `1e-4` and `1.0e-4` are read as numbers.
+- Numbers must be finite (`.inf` and `.nan` are rejected) and inside the range of their key, shown in
+  the Type column; [Limits](#limits) says why each range is what it is.
+- Both `1e-4` and `1.0e-4` are read as numbers. Dates are not: `2024-01-01` is text.
 - A key written twice in one mapping is an error. Anchors, aliases and merge keys (`<<: *defaults`)
-  work; explicit tags such as `!!python/object` are rejected.
+  work, within the [limits](#limits). Explicit tags other than the plain ones (`!!str`, `!!int`,
+  `!!float`, `!!bool`, `!!null`, `!!map`, `!!seq`), such as `!!python/object` or `!!timestamp`, are
+  rejected.
 - The Default column shows the value used when a key is left out. "required" means the key must be
   written; "not set" means it is optional and has no value of its own (the description says what
   happens then).
 """
+
+_LIMITS_INTRO = """\
+## Limits
+
+A loss-graph file is untrusted input, so reading one is bounded. `lossgraph validate` reports a file
+past these limits, at the line that crosses them, instead of running out of time or memory:
+
+@DOCUMENT@
+
+Every number has a range that the kernels and float32 arithmetic honour, so a graph that validates
+cannot overflow at run time. The ranges reach far beyond what real graphs use:
+
+@NUMBERS@
+"""
+
+
+def _document_limits() -> str:
+    from . import loader  # loader imports nothing heavy; imported here to keep docgen's imports plain
+
+    return _bullets(
+        [
+            f"Nesting: at most {loader.MAX_DEPTH} levels of mappings and lists (a loss graph needs about 5).",
+            f"Aliases: together they may add at most {loader.MAX_ALIAS_VALUES} values to the document once "
+            "expanded (merge keys need a few dozen; nested aliases multiply). An alias inside the value it names "
+            "is an error.",
+            f"Numbers: at most {loader.MAX_NUMBER_CHARS} characters.",
+            f"Size: at most {loader.MAX_DOCUMENT_CHARS} characters (a loss graph has a few thousand).",
+            "Characters: NUL and other control characters (except tab, line feed and carriage return) are not "
+            "allowed anywhere in the file.",
+        ]
+    )
+
+
+def _number_limits() -> str:
+    """Key, range and reason of every bounded key (ranges from the models, reasons from `spec.BOUND_REASONS`)."""
+    ranges: dict[str, str] = {}
+    for model in MODELS:
+        for name, field in model.model_fields.items():
+            if name in spec.BOUND_REASONS and name not in ranges:
+                ranges[name] = yaml_type(field.annotation, list(field.metadata))
+    rows = ["| Key | Range | Why |", "| --- | --- | --- |"]
+    for name, reason in spec.BOUND_REASONS.items():
+        rows.append(f"| `{name}` | {_cell(ranges[name])} | {_cell(reason)} |")
+    rows.append(
+        f"| `temperature` schedule | `start` and `end` in [{_number(spec.MIN_TEMPERATURE)}, "
+        f"{_number(spec.MAX_TEMPERATURE)}] | as for a fixed temperature |"
+    )
+    return "\n".join(rows)
+
 
 _SCHEDULES_INTRO = """\
 ## Schedules
@@ -535,6 +592,8 @@ def yaml_reference() -> str:
     parts += [model_section(model, f"`{_kind(model)}`") for model in LOSS_MODELS]
     parts.append(_SCHEDULES_INTRO.replace("@EXAMPLE@", SCHEDULE_EXAMPLE).rstrip("\n"))
     parts += [model_section(model, f"`{_kind(model)}`") for model in SCHEDULE_MODELS]
+    limits = _LIMITS_INTRO.replace("@DOCUMENT@", _document_limits()).replace("@NUMBERS@", _number_limits())
+    parts.append(limits.rstrip("\n"))
     return "\n\n".join(parts) + "\n"
 
 

@@ -4,13 +4,19 @@ Only PyYAML's safe machinery is used (no arbitrary objects). The document is com
 tree first so that every value keeps its line and column; duplicate keys, which plain PyYAML silently
 collapses, are errors here. Schema errors from pydantic are translated into messages that name the
 dotted path and, where it helps, suggest the name that was probably meant.
+
+A file is untrusted input, so reading it is bounded: nesting depth and what aliases expand to are
+limited while the node tree is composed (before anything is expanded), numbers have a length limit,
+and every failure of PyYAML (bad characters, bad tags, bad scalars) becomes a located diagnostic.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import types
 import typing
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path as FilePath
 from typing import Any
@@ -20,12 +26,110 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError, Diagnostic, SourceFileError
 from .sourcemap import Path, SourceMap, dotted
-from .spec import LossGraphSpec
+from .spec import BOUND_REASONS, LossGraphSpec
 from .suggest import did_you_mean
+
+# A loss graph nests about five levels (losses.distill.weight.start); deeper documents are mistakes or
+# attacks, and the composer and `_Composer.build` recurse once per level.
+MAX_DEPTH = 32
+# Values that aliases may add to a document once expanded. Merge keys (`<<: *defaults`) need a few
+# dozen; nested aliases can otherwise grow a 1 KB file exponentially (a "billion laughs" bomb).
+MAX_ALIAS_VALUES = 10_000
+# Longer numbers are never meant; the limit also keeps big-integer arithmetic (and printing) cheap.
+MAX_NUMBER_CHARS = 100
+# A loss graph is a few kilobytes; pure-Python parsing takes about a second per 100 KB on a slow core.
+MAX_DOCUMENT_CHARS = 256 * 1024
+
+_NULL_TAG = "tag:yaml.org,2002:null"
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_STR_TAG = "tag:yaml.org,2002:str"
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+# The plain scalars a loss graph is written with, and what each is called in messages.
+_SCALAR_NOUNS = {
+    _NULL_TAG: "null",
+    _BOOL_TAG: "true or false",
+    _INT_TAG: "an integer",
+    _FLOAT_TAG: "a number",
+    _STR_TAG: "text",
+}
+# Implicit types of YAML 1.1 that a loss graph never means: `2024-13-45` read as a date (which can
+# fail), a lone `=` read as a "value" key. Without them such scalars are plain text.
+_DROPPED_IMPLICIT_TAGS = {"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value", "tag:yaml.org,2002:yaml"}
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads YAML 1.2 floats such as `1e-4` (YAML 1.1 wants `1.0e-4`)."""
+    """SafeLoader that reads YAML 1.2 floats such as `1e-4` (YAML 1.1 wants `1.0e-4`) and composes
+    the node tree within `MAX_DEPTH` and `MAX_ALIAS_VALUES`."""
+
+    def __init__(self, text: str, file: str | None):
+        super().__init__(text)
+        self.file = file
+        self._depth = 0
+        self._alias_values = 0
+        # id(node) -> (values, levels) of every node composed so far, counted as if aliases were expanded.
+        self._expanded: dict[int, tuple[int, int]] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                self._refuse(
+                    f"the document nests deeper than {MAX_DEPTH} levels; a loss graph needs about 5 "
+                    "(check for unclosed brackets or runaway indentation)",
+                    event.start_mark,
+                )
+            if isinstance(event, yaml.AliasEvent):
+                self._count_alias(event)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if not isinstance(event, yaml.AliasEvent):
+            self._measure(node)
+        return node
+
+    def _count_alias(self, event: yaml.AliasEvent) -> None:
+        """Bound what an alias adds before anything is expanded; refuse an alias inside its own anchor."""
+        target = self.anchors.get(event.anchor)
+        if target is None:
+            return  # undefined: PyYAML reports it
+        measured = self._expanded.get(id(target))
+        if measured is None:  # the anchored collection is still open, so it would contain itself
+            self._refuse(
+                f"alias *{event.anchor} is used inside the value it names, which would nest without end; "
+                "remove the alias",
+                event.start_mark,
+            )
+        values, levels = measured
+        self._alias_values += values
+        if self._alias_values > MAX_ALIAS_VALUES:
+            self._refuse(
+                f"with alias *{event.anchor}, aliases add more than {MAX_ALIAS_VALUES} values to this document "
+                "(nested aliases multiply); write the values out instead: a loss graph needs no nested aliases",
+                event.start_mark,
+            )
+        if self._depth - 1 + levels > MAX_DEPTH:
+            self._refuse(
+                f"alias *{event.anchor} nests the document deeper than {MAX_DEPTH} levels; "
+                "write the values out instead",
+                event.start_mark,
+            )
+
+    def _measure(self, node: yaml.Node) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        sizes = [self._expanded[id(child)] for child in children]
+        self._expanded[id(node)] = (1 + sum(v for v, _ in sizes), 1 + max((lv for _, lv in sizes), default=0))
+
+    def _refuse(self, message: str, mark: yaml.Mark) -> typing.NoReturn:
+        raise ConfigError([Diagnostic("error", "", message, self.file, mark.line + 1, mark.column + 1)])
 
 
 _YamlLoader.add_implicit_resolver(
@@ -33,9 +137,10 @@ _YamlLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
-
-_MAP_TAG = "tag:yaml.org,2002:map"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _DROPPED_IMPLICIT_TAGS]
+    for first, resolvers in _YamlLoader.yaml_implicit_resolvers.items()
+}
 
 
 @dataclass
@@ -44,6 +149,10 @@ class ParsedDocument:
 
     data: Any
     source_map: SourceMap
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Composer:
@@ -63,10 +172,31 @@ class _Composer:
             if node.tag != _SEQ_TAG:
                 self._error(path, _unsupported_tag(node.tag, "a list"), mark)
             return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
-        if node.tag not in self.loader.yaml_constructors:
+        if node.tag not in _SCALAR_NOUNS:
             self._error(path, _unsupported_tag(node.tag, "a value"), mark)
             return None
-        return self.loader.construct_object(node, deep=True)
+        value, problem = self._scalar(node)
+        if problem:
+            self._error(path, problem, mark)
+        return value
+
+    def _scalar(self, node: yaml.ScalarNode) -> tuple[Any, str | None]:
+        """The value of a plain scalar, or None and why it cannot be read (PyYAML would raise)."""
+        noun = _SCALAR_NOUNS[node.tag]
+        if node.tag in (_INT_TAG, _FLOAT_TAG) and len(node.value) > MAX_NUMBER_CHARS:
+            return None, (
+                f"{_shorten(node.value)!r} is read as {noun} of {len(node.value)} characters; "
+                f"numbers have at most {MAX_NUMBER_CHARS}"
+            )
+        try:
+            # The constructor itself, not construct_object: a failure must not leave its state half-set.
+            return self.loader.yaml_constructors[node.tag](self.loader, node), None
+        except (ValueError, LookupError):  # e.g. `!!float ''`, `!!int abc`, `!!bool maybe`, `._`
+            shown = repr(_shorten(node.value))
+            if self.loader.resolve(yaml.ScalarNode, node.value, (True, False)) != node.tag:
+                tag = node.tag.rsplit(":", 1)[-1]
+                return None, f"{shown} cannot be read as {noun}; remove the `!!{tag}` tag or fix the value"
+            return None, f"{shown} looks like {noun} but is not one; fix it, or quote it to make it text"
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any]:
         if node.tag != _MAP_TAG:
@@ -75,7 +205,9 @@ class _Composer:
         for key_node, _ in node.value:
             if not self._plain_key(key_node):
                 continue
-            key = self.loader.construct_object(key_node)
+            key, problem = self._scalar(key_node)
+            if problem:
+                continue  # reported below
             line = key_node.start_mark.line + 1
             if key in first_seen:
                 self._error(
@@ -94,7 +226,10 @@ class _Composer:
             if not self._plain_key(key_node):
                 self._error(path, _unsupported_tag(key_node.tag, "a key"), key_node.start_mark)
                 continue
-            key = self.loader.construct_object(key_node)
+            key, problem = self._scalar(key_node)
+            if problem:
+                self._error(path, problem, key_node.start_mark)
+                continue
             if not isinstance(key, str):
                 # YAML 1.1 reads unquoted yes/no/on/off as booleans and digits as numbers, even as keys.
                 raw = key_node.value
@@ -106,8 +241,8 @@ class _Composer:
         return result
 
     def _plain_key(self, node: yaml.Node) -> bool:
-        """A scalar key with a tag the safe loader knows (not a `<<` merge key, not a Python tag)."""
-        return isinstance(node, yaml.ScalarNode) and node.tag in self.loader.yaml_constructors
+        """A scalar key with a plain tag (not a `<<` merge key, not a Python or other explicit tag)."""
+        return isinstance(node, yaml.ScalarNode) and node.tag in _SCALAR_NOUNS
 
     def _error(self, path: Path, message: str, mark: yaml.Mark) -> None:
         self.diagnostics.append(
@@ -130,8 +265,13 @@ _SYNTAX_HINTS = {
 def parse_yaml(text: str, file: str | None = None) -> ParsedDocument:
     """Parse one YAML document safely; raise `ConfigError` for syntax errors and duplicate keys."""
     source_map = SourceMap(file=file)
-    loader = _YamlLoader(text)
+    if len(text) > MAX_DOCUMENT_CHARS:
+        line = text.count("\n", 0, MAX_DOCUMENT_CHARS) + 1
+        message = f"the document has {len(text)} characters, more than the {MAX_DOCUMENT_CHARS} a loss graph may have"
+        raise ConfigError([Diagnostic("error", "", f"{message} (the limit is crossed on this line)", file, line, 1)])
+    loader: _YamlLoader | None = None
     try:
+        loader = _YamlLoader(text, file)  # checks every character first
         node = loader.get_single_node()
         if node is None:
             raise ConfigError(
@@ -148,19 +288,15 @@ def parse_yaml(text: str, file: str | None = None) -> ParsedDocument:
             )
         composer = _Composer(loader, source_map)
         data = composer.build(node, ())
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError([_character_diagnostic(text, exc, file)]) from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        context = exc.context
-        if context and context.startswith("while") and exc.context_mark and mark and exc.context_mark.line != mark.line:
-            context += f" (started at line {exc.context_mark.line + 1})"  # where an unclosed `[` or `{` opened
-        problem = " ".join(part for part in (context, exc.problem) if part)
-        problem += "".join(f"; {hint}" for fragment, hint in _SYNTAX_HINTS.items() if fragment in problem)
-        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        raise ConfigError([Diagnostic("error", "", f"YAML syntax error: {problem}", file, line, column)]) from None
+        raise ConfigError([_syntax_diagnostic(text, exc, file)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([Diagnostic("error", "", f"YAML error: {exc}", file, 1, 1)]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if composer.diagnostics:
         raise ConfigError(composer.diagnostics)
     if not isinstance(data, dict):
@@ -179,16 +315,209 @@ def parse_yaml(text: str, file: str | None = None) -> ParsedDocument:
     return ParsedDocument(data, source_map)
 
 
+def _character_diagnostic(text: str, exc: yaml.reader.ReaderError, file: str | None) -> Diagnostic:
+    """A character YAML does not allow (NUL, control characters, lone surrogates), located."""
+    line = text.count("\n", 0, exc.position) + 1
+    column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+    code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    name = " (NUL)" if code == 0 else ""
+    message = f"character U+{code:04X}{name} is not allowed in YAML text; remove it, or write it as an escape in quotes"
+    return Diagnostic("error", "", message, file, line, column)
+
+
+def _syntax_diagnostic(text: str, exc: yaml.MarkedYAMLError, file: str | None) -> Diagnostic:
+    """PyYAML's message with hints, or, for bad indentation, the line to fix and how."""
+    mark = exc.problem_mark or exc.context_mark
+    if mark is not None and isinstance(exc, (yaml.scanner.ScannerError, yaml.parser.ParserError)):
+        found = _misindented_line(text, mark.line)
+        if found is not None:
+            line, column, message = found
+            return Diagnostic("error", "", f"YAML syntax error: {message}", file, line, column)
+    context = exc.context
+    if context and context.startswith("while") and exc.context_mark and mark and exc.context_mark.line != mark.line:
+        context += f" (started at line {exc.context_mark.line + 1})"  # where an unclosed `[` or `{` opened
+    problem = " ".join(part for part in (context, exc.problem) if part)
+    problem += "".join(f"; {hint}" for fragment, hint in _SYNTAX_HINTS.items() if fragment in problem)
+    line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+    return Diagnostic("error", "", f"YAML syntax error: {problem}", file, line, column)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad indentation. PyYAML notices it where the structure stops making sense, which is often after the
+# culprit: a dedented first key makes the next, correct, line look over-indented, and a misplaced key
+# with children is noticed at its next sibling. So when parsing fails, each suspect line near the
+# failure is re-indented like a neighbour and the text re-parsed. A re-indentation that lets the text
+# parse names the line to fix. When several do, the likelier one wins: it indents the line by the file's
+# usual step from its parent (a file indented by 2 has the odd line out at 1, 3 or 4), and lines it up
+# with the lines on both sides of it.
+# --------------------------------------------------------------------------------------------------
+
+_NEAREST_SUSPECTS = 4  # the failing line and the lines just before it
+_BLOCK_SUSPECTS = 3  # earlier lines that open a block (a misplaced key with children)
+_LOOKBACK = 40  # lines before the failing one searched for suspects
+_NEIGHBOUR_WINDOW = 8  # lines on each side whose indentation is tried
+_LOOKAHEAD = 20  # lines after the failing one that a re-indented text must parse
+_MAX_TRIALS = 24
+_TRIAL_BUDGET = 64_000  # characters re-parsed in all (PyYAML parses some 100 KB/s on a slow core)
+
+
+def _indent(line: str) -> int | None:
+    """Spaces before the content, or None for blank, comment and tab-indented lines."""
+    content = line.lstrip(" ")
+    if not content or content.startswith("#") or content[0] == "\t":
+        return None
+    return len(line) - len(content)
+
+
+def _significant(lines: list[str], numbers: range) -> list[int]:
+    return [number for number in numbers if _indent(lines[number]) is not None]
+
+
+def _opens_block(lines: list[str], number: int) -> bool:
+    """True for a key without a value on its line (`losses:`) whose next significant line is deeper."""
+    if not lines[number].split(" #")[0].rstrip().endswith(":"):
+        return False
+    following = _significant(lines, range(number + 1, min(len(lines), number + 1 + _NEIGHBOUR_WINDOW)))
+    return bool(following) and _indent(lines[following[0]]) > _indent(lines[number])
+
+
+def _suspects(lines: list[str], error_line: int) -> list[int]:
+    """Lines whose indentation may have broken parsing at `error_line`: the nearest ones, the first of
+    the lines deeper than it just before it (a key indented like its own children), earlier lines
+    that open a block."""
+    before = _significant(lines, range(error_line, max(-1, error_line - _LOOKBACK), -1))
+    suspects = before[:_NEAREST_SUSPECTS]
+    deeper = list(itertools.takewhile(lambda n: _indent(lines[n]) > _indent(lines[error_line]), before[1:]))
+    if deeper and deeper[-1] not in suspects:
+        suspects.append(deeper[-1])
+    openers = [n for n in before[_NEAREST_SUSPECTS:] if n not in suspects and _opens_block(lines, n)]
+    return suspects + openers[:_BLOCK_SUSPECTS]
+
+
+def _usual_step(lines: list[str]) -> int:
+    """How much deeper than its parent the file indents a block, most often (2 when it has no blocks)."""
+    numbers = _significant(lines, range(len(lines)))
+    steps = Counter(
+        _indent(lines[child]) - _indent(lines[parent])
+        for parent, child in itertools.pairwise(numbers)
+        if _indent(lines[child]) > _indent(lines[parent])
+    )
+    return steps.most_common(1)[0][0] if steps else 2
+
+
+def _step_from_parent(lines: list[str], number: int, indent: int) -> int:
+    """How much deeper than its parent line `number` would be at `indent` (the indent itself at top level)."""
+    for other in _significant(lines, range(number - 1, -1, -1)):
+        if _indent(lines[other]) < indent:
+            return indent - _indent(lines[other])
+    return indent
+
+
+def _orphans_children(lines: list[str], number: int, indent: int) -> bool:
+    """True when line `number` opens a block that `indent` would no longer contain (only the line moves)."""
+    following = _significant(lines, range(number + 1, min(len(lines), number + 1 + _NEIGHBOUR_WINDOW)))
+    return _opens_block(lines, number) and _indent(lines[following[0]]) <= indent
+
+
+def _lines_up(lines: list[str], number: int, indent: int) -> bool:
+    """True when the significant lines on both sides of line `number` are indented `indent`."""
+    above = _significant(lines, range(number - 1, -1, -1))[:1]
+    below = _significant(lines, range(number + 1, min(len(lines), number + 1 + _NEIGHBOUR_WINDOW)))[:1]
+    return bool(above and below) and _indent(lines[above[0]]) == indent == _indent(lines[below[0]])
+
+
+def _neighbour_indents(lines: list[str], number: int) -> list[tuple[int, int]]:
+    """(indent, line) of the nearest line with each indentation other than line `number`'s, nearest first."""
+    own = _indent(lines[number])
+    low, high = max(0, number - _NEIGHBOUR_WINDOW), min(len(lines), number + _NEIGHBOUR_WINDOW + 1)
+    nearest: dict[int, int] = {}
+    for other in sorted(range(low, high), key=lambda other: (abs(other - number), other)):
+        indent = _indent(lines[other])
+        if indent is not None and indent != own:
+            nearest.setdefault(indent, other)
+    return list(nearest.items())
+
+
+def _parses(text: str, cut: int | None) -> bool:
+    """True when `text` parses; with `cut` (the number of lines kept of a longer text), an error on
+    its last line counts as parsing, since cutting the text may break a value there."""
+    loader = yaml.SafeLoader(text)
+    try:
+        while loader.get_event() is not None:
+            pass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        return cut is not None and mark is not None and mark.line >= cut - 1
+    finally:
+        loader.dispose()
+    return True
+
+
+def _misindented_line(text: str, error_line: int) -> tuple[int, int, str] | None:
+    """(line, column, message) of the line whose indentation breaks parsing at `error_line`, if one does."""
+    lines = text.splitlines()  # the same line breaks as YAML, once the reader has accepted the text
+    if error_line >= len(lines) or _indent(lines[error_line]) is None:
+        return None
+    window_end = min(len(lines), error_line + 1 + _LOOKAHEAD)
+    cut = window_end if window_end < len(lines) else None
+    trials = min(_MAX_TRIALS, _TRIAL_BUDGET // (sum(len(line) + 1 for line in lines[:window_end]) or 1))
+    step = _usual_step(lines)
+    repairs: list[tuple[int, int, int, int]] = []  # (likelihood, line, indent, the line of that indent)
+    attempts = [
+        (number, *pair)
+        for number in _suspects(lines, error_line)
+        for pair in _neighbour_indents(lines, number)
+        if not _orphans_children(lines, number, pair[0])
+    ]
+    for number, indent, other in attempts[:trials]:
+        changed = [*lines[:number], " " * indent + lines[number].lstrip(" "), *lines[number + 1 : window_end]]
+        if _parses("\n".join(changed) + "\n", cut):
+            likelihood = (_step_from_parent(lines, number, indent) == step) + _lines_up(lines, number, indent)
+            repairs.append((likelihood, number, indent, other))
+            if likelihood == 2:
+                break
+    if not repairs:
+        return None
+    _, number, indent, other = max(repairs, key=lambda repair: repair[0])  # the first of the likeliest
+    other = _sibling(lines, number, indent) or other
+    own = _indent(lines[number])
+    where = "above" if other < number else "below"
+    message = (
+        f"this line is indented {own} space{'s' if own != 1 else ''}, but line {other + 1} {where} it is "
+        f"indented {indent}; keys of one mapping must line up, so check the indentation of this line"
+    )
+    return number + 1, own + 1, message
+
+
+def _sibling(lines: list[str], number: int, indent: int) -> int | None:
+    """The nearest line indented `indent` in the same block as line `number` (none shallower between)."""
+    found = []
+    for direction in (range(number - 1, -1, -1), range(number + 1, len(lines))):
+        for other in _significant(lines, direction):
+            if _indent(lines[other]) < indent:
+                break
+            if _indent(lines[other]) == indent:
+                found.append(other)
+                break
+    return min(found, key=lambda other: abs(other - number), default=None)
+
+
 def read_text(path: str | FilePath) -> str:
     """Read a loss-graph file, turning OS and encoding failures into `SourceFileError`."""
     try:
-        return FilePath(path).read_text(encoding="utf-8")
+        data = FilePath(path).read_bytes()
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise SourceFileError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise SourceFileError(f"{path}: is a directory, not a loss-graph file") from None
     except UnicodeDecodeError as exc:
-        raise SourceFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = len(data[line_start : exc.start].decode("utf-8", errors="replace")) + 1
+        raise SourceFileError(
+            f"{path}:{line}:{column}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+        ) from None
     except OSError as exc:
         raise SourceFileError(f"{path}: cannot be read ({exc.strerror})") from None
 
@@ -220,8 +549,41 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, str):
-        return f"the string {value!r}"
+        return f"the string {_shorten(repr(value), 60)}"
     return f"{type(value).__name__} {value!r}"
+
+
+def _number(value: Any) -> str:
+    """A number as a message shows it: integers in full, floats briefly (1e+308, 0.001, 1000000)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# pydantic's range errors: the context key of the limit, and the comparison it names.
+_RANGE_ERRORS = {
+    "greater_than_equal": ("ge", ">="),
+    "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "<="),
+    "less_than": ("lt", "<"),
+}
+
+
+def _range_message(kind: str, ctx: dict[str, Any], value: Any, loc: tuple[Any, ...]) -> str:
+    """`1e+308 is too large; use a value <= 1000000 (why that is the limit)`."""
+    key, comparison = _RANGE_ERRORS[kind]
+    limit = ctx[key]
+    shown = _number(value)
+    if key in ("ge", "gt"):
+        problem = "is negative" if limit == 0 and value < 0 else "is too small"
+    else:
+        problem = "is too large"
+    message = f"{shown} {problem}; use a value {comparison} {_number(limit)}"
+    if key in ("ge", "gt") and limit in (0, 1):
+        return message  # a natural lower bound (counts, sizes, weights) needs no reason
+    # The field is the last name in the location (pydantic puts union tags and indices after it).
+    field = next((part for part in reversed(loc) if isinstance(part, str) and part in BOUND_REASONS), None)
+    return f"{message} ({BOUND_REASONS[field]})" if field else message
 
 
 def _strip_annotated(tp: Any) -> tuple[Any, list[Any]]:
@@ -333,6 +695,8 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
         return f"expected a string, got {_kind(value)}; YAML reads unquoted yes/no/on/off as booleans, so quote it"
     if kind in _TYPE_NAMES:
         return f"expected {_TYPE_NAMES[kind]}, got {_kind(value)}"
+    if kind in _RANGE_ERRORS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _range_message(kind, ctx, value, loc)
     if kind == "too_short":
         minimum = ctx.get("min_length", 1)
         return f"needs at least {minimum} entr{'y' if minimum == 1 else 'ies'}"

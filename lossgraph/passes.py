@@ -19,6 +19,9 @@ from .schedules import FIXED_ONE, temperature_key
 from .sourcemap import Path, SourceMap
 from .spec import (
     DIVERGENCE_KINDS,
+    MAX_MIXTURE_PARTS,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
     ConstantSchedule,
     LabelSmoothingSource,
     LabelsSource,
@@ -167,39 +170,87 @@ def build_graph(ctx: CompileContext) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _members(spec: LossGraphSpec, name: str) -> list[str]:
+    """The sources a derived source reads, in order (none for labels, teachers and top-k teachers)."""
+    source = spec.sources.get(name)
+    if isinstance(source, LabelSmoothingSource):
+        return [source.source]
+    if isinstance(source, MixtureSource):
+        return list(source.sources)
+    return []
+
+
+def _derived(spec: LossGraphSpec, name: str) -> bool:
+    return isinstance(spec.sources.get(name), (LabelSmoothingSource, MixtureSource))
+
+
+def _postorder(spec: LossGraphSpec, name: str, entered: set[str] | None = None) -> list[str]:
+    """Declared sources reachable from `name` through derived sources, each after the sources it reads.
+
+    Each source is listed once and a member that closes a cycle is left out (the cycle is reported by
+    `check_source_cycles`), so the work is linear in the graph and no recursion grows with it. Sources
+    in `entered` (which is updated) are left out too, so that several walks can share the work.
+    """
+    entered = set() if entered is None else entered
+    if name not in spec.sources or name in entered:
+        return []
+    order: list[str] = []
+    entered.add(name)
+    stack = [(name, iter(_members(spec, name)))]
+    while stack:
+        current, members = stack[-1]
+        member = next(members, None)
+        if member is None:
+            stack.pop()
+            order.append(current)
+        elif member in spec.sources and member not in entered:
+            entered.add(member)
+            stack.append((member, iter(_members(spec, member))))
+    return order
+
+
 def check_source_cycles(ctx: CompileContext) -> None:
-    """Derived sources (label_smoothing, mixture) must form a DAG."""
+    """Derived sources (label_smoothing, mixture) must form a DAG; one cycle is reported per knot."""
     sources = ctx.graph.subgraph(source_node(name) for name in ctx.spec.sources)
-    for cycle in sorted(nx.simple_cycles(sources), key=lambda c: sorted(c)):
-        names = [ctx.graph.nodes[node]["name"] for node in cycle]
-        start = min(names, key=lambda n: _line(ctx, ("sources", n)))
-        rotated = names[names.index(start) :] + names[: names.index(start)]
-        ctx.error(
-            ("sources", start),
-            key=True,
-            message=f"sources form a cycle: {' -> '.join([*rotated, start])}; a derived source cannot depend on itself",
-        )
+    for knot in nx.strongly_connected_components(sources):
+        if len(knot) == 1 and not any(sources.has_edge(node, node) for node in knot):
+            continue  # a source on no cycle
+        start = min(knot, key=lambda node: _line(ctx, ("sources", ctx.graph.nodes[node]["name"])))
+        inside = sources.subgraph(knot)
+        # The shortest way back to the start, following the edges (from a source to the sources that read it).
+        loops = [nx.shortest_path(inside, start, last) for last in inside.predecessors(start)]
+        names = [ctx.graph.nodes[node]["name"] for node in min(loops, key=len)]
+        cycle = " -> ".join([*names, names[0]])
+        message = f"sources form a cycle: {cycle}; a derived source cannot depend on itself"
+        ctx.error(("sources", names[0]), message, key=True)
 
 
-def leaf_sources(spec: LossGraphSpec, name: str, _seen: frozenset[str] = frozenset()) -> Iterator[tuple[str, str]]:
+def leaf_sources(spec: LossGraphSpec, name: str) -> Iterator[tuple[str, str]]:
     """(leaf, parent) for every labels/teacher/top-k source a source reads, through derived sources.
 
     `parent` is the derived source that reads the leaf directly ('' when `name` itself is a leaf).
-    Unknown names and cycles are skipped: earlier passes report them.
+    Unknown names and cycles are skipped: earlier passes report them. Each derived source is looked
+    into once, however many paths lead to it.
     """
-    source = spec.sources.get(name)
-    if source is None or name in _seen:
-        return
-    if isinstance(source, LabelSmoothingSource):
-        members = [source.source]
-    elif isinstance(source, MixtureSource):
-        members = list(source.sources)
-    else:
+    if name in spec.sources and not _derived(spec, name):
         yield name, ""
         return
-    for member in members:
-        for leaf, parent in leaf_sources(spec, member, _seen | {name}):
-            yield leaf, parent or name
+    for parent in reversed(_postorder(spec, name)):
+        for member in _members(spec, parent):
+            if member in spec.sources and not _derived(spec, member):
+                yield member, parent
+
+
+def mixture_parts(spec: LossGraphSpec) -> dict[str, int]:
+    """How many leaf distributions each source is a tree of, once nested mixtures are expanded."""
+    parts: dict[str, int] = {}
+    entered: set[str] = set()
+    for name in spec.sources:
+        for current in _postorder(spec, name, entered):
+            members = _members(spec, current)
+            # Unknown members and members on a cycle (not counted yet) are reported elsewhere.
+            parts[current] = sum(parts.get(m, 0) for m in members) if members else 1
+    return parts
 
 
 def check_source_kinds(ctx: CompileContext) -> None:
@@ -230,10 +281,19 @@ def check_source_kinds(ctx: CompileContext) -> None:
                     )
             if len(set(source.sources)) != len(source.sources):
                 ctx.error(("sources", name, "sources"), "a source is listed twice; list it once and add up its weights")
+    parts = mixture_parts(spec)
+    for name in spec.sources:
+        # Report the mixtures that cross the bound, not every mixture that contains one of them.
+        if parts[name] > MAX_MIXTURE_PARTS and all(parts.get(m, 0) <= MAX_MIXTURE_PARTS for m in _members(spec, name)):
+            ctx.error(
+                ("sources", name, "sources"),
+                f"mixture {name!r} expands to {parts[name]} teacher and label distributions through the "
+                f"mixtures it contains; at most {MAX_MIXTURE_PARTS}: mix fewer sources, or mix the teachers directly",
+            )
 
 
 def check_mixture_weights(ctx: CompileContext) -> None:
-    """Mixture weights: one per source, non-negative, summing to 1."""
+    """Mixture weights: one per source, summing to 1."""
     for name, source in ctx.spec.sources.items():
         if not isinstance(source, MixtureSource) or source.weights is None:
             continue
@@ -245,11 +305,8 @@ def check_mixture_weights(ctx: CompileContext) -> None:
                 "give one weight per source",
             )
             continue
-        negative = [i for i, w in enumerate(source.weights) if w < 0]
-        for index in negative:
-            ctx.error((*path, index), f"weight {source.weights[index]:g} is negative; mixture weights must be >= 0")
-        total = math.fsum(source.weights)
-        if not negative and abs(total - 1.0) > MIXTURE_WEIGHT_TOLERANCE:
+        total = math.fsum(source.weights)  # each weight is in [0, 1] (the schema checks it)
+        if abs(total - 1.0) > MIXTURE_WEIGHT_TOLERANCE:
             ctx.error(path, f"weights sum to {total:g}; they must sum to 1")
 
 
@@ -266,25 +323,28 @@ def _bindings(ctx: CompileContext) -> Iterator[tuple[str, object, int, str]]:
                 yield name, loss, index, head
 
 
-def zero_mass_reason(spec: LossGraphSpec, name: str, _seen: frozenset[str] = frozenset()) -> str | None:
+def zero_mass_reason(spec: LossGraphSpec, name: str) -> str | None:
     """Why the distribution of a source is exactly zero on some tokens, or None when it never is."""
-    source = spec.sources.get(name)
-    if source is None or name in _seen:
-        return None
-    if isinstance(source, LabelsSource):
-        return f"{name!r} holds hard labels"
-    if isinstance(source, TeacherSource) and source.vocab_map == "pad":
-        return f"teacher {name!r} pads its vocab with zero mass"
-    if isinstance(source, MixtureSource):
-        weights = source.weights or [1.0] * len(source.sources)
-        reasons = [
-            zero_mass_reason(spec, member, _seen | {name})
-            for member, weight in zip(source.sources, weights)
-            if weight > 0
-        ]
-        if reasons and all(reasons):
-            return f"every part of mixture {name!r} does ({'; '.join(reasons)})"
-    return None
+    reasons: dict[str, str | None] = {}
+    for current in _postorder(spec, name):
+        source = spec.sources[current]
+        reason = None
+        if isinstance(source, LabelsSource):
+            reason = f"{current!r} holds hard labels"
+        elif isinstance(source, TeacherSource) and source.vocab_map == "pad":
+            reason = f"teacher {current!r} pads its vocab with zero mass"
+        elif isinstance(source, MixtureSource):
+            weights = source.weights or [1.0] * len(source.sources)
+            weighted = [member for member, weight in zip(source.sources, weights) if weight > 0]
+            if weighted and all(reasons.get(member) for member in weighted):
+                # A nested mixture is named, not spelled out, so that the message stays short.
+                parts = [
+                    f"mixture {member!r} does" if isinstance(spec.sources[member], MixtureSource) else reasons[member]
+                    for member in dict.fromkeys(weighted)
+                ]
+                reason = f"every part of mixture {current!r} does ({'; '.join(parts)})"
+        reasons[current] = reason
+    return reasons.get(name)
 
 
 def check_target_kinds(ctx: CompileContext) -> None:
@@ -399,7 +459,7 @@ def _schedule_values(value: object) -> list[tuple[str, float]]:
 
 
 def check_weights(ctx: CompileContext) -> None:
-    """head_weights match heads; weights are not negative (except entropy); temperatures are > 0."""
+    """head_weights match heads; weights are not negative (except entropy); temperatures are in range."""
     for name, loss in ctx.spec.losses.items():
         base: Path = ("losses", name)
         if loss.head_weights is not None:
@@ -408,9 +468,6 @@ def check_weights(ctx: CompileContext) -> None:
                     (*base, "head_weights"),
                     f"{len(loss.head_weights)} head_weights for {_count(len(loss.heads), 'head')}; give one per head",
                 )
-            for index, weight in enumerate(loss.head_weights):
-                if weight < 0:
-                    ctx.error((*base, "head_weights", index), f"head weight {weight:g} is negative; use a value >= 0")
         if loss.type != "entropy":
             for part, value in _schedule_values(loss.weight):
                 if value < 0:
@@ -422,9 +479,15 @@ def check_weights(ctx: CompileContext) -> None:
         temperature = getattr(loss, "temperature", None)
         if temperature is not None:
             for part, value in _schedule_values(temperature):
+                path = (*base, "temperature", part) if part else (*base, "temperature")
                 if value <= 0:
-                    path = (*base, "temperature", part) if part else (*base, "temperature")
                     ctx.error(path, f"temperature must be > 0, got {value:g}")
+                elif not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+                    # A fixed temperature is range-checked by the schema; a schedule's values only here.
+                    ctx.error(
+                        path,
+                        f"temperature must be between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, got {value:g}",
+                    )
             if getattr(loss, "temperature_scaling", False) and fixed_at_one(temperature):
                 ctx.warn((*base, "temperature_scaling"), "temperature_scaling has no effect at temperature 1")
 

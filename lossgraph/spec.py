@@ -5,7 +5,9 @@ validates documents against it, `lossgraph schema` exports it as JSON Schema and
 `docs/yaml-reference.md` is checked against it. It imports no torch: validating a file must stay
 cheap and must work on machines without a GPU stack.
 
-Only the *shape* of a document is checked here (types, ranges, unknown keys). Everything that relates
+Only the *shape* of a document is checked here (types, ranges, unknown keys). Every number has a
+range that the kernels and float32 arithmetic honour, so a file that validates cannot overflow at run
+time; the ranges appear in the JSON Schema and in docs/yaml-reference.md. Everything that relates
 one part of the graph to another (references, vocab agreement, offsets, cycles, mixture weights,
 schedules that make sense) is checked by the compiler passes in `lossgraph.passes`, which report every
 problem of a file at once with its line and dotted path.
@@ -25,8 +27,63 @@ Name = Annotated[
     str,
     Field(pattern=NAME_PATTERN, description="A name declared elsewhere in the graph (an identifier)."),
 ]
+
+# --------------------------------------------------------------------------------------------------
+# Ranges of numbers. Each reaches far beyond what real graphs use.
+# --------------------------------------------------------------------------------------------------
+
+# The kernels compute with V (and token ids) in float32 (epsilon / V for label smoothing), which holds
+# every integer up to 2^24 exactly; the largest vocabularies in use are about 2^18.
+MAX_VOCAB_SIZE = 2**24
+# Multi-token prediction heads use offsets 2 to 8 or so.
+MAX_OFFSET = 4096
+# The fused kernel holds the k stored tokens of a row in one block (k rounded up to a power of two);
+# stored top-k teachers keep tens to hundreds.
+MAX_TOPK = 2**16
+# weight x head weight x T^2 (both weights <= 1e6, T^2 <= 1e6) stays below 1e18, so float32 sums of the
+# terms (max 3.4e38) cannot overflow.
+MAX_WEIGHT = 1e6
+# Logits are divided by the temperature in float32: below 1e-3 they grow more than 1000-fold, and
+# above 1e3 the T^2 of temperature_scaling would exceed the weight range.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e3
+# Schedule lengths in training steps: more than any training run.
+MAX_STEPS = 10**9
+# A mixture of mixtures is evaluated as a tree; this bounds its leaves (teacher and label reads), which
+# nesting could otherwise multiply exponentially (mixtures of two mixtures that share a part, and so on).
+# Checked by the passes, as it relates sources to each other.
+MAX_MIXTURE_PARTS = 64
+# ignore_index is compared with int32 or int64 label tensors.
+MIN_INDEX = -(2**31)
+MAX_INDEX = 2**31 - 1
+
+# Why each range is what it is, by field name; the loader adds this to out-of-range messages.
+BOUND_REASONS: dict[str, str] = {
+    "vocab_size": "float32, in which the kernels compute with V, is exact up to 2^24",
+    "offset": "multi-token-prediction heads predict a few tokens ahead, not thousands",
+    "k": "the fused kernel holds the k stored tokens of a row in one block",
+    "ignore_index": "it is compared with int32 or int64 label tensors",
+    "weight": "so that weight x head weight x T^2 stays below 1e18 and float32 sums of the terms cannot overflow",
+    "head_weights": "so that weight x head weight x T^2 stays below 1e18 and float32 sums of the terms cannot overflow",
+    "weights": "mixture weights are probabilities",
+    "temperature": "logits are divided by it in float32, and temperature_scaling multiplies by its square",
+    "start": "a schedule gives a weight or a temperature, and weights are at most 1e6 in size",
+    "end": "a schedule gives a weight or a temperature, and weights are at most 1e6 in size",
+    "steps": "more steps than any training run",
+    "warmup": "more steps than any training run",
+}
+
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-PositiveInt = Annotated[int, Field(ge=1)]
+VocabSize = Annotated[int, Field(ge=1, le=MAX_VOCAB_SIZE)]
+Offset = Annotated[int, Field(ge=1, le=MAX_OFFSET)]
+Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
+HeadWeight = Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=MAX_WEIGHT)]
+Probability = Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=1.0)]
+Temperature = Annotated[float, Field(allow_inf_nan=False, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)]
+# A schedule may give a weight or a temperature; the passes check a temperature schedule's own range.
+ScheduleValue = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
+StepCount = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+WarmupSteps = Annotated[int, Field(ge=0, le=MAX_STEPS)]
 
 
 class _Model(BaseModel):
@@ -39,7 +96,7 @@ class _Model(BaseModel):
 # Schedules: a weight or a temperature that changes with the training step.
 # --------------------------------------------------------------------------------------------------
 
-_START = "Value at step 0 (and during `warmup`)."
+_START = "Value at step 0 (and during `warmup`). A temperature schedule stays in [0.001, 1000]."
 _END = "Value reached after `warmup + steps` steps and kept from then on."
 _STEPS = "Number of steps the transition from `start` to `end` takes."
 _WARMUP = "Steps during which the value is held at `start` before the transition begins."
@@ -49,14 +106,14 @@ class ConstantSchedule(_Model):
     """A value that never changes (the same as writing the number)."""
 
     schedule: Literal["constant"] = Field(description="Schedule kind: the value is always `start`.")
-    start: FiniteFloat = Field(description="The value.")
+    start: ScheduleValue = Field(description="The value.")
 
 
 class _Ramp(_Model):
-    start: FiniteFloat = Field(description=_START)
-    end: FiniteFloat = Field(description=_END)
-    steps: PositiveInt = Field(description=_STEPS)
-    warmup: Annotated[int, Field(ge=0)] = Field(0, description=_WARMUP)
+    start: ScheduleValue = Field(description=_START)
+    end: ScheduleValue = Field(description=_END)
+    steps: StepCount = Field(description=_STEPS)
+    warmup: WarmupSteps = Field(0, description=_WARMUP)
 
 
 class LinearSchedule(_Ramp):
@@ -75,10 +132,10 @@ class StepSchedule(_Model):
     """`start` until step `warmup + steps`, then `end`."""
 
     schedule: Literal["step"] = Field(description="Schedule kind: one jump from `start` to `end`.")
-    start: FiniteFloat = Field(description="Value before the jump.")
-    end: FiniteFloat = Field(description="Value from step `warmup + steps` on.")
-    steps: PositiveInt = Field(description="Steps (after `warmup`) until the jump.")
-    warmup: Annotated[int, Field(ge=0)] = Field(0, description="Steps added before `steps` start counting.")
+    start: ScheduleValue = Field(description="Value before the jump.")
+    end: ScheduleValue = Field(description="Value from step `warmup + steps` on.")
+    steps: StepCount = Field(description="Steps (after `warmup`) until the jump.")
+    warmup: WarmupSteps = Field(0, description="Steps added before `steps` start counting.")
 
 
 Schedule = Annotated[
@@ -94,8 +151,12 @@ def _number_or_schedule(value: Any) -> str:
     return "scheduled" if isinstance(value, (dict, BaseModel)) else "fixed"
 
 
-ScheduledFloat = Annotated[
-    Union[Annotated[FiniteFloat, Tag("fixed")], Annotated[Schedule, Tag("scheduled")]],
+ScheduledWeight = Annotated[
+    Union[Annotated[Weight, Tag("fixed")], Annotated[Schedule, Tag("scheduled")]],
+    Discriminator(_number_or_schedule),
+]
+ScheduledTemperature = Annotated[
+    Union[Annotated[Temperature, Tag("fixed")], Annotated[Schedule, Tag("scheduled")]],
     Discriminator(_number_or_schedule),
 ]
 
@@ -107,10 +168,10 @@ ScheduledFloat = Annotated[
 class Head(_Model):
     """One prediction head of the student: position s of its logits predicts token s + offset."""
 
-    offset: PositiveInt = Field(
+    offset: Offset = Field(
         1, description="Which future token the head predicts: 1 = next token (the LM head), 2 = the one after, ..."
     )
-    vocab_size: PositiveInt | None = Field(
+    vocab_size: VocabSize | None = Field(
         None, description="Size of the head's vocabulary; defaults to the top-level `vocab_size`."
     )
     input: Literal["logits", "hidden"] = Field(
@@ -134,11 +195,11 @@ class _SourceNode(_Model):
 
 
 class _TeacherNode(_SourceNode):
-    offset: PositiveInt = Field(
+    offset: Offset = Field(
         1,
         description="Which future token the teacher's logits predict; must equal the offset of every head it targets.",
     )
-    vocab_size: PositiveInt | None = Field(
+    vocab_size: VocabSize | None = Field(
         None, description="Size of the teacher's vocabulary; defaults to the top-level `vocab_size`."
     )
     vocab_map: Literal["truncate", "pad"] | None = Field(
@@ -155,7 +216,9 @@ class LabelsSource(_SourceNode):
     """The dataset's next-token labels (hard targets). Also defines which positions count (the mask)."""
 
     type: Literal["labels"] = Field(description="Source kind.")
-    ignore_index: int = Field(-100, description="Label value of positions that take no loss.")
+    ignore_index: Annotated[int, Field(ge=MIN_INDEX, le=MAX_INDEX)] = Field(
+        -100, description="Label value of positions that take no loss (a 32-bit integer)."
+    )
 
 
 class TeacherSource(_TeacherNode):
@@ -168,7 +231,9 @@ class TopKTeacherSource(_TeacherNode):
     """Offline teacher: the indices and log-probabilities (at temperature 1) of its top-k tokens."""
 
     type: Literal["topk_teacher"] = Field(description="Source kind.")
-    k: PositiveInt = Field(description="Number of tokens stored per position.")
+    k: Annotated[int, Field(ge=1, le=MAX_TOPK)] = Field(
+        description="Number of tokens stored per position (at most the teacher's vocab size)."
+    )
     tail: Literal["renormalize", "bucket"] = Field(
         "renormalize",
         description=(
@@ -193,8 +258,8 @@ class MixtureSource(_SourceNode):
     sources: list[Name] = Field(
         min_length=2, description="The sources to mix (teachers, labels, smoothed labels, mixtures)."
     )
-    weights: list[FiniteFloat] | None = Field(
-        None, description="One non-negative weight per source, summing to 1; equal weights when omitted."
+    weights: list[Probability] | None = Field(
+        None, description="One weight in [0, 1] per source, summing to 1; equal weights when omitted."
     )
 
 
@@ -211,23 +276,23 @@ SOURCE_KINDS = ("labels", "teacher", "topk_teacher", "label_smoothing", "mixture
 
 class _LossNode(_Model):
     heads: list[Name] = Field(min_length=1, description="Names of the heads this loss applies to; one term per head.")
-    weight: ScheduledFloat = Field(
+    weight: ScheduledWeight = Field(
         1.0,
         description=(
             "Multiplier of the loss: a number or a schedule evaluated at the training step. "
             "0 means computed and reported, without gradient."
         ),
     )
-    head_weights: list[FiniteFloat] | None = Field(
+    head_weights: list[HeadWeight] | None = Field(
         None, description="Optional multiplier per head, same length and order as `heads` (default 1 for each)."
     )
     description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
 
 
 class _TemperedLoss(_LossNode):
-    temperature: ScheduledFloat = Field(
+    temperature: ScheduledTemperature = Field(
         1.0,
-        description="Softmax temperature applied to the student logits and the target (a number > 0 or a schedule).",
+        description="Softmax temperature applied to the student logits and the target (a number or a schedule).",
     )
 
 
@@ -297,7 +362,7 @@ class LossGraphSpec(_Model):
     """A loss graph: the student's heads, the target sources and the loss nodes that bind them."""
 
     version: Literal[1] = Field(description="Version of the loss-graph format; only 1 exists.")
-    vocab_size: PositiveInt | None = Field(
+    vocab_size: VocabSize | None = Field(
         None, description="Default vocabulary size of every head and teacher that does not set its own."
     )
     normalization: Literal["tokens", "sum", "batch"] = Field(

@@ -157,12 +157,12 @@ def test_reference_examples_are_valid(model: type[BaseModel]):
 @pytest.mark.parametrize(
     ("annotation", "expected"),
     [
-        (spec.Head.model_fields["offset"], "integer >= 1"),
-        (spec.CrossEntropyLoss.model_fields["weight"], "number or [schedule](#schedules)"),
+        (spec.Head.model_fields["offset"], "integer in [1, 4096]"),
+        (spec.CrossEntropyLoss.model_fields["weight"], "number in [-1000000, 1000000] or [schedule](#schedules)"),
         (spec.MixtureSource.model_fields["sources"], "list of names (at least 2)"),
         (spec.LossGraphSpec.model_fields["normalization"], "one of: tokens, sum, batch"),
         (spec.JSDLoss.model_fields["beta"], "number in (0, 1)"),
-        (spec.LinearSchedule.model_fields["warmup"], "integer >= 0"),
+        (spec.LinearSchedule.model_fields["warmup"], "integer in [0, 1000000000]"),
         (spec.LabelsSource.model_fields["type"], "`labels`"),
     ],
 )

@@ -193,6 +193,25 @@ losses:
     assert spec.losses["lm"].heads == ["next"]
 
 
+@pytest.mark.parametrize("written", ["2024-01-01", "2001-12-14t21:59:43.10-05:00", "2024-13-45", "="])
+def test_dates_and_lone_equals_signs_are_text(written: str):
+    # YAML 1.1 reads these as a date (which fails for month 13) or a "value" key; a loss graph means text.
+    spec = lossgraph.loads(
+        f"version: 1\ndescription: {written}\nvocab_size: 8\nheads: {{n: {{}}}}\n"
+        "losses: {z: {type: z_loss, heads: [n]}}\n"
+    )
+    assert spec.description == written
+
+
+def test_merge_keys_and_anchors_are_bounded():
+    # Anchors work, but what aliases add is counted while the document is composed (see
+    # test_hostile_documents.py): a merge bomb is refused at the alias that crosses the limit.
+    lines = ["version: 1", "base: &m0 {a: 1, b: 2, c: 3}"]
+    lines += [f"l{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 9)}]}}" for i in range(1, 8)]
+    report = lossgraph.check_text("\n".join(lines) + "\n", "bomb.yaml")
+    assert [d.format()[:40] for d in report.errors] == ["bomb.yaml:6:15: with alias *m3, aliases "]
+
+
 def test_unsafe_tags_are_never_executed(tmp_path: Path):
     marker = tmp_path / "pwned"
     text = f'version: !!python/object/apply:os.system ["touch {marker}"]\n'
