@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint schema clean
+.PHONY: demo test lint schema fuzz clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ lint: $(STAMP)
 
 schema: $(STAMP)
 	$(BIN)/lossgraph schema -o schemas/lossgraph.schema.json
+
+# The long fuzz of the YAML front door (make test runs a fixed slice): FUZZ_EXAMPLES random documents
+# through `lossgraph validate`; prints the counts, time per document, slowest document and peak memory.
+FUZZ_EXAMPLES ?= 10000
+fuzz: $(STAMP)
+	$(BIN)/python tests/test_fuzz_documents.py $(FUZZ_EXAMPLES)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
