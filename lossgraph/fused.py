@@ -5,15 +5,20 @@ Layers, bottom up:
   `lossgraph::fused_head` (torch.library)    every launch of one head; opaque to torch.compile
   `PrecomputedGradient` (autograd.Function)  loss in forward, gradient already computed; backward
                                              only scales it by the incoming gradient
-  `fused_head_evaluator`                     the runtime's per-head entry point
+  `fused_head_result`                        the runtime's per-head entry point
 
 The loss and its gradient come out of the same launch, so backward never touches the logits again.
+When no gradient is asked for (torch.no_grad, or logits that do not require it), the kernels that write
+no gradient run instead (`lossgraph::fused_head_values`): nothing N x V is allocated or written.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import os
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -33,7 +38,7 @@ from .kernels.launcher import (
     layout,
 )
 from .kernels.signature import KernelSpec
-from .linear import ChunkResult
+from .linear import ChunkResult, linear_head
 from .parallel import VocabShard, all_reduce, combine_statistics
 from .plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from .schedules import temperature_key
@@ -72,8 +77,44 @@ class HeadLayout:
     topk: tuple[str, ...]
 
 
+# The fused op's registry: the plans of every live compiled graph, by token, and the kernels found for
+# them, by key (`<token>/<head>/<active terms>`). A graph's entries go when the graph is collected.
 _GRAPHS: dict[str, tuple[dict[str, HeadPlan], FusionPlan]] = {}
 _KERNELS: dict[str, HeadKernels] = {}
+_TOKENS = itertools.count()
+
+
+@dataclass(frozen=True)
+class FusedSupport:
+    """Where the fused backend can run, found once when a graph is compiled.
+
+    Finding a package and reading the environment are calls torch.compile cannot trace, so they
+    happen here, outside any traced code; a call only looks up the device type in `refusals`.
+    """
+
+    refusals: tuple[tuple[str, str], ...]  # (device type, why the fused backend cannot run there)
+
+    @staticmethod
+    def probe() -> FusedSupport:
+        if importlib.util.find_spec("triton") is None:
+            why = "backend='triton' needs the triton package; install it, or use backend='torch'"
+            return FusedSupport((("cuda", why), ("cpu", why)))
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return FusedSupport(())
+        why = (
+            "backend='triton' runs Triton kernels, which need a CUDA device; set TRITON_INTERPRET=1 before "
+            "Python starts to run them on the CPU (slow; for tests), or use backend='torch'"
+        )
+        return FusedSupport((("cpu", why),))
+
+    def refusal(self, device: torch.device) -> str | None:
+        """Why the fused backend cannot take tensors on `device`, or None when it can."""
+        for device_type, why in self.refusals:
+            if device.type == device_type:
+                return why
+        if device.type in ("cuda", "cpu"):
+            return None
+        return f"backend='triton' runs on CUDA devices, and the tensors are on {device.type}; use backend='torch'"
 
 
 def _temperatures(head: HeadPlan) -> list[tuple[str, object]]:
@@ -95,20 +136,37 @@ def head_layout(head: HeadPlan) -> HeadLayout:
     )
 
 
-def register_graph(plan: Plan, fusion: FusionPlan) -> str:
-    """Make a compiled graph's plans known to the fused op; returns the graph's token."""
-    token = f"graph{len(_GRAPHS)}"
+def register_graph(plan: Plan, fusion: FusionPlan, owner: object | None = None) -> str:
+    """Make a compiled graph's plans known to the fused op; returns the graph's token.
+
+    With `owner` (the compiled graph), the entries are removed when the owner is garbage-collected.
+    """
+    token = f"graph{next(_TOKENS)}"
     _GRAPHS[token] = ({head.name: head for head in plan.heads}, fusion)
+    if owner is not None:
+        weakref.finalize(owner, forget_graph, token)
     return token
 
 
+def forget_graph(token: str) -> None:
+    """Remove a graph's plans and kernel bindings from the registry (the generated modules stay cached:
+    they are shared by every graph with the same kernel spec)."""
+    _GRAPHS.pop(token, None)
+    prefix = f"{token}/"
+    for key in [key for key in _KERNELS if key.startswith(prefix)]:
+        del _KERNELS[key]
+
+
 @torch.compiler.assume_constant_result
-def kernel_key(graph: str, head_name: str, active: tuple[bool, ...]) -> str:
-    """The key the fused op finds a head's kernels by, for one set of gradient-active terms.
+def kernel_key(graph: str, head_name: str, active: tuple[bool, ...], gradient: bool = True) -> str:
+    """The key the fused op finds a head's kernels by, for one set of gradient-active terms; with
+    `gradient` False, the kernels that write no gradient (values only: every term inactive).
 
     A pure function of constant arguments, so torch.compile evaluates it once while tracing.
     """
-    key = f"{graph}/{head_name}/{''.join('1' if a else '0' for a in active)}"
+    if not gradient:
+        active = (False,) * len(active)
+    key = f"{graph}/{head_name}/{''.join('1' if a else '0' for a in active)}{'' if gradient else '/values'}"
     if key in _KERNELS:
         return key
     heads, fusion = _GRAPHS[graph]
@@ -119,9 +177,10 @@ def kernel_key(graph: str, head_name: str, active: tuple[bool, ...]) -> str:
     bindings = []
     for planned in fusion.for_head(head_name):
         term_indices = tuple(term_keys.index(term.key) for term in planned.terms)
+        spec = planned.kernel_spec(tuple(active[i] for i in term_indices))
         bindings.append(
             LaunchBinding(
-                spec=planned.kernel_spec(tuple(active[i] for i in term_indices)),
+                spec=spec if gradient else replace(spec, gradient=False),
                 terms=term_indices,
                 dense=tuple(head_info.dense.index(t.name) for t in planned.dense),
                 topk=tuple(head_info.topk.index(t.name) for t in planned.topk),
@@ -135,7 +194,7 @@ def kernel_key(graph: str, head_name: str, active: tuple[bool, ...]) -> str:
 def _run_launches(
     key: str,
     logits: torch.Tensor,
-    grad: torch.Tensor,
+    grad: Optional[torch.Tensor],
     row_scale: torch.Tensor,
     labels: Optional[torch.Tensor],
     dense: list[torch.Tensor],
@@ -144,6 +203,7 @@ def _run_launches(
     scalars: torch.Tensor,
     shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every launch of the head's kernels `key`; `grad` is None for kernels that write no gradient."""
     kernels = _KERNELS[key]
     # a CPU tensor: reading it is no device synchronization
     inverse_temperatures = scalars[: kernels.temperatures].tolist()
@@ -186,7 +246,9 @@ def _launch_inputs(
     )
 
 
-def _sliced_launch(spec: KernelSpec, inputs: Inputs, grad: torch.Tensor, weights: list[float], shard: VocabShard):
+def _sliced_launch(
+    spec: KernelSpec, inputs: Inputs, grad: Optional[torch.Tensor], weights: list[float], shard: VocabShard
+):
     """One launch under vocab parallel: statistics of this slice, combined across ranks, then the
     terms and this slice's gradient. The same results as one launch over the whole vocab."""
     where = {"vocab_start": shard.start, "vocab_total": shard.total}
@@ -272,6 +334,27 @@ def _fused_head_inplace_fake(key, logits, row_scale, labels, dense, topk_indices
     return _fake_results(key, logits, dense)
 
 
+@torch.library.custom_op("lossgraph::fused_head_values", mutates_args=())
+def fused_head_values(
+    key: str,
+    logits: torch.Tensor,
+    row_scale: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    dense: list[torch.Tensor],
+    topk_indices: list[torch.Tensor],
+    topk_logprobs: list[torch.Tensor],
+    scalars: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like `fused_head` for kernels that write no gradient (`key` from kernel_key(..., gradient=False)):
+    the values and argmaxes only, and nothing N x V allocated or written."""
+    return _run_launches(key, logits, None, row_scale, labels, dense, topk_indices, topk_logprobs, scalars)
+
+
+@fused_head_values.register_fake
+def _fused_head_values_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
+    return _fake_results(key, logits, dense)
+
+
 def _active_terms(steps) -> tuple[bool, ...]:
     """Which terms take part in the gradient (weight not 0), as plain bools.
 
@@ -293,14 +376,17 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool, fold: bool = False) -> ChunkResult:
+def fused_rows(
+    graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool, fold: bool = False, gradient: bool = True
+) -> ChunkResult:
     """Run every launch of `head` over the rows of `batch.logits`; with `inplace` the gradient
     overwrites the logits (only possible when the head is one launch). With `fold`, the gradient is
     written without the 1/normalizer factor, which is returned as `grad_scale` for backward to apply:
-    float16 gradients then keep small entries that 1/N would flush to zero."""
+    float16 gradients then keep small entries that 1/N would flush to zero. With `gradient` False the
+    kernels write no gradient (the result's `grad` is None) and the logits are left as they are."""
     logits = batch.logits
     layout = graph.head_layouts[head.name]
-    key = kernel_key(graph.fused_token, head.name, _active_terms(steps))
+    key = kernel_key(graph.fused_token, head.name, _active_terms(steps), gradient)
     inverse = [1.0] * layout.temperatures
     for index, step in zip(layout.term_temperatures, steps):
         inverse[index] = 1.0 / step.temperature
@@ -321,7 +407,7 @@ def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool,
     )
     # in place needs a single launch (later launches re-read the logits); inside torch.compile the
     # compiler owns the buffers and cannot functionalize a kernel that overwrites a graph input
-    in_place = inplace and len(graph.fusion.for_head(head.name)) == 1 and not torch.compiler.is_compiling()
+    in_place = gradient and inplace and len(graph.fusion.for_head(head.name)) == 1 and not torch.compiler.is_compiling()
     rows = _rows(logits.detach())
     if in_place and rows.data_ptr() != logits.data_ptr():
         raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")
@@ -329,9 +415,13 @@ def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool,
         # .data, not .detach(): its own version counter, so autograd does not see the caller's tensor
         # (a view of the model's output) modified and does not rebuild its backward as a copy
         rows = logits.data
+    grad = None
     if batch.shard is not None:  # collectives between the phases: eager only, outside the compilable op
-        grad = rows if in_place else torch.empty_like(rows)
+        if gradient:
+            grad = rows if in_place else torch.empty_like(rows)
         values, prediction, teacher_predictions = _run_launches(key, rows, grad, *arguments, shard=batch.shard)
+    elif not gradient:
+        values, prediction, teacher_predictions = fused_head_values(key, rows, *arguments)
     elif in_place:
         grad = rows
         values, prediction, teacher_predictions = fused_head_inplace(key, grad, *arguments)
@@ -346,45 +436,40 @@ def fused_rows(graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool,
     return ChunkResult(grad, scaled, prediction, teachers, in_place, inverse_normalizer if fold else None)
 
 
-def fused_head_evaluator(graph, device: torch.device):
-    """The per-head evaluator of the fused backend for tensors on `device`."""
-    import importlib.util
+def fused_head_result(graph, head: HeadPlan, batch: HeadBatch, steps):
+    """The fused backend's evaluation of one head (the runtime's HeadResult).
 
-    from .linear import linear_head
+    The graph checked at compile() where the fused backend can run (see FusedSupport), so nothing here
+    needs more than the tensors: torch.compile traces it whole.
+    """
+    try:
+        return _evaluate(graph, head, batch, steps)
+    except KernelCacheError as error:
+        raise BackendError(str(error)) from None
+
+
+def _evaluate(graph, head: HeadPlan, batch: HeadBatch, steps):
     from .runtime import HeadResult, weighted_sum
 
-    if importlib.util.find_spec("triton") is None:
-        raise BackendError("backend='triton' needs the triton package; install it, or use backend='torch'")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    dtype = batch.linear.hidden.dtype if batch.linear is not None else batch.logits.dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        if graph.backend == "auto":
+            return graph.reference_evaluator(head, batch, steps)
         raise BackendError(
-            "backend='triton' runs Triton kernels, which need a CUDA device; set TRITON_INTERPRET=1 to run "
-            "them on the CPU (slow; for tests), or use backend='torch'"
+            f"the fused kernel takes float32, bfloat16 or float16 logits, got {dtype} for head "
+            f"{head.name!r}; use backend='torch' for float64"
         )
+    if batch.linear is not None:
 
-    def run(head: HeadPlan, batch: HeadBatch, steps) -> HeadResult:
-        try:
-            return evaluate(head, batch, steps)
-        except KernelCacheError as error:
-            raise BackendError(str(error)) from None
+        def chunk_rows(chunk: HeadBatch, gradient: bool) -> ChunkResult:
+            return fused_rows(graph, head, chunk, steps, inplace=True, gradient=gradient)
 
-    def evaluate(head: HeadPlan, batch: HeadBatch, steps) -> HeadResult:
-        dtype = batch.linear.hidden.dtype if batch.linear is not None else batch.logits.dtype
-        if dtype not in _SUPPORTED_DTYPES:
-            if graph.backend == "auto":
-                return graph.reference_evaluator(head, batch, steps)
-            raise BackendError(
-                f"the fused kernel takes float32, bfloat16 or float16 logits, got {dtype} for head "
-                f"{head.name!r}; use backend='torch' for float64"
-            )
-        if batch.linear is not None:
-            return linear_head(
-                graph, head, batch, steps, lambda chunk: fused_rows(graph, head, chunk, steps, inplace=True)
-            )
-        fold = batch.logits.dtype == torch.float16
-        rows = fused_rows(graph, head, batch, steps, inplace=graph.inplace_grad, fold=fold)
-        loss = PrecomputedGradient.apply(
-            batch.logits, weighted_sum(rows.values, steps), rows.grad, rows.in_place, rows.grad_scale
-        )
-        return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions)
-
-    return run
+        return linear_head(graph, head, batch, steps, chunk_rows)
+    # under torch.no_grad (or for logits that need no gradient) the kernels write nothing N x V
+    gradient = torch.is_grad_enabled() and batch.logits.requires_grad
+    fold = batch.logits.dtype == torch.float16
+    rows = fused_rows(graph, head, batch, steps, inplace=graph.inplace_grad, fold=fold, gradient=gradient)
+    loss = weighted_sum(rows.values, steps)
+    if rows.grad is not None:
+        loss = PrecomputedGradient.apply(batch.logits, loss, rows.grad, rows.in_place, rows.grad_scale)
+    return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions)

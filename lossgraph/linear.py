@@ -28,7 +28,7 @@ from .plan import HeadPlan
 class ChunkResult(NamedTuple):
     """What evaluating a block of rows gives."""
 
-    grad: torch.Tensor  # dl/dlogits of these rows, in the logits dtype
+    grad: torch.Tensor | None  # dl/dlogits of these rows, in the logits dtype (None: no gradient asked for)
     values: torch.Tensor  # [terms] each term's share of its normalized value (x T^2 where asked)
     prediction: torch.Tensor  # [rows] student argmax
     teacher_predictions: dict[str, torch.Tensor]  # [rows] argmax of each teacher
@@ -39,14 +39,14 @@ class ChunkResult(NamedTuple):
 class LinearHeadLoss(torch.autograd.Function):
     """A loss whose gradients with respect to hidden, weight and bias are computed in forward.
 
-    `compute()` runs the chunked evaluation and returns (loss, grad_hidden, grad_weight, grad_bias);
-    backward scales the kept gradients by the incoming scalar, in place.
+    `compute()` runs the chunked evaluation and returns (loss, grad_hidden, grad_weight, grad_bias), each
+    gradient None when its input needs none; backward scales the kept gradients by the incoming scalar,
+    in place.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, compute):
         loss, grad_hidden, grad_weight, grad_bias = compute()
-        ctx.has_bias = grad_bias is not None
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return loss
 
@@ -60,11 +60,27 @@ class LinearHeadLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None
 
 
-def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: Callable[[HeadBatch], ChunkResult]):
-    """Evaluate a hidden-input head chunk by chunk; returns the runtime's HeadResult."""
+RowsEvaluator = Callable[[HeadBatch, bool], ChunkResult]
+
+
+def _needs_grad(tensor: torch.Tensor | None) -> bool:
+    return tensor is not None and torch.is_grad_enabled() and tensor.requires_grad
+
+
+def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: RowsEvaluator):
+    """Evaluate a hidden-input head chunk by chunk; returns the runtime's HeadResult.
+
+    `evaluate_rows(chunk, gradient)` evaluates a chunk's logits, with their gradient when `gradient`.
+    Only the gradients that autograd will ask for are computed: a frozen weight (requires_grad=False)
+    costs no grad_weight product, hidden states that need no gradient no grad_hidden product, and under
+    torch.no_grad no chunk writes a logits gradient at all.
+    """
     from .runtime import HeadResult, weighted_sum
 
     hidden, weight, bias = batch.linear
+    # read here: autograd runs Function.forward (and so `compute`) with gradients disabled
+    need_hidden, need_weight, need_bias = _needs_grad(hidden), _needs_grad(weight), _needs_grad(bias)
+    gradient = need_hidden or need_weight or need_bias
     rows = hidden.shape[0]
     linear_teachers = [w.weight.shape[0] for w in batch.teachers.values() if not isinstance(w, torch.Tensor)]
     size = graph.chunk_size or chunk_rows(head.vocab_size, linear_teachers, hidden.element_size())
@@ -72,25 +88,29 @@ def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: C
     outputs: dict[str, object] = {}
 
     def compute():
-        grad_hidden = torch.empty_like(hidden)
         wide = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
-        grad_weight = torch.zeros(weight.shape, dtype=wide if fp32 else weight.dtype, device=weight.device)
-        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=wide, device=bias.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = None
+        if need_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=wide if fp32 else weight.dtype, device=weight.device)
+        grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
         values, predictions, teachers = None, [], {}
         for start in range(0, rows, size):
             stop = min(rows, start + size)
             block = hidden[start:stop].detach()
             with torch.no_grad():
                 logits = torch.nn.functional.linear(block, weight.detach(), None if bias is None else bias.detach())
-            result = evaluate_rows(batch.rows(start, stop, logits))
-            grad = result.grad.to(hidden.dtype)
-            torch.mm(grad, weight.detach(), out=grad_hidden[start:stop])
-            if fp32:
-                grad_weight.addmm_(grad.t().to(wide), block.to(wide))
-            else:
-                grad_weight.addmm_(grad.t(), block)
-            if grad_bias is not None:
-                grad_bias += grad.sum(0, dtype=wide)
+            result = evaluate_rows(batch.rows(start, stop, logits), gradient)
+            if gradient:
+                grad = result.grad.to(hidden.dtype)
+                if grad_hidden is not None:
+                    torch.mm(grad, weight.detach(), out=grad_hidden[start:stop])
+                if grad_weight is not None and fp32:
+                    grad_weight.addmm_(grad.t().to(wide), block.to(wide))
+                elif grad_weight is not None:
+                    grad_weight.addmm_(grad.t(), block)
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0, dtype=wide)
             values = result.values.detach() if values is None else values + result.values.detach()
             predictions.append(result.prediction)
             for name, predicted in result.teacher_predictions.items():
@@ -105,14 +125,21 @@ def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: C
         outputs["teachers"] = {name: torch.cat(parts) for name, parts in teachers.items()}
         return weighted_sum(values, steps), grad_hidden, grad_weight, grad_bias
 
-    loss = LinearHeadLoss.apply(hidden, weight, bias, compute)
+    if gradient:
+        loss = LinearHeadLoss.apply(hidden, weight, bias, compute)
+    else:
+        loss = compute()[0]
     return HeadResult(loss, outputs["values"], outputs["prediction"], outputs["teachers"])
 
 
-def reference_rows(head: HeadPlan, chunk: HeadBatch, steps) -> ChunkResult:
-    """The reference math on a block of rows, with the logits gradient from autograd."""
+def reference_rows(head: HeadPlan, chunk: HeadBatch, steps, gradient: bool = True) -> ChunkResult:
+    """The reference math on a block of rows, with the logits gradient from autograd when `gradient`."""
     from .runtime import reference_head
 
+    if not gradient:
+        with torch.no_grad():
+            result = reference_head(head, chunk, steps)
+        return ChunkResult(None, result.values, result.prediction, result.teacher_predictions)
     logits = chunk.logits.detach().requires_grad_()
     chunk.logits = logits
     with torch.enable_grad():

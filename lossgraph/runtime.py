@@ -18,7 +18,7 @@ import torch
 from .autograd import PrecomputedGradient
 from .document import check_spec, load
 from .errors import BackendError, ConfigError, InputError, SourceFileError
-from .fused import head_layout, register_graph
+from .fused import FusedSupport, fused_head_result, head_layout, register_graph
 from .fusion import FusionPlan
 from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches
 from .linear import linear_head, reference_rows
@@ -116,8 +116,9 @@ def reference_head(head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> H
     if any(s.weight != 0.0 for s in steps):
         loss = weighted_sum(values, steps)
     else:  # every weight is 0 at this step: a zero loss that still backpropagates (zeros)
-        zero = torch.zeros((), dtype=compute_dtype(batch.logits), device=batch.logits.device)
-        loss = PrecomputedGradient.apply(batch.logits, zero, torch.zeros_like(batch.logits), False, None)
+        loss = torch.zeros((), dtype=compute_dtype(batch.logits), device=batch.logits.device)
+        if torch.is_grad_enabled() and batch.logits.requires_grad:  # no N x V zeros when none is asked for
+            loss = PrecomputedGradient.apply(batch.logits, loss, torch.zeros_like(batch.logits), False, None)
     student, teachers = predictions(head, batch)
     return HeadResult(loss, values.detach(), student, teachers)
 
@@ -171,7 +172,9 @@ class CompiledGraph(torch.nn.Module):
         self.fusion = fusion
         self.backend = backend
         # static per-head facts the fused backend reads on every call (kept trace-friendly)
-        self.fused_token = register_graph(plan, fusion)
+        self.fused_token = register_graph(plan, fusion, owner=self)
+        # where the fused backend can run, found now: torch.compile cannot trace these checks in a call
+        self.fused_support = None if backend == "torch" else FusedSupport.probe()
         self.head_layouts = {head.name: head_layout(head) for head in plan.heads}
         self.inplace_grad = inplace_grad
         self.check_inputs = check_inputs
@@ -184,15 +187,22 @@ class CompiledGraph(torch.nn.Module):
         """The head evaluator the backend setting selects for tensors on `device`."""
         if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
             return self.reference_evaluator
-        from .fused import fused_head_evaluator
+        refusal = self.fused_support.refusal(device)
+        if refusal is not None:
+            raise BackendError(refusal)
+        return self.fused_evaluator
 
-        return fused_head_evaluator(self, device)
+    def fused_evaluator(self, head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> HeadResult:
+        """The fused backend: one generated Triton kernel per head (per chunk for hidden-input heads)."""
+        return fused_head_result(self, head, batch, steps)
 
     def reference_evaluator(self, head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> HeadResult:
         """The reference math; chunked over rows for a hidden-input head; on full rows (gathered
         from every rank's slice) under vocab parallel."""
         if batch.linear is not None:
-            return linear_head(self, head, batch, steps, lambda chunk: reference_rows(head, chunk, steps))
+            return linear_head(
+                self, head, batch, steps, lambda chunk, gradient: reference_rows(head, chunk, steps, gradient)
+            )
         if batch.shard is not None:
             full = replace(
                 batch,

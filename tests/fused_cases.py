@@ -45,6 +45,12 @@ else:
 
 requires_fused = pytest.mark.skipif(bool(FUSED_SKIP_REASON), reason=FUSED_SKIP_REASON or "runs")
 
+
+def requires_gpu(test):
+    """Marks a test `gpu` (what only a GPU shows: memory high-water marks, NCCL) and skips it without one."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
+
+
 # numpy noise of Triton's interpreter (masked lanes evaluate -inf - -inf, then get discarded by tl.where)
 interpreter_warnings = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),

@@ -29,6 +29,7 @@ from fused_cases import (
     low_precision,
     make_inputs,
     requires_fused,
+    requires_gpu,
     run_pair,
     spec_of,
     upcast,
@@ -958,3 +959,78 @@ def test_torch_compile_of_other_graphs_matches_eager(dynamo, case):
     assert torch.equal(loss, eager_loss)
     for name in grads:
         assert torch.equal(grads[name], eager_grads[name]), name
+
+
+# --------------------------------------------------------------------------------------------------
+# No gradient asked for: nothing N x V is allocated or written.
+# --------------------------------------------------------------------------------------------------
+
+
+def _record_launches(monkeypatch) -> list[tuple[bool, object]]:
+    """(spec.gradient, grad buffer) of every fused launch from now on."""
+    seen: list[tuple[bool, object]] = []
+    real = lossgraph.fused.launch
+
+    def recording(spec, inputs, *, grad, weights):
+        seen.append((spec.gradient, grad))
+        return real(spec, inputs, grad=grad, weights=weights)
+
+    monkeypatch.setattr(lossgraph.fused, "launch", recording)
+    return seen
+
+
+NO_GRADIENT = ["no_grad", "no_grad-inplace_grad", "detached-logits"]
+
+
+@pytest.mark.parametrize("how", NO_GRADIENT)
+@pytest.mark.parametrize("source", ["split-head", "three-heads"])
+def test_without_gradient_the_kernels_write_nothing_n_by_v(how, source, monkeypatch):
+    """Under torch.no_grad (also with inplace_grad), or for logits that need no gradient, every launch
+    runs the kernel without gradient, gets no gradient buffer and leaves the logits as they were; the
+    values and metrics are those of a call with gradient."""
+    spec, lead = {"split-head": (FIVE_TEACHERS, (6,)), "three-heads": (MTP_DISTILL, (2, 5))}[source]
+    spec = spec_of(spec)
+    inputs = low_precision(make_inputs(spec, lead, seed=101), torch.float32)
+    expected = call(lossgraph.compile(spec, backend="triton"), inputs)
+    graph = lossgraph.compile(spec, backend="triton", inplace_grad=how.endswith("inplace_grad"))
+    before = {name: x.clone() for name, x in inputs.logits.items()}
+    seen = _record_launches(monkeypatch)
+    with torch.set_grad_enabled(how == "detached-logits"):  # there: gradients on, logits that need none
+        out = graph(inputs.logits, labels=inputs.labels, teachers=inputs.teachers)
+    assert seen and all(not gradient and grad is None for gradient, grad in seen), seen
+    assert not out.loss.requires_grad
+    for name, logits in inputs.logits.items():
+        assert torch.equal(logits, before[name]), name
+    assert_close(out.loss, expected.out.loss.detach(), rtol=1e-6, atol=1e-7, what="loss")
+    for key, value in expected.out.values.items():
+        assert_close(out.values[key], value, rtol=1e-6, atol=1e-7, what=key)
+    for head, metrics in expected.out.metrics.items():
+        for name, value in metrics.items():
+            assert torch.equal(out.metrics[head][name], value), (head, name)
+
+
+def test_with_gradient_every_launch_writes_one(monkeypatch):
+    spec = spec_of(FIVE_TEACHERS)
+    inputs = low_precision(make_inputs(spec, (6,), seed=103), torch.float32)
+    seen = _record_launches(monkeypatch)
+    call(lossgraph.compile(spec, backend="triton"), inputs)
+    assert len(seen) == 2 and all(gradient and grad is not None for gradient, grad in seen), seen
+
+
+@requires_gpu
+def test_no_grad_allocates_no_n_by_v_buffer_on_the_gpu():
+    """Peak memory of a call under torch.no_grad stays far below one N x V float32 buffer."""
+    spec = spec_of(graph_yaml(LOSS_CASES["forward_kl-teacher-T2-scaled"][0], sources=TEACHER, vocab=32000))
+    rows = 512
+    logits = torch.randn(rows, 32000, device="cuda")
+    teacher = torch.randn(rows, 32000, device="cuda")
+    graph = lossgraph.compile(spec, backend="triton")
+    with torch.no_grad():
+        graph({"next": logits}, teachers={"teacher": teacher})  # kernels compiled and cached
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        graph({"next": logits}, teachers={"teacher": teacher})
+        torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < logits.numel() * logits.element_size() / 8, extra

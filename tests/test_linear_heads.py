@@ -2,7 +2,8 @@
 
 The chunked evaluation (reference math or the fused kernel) must give the same loss, values and
 gradients with respect to hidden states, weight and bias as the reference on materialized logits,
-and its peak extra memory must be bounded by the chunk, not by N x V.
+and its peak extra memory must be bounded by the chunk, not by N x V. The fused side runs on
+`fused_cases.DEVICE` (CUDA when there is one), the float64 reference on the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fused_cases import FUSED_SKIP_REASON, interpreter_warnings
+from fused_cases import DEVICE, interpreter_warnings, requires_fused
 from helpers import assert_close, random_labels
 
 import lossgraph
@@ -80,13 +81,26 @@ def reference(data, *, shared: bool):
     return out, grads
 
 
-def chunked(data, *, backend: str, dtype: torch.dtype, shared: bool, chunk_size, teacher_as_linear: bool = True):
+def chunked(
+    data,
+    *,
+    backend: str,
+    dtype: torch.dtype,
+    shared: bool,
+    chunk_size,
+    teacher_as_linear: bool = True,
+    device: torch.device | None = None,
+):
+    """The graph on hidden states; on DEVICE for the fused backend, on the CPU for the reference."""
+    device = device or (DEVICE if backend == "triton" else torch.device("cpu"))
     graph = lossgraph.compile(lossgraph.loads(GRAPH), backend=backend, chunk_size=chunk_size)
     leaves = {
-        name: data[name].to(dtype).clone().requires_grad_() for name in ("hidden", "weight", "bias", "mtp_weight")
+        name: data[name].to(device=device, dtype=dtype).clone().requires_grad_()
+        for name in ("hidden", "weight", "bias", "mtp_weight")
     }
     mtp_weight = leaves["weight"] if shared else leaves["mtp_weight"]
-    teacher_hidden, teacher_weight = data["teacher_hidden"].to(dtype), data["teacher_weight"].to(dtype)
+    teacher_hidden = data["teacher_hidden"].to(device=device, dtype=dtype)
+    teacher_weight = data["teacher_weight"].to(device=device, dtype=dtype)
     teacher = (
         lossgraph.Linear(teacher_hidden, teacher_weight) if teacher_as_linear else teacher_hidden @ teacher_weight.T
     )
@@ -95,7 +109,7 @@ def chunked(data, *, backend: str, dtype: torch.dtype, shared: bool, chunk_size,
             "next": lossgraph.Linear(leaves["hidden"], leaves["weight"], leaves["bias"]),
             "mtp2": lossgraph.Linear(leaves["hidden"], mtp_weight, leaves["bias"]),
         },
-        labels=data["labels"],
+        labels=data["labels"].to(device),
         teachers={"teacher": teacher},
     )
     out.loss.backward()
@@ -122,7 +136,7 @@ def compare(out, grads, expected_out, expected_grads, dtype):
         )
     for head, metrics in expected_out.metrics.items():
         for name, value in metrics.items():
-            assert torch.equal(out.metrics[head][name].to(value.dtype), value), (head, name)
+            assert torch.equal(out.metrics[head][name].to("cpu", value.dtype), value), (head, name)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-weight", "own-weights"])
@@ -138,7 +152,7 @@ def test_reference_chunks_equal_materialized_logits(shared, dtype, chunk_size):
     compare(out, grads, expected_out, expected_grads, dtype)
 
 
-@pytest.mark.skipif(bool(FUSED_SKIP_REASON), reason=FUSED_SKIP_REASON or "runs")
+@requires_fused
 @pytest.mark.parametrize("teacher_as_linear", [True, False], ids=["teacher-hidden", "teacher-logits"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-weight", "own-weights"])
 def test_fused_chunks_equal_materialized_logits(shared, teacher_as_linear):
@@ -150,22 +164,25 @@ def test_fused_chunks_equal_materialized_logits(shared, teacher_as_linear):
     compare(out, grads, expected_out, expected_grads, torch.float32)
 
 
-@pytest.mark.skipif(bool(FUSED_SKIP_REASON), reason=FUSED_SKIP_REASON or "runs")
+@requires_fused
 def test_fused_chunks_in_bfloat16_with_fp32_weight_accumulation():
     data = inputs(seed=5)
     graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="triton", chunk_size=3, accumulate_fp32=True)
-    hidden = data["hidden"].to(torch.bfloat16).requires_grad_()
-    weight = data["weight"].to(torch.bfloat16).requires_grad_()
-    teacher = lossgraph.Linear(data["teacher_hidden"].to(torch.bfloat16), data["teacher_weight"].to(torch.bfloat16))
+
+    def bf16(name: str) -> torch.Tensor:
+        return data[name].to(device=DEVICE, dtype=torch.bfloat16)
+
+    hidden, weight = bf16("hidden").requires_grad_(), bf16("weight").requires_grad_()
+    teacher = lossgraph.Linear(bf16("teacher_hidden"), bf16("teacher_weight"))
     linear = lossgraph.Linear(hidden, weight)
     expected_graph = lossgraph.compile(lossgraph.loads(LOGITS_GRAPH), backend="torch")
-    h64 = hidden.detach().double().requires_grad_()
-    w64 = weight.detach().double().requires_grad_()
+    h64 = hidden.detach().cpu().double().requires_grad_()
+    w64 = weight.detach().cpu().double().requires_grad_()
     logits = h64 @ w64.T
-    t64 = teacher.hidden.double() @ teacher.weight.double().T
+    t64 = teacher.hidden.cpu().double() @ teacher.weight.cpu().double().T
     expected = expected_graph({"next": logits, "mtp2": logits}, labels=data["labels"], teachers={"teacher": t64})
     expected.loss.backward()
-    out = graph({"next": linear, "mtp2": linear}, labels=data["labels"], teachers={"teacher": teacher})
+    out = graph({"next": linear, "mtp2": linear}, labels=data["labels"].to(DEVICE), teachers={"teacher": teacher})
     out.loss.backward()
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
     for key, value in expected.values.items():
@@ -288,23 +305,91 @@ def test_plan_reports_chunking_and_peak_memory(tmp_path):
 pytestmark = interpreter_warnings
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "torch",
-        pytest.param("triton", marks=pytest.mark.skipif(bool(FUSED_SKIP_REASON), reason=FUSED_SKIP_REASON or "runs")),
-    ],
-)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_fused)])
 def test_an_empty_batch_gives_zero_loss_and_empty_gradients(backend):
+    device = DEVICE if backend == "triton" else torch.device("cpu")
     graph = lossgraph.compile(lossgraph.loads(GRAPH), backend=backend)
-    weight = torch.randn(VOCAB, H, requires_grad=True)
+    weight = torch.randn(VOCAB, H, device=device, requires_grad=True)
     # offset-2 heads need [B, S] positions: empty sequences
-    hidden = torch.zeros(2, 0, H, requires_grad=True)
+    hidden = torch.zeros(2, 0, H, device=device, requires_grad=True)
+    teacher = lossgraph.Linear(
+        torch.zeros(2, 0, TEACHER_H, device=device), torch.randn(VOCAB, TEACHER_H, device=device)
+    )
     out = graph(
         {"next": lossgraph.Linear(hidden, weight), "mtp2": lossgraph.Linear(hidden, weight)},
-        labels=torch.zeros(2, 0, dtype=torch.long),
-        teachers={"teacher": lossgraph.Linear(torch.zeros(2, 0, TEACHER_H), torch.randn(VOCAB, TEACHER_H))},
+        labels=torch.zeros(2, 0, dtype=torch.long, device=device),
+        teachers={"teacher": teacher},
     )
     out.loss.backward()
-    assert float(out.loss) == 0.0 and hidden.grad.shape == (2, 0, H)
+    assert float(out.loss.detach()) == 0.0 and hidden.grad.shape == (2, 0, H)
     assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def _products(function) -> list[tuple[int, ...]]:
+    """The output shape of every matrix product (aten mm / addmm, in place or not) `function` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes: list[tuple[int, ...]] = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("mm", "addmm", "addmm_", "bmm", "baddbmm"):
+                shapes.append(tuple(out.shape))
+            return out
+
+    with Products():
+        function()
+    return shapes
+
+
+FROZEN = ["frozen-weight", "frozen-hidden", "no_grad"]
+
+
+@pytest.mark.parametrize("frozen", FROZEN)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_fused)])
+def test_only_the_gradients_autograd_asks_for_are_computed(backend, frozen):
+    """A frozen weight (requires_grad=False) costs no grad_weight product, hidden states that need no
+    gradient no grad_hidden product, torch.no_grad neither; the gradients that are asked for are the
+    same as when everything trains."""
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    data = inputs(seed=11)
+    graph = lossgraph.compile(lossgraph.loads(GRAPH), backend=backend, chunk_size=4)
+
+    def leaves(train_hidden: bool, train_weight: bool):
+        hidden = data["hidden"].to(device, torch.float32).requires_grad_(train_hidden)
+        weight = data["weight"].to(device, torch.float32).requires_grad_(train_weight)
+        bias = data["bias"].to(device, torch.float32).requires_grad_(train_weight)
+        return hidden, weight, bias
+
+    def run(hidden, weight, bias, *, grad: bool = True):
+        teacher = lossgraph.Linear(
+            data["teacher_hidden"].to(device, torch.float32), data["teacher_weight"].to(device, torch.float32)
+        )
+        head = lossgraph.Linear(hidden, weight, bias)
+        with torch.set_grad_enabled(grad):
+            out = graph({"next": head, "mtp2": head}, labels=data["labels"].to(device), teachers={"teacher": teacher})
+        if out.loss.requires_grad:
+            out.loss.backward()
+        return out
+
+    trained = leaves(True, True)
+    expected = run(*trained)
+    hidden, weight, bias = leaves(frozen != "frozen-hidden", frozen != "frozen-weight")
+    shapes = _products(lambda: run(hidden, weight, bias, grad=frozen != "no_grad"))
+    logits_shapes = [shape for shape in shapes if shape[-1] == VOCAB]  # student and teacher logits per chunk
+    assert len(logits_shapes) == 3 * 5, shapes  # 2 heads and the teacher of one, 18 rows in chunks of 4
+    weight_products = [shape for shape in shapes if shape == (VOCAB, H)]
+    hidden_products = [shape for shape in shapes if shape[-1] == H and shape[0] != VOCAB]  # [rows, H]
+    assert len(weight_products) == (2 * 5 if frozen == "frozen-hidden" else 0), shapes
+    assert len(hidden_products) == (2 * 5 if frozen == "frozen-weight" else 0), shapes
+    assert_close(expected.loss.detach(), run(hidden, weight, bias, grad=False).loss, rtol=1e-6, what="loss")
+    if frozen == "frozen-weight":
+        assert weight.grad is None and bias.grad is None
+        assert_close(hidden.grad, trained[0].grad, rtol=1e-5, atol=1e-7, what="grad hidden")
+    elif frozen == "frozen-hidden":
+        assert hidden.grad is None
+        assert_close(weight.grad, trained[1].grad, rtol=1e-5, atol=1e-7, what="grad weight")
+        assert_close(bias.grad, trained[2].grad, rtol=1e-5, atol=1e-7, what="grad bias")
+    else:
+        assert hidden.grad is None and weight.grad is None and bias.grad is None
