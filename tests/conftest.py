@@ -1,4 +1,4 @@
-"""Shared fixtures: run the CLI in-process."""
+"""Shared fixtures: run the CLI in-process; keep the fused tests on CUDA wherever there is CUDA."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from device_guard import fused_tensors_on_cuda  # noqa: F401  (an autouse fixture: every test gets it)
 from typer.testing import CliRunner, Result
 
 from lossgraph.cli import app

@@ -1,11 +1,15 @@
 """Fused-backend cases found in review: gradient scalers with float16, in-place gradients of a model's
-output, mixtures whose probabilities underflow."""
+output, mixtures whose probabilities underflow.
+
+Every tensor is built on `fused_cases.DEVICE`: CUDA when there is one, else the CPU (through Triton's
+interpreter). The float64 reference runs on the same device.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from fused_cases import interpreter_warnings, requires_fused
+from fused_cases import DEVICE, interpreter_warnings, requires_fused
 from helpers import assert_close, random_labels, random_logits
 
 import lossgraph
@@ -26,9 +30,10 @@ losses:
 
 def _grad(backend: str, dtype: torch.dtype, scale: float, *, inputs: torch.dtype | None = None) -> torch.Tensor:
     """Gradient of the logits (rounded to `inputs`, then held in `dtype`) for the loss times `scale`."""
-    logits = random_logits(4, 32, V, seed=1).to(inputs or dtype).to(dtype).requires_grad_()
+    logits = random_logits(4, 32, V, seed=1).to(inputs or dtype).to(device=DEVICE, dtype=dtype).requires_grad_()
     graph = lossgraph.compile(lossgraph.loads(GRAPH), backend=backend)
-    out = graph({"next": logits}, labels=random_labels(4, 32, vocab=V), teachers={"teacher": random_logits(4, 32, V)})
+    labels = random_labels(4, 32, vocab=V).to(DEVICE)
+    out = graph({"next": logits}, labels=labels, teachers={"teacher": random_logits(4, 32, V).to(DEVICE)})
     (out.loss * scale).backward()  # what a GradScaler does
     return logits.grad
 
@@ -57,22 +62,21 @@ def test_bfloat16_gradient_scale_is_not_rounded_to_bfloat16():
 def test_inplace_gradient_of_a_model_output_reuses_its_buffer():
     """The caller's logits (a non-leaf, [B, S, V] viewed as [N, V]) receive the gradient in their own
     storage: no copy of the whole buffer in backward."""
-    hidden = torch.randn(4, 8, 16, requires_grad=True)
-    weight = torch.randn(V, 16, requires_grad=True)
+    hidden = torch.randn(4, 8, 16, device=DEVICE, requires_grad=True)
+    weight = torch.randn(V, 16, device=DEVICE, requires_grad=True)
     graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="triton", inplace_grad=True)
     logits = hidden @ weight.T
     storage = logits.data_ptr()
     arrived = []
     logits.register_hook(lambda grad: arrived.append(grad.data_ptr()))
-    out = graph({"next": logits}, labels=random_labels(4, 8, vocab=V), teachers={"teacher": random_logits(4, 8, V)})
+    labels, teacher = random_labels(4, 8, vocab=V).to(DEVICE), random_logits(4, 8, V).to(DEVICE)
+    out = graph({"next": logits}, labels=labels, teachers={"teacher": teacher})
     out.loss.backward()
     assert arrived == [storage]
     expected_hidden = hidden.grad.clone()
     hidden.grad = None
     plain = lossgraph.compile(lossgraph.loads(GRAPH), backend="torch")
-    again = plain(
-        {"next": hidden @ weight.T}, labels=random_labels(4, 8, vocab=V), teachers={"teacher": random_logits(4, 8, V)}
-    )
+    again = plain({"next": hidden @ weight.T}, labels=labels, teachers={"teacher": teacher})
     again.loss.backward()
     assert_close(expected_hidden, hidden.grad, dtype=torch.float32, rtol=1e-4, atol=1e-6, what="hidden grad")
 
@@ -93,8 +97,8 @@ losses: {{d: {{type: {kind}, heads: [next], target: mix}}}}
 """
     spec = lossgraph.loads(text)
     generator = torch.Generator().manual_seed(4)
-    teachers = {name: torch.randn(6, V, generator=generator) * 40 for name in ("a", "b")}
-    student = torch.randn(6, V, generator=generator)
+    teachers = {name: (torch.randn(6, V, generator=generator) * 40).to(DEVICE) for name in ("a", "b")}
+    student = torch.randn(6, V, generator=generator).to(DEVICE)
     results = {}
     for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
         logits = student.detach().to(dtype).clone().requires_grad_()
@@ -123,9 +127,11 @@ losses: {{kd: {{type: {kind}, heads: [next], target: cached}}}}
 """
     )
     generator = torch.Generator().manual_seed(0)
-    student = torch.randn(4, 512, generator=generator)
+    student = torch.randn(4, 512, generator=generator).to(DEVICE)
     student[:, 0] += boost
-    stored = lossgraph.TopK(torch.arange(8).repeat(4, 1), torch.full((4, 8), 0.9 / 8).log())
+    stored = lossgraph.TopK(
+        torch.arange(8, device=DEVICE).repeat(4, 1), torch.full((4, 8), 0.9 / 8, device=DEVICE).log()
+    )
     results = {}
     for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
         logits = student.detach().to(dtype).clone().requires_grad_()
@@ -144,7 +150,9 @@ losses: {{kd: {{type: {kind}, heads: [next], target: cached}}}}
     # |alpha| q_i / N in size, so float32 leaves an error of ~1e-7 of that (documented in kernels.md);
     # alpha is 1 - P_tail / Q_tail for cross-entropy and forward KL, a few tens for the others
     q = torch.softmax(student.double(), -1)
-    alpha = torch.maximum((1 - 0.1 / q[:, 8:].sum(-1)).abs(), torch.full((4,), 50.0, dtype=torch.float64))
+    alpha = torch.maximum(
+        (1 - 0.1 / q[:, 8:].sum(-1)).abs(), torch.full((4,), 50.0, dtype=torch.float64, device=DEVICE)
+    )
     bound = 4e-7 * alpha[:, None] * q[:, stored_columns] / 4
     error = (grad[:, stored_columns].double() - expected[:, stored_columns]).abs()
     assert bool((error <= bound + 1e-6 * scale).all()), float((error - bound).max())
