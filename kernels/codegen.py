@@ -763,8 +763,9 @@ class KernelGenerator:
                     f"loss{t} = tl.sum(tl.where({P} > 0, {P} * ({lP} - {lQ}), 0.0), 0) + "
                     f"tl.where({Pt} > 0, {Pt} * ({lPt} - {lQt}), 0.0)"
                 )
-            # G'_b = 1 - P_b / Q_b: q_i G'_i = Q_i - P_i at a stored token; the tail's share is in the last pass
-            src(f"sparse{t} = {Q} - {P}")
+            # G'_b = sum_c P_c - P_b / Q_b (sum_c P_c is 1 unless the stored tokens cover the vocab with
+            # less mass): q_i G'_i = Q_i sum_c P_c - P_i at a stored token; the tail's share is in the last pass
+            src(f"mass{t} = tl.sum({P}, 0) + {Pt}", f"sparse{t} = {Q} * mass{t} - {P}")
         else:
             if kind == "reverse_kl":
                 # l = sum_b Q_b (log Q_b - log P_b); G'_b = log Q_b - log P_b - l
@@ -810,9 +811,10 @@ class KernelGenerator:
         i = term.target.source
         q, lq = self.q(term.slot), self.log_q(term.slot)
         if term.kind in ("cross_entropy", "forward_kl"):
-            # q_j (1 - P_tail / Q_tail) = q_j - P_tail exp(log q_j - log Q_tail): the ratio is at most 1
-            # for an unstored token, where P_tail / Q_tail alone could overflow
-            tail = f"tl.where({q} > 0, {q} - Pt{t} * tl.exp({lq} - lQt{t}), 0.0)"
+            # q_j (sum_c P_c - P_tail / Q_tail) = q_j sum_c P_c - P_tail exp(log q_j - log Q_tail): the
+            # ratio is at most 1 for an unstored token, where P_tail / Q_tail alone could overflow, and it
+            # stays exact where q_j itself underflows (a confident student)
+            tail = f"{q} * mass{t} - tl.where(lQt{t} > {NEG_INF}, Pt{t} * tl.exp({lq} - lQt{t}), 0.0)"
         else:
             tail = f"tl.where({q} > 0, {q} * gt{t}, 0.0)"
         return f"tl.where({self.stored_columns(i)}, 0.0, {tail})"

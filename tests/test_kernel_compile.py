@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,8 @@ def synthetic_specs() -> dict[str, KernelSpec]:
     )
     specs["inactive-dense"] = _target_spec("dense", active=False)
     specs["inactive-topk-bucket"] = _target_spec("topk-bucket", active=False)
+    specs["values-only-topk-bucket"] = replace(_target_spec("topk-bucket"), gradient=False)
+    specs["values-only-mixture-two-dense"] = replace(_target_spec("mixture-two-dense"), gradient=False)
     specs["accumulate-dense"] = _target_spec("dense", accumulate=True)
     specs["accumulate-topk-renormalize"] = _target_spec("topk-renormalize", accumulate=True)
     specs["truncate-dense"] = _target_spec("dense", mapping="truncate")
