@@ -141,7 +141,7 @@ def _gradient_arguments(spec: KernelSpec, grad: torch.Tensor | None, weights: li
 def _run(spec: KernelSpec, phase: str, inputs: Inputs, arguments: dict[str, object]) -> None:
     rows, vocab = inputs.logits.shape
     if rows:
-        block, warps = block_size(vocab, 1 + len(inputs.dense))
+        block, warps = block_size(vocab, spec.tile_streams)
         kernel_module(spec, phase).fused_head_kernel[(rows,)](**arguments, BLOCK_V=block, num_warps=warps)
 
 

@@ -79,6 +79,13 @@ class KernelSpec:
     gradient: bool = True  # write dl/dz; False (under torch.no_grad) writes nothing N x V
 
     @property
+    def tile_streams(self) -> int:
+        """How many N x V streams a tile holds in registers: the student, each dense teacher, and two
+        for each top-k source with a bucket term (the histogram of its stored ids in the tile)."""
+        buckets = {t.target.source for t in self.terms if isinstance(t.target, KTopK) and t.target.tail == "bucket"}
+        return 1 + len(self.dense) + 2 * len(buckets)
+
+    @property
     def uses_labels(self) -> bool:
         return any(_reads_labels(term.target) for term in self.terms)
 

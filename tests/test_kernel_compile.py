@@ -225,7 +225,7 @@ def compile_all(out: Path) -> None:
         entry: dict[str, object] = {}
         try:
             fn = kernel_module(spec, phase).fused_head_kernel
-            block, warps = block_size(PRODUCTION_VOCAB, 1 + len(spec.dense))
+            block, warps = block_size(PRODUCTION_VOCAB, spec.tile_streams)
             entry.update(block=block, warps=warps)
             source = ASTSource(fn=fn, signature=signature(fn.arg_names, pointer), constexprs={"BLOCK_V": block})
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
