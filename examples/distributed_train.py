@@ -3,8 +3,10 @@
     torchrun --nproc-per-node 2 examples/distributed_train.py            # 2-way vocab parallel
     torchrun --nproc-per-node 2 examples/distributed_train.py --tp 1     # 2-way data parallel
     torchrun --nproc-per-node 4 examples/distributed_train.py --tp 2     # both
+    torchrun --nproc-per-node 1 examples/distributed_train.py            # one process (one GPU: NCCL)
 
-Runs on CPUs with gloo (NCCL when CUDA is available). Ranks are grouped into tensor-parallel groups of
+Picks NCCL when every process of a node has a GPU of its own (rank r on cuda:LOCAL_RANK), gloo on the
+CPUs otherwise (--backend chooses). Ranks are grouped into tensor-parallel groups of
 `--tp` consecutive ranks, which split the LM head (and the teacher's) over the vocabulary, and
 data-parallel groups across them, which split the batch. lossgraph combines the vocab slices of every
 head (`vocab_parallel_group`) and normalizes by the global token count (`normalize_across`), so the
@@ -88,13 +90,37 @@ def groups(world: int, tp: int):
     return tp_group, dp_group
 
 
+def backend_and_device(requested: str) -> tuple[str, torch.device]:
+    """The process group's backend and this process's device: NCCL needs one GPU per process."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    backend = requested
+    if requested == "auto":
+        backend = "nccl" if gpus >= local_world else "gloo"
+    if backend == "gloo":
+        return backend, torch.device("cpu")
+    if gpus < local_world:
+        raise SystemExit(f"--backend nccl needs a GPU per process: {local_world} processes, {gpus} GPU(s)")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return backend, device
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=None, help="vocab-parallel ranks per group (default: all)")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "nccl", "gloo"],
+        default="auto",
+        help="nccl: one GPU per process; gloo: CPUs (default auto: nccl when there are enough GPUs)",
+    )
     args = parser.parse_args()
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    backend, device = backend_and_device(args.backend)
+    dist.init_process_group(backend)
     world, rank = dist.get_world_size(), dist.get_rank()
     tp = args.tp or world
     if world % tp or VOCAB % tp:
@@ -104,8 +130,8 @@ def main() -> None:
     columns = slice(tp_rank * VOCAB // tp, (tp_rank + 1) * VOCAB // tp)
 
     torch.manual_seed(0)  # identical initial weights everywhere; each rank keeps its slice
-    student = Student(["next", "mtp2"], columns, tp_group)
-    teacher_head = torch.randn(VOCAB, HIDDEN)[columns] * 0.5
+    student = Student(["next", "mtp2"], columns, tp_group).to(device)
+    teacher_head = (torch.randn(VOCAB, HIDDEN)[columns] * 0.5).to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
     graph = lossgraph.compile(
         lossgraph.loads(GRAPH), vocab_parallel_group=tp_group if tp > 1 else None, normalize_across=dp_group
@@ -114,7 +140,7 @@ def main() -> None:
     data = torch.Generator().manual_seed(100 + dp_rank)  # each data-parallel rank reads other tokens
     for step in range(args.steps):
         starts = torch.randint(0, VOCAB, (4, 1), generator=data)
-        tokens = (starts + torch.arange(16)) % VOCAB  # counting sequences: learnable from the last token
+        tokens = ((starts + torch.arange(16)) % VOCAB).to(device)  # counting sequences: learnable from the last token
         labels = tokens.roll(-1, dims=1)
         labels[:, -1] = -100
         with torch.no_grad():
@@ -131,7 +157,8 @@ def main() -> None:
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             terms = ", ".join(f"{key} {float(value):.3f}" for key, value in out.terms.items())
             print(
-                f"step {step}: loss {float(total):.4f}; rank 0's shares: {terms} [tp={tp}, dp={world // tp}]",
+                f"step {step}: loss {float(total):.4f}; rank 0's shares: {terms} "
+                f"[tp={tp}, dp={world // tp}, {backend} on {device.type}]",
                 flush=True,
             )
     dist.destroy_process_group()

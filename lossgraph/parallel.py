@@ -12,10 +12,16 @@ token ids. Every rank ends with the same loss and the slice of the gradient for 
 
 Data parallel: with `normalize_across`, each head's count of unmasked tokens is all-reduced, so the
 loss is normalized by the global count and the gradient does not depend on how tokens are split.
+
+Collectives follow the group: every tensor a collective here takes (token counts, softmax statistics,
+argmax ids, vocab slices) is handed to torch.distributed on the device its group's backend works on
+(CUDA for NCCL, the CPU for gloo), and the result comes back to the device the tensor came from. With
+matching devices (CUDA tensors on an NCCL group, CPU tensors on a gloo group) nothing is copied.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +57,50 @@ class VocabShard:
         return dist.get_rank(self.group) * self.size
 
 
+# The device types each backend works on natively (gloo also accepts CUDA tensors, through host copies
+# of its own); a backend not named here takes the device types its configuration lists.
+_HOME = {"nccl": ("cuda",), "gloo": ("cpu",), "mpi": ("cpu",), "ucc": ("cpu", "cuda"), "xccl": ("xpu",)}
+_HOMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> its backends' device types
+
+
+def backend_config(group) -> str:
+    """torch.distributed's backend configuration of `group`, e.g. "cuda:nccl" or "cpu:gloo,cuda:gloo"."""
+    return dist.get_backend_config(group)
+
+
+def _home_types(group) -> frozenset[str]:
+    """The device types whose tensors the collectives of `group` take without a copy (cached per group)."""
+    key = dist.group.WORLD if group is None else group
+    try:
+        return _HOMES[key]
+    except (KeyError, TypeError):  # TypeError: a group that takes no weak reference (not cached)
+        pass
+    homes = set()
+    for entry in backend_config(group).split(","):
+        device_type, _, backend = entry.strip().rpartition(":")
+        homes.update(_HOME.get(backend.lower(), (device_type or "cpu",)))
+    found = frozenset(homes)
+    try:
+        _HOMES[key] = found
+    except TypeError:
+        pass
+    return found
+
+
+def collective_device(group, device: torch.device) -> torch.device:
+    """Where a collective over `group` takes tensors that live on `device`: `device` itself when the
+    group's backend works there, else that backend's device (the current CUDA device for NCCL, the
+    CPU for gloo)."""
+    homes = _home_types(group)
+    if device.type in homes:
+        return device
+    if "cuda" in homes:
+        return torch.device("cuda", torch.cuda.current_device())
+    if "cpu" in homes:
+        return torch.device("cpu")
+    return device
+
+
 class GatherVocab(torch.autograd.Function):
     """Concatenate every rank's vocab slice into full rows; backward keeps this rank's columns.
 
@@ -61,9 +111,11 @@ class GatherVocab(torch.autograd.Function):
     @staticmethod
     def forward(ctx, part: torch.Tensor, shard: VocabShard) -> torch.Tensor:
         ctx.columns = (shard.start, shard.size)
-        pieces = [torch.empty_like(part) for _ in range(shard.ranks)]
-        dist.all_gather(pieces, part.contiguous(), group=shard.group)
-        return torch.cat(pieces, dim=-1)
+        device = collective_device(shard.group, part.device)
+        local = part.detach().to(device).contiguous()
+        pieces = [torch.empty_like(local) for _ in range(shard.ranks)]
+        dist.all_gather(pieces, local, group=shard.group)
+        return torch.cat(pieces, dim=-1).to(part.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -72,10 +124,12 @@ class GatherVocab(torch.autograd.Function):
 
 
 def all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
-    """A reduced copy of `tensor` (not differentiable)."""
-    total = tensor.detach().clone()
+    """A reduced copy of `tensor` (not differentiable), on `tensor`'s device; the collective itself runs
+    on the device the group's backend takes."""
+    device = collective_device(group, tensor.device)
+    total = tensor.detach().to(device, copy=True)
     dist.all_reduce(total, op=op, group=group)
-    return total
+    return total.to(tensor.device)
 
 
 def combine_statistics(generator, statistics, group):
