@@ -53,7 +53,7 @@ def loss_nodes(draw) -> tuple[list[str], set[str], str]:
         if not fixed_at_one:
             temperature = draw(st.sampled_from(TEMPERATURES))
             fields.append(f"temperature: {temperature}")
-            if temperature != 1.0 and draw(st.booleans()):
+            if temperature != 1.0 and target is not None and draw(st.booleans()):
                 fields.append("temperature_scaling: true")
         if kind == "jsd":
             fields.append(f"beta: {draw(st.sampled_from([0.5, 0.1, 0.9]))}")
