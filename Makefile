@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint schema fuzz clean
+.PHONY: demo test test-floor lint schema fuzz clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+# The torch floor (pyproject.toml: torch>=2.11) in a second venv: the torch.compile and fused-op tests
+# through Triton's interpreter on torch 2.11.0 (a CUDA build from PyPI: several GB, a few minutes).
+FLOOR_VENV ?= .venv-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+FLOOR_TESTS ?= tests/test_fused_backend.py tests/test_fused_regressions.py tests/test_linear_heads.py \
+	tests/test_fused_support.py
+FLOOR_SELECT ?= torch_compile or loss_kind_matches_reference or without_gradient or test_fused_regressions \
+	or test_fused_support or fused_chunks or only_the_gradients
+
+$(FLOOR_STAMP): pyproject.toml constraints-floor.txt
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install -q --no-cache-dir -c constraints-floor.txt -e '.[dev]'
+	touch $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	TRITON_INTERPRET=1 $(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" $(FLOOR_TESTS) -k "$(FLOOR_SELECT)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check lossgraph kernels tests benchmarks examples
@@ -32,4 +49,4 @@ fuzz: $(STAMP)
 	$(BIN)/python tests/test_fuzz_documents.py $(FUZZ_EXAMPLES)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) *.egg-info .pytest_cache .ruff_cache
