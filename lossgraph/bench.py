@@ -280,6 +280,10 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int 
     return student, labels, teachers
 
 
+def _no_checkpoint(result: CaseResult) -> None:
+    return None
+
+
 def _measure_all(
     result: CaseResult,
     implementations: list[tuple[str, Callable[[], torch.Tensor] | None, str]],
@@ -288,12 +292,15 @@ def _measure_all(
     repeats: int,
     warmup: int,
     progress: Callable[[str], None],
+    checkpoint: Callable[[CaseResult], None] = _no_checkpoint,
 ) -> CaseResult:
-    """Time forward+backward of each implementation (a function returning the loss)."""
+    """Time forward+backward of each implementation (a function returning the loss), in the order
+    given; `checkpoint(result)` after each one, so that a run stopped midway keeps what it measured."""
     for name, function, note in implementations:
         progress(f"case {result.case}: {name}")
         if function is None:
             result.measurements.append(Measurement(name, note=note))
+            checkpoint(result)
             continue
 
         def step(function=function):
@@ -308,6 +315,7 @@ def _measure_all(
             result.measurements.append(Measurement(name, note=f"failed: {type(error).__name__}: {error}"[:200]))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        checkpoint(result)
     return result
 
 
@@ -320,7 +328,10 @@ def run_case(
     warmup: int,
     bandwidth: float,
     progress: Callable[[str], None] = lambda _: None,
+    checkpoint: Callable[[CaseResult], None] = _no_checkpoint,
 ) -> CaseResult:
+    """One standard case. torch.compile goes last: its compilation takes the longest, so a run with a
+    time limit loses the fewest columns."""
     graph_spec = compile_case_graph(case)
     floor = floor_bytes_per_token(graph_spec.plan, DTYPE_BYTES[dtype]) * case.tokens
     result = CaseResult(case.name, case.description, case.tokens, case.vocab, floor, floor / bandwidth * 1e3)
@@ -334,15 +345,15 @@ def run_case(
         ),
         ("lossgraph reference", graph_loss(compile_case_graph(case, "torch"), case), ""),
         ("torch eager (fp32)", eager_loss(case), ""),
-        ("torch.compile", torch.compile(eager_loss(case)), ""),
     ]
     liger = liger_loss(case) if device.type == "cuda" else None
     implementations.append(("Liger-Kernel CE + KL", liger, "" if liger else "no Liger (or no GPU)"))
+    implementations.append(("torch.compile", torch.compile(eager_loss(case)), ""))
     calls = [
         (name, None if function is None else (lambda f=function: f(student, labels, teachers)), note)
         for name, function, note in implementations
     ]
-    return _measure_all(result, calls, list(student.values()), device, repeats, warmup, progress)
+    return _measure_all(result, calls, list(student.values()), device, repeats, warmup, progress, checkpoint)
 
 
 def run_graph_file(
@@ -355,6 +366,7 @@ def run_graph_file(
     warmup: int,
     bandwidth: float,
     progress: Callable[[str], None] = lambda _: None,
+    checkpoint: Callable[[CaseResult], None] = _no_checkpoint,
 ) -> CaseResult:
     """A user's loss graph: lossgraph's fused and reference backends on random inputs of its shapes
     (the peers' user code exists only for the standard cases)."""
@@ -399,7 +411,7 @@ def run_graph_file(
         ("lossgraph fused", call(fused) if fused else None, "" if fused else "needs CUDA + Triton"),
         ("lossgraph reference", call(reference), ""),
     ]
-    return _measure_all(result, implementations, list(student.values()), device, repeats, warmup, progress)
+    return _measure_all(result, implementations, list(student.values()), device, repeats, warmup, progress, checkpoint)
 
 
 def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
@@ -421,6 +433,7 @@ def run_linear_case(
     repeats: int,
     warmup: int,
     progress: Callable[[str], None] = lambda _: None,
+    checkpoint: Callable[[CaseResult], None] = _no_checkpoint,
 ) -> CaseResult:
     """Case (e): CE + forward KL from hidden states and head weights (student and teacher), against
     the four matrix products any implementation does (student logits, its two gradients, teacher
@@ -475,7 +488,6 @@ def run_linear_case(
         ("lossgraph fused", lossgraph_call("triton") if fused_ok else None, "" if fused_ok else "needs CUDA + Triton"),
         ("lossgraph reference", lossgraph_call("torch"), "chunked"),
         ("torch eager (fp32)", eager, "materializes the logits"),
-        ("torch.compile", torch.compile(eager), ""),
     ]
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.transformers import LigerFusedLinearJSD
@@ -490,7 +502,8 @@ def run_linear_case(
         )
     else:
         implementations.append(("Liger fused-linear JSD", None, "no Liger (or no GPU)"))
-    return _measure_all(result, implementations, [states, weight], device, repeats, warmup, progress)
+    implementations.append(("torch.compile", torch.compile(eager), ""))  # last: its compilation is the longest
+    return _measure_all(result, implementations, [states, weight], device, repeats, warmup, progress, checkpoint)
 
 
 def compile_case_graph(case: Case, backend: str = "torch") -> CompiledGraph:

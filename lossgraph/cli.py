@@ -404,6 +404,8 @@ def bench(
                 "repeats": repeats,
                 "warmup": warmup,
                 "progress": lambda text: progress.update(task, description=text),
+                # the JSON grows with every measurement: a run stopped by a time limit keeps what it measured
+                "checkpoint": lambda partial: json_path and write_json(json_path, info, bandwidth, [*results, partial]),
             }
             for name in names:
                 if name == "e":

@@ -1,0 +1,90 @@
+"""The GPU session's benchmark plumbing, checked on the CPU: results saved after every measurement,
+torch.compile measured last, per-case JSON files merged into the docs' table, a script bash accepts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from lossgraph.bench import copy_bandwidth, run_case, standard_cases
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from merge_bench import merge, table  # noqa: E402
+
+
+def test_every_measurement_is_checkpointed_and_torch_compile_goes_last(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda function: function)  # its compilation is not the point
+    case = standard_cases(tokens=16, vocab=128)[0]
+    seen: list[list[str]] = []
+    device = torch.device("cpu")
+    result = run_case(
+        case,
+        dtype="fp32",
+        device=device,
+        repeats=1,
+        warmup=0,
+        bandwidth=copy_bandwidth(device, megabytes=1),
+        checkpoint=lambda partial: seen.append([m.implementation for m in partial.measurements]),
+    )
+    names = [m.implementation for m in result.measurements]
+    assert names[-1] == "torch.compile", names
+    assert seen == [names[: i + 1] for i in range(len(names))]
+
+
+def _payload(case: str, bandwidth: float, measurements: list[dict]) -> dict:
+    return {
+        "environment": {"card": "NVIDIA H200", "torch": "2.11.0+cu130", "triton": "3.6.0", "device": "cuda"},
+        "copy_bandwidth_bytes_per_second": bandwidth,
+        "cases": [
+            {
+                "case": case,
+                "description": "",
+                "tokens": 8192,
+                "vocab": 128256,
+                "floor_bytes": 1,
+                "floor_ms": 1.5351,
+                "measurements": measurements,
+                "floor": "four matmuls / matmul rate" if case == "e" else "bytes / copy bandwidth",
+            }
+        ],
+    }
+
+
+def test_per_case_files_merge_into_the_docs_table(tmp_path):
+    fused = {"implementation": "lossgraph fused", "median_ms": 6.1054, "peak_extra_bytes": int(1.96 * 2**30)}
+    compiled = {"implementation": "torch.compile", "median_ms": 7.09, "peak_extra_bytes": None}
+    failed = {"implementation": "Liger-Kernel CE + KL", "median_ms": None, "note": "failed: OutOfMemoryError"}
+    (tmp_path / "a.json").write_text(json.dumps(_payload("a", 4.3e12, [fused, compiled, failed])))
+    (tmp_path / "e.json").write_text(json.dumps(_payload("e", 4.1e12, [fused])))
+    merged = merge([tmp_path / "a.json", tmp_path / "missing.json", tmp_path / "e.json"])
+    assert [case["case"] for case in merged["cases"]] == ["a", "e"]
+    assert merged["cases"][0]["copy_bandwidth_bytes_per_second"] == 4.3e12
+    text = table(merged)
+    assert "| a | 1.535 ms | 6.105 ms, +1.96 GiB |  |  | 7.090 ms | failed: OutOfMemoryError |" in text, text
+    assert "| e | 1.535 ms (4 matmuls) | 6.105 ms, +1.96 GiB |" in text, text
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "merge_bench.py"),
+            str(tmp_path / "all.json"),
+            *map(str, [tmp_path / "a.json", tmp_path / "e.json"]),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "NVIDIA H200; torch 2.11.0+cu130" in result.stdout and "wrote" in result.stdout
+    assert len(json.loads((tmp_path / "all.json").read_text())["cases"]) == 2
+
+
+def test_the_session_script_parses():
+    result = subprocess.run(
+        ["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
