@@ -961,6 +961,20 @@ def test_torch_compile_of_other_graphs_matches_eager(dynamo, case):
         assert torch.equal(grads[name], eager_grads[name]), name
 
 
+def test_torch_compile_under_no_grad_writes_no_gradient(dynamo, monkeypatch):
+    """An evaluation step compiled whole: the values-only op, the same loss as eager."""
+    spec = spec_of(COMPILED)
+    graph = lossgraph.compile(spec, backend="triton")
+    inputs = low_precision(make_inputs(spec, (6,), seed=99), torch.float32)
+    compiled = torch.compile(_step_function(graph), fullgraph=True, backend="aot_eager")
+    seen = _record_launches(monkeypatch)
+    with torch.no_grad():
+        loss = compiled(inputs.logits["next"], inputs.labels, inputs.teachers["teacher"], 6)
+        eager = _step_function(graph)(inputs.logits["next"], inputs.labels, inputs.teachers["teacher"], 6)
+    assert seen and all(not gradient and grad is None for gradient, grad in seen), seen
+    assert torch.equal(loss, eager)
+
+
 # --------------------------------------------------------------------------------------------------
 # No gradient asked for: nothing N x V is allocated or written.
 # --------------------------------------------------------------------------------------------------
