@@ -179,6 +179,13 @@ class CompiledGraph(torch.nn.Module):
         self.inplace_grad = inplace_grad
         self.check_inputs = check_inputs
 
+    def __setstate__(self, state) -> None:
+        """A copy (copy.deepcopy, pickle) registers its plans under a token of its own, so that it keeps
+        working when the original is collected, and finds out anew where the fused backend can run."""
+        super().__setstate__(state)
+        self.fused_token = register_graph(self.plan, self.fusion, owner=self)
+        self.fused_support = None if self.backend == "torch" else FusedSupport.probe()
+
     def extra_repr(self) -> str:
         heads = ", ".join(f"{h.name}: {len(h.terms)} terms" for h in self.plan.heads)
         return f"backend={self.backend!r}, heads=({heads})"

@@ -118,6 +118,26 @@ def test_registry_entries_are_freed_when_the_graph_is_collected():
     assert other.fused_token in fused._GRAPHS  # the other graph keeps its entries
 
 
+def test_a_copy_of_a_graph_outlives_the_original():
+    """copy.deepcopy (a model that holds the graph, copied for an EMA or a teacher) and pickle give
+    graphs with registry entries of their own."""
+    import copy
+    import pickle
+
+    graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="triton")
+    copies = [copy.deepcopy(graph), pickle.loads(pickle.dumps(graph))]
+    tokens = {graph.fused_token, *(c.fused_token for c in copies)}
+    assert len(tokens) == 3
+    del graph
+    gc.collect()
+    for made in copies:
+        key = fused.kernel_key(made.fused_token, "next", (True, True))
+        assert key in fused._KERNELS
+    del made, copies
+    gc.collect()
+    assert not tokens & set(fused._GRAPHS)
+
+
 @requires_fused
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_a_called_graph_is_collected_too():
