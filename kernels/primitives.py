@@ -52,10 +52,12 @@ def log_sum_exp(x):
 
 @triton.jit
 def log_add_exp(a, b):
-    """log(exp(a) + exp(b)) elementwise; -inf where both are -inf."""
-    m = tl.maximum(a, b)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m_safe + tl.log(tl.exp(a - m_safe) + tl.exp(b - m_safe))
+    """log(exp(a) + exp(b)) elementwise, as max + log(1 + exp(min - max)): one exponential and one
+    logarithm; -inf where both are -inf."""
+    high = tl.maximum(a, b)
+    low = tl.minimum(a, b)
+    empty = high == float("-inf")
+    return tl.where(empty, float("-inf"), high + tl.log(1.0 + tl.exp(tl.where(empty, 0.0, low - high))))
 
 
 @triton.jit

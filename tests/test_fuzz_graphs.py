@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 
 import torch
-from fused_cases import assert_pair_matches, make_inputs, requires_fused, run_pair, spec_of
+from fused_cases import FUSED_TOLERANCES, assert_values_match, make_inputs, requires_fused, run_pair, spec_of
 from fused_cases import interpreter_warnings as interpreter_noise
+from helpers import assert_close
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -103,4 +104,13 @@ def test_random_graph_agrees_with_the_reference(nodes, vocab, scale, dtype, seed
     spec = spec_of(text)
     inputs = make_inputs(spec, (2, 5), seed=seed, scale=scale)
     pair = run_pair(spec, inputs, dtype)
-    assert_pair_matches(pair, what=f"\n{text}scale={scale} dtype={dtype} seed={seed}\n")
+    what = f"\n{text}scale={scale} dtype={dtype} seed={seed}\n"
+    assert_values_match(pair, what=what)
+    # a log-probability formed from logits of magnitude ~4 x scale carries about ulp(4 x scale) of
+    # absolute error, so past the suite's usual spread (3) the gradient tolerance grows with the scale
+    tolerance = FUSED_TOLERANCES[dtype]
+    spread = max(1.0, scale / 3.0)
+    for name, expected in pair.reference.grads.items():
+        magnitude = float(expected.abs().max()) if expected.numel() else 0.0
+        atol = tolerance.grad_atol * spread * max(magnitude, 1e-30)
+        assert_close(pair.fused.grads[name], expected, rtol=tolerance.grad_rtol, atol=atol, what=f"{what} {name}")

@@ -17,7 +17,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -175,48 +174,23 @@ def test_synthetic_specs_cover_every_kind_and_target():
 # --------------------------------------------------------------------------------------------------
 
 
-def signature(arg_names: list[str], pointer: str) -> dict[str, str]:
-    """Triton types of the kernel's arguments, by name; an argument nobody knows fails loudly."""
-    types = {}
-    for name in arg_names:
-        if name == "BLOCK_V":
-            types[name] = "constexpr"
-        elif name in ("z_ptr", "grad_ptr") or re.fullmatch(r"t\d+_ptr", name):
-            types[name] = pointer
-        elif name == "statf_ptr":
-            types[name] = "*fp64"
-        elif name in ("loss_ptr", "row_scale_ptr", "red_ptr") or re.fullmatch(r"(k\d+_logp|topz\d+)_ptr", name):
-            types[name] = "*fp32"
-        elif name in ("label_ptr", "pred_ptr", "stati_ptr") or re.fullmatch(r"(tpred\d+|k\d+_index)_ptr", name):
-            types[name] = "*i64"
-        elif re.fullmatch(r"inv_t\d+|w\d+", name):
-            types[name] = "fp32"
-        elif name in ("V", "vocab_start", "V_total") or re.fullmatch(r"stride_\w+|vocab_t\d+", name):
-            types[name] = "i32"
-        else:
-            raise ValueError(f"unknown kernel argument {name!r}: teach this test its type")
-    return types
-
-
 def local_memory(cubin: bytes) -> int | None:
     """Bytes of local memory per thread (register spills) of a cubin, or None without cuobjdump."""
+    from lossgraph.kernels.report import cuobjdump_output
+
     if not CUOBJDUMP.exists():
         return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        result = subprocess.run(
-            [str(CUOBJDUMP), "--dump-resource-usage", file.name], capture_output=True, text=True, check=True
-        )
-    found = re.findall(r"\bLOCAL:(\d+)", result.stdout)
+    usage = cuobjdump_output(cubin, "--dump-resource-usage")
+    found = re.findall(r"\bLOCAL:(\d+)", usage)
     if not found:
-        raise ValueError(f"no LOCAL in cuobjdump output:\n{result.stdout}")
+        raise ValueError(f"no LOCAL in cuobjdump output:\n{usage}")
     return max(int(value) for value in found)
 
 
 def compile_all(out: Path) -> None:
     """Compile every case for sm_90 and write {id: {ok, error, local, block, warps}} to `out`."""
     from lossgraph.kernels.launcher import block_size, kernel_module
+    from lossgraph.kernels.report import argument_types
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -227,7 +201,7 @@ def compile_all(out: Path) -> None:
             fn = kernel_module(spec, phase).fused_head_kernel
             block, warps = block_size(PRODUCTION_VOCAB, spec.tile_streams)
             entry.update(block=block, warps=warps)
-            source = ASTSource(fn=fn, signature=signature(fn.arg_names, pointer), constexprs={"BLOCK_V": block})
+            source = ASTSource(fn=fn, signature=argument_types(fn.arg_names, pointer), constexprs={"BLOCK_V": block})
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             entry["local"] = local_memory(kernel.asm["cubin"])
             entry["ok"] = True

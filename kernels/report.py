@@ -1,0 +1,179 @@
+"""What a generated kernel costs on an H100/H200, read from its sm_90 machine code without a GPU.
+
+`triton.compile` with a CUDA target lowers a kernel to a cubin with the ptxas that Triton ships, on any
+machine; `cuobjdump` (in Triton's wheel too) prints its SASS and resource usage. From them, per launch:
+registers, spills, theoretical occupancy, and for each pass over the row (each tile loop that loads the
+logits) the SASS instructions, MUFU operations (exp, log) and barriers per tile, divided by the elements
+each thread handles per tile. These numbers are deterministic, so tests can hold budgets on them; the
+GPU's timings stay the final word.
+
+Compiling needs Triton's real JIT: run this where TRITON_INTERPRET is not set (the tests use a child
+process).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .launcher import block_size, kernel_module
+from .signature import KernelSpec
+
+SM90_REGISTERS = 65536  # per SM
+SM90_MAX_WARPS = 64  # resident warps per SM
+SM90_MAX_BLOCKS = 32
+SM90_SHARED_BYTES = 227 * 1024  # usable shared memory per SM
+REGISTER_GRANULE = 256  # registers are allocated per warp in units of 256
+
+_POINTERS = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """One tile loop of the kernel, per element a thread handles."""
+
+    instructions: float
+    mufu: float
+    barriers_per_tile: int
+    shuffles_per_tile: int
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    block: int
+    warps: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    occupancy: float  # resident warps / 64 per SM
+    passes: tuple[PassCost, ...]
+
+    @property
+    def instructions_per_element(self) -> float:
+        """Summed over the passes: what the issue rate pays per logit."""
+        return sum(p.instructions for p in self.passes)
+
+    @property
+    def mufu_per_element(self) -> float:
+        return sum(p.mufu for p in self.passes)
+
+    def as_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "instructions_per_element": self.instructions_per_element,
+            "mufu_per_element": self.mufu_per_element,
+        }
+
+
+def cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def argument_types(arg_names: list[str], pointer: str) -> dict[str, str]:
+    """Triton types of a generated kernel's arguments, by name; an unknown name fails loudly."""
+    types = {}
+    for name in arg_names:
+        if name == "BLOCK_V":
+            types[name] = "constexpr"
+        elif name in ("z_ptr", "grad_ptr") or re.fullmatch(r"t\d+_ptr", name):
+            types[name] = pointer
+        elif name == "statf_ptr":
+            types[name] = "*fp64"
+        elif name in ("loss_ptr", "row_scale_ptr", "red_ptr") or re.fullmatch(r"(k\d+_logp|topz\d+)_ptr", name):
+            types[name] = "*fp32"
+        elif name in ("label_ptr", "pred_ptr", "stati_ptr") or re.fullmatch(r"(tpred\d+|k\d+_index)_ptr", name):
+            types[name] = "*i64"
+        elif re.fullmatch(r"inv_t\d+|w\d+", name):
+            types[name] = "fp32"
+        elif name in ("V", "vocab_start", "V_total") or re.fullmatch(r"stride_\w+|vocab_t\d+", name):
+            types[name] = "i32"
+        else:
+            raise ValueError(f"unknown kernel argument {name!r}: teach kernels/report.py its type")
+    return types
+
+
+def compile_sm90(spec: KernelSpec, phase: str = "single", vocab: int = 128256, dtype: str = "bf16"):
+    """The kernel of `spec` compiled for sm_90 with the tile the launcher picks at `vocab`; returns
+    (compiled kernel, BLOCK_V, num_warps)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel_module(spec, phase).fused_head_kernel
+    block, warps = block_size(vocab, spec.tile_streams)
+    source = ASTSource(fn=fn, signature=argument_types(fn.arg_names, _POINTERS[dtype]), constexprs={"BLOCK_V": block})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return kernel, block, warps
+
+
+def cuobjdump_output(cubin: bytes, flag: str) -> str:
+    """What `cuobjdump FLAG` prints for a cubin (`-sass`, `--dump-resource-usage`)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([str(cuobjdump()), flag, file.name], capture_output=True, text=True, check=True).stdout
+
+
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of every instruction in cuobjdump's SASS listing."""
+    return [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(sass)]
+
+
+def tile_loops(instructions: list[tuple[int, str, str]]) -> list[list[tuple[int, str, str]]]:
+    """The bodies of the loops that read global memory, in address order: the passes over the row.
+
+    A loop is a backward branch; the generated kernels have no nested loops, and the one loop that
+    loads nothing (zeroing the gradient of a masked row) is left out.
+    """
+    loops = []
+    for index, (address, opcode, operands) in enumerate(instructions):
+        if not opcode.startswith("BRA"):
+            continue
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if target is None or int(target.group(1), 16) >= address:
+            continue
+        start = int(target.group(1), 16)
+        body = [entry for entry in instructions[: index + 1] if entry[0] >= start]
+        if any(op.startswith("LDG") for _, op, _ in body):
+            loops.append(body)
+    return sorted(loops, key=lambda body: body[0][0])
+
+
+def occupancy(registers: int, warps: int, shared_bytes: int) -> float:
+    """Theoretical occupancy on sm_90: resident warps per SM / 64."""
+    per_warp = -(-registers * 32 // REGISTER_GRANULE) * REGISTER_GRANULE
+    by_registers = SM90_REGISTERS // (per_warp * warps) if per_warp else SM90_MAX_BLOCKS
+    by_shared = SM90_SHARED_BYTES // shared_bytes if shared_bytes else SM90_MAX_BLOCKS
+    blocks = min(by_registers, by_shared, SM90_MAX_BLOCKS, SM90_MAX_WARPS // warps)
+    return blocks * warps / SM90_MAX_WARPS
+
+
+def report(spec: KernelSpec, phase: str = "single", vocab: int = 128256, dtype: str = "bf16") -> KernelReport:
+    """Compile `spec` for sm_90 and read its costs (see the module docstring)."""
+    kernel, block, warps = compile_sm90(spec, phase, vocab, dtype)
+    cubin = kernel.asm["cubin"]
+    usage = cuobjdump_output(cubin, "--dump-resource-usage")
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    spills = max(int(v) for v in re.findall(r"LOCAL:(\d+)", usage))
+    shared = max(int(v) for v in re.findall(r"SHARED:(\d+)", usage))
+    per_thread = block / (32 * warps)
+    passes = []
+    for body in tile_loops(sass_instructions(cuobjdump_output(cubin, "-sass"))):
+        opcodes = [opcode for _, opcode, _ in body]
+        passes.append(
+            PassCost(
+                instructions=round(len(opcodes) / per_thread, 2),
+                mufu=round(sum(op.startswith("MUFU") for op in opcodes) / per_thread, 2),
+                barriers_per_tile=sum(op.startswith("BAR") for op in opcodes),
+                shuffles_per_tile=sum(op.startswith("SHFL") for op in opcodes),
+            )
+        )
+    return KernelReport(block, warps, registers, spills, shared, occupancy(registers, warps, shared), tuple(passes))
