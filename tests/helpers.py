@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -77,3 +82,21 @@ def random_topk(*lead: int, vocab: int, k: int, seed: int = 2, mass: float = 0.9
     indices = scores.topk(k, dim=-1).indices
     probs = torch.softmax(torch.randn(*lead, k, generator=generator, dtype=torch.float64) * 2, dim=-1) * mass
     return TopK(indices, probs.log().to(torch.float32))
+
+
+def run_compiler_script(arguments: list[str | Path], out: Path) -> dict:
+    """Run a Python script (`arguments`: its path and arguments, one of them writing JSON to `out`) in
+    a child process without TRITON_INTERPRET (interpreted kernels cannot be compiled for a GPU) and
+    return the JSON it wrote."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, *[str(argument) for argument in arguments]],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())

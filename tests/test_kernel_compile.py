@@ -13,14 +13,13 @@ gives interpreter objects that cannot be compiled. The child is this file, run a
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import run_compiler_script
 
 triton = pytest.importorskip("triton", reason="compiling the fused kernels needs the triton package")
 
@@ -215,18 +214,7 @@ def compile_all(out: Path) -> None:
 def compiled(tmp_path_factory) -> dict[str, dict]:
     """Results of compiling every case (in one child process, where TRITON_INTERPRET is unset)."""
     out = tmp_path_factory.mktemp("aot") / "results.json"
-    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, __file__, str(out)],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_compiler_script([__file__, out], out)
 
 
 CASES = list(cases())

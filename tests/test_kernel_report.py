@@ -3,13 +3,10 @@ cases, so that a kernel that gets more expensive per element fails here, without
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_compiler_script
 
 pytest.importorskip("triton", reason="the kernel report compiles with Triton's ptxas")
 
@@ -56,18 +53,7 @@ def test_theoretical_occupancy():
 @pytest.fixture(scope="module")
 def standard_report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("report") / "report.json"
-    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), "--json", str(out)],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_compiler_script([ROOT / "benchmarks" / "kernel_report.py", "--json", out], out)
 
 
 def test_the_report_covers_every_standard_launch(standard_report):
