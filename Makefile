@@ -42,11 +42,14 @@ lint: $(STAMP)
 schema: $(STAMP)
 	$(BIN)/lossgraph schema -o schemas/lossgraph.schema.json
 
-# The long fuzz of the YAML front door (make test runs a fixed slice): FUZZ_EXAMPLES random documents
-# through `lossgraph validate`; prints the counts, time per document, slowest document and peak memory.
+# The long fuzz (make test runs a fixed slice of each): FUZZ_EXAMPLES random documents through
+# `lossgraph validate` (prints the counts, time per document, slowest document and peak memory), then
+# GRAPH_FUZZ_EXAMPLES random valid graphs on both backends (about a second each on two cores).
 FUZZ_EXAMPLES ?= 10000
+GRAPH_FUZZ_EXAMPLES ?= 300
 fuzz: $(STAMP)
 	$(BIN)/python tests/test_fuzz_documents.py $(FUZZ_EXAMPLES)
+	GRAPH_FUZZ_EXAMPLES=$(GRAPH_FUZZ_EXAMPLES) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_fuzz_graphs.py
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) *.egg-info .pytest_cache .ruff_cache

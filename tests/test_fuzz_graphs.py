@@ -3,7 +3,7 @@
 Hypothesis draws a graph (loss kinds, targets of every source kind, temperatures, betas, weights, a
 second head), inputs of several spreads (up to logits of +-90), and a dtype, and compares values, terms,
 loss and gradients with the reference run on the same values in float64. `make test` runs a small
-derandomized slice; `make fuzz` runs many more (FUZZ_EXAMPLES).
+derandomized slice; `make fuzz` runs many more (GRAPH_FUZZ_EXAMPLES, default 300).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 pytestmark = [requires_fused, *interpreter_noise]
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("GRAPH_FUZZ_EXAMPLES", "12"))
 
 # which targets each kind takes (labels are no distribution; reverse_kl needs mass on every token)
 TARGETS = {
