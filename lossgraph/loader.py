@@ -39,6 +39,9 @@ MAX_ALIAS_VALUES = 10_000
 MAX_NUMBER_CHARS = 100
 # A loss graph is a few kilobytes; pure-Python parsing takes about a second per 100 KB on a slow core.
 MAX_DOCUMENT_CHARS = 256 * 1024
+# Values (scalars, lists and mappings) in a document as written. A loss graph has a few hundred; composing
+# takes about 80 microseconds per value, so the bound keeps any document well under a second.
+MAX_NODES = 10_000
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 _BOOL_TAG = "tag:yaml.org,2002:bool"
@@ -62,12 +65,13 @@ _DROPPED_IMPLICIT_TAGS = {"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:valu
 
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that reads YAML 1.2 floats such as `1e-4` (YAML 1.1 wants `1.0e-4`) and composes
-    the node tree within `MAX_DEPTH` and `MAX_ALIAS_VALUES`."""
+    the node tree within `MAX_DEPTH`, `MAX_NODES` and `MAX_ALIAS_VALUES`."""
 
     def __init__(self, text: str, file: str | None):
         super().__init__(text)
         self.file = file
         self._depth = 0
+        self._nodes = 0
         self._alias_values = 0
         # id(node) -> (values, levels) of every node composed so far, counted as if aliases were expanded.
         self._expanded: dict[int, tuple[int, int]] = {}
@@ -84,6 +88,14 @@ class _YamlLoader(yaml.SafeLoader):
                 )
             if isinstance(event, yaml.AliasEvent):
                 self._count_alias(event)
+            else:
+                self._nodes += 1
+                if self._nodes > MAX_NODES:
+                    self._refuse(
+                        f"the document holds more than {MAX_NODES} values; a loss graph needs a few hundred "
+                        "(check for a runaway list)",
+                        event.start_mark,
+                    )
             node = super().compose_node(parent, index)
         finally:
             self._depth -= 1

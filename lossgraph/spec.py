@@ -73,7 +73,6 @@ BOUND_REASONS: dict[str, str] = {
     "warmup": "more steps than any training run",
 }
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 VocabSize = Annotated[int, Field(ge=1, le=MAX_VOCAB_SIZE)]
 Offset = Annotated[int, Field(ge=1, le=MAX_OFFSET)]
 Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]

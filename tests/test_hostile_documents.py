@@ -19,7 +19,7 @@ import pytest
 
 import lossgraph
 from lossgraph import loader, spec
-from lossgraph.document import check_file
+from lossgraph.document import check_file, check_text
 from lossgraph.errors import Diagnostic
 from lossgraph.passes import MAX_MIXTURE_PARTS
 
@@ -225,6 +225,22 @@ def test_documents_larger_than_the_limit_are_refused():
     diagnostic = only_error(text)
     assert diagnostic.message.startswith(f"the document has {len(text)} characters, more than the 262144")
     assert diagnostic.line == text.count("\n", 0, loader.MAX_DOCUMENT_CHARS) + 1
+
+
+def test_documents_with_more_values_than_the_limit_are_refused_fast():
+    """A runaway list is refused at the value past the limit, before the rest is even parsed."""
+    text = HEADER + Z_LOSS + "description: [" + ", ".join(["1"] * 5 * loader.MAX_NODES) + "]\n"
+    started = time.perf_counter()
+    diagnostic = only_error(text)
+    assert time.perf_counter() - started < 2.0
+    assert diagnostic.message.startswith(f"the document holds more than {loader.MAX_NODES} values")
+    assert diagnostic.line == 5  # the list, after the header and the losses
+
+
+def test_documents_within_the_value_limit_are_read():
+    values = loader.MAX_NODES - 100
+    text = HEADER + Z_LOSS + "description: [" + ", ".join(["1"] * values) + "]\n"
+    assert "more than" not in "\n".join(d.message for d in check_text(text).diagnostics)
 
 
 # --------------------------------------------------------------------------------------------------
