@@ -342,9 +342,9 @@ class KernelGenerator:
             "from lossgraph.kernels.primitives import (",
             "    log_add_exp,",
             "    log_sum_exp,",
-            "    online_argmax_update,",
-            "    online_centered_moment,",
-            "    online_softmax_update,",
+            "    tile_argmax_update,",
+            "    lane_centered_moment,",
+            "    lane_softmax_update,",
             "    sign_of_difference,",
             ")",
             "",
@@ -434,12 +434,18 @@ class KernelGenerator:
         for i in range(len(spec.dense)):
             src(f"tl.store(tpred{i}_ptr + row, best_index_t{i})")
 
+    @staticmethod
+    def teacher_checks(term: KernelTerm) -> list[str]:
+        """The per-row flags saying the teachers `term` reads are distributions."""
+        checks = [f"ok_t{i}" for i in _dense_teachers(term.target)]
+        if isinstance(term.target, KTopK):
+            checks.append(f"ok_k{term.target.source}")
+        return checks
+
     def store_values(self) -> None:
         count = len(self.spec.terms)
         for t, term in enumerate(self.spec.terms):
-            checks = [f"ok_t{i}" for i in _dense_teachers(term.target)]
-            if isinstance(term.target, KTopK):
-                checks.append(f"ok_k{term.target.source}")
+            checks = self.teacher_checks(term)
             if checks:
                 self.src(f'loss{t} = tl.where({" & ".join(checks)}, loss{t}, float("nan"))')
             self.src(f"tl.store(loss_ptr + row * {count} + {t}, loss{t})")
@@ -510,58 +516,74 @@ class KernelGenerator:
     # ----------------------------------------------------------------------------------------------
 
     def first_pass(self) -> None:
+        """One read of the row. Each softmax state keeps a scalar running max (one block reduction per
+        tile) and per-lane sums of exp(x - max): rescaling them by exp(m_old - m_new) is one scalar
+        exponential per tile, and the lanes are summed once, after the loop. The argmaxes are per lane
+        too, reduced once. Every lane vector is named `*_lane*` and reduced right after the loop."""
         src = self.src
         src("# pass 1: online softmax statistics, argmax and the sums that stream in one read")
-        src(f"best_value = {NEG_INF}", "best_index = 0")
+        lanes: list[tuple[str, str]] = []  # (scalar, its per-lane vector)
+
+        def lane(name: str) -> str:
+            vector = f"{name}_lanes"
+            src(f"{vector} = tl.zeros([BLOCK_V], dtype=tl.float32)")
+            lanes.append((name, vector))
+            return vector
+
+        for suffix in ["", *[f"_t{i}" for i in range(len(self.spec.dense))]]:
+            src(f"best_value{suffix} = {NEG_INF}", f"best_index{suffix} = 0")
         for s in self.student_slots:
-            src(f"m_s{s} = {NEG_INF}", f"sum_s{s} = 0.0")
+            src(f"m_s{s} = {NEG_INF}")
+            lane(f"sum_s{s}")
         for s in self.moment_slots:
-            src(f"moment_s{s} = 0.0")
+            lane(f"moment_s{s}")
         for i in self.tail_sources:
-            src(f"tail_m{i} = {NEG_INF}", f"tail_sum{i} = 0.0")
+            src(f"tail_m{i} = {NEG_INF}")
+            lane(f"tail_sum{i}")
         for i, s in self.teacher_states:
-            src(f"m_t{i}_{s} = {NEG_INF}", f"sum_t{i}_{s} = 0.0")
-        for i in range(len(self.spec.dense)):
-            src(f"best_value_t{i} = {NEG_INF}", f"best_index_t{i} = 0")
+            src(f"m_t{i}_{s} = {NEG_INF}")
+            lane(f"sum_t{i}_{s}")
         for s, i in self.online_rkl:
-            src(f"rkl_s{s}_t{i} = 0.0")
+            lane(f"rkl_s{s}_t{i}")
         with self.tile_loop():
-            first = "vocab_start + start" if self.sliced else "start"
-            src(f"best_value, best_index = online_argmax_update(best_value, best_index, x, {first})")
+            ids = self.global_offs()
+            src(f"best_value, best_index = tile_argmax_update(best_value, best_index, x, {ids})")
             for i in range(len(self.spec.dense)):
                 tile = self.teacher_tile(i)
                 src(
-                    f"best_value_t{i}, best_index_t{i} = online_argmax_update("
-                    f"best_value_t{i}, best_index_t{i}, {tile}, {first})"
+                    f"best_value_t{i}, best_index_t{i} = tile_argmax_update("
+                    f"best_value_t{i}, best_index_t{i}, {tile}, {ids})"
                 )
             for i, s in self.teacher_states:
                 u = self.scaled_teacher(i, s)
-                src(f"m_t{i}_{s}, sum_t{i}_{s}, _, _ = online_softmax_update(m_t{i}_{s}, sum_t{i}_{s}, {u})")
+                src(f"m_t{i}_{s}, sum_t{i}_{s}_lanes, _, _ = lane_softmax_update(m_t{i}_{s}, sum_t{i}_{s}_lanes, {u})")
             for i in self.tail_sources:
                 # the softmax state of the tokens source i does not store (a bucket's tail, T = 1)
                 src(
-                    f"tail_m{i}, tail_sum{i}, _, _ = online_softmax_update("
-                    f"tail_m{i}, tail_sum{i}, tl.where({self.stored_columns(i)}, {NEG_INF}, x))"
+                    f"tail_m{i}, tail_sum{i}_lanes, _, _ = lane_softmax_update("
+                    f"tail_m{i}, tail_sum{i}_lanes, tl.where({self.stored_columns(i)}, {NEG_INF}, x))"
                 )
             for s in self.student_slots:
                 xs = self.scaled_student(s)
                 if s in self.moment_slots:
-                    src(f"m_old{s} = m_s{s}", f"sum_old{s} = sum_s{s}")
-                src(f"m_s{s}, sum_s{s}, rescale{s}, e{s} = online_softmax_update(m_s{s}, sum_s{s}, {xs})")
+                    src(f"m_old{s} = m_s{s}", f"sum_old{s} = sum_s{s}_lanes")
+                src(f"m_s{s}, sum_s{s}_lanes, rescale{s}, e{s} = lane_softmax_update(m_s{s}, sum_s{s}_lanes, {xs})")
                 if s in self.moment_slots:
                     # entropy: H = log S - sum_j exp(s_j - m) (s_j - m) / S, the sum kept like sum-exp
                     src(
-                        f"moment_s{s} = online_centered_moment("
-                        f"moment_s{s}, m_old{s}, m_s{s}, sum_old{s}, rescale{s}, e{s}, {xs})"
+                        f"moment_s{s}_lanes = lane_centered_moment("
+                        f"moment_s{s}_lanes, m_old{s}, m_s{s}, sum_old{s}, rescale{s}, e{s}, {xs})"
                     )
                 for slot, i in self.online_rkl:
                     if slot == s:
                         # reverse KL against one teacher: sum_j q_j (s_j - u_j) streams like sum-exp
                         u = self.scaled_teacher(i, s)
                         src(
-                            f"rkl_s{s}_t{i} = rkl_s{s}_t{i} * rescale{s} + "
-                            f"tl.sum(tl.where(e{s} > 0, e{s} * ({xs} - {u}), 0.0), 0)"
+                            f"rkl_s{s}_t{i}_lanes = rkl_s{s}_t{i}_lanes * rescale{s} + "
+                            f"tl.where(e{s} > 0, e{s} * ({xs} - {u}), 0.0)"
                         )
+        for name, vector in lanes:
+            src(f"{name} = tl.sum({vector}, 0)")
 
     def after_first_pass(self) -> None:
         """log-sum-exps, and the values of the terms that are known after one read."""
@@ -583,8 +605,9 @@ class KernelGenerator:
             )
         if self.phase in ("single", "apply"):
             # a row whose teacher is not a distribution gets a NaN gradient, as its loss is NaN: a
-            # finite loss never hides a broken teacher, and a NaN loss never comes with a finite gradient
-            checks = [f"ok_t{i}" for i in range(len(spec.dense))] + [f"ok_k{i}" for i in self.topk_sources]
+            # finite loss never hides a broken teacher, and a NaN loss never comes with a finite gradient.
+            # Only teachers of terms in the gradient count: a weight-0 term is reported, not applied.
+            checks = sorted({check for term in spec.terms if term.active for check in self.teacher_checks(term)})
             if checks:
                 src(f'grad_scale = tl.where({" & ".join(checks)}, row_scale, float("nan"))')
             else:
@@ -745,8 +768,11 @@ class KernelGenerator:
             f"Qt{t} = tl.exp(lQt{t})",
             f"lP{t} = tl.where(in_vocab{i}, stored_lp{i}, {NEG_INF})",
             f"P{t} = tl.exp(lP{t})",
-            f"Pt{t} = tl.where(has_tail{t}, tl.maximum(1.0 - tl.sum(P{t}, 0), 0.0), 0.0)",
-            f"lPt{t} = tl.log(Pt{t})",
+            # the teacher's tail, 1 - sum_i P_i, in float64: a confident teacher's tail lies far below
+            # the 6e-8 that float32 resolves next to 1
+            f"Pt{t} = tl.where(has_tail{t}, tl.maximum(1.0 - tl.sum(tl.exp(lP{t}.to(tl.float64)), 0), 0.0), 0.0)",
+            f"lPt{t} = tl.log(Pt{t}).to(tl.float32)",
+            f"Pt{t} = Pt{t}.to(tl.float32)",
         )
         kind = term.kind
         Q, P, lQ, lP = f"Q{t}", f"P{t}", f"lQ{t}", f"lP{t}"
@@ -826,8 +852,9 @@ class KernelGenerator:
     def reduction_pass(self) -> None:
         src = self.src
         src("# pass 2: row sums that involve p and q together (needed before any gradient element)")
-        for name in self.reduction_stats():
-            src(f"{name} = 0.0")
+        names = self.reduction_stats()
+        for name in names:  # summed per lane, reduced once after the loop
+            src(f"{name}_lanes = tl.zeros([BLOCK_V], dtype=tl.float32)")
         with self.tile_loop():
             for t in self.reduction_terms:
                 term = self.spec.terms[t]
@@ -837,16 +864,18 @@ class KernelGenerator:
                 if term.kind == "jsd":
                     lm = self._cached(f"lm{t}", self.log_mixture(term.beta, lp, lq))
                     src(
-                        f"kp{t} += tl.sum(tl.where({p} > 0, {p} * ({lp} - {lm}), 0.0), 0)",
-                        f"kq{t} += tl.sum(tl.where({q} > 0, {q} * ({lq} - {lm}), 0.0), 0)",
+                        f"kp{t}_lanes += tl.where({p} > 0, {p} * ({lp} - {lm}), 0.0)",
+                        f"kq{t}_lanes += tl.where({q} > 0, {q} * ({lq} - {lm}), 0.0)",
                     )
                 elif term.kind == "tvd":
                     src(
-                        f"tv{t} += 0.5 * tl.sum(tl.abs({p} - {q}), 0)",
-                        f"tc{t} += 0.5 * tl.sum({q} * sign_of_difference({q}, {p}), 0)",
+                        f"tv{t}_lanes += 0.5 * tl.abs({p} - {q})",
+                        f"tc{t}_lanes += 0.5 * {q} * sign_of_difference({q}, {p})",
                     )
                 else:
-                    src(f"rk{t} += tl.sum(tl.where({q} > 0, {q} * ({lq} - {lp}), 0.0), 0)")
+                    src(f"rk{t}_lanes += tl.where({q} > 0, {q} * ({lq} - {lp}), 0.0)")
+        for name in names:
+            src(f"{name} = tl.sum({name}_lanes, 0)")
 
     def reduction_values(self) -> None:
         """The values of the terms pass 2 sums up."""
@@ -867,22 +896,31 @@ class KernelGenerator:
     def last_pass(self) -> None:
         src = self.src
         spec = self.spec
-        if not spec.gradient:
-            if self.streamed_terms():
-                src("# last pass: the values that stream (no gradient is asked for)")
-                with self.tile_loop():
-                    for t, term in enumerate(spec.terms):
-                        self.term_in_last_pass(t, term)
+        streamed = self.streamed_terms()
+        if not spec.gradient and not streamed:
             return
-        src("# last pass: streamed values and the summed gradient, written once")
-        with self.tile_loop():
-            src("g = tl.zeros([BLOCK_V], dtype=tl.float32)")
+        for t in streamed:  # summed per lane, reduced once after the loop
+            src(f"stream{t}_lanes = tl.zeros([BLOCK_V], dtype=tl.float32)")
+        if not spec.gradient:
+            src("# last pass: the values that stream (no gradient is asked for)")
+            with self.tile_loop():
+                for t, term in enumerate(spec.terms):
+                    self.term_in_last_pass(t, term)
+        else:
+            # each term's weight times the row's scale, once per row rather than once per element
             for t, term in enumerate(spec.terms):
-                self.term_in_last_pass(t, term)
-            src("g = g * grad_scale")
-            if spec.accumulate:
-                src("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
-            src("tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)")
+                if term.active:
+                    src(f"gw{t} = w{t} * grad_scale")
+            src("# last pass: streamed values and the summed gradient, written once")
+            with self.tile_loop():
+                src("g = tl.zeros([BLOCK_V], dtype=tl.float32)")
+                for t, term in enumerate(spec.terms):
+                    self.term_in_last_pass(t, term)
+                if spec.accumulate:
+                    src("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
+                src("tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)")
+        for t in streamed:
+            src(f"loss{t} += tl.sum(stream{t}_lanes, 0)")
 
     def term_in_last_pass(self, t: int, term: KernelTerm) -> None:
         src = self.src
@@ -893,53 +931,53 @@ class KernelGenerator:
         if isinstance(target, KTopK):
             if target.tail == "bucket" and active:
                 # the tail's part of the bucket gradient: q_j G'_tail at every unstored token (T = 1)
-                src(f"g += w{t} * {self.bucket_tail_gradient(t, term)}")
+                src(f"g += gw{t} * {self.bucket_tail_gradient(t, term)}")
             return
         if kind == "z_loss":
             if active:
                 # d/dz_j lse(z)^2 = 2 lse(z) q_j
-                src(f"g += w{t} * 2.0 * lse_s{s} * {self.q(s)}")
+                src(f"g += gw{t} * 2.0 * lse_s{s} * {self.q(s)}")
             return
         if kind == "cross_entropy" and isinstance(target, KLabels):
             if active:
                 # dl/ds_j = q_j - [j = y]
-                src(f"g += w{t} * ({self.q(s)} - tl.where({self.onehot()}, 1.0, 0.0))")
+                src(f"g += gw{t} * ({self.q(s)} - tl.where({self.onehot()}, 1.0, 0.0))")
             return
         if kind == "entropy":
             if active:
                 # dH/ds_j = -q_j (log q_j + H)
                 q, lq = self.q(s), self.log_q(s)
-                src(f"g += w{t} * tl.where({q} > 0, -{q} * ({lq} + loss{t}), 0.0)")
+                src(f"g += gw{t} * tl.where({q} > 0, -{q} * ({lq} + loss{t}), 0.0)")
             return
         q, lq = self.q(s), self.log_q(s)
         if kind in ("cross_entropy", "forward_kl"):
             p = self.p(target, s)
             if kind == "cross_entropy":
                 # l = -sum_j p_j log q_j
-                src(f"loss{t} += tl.sum(tl.where({p} > 0, -{p} * {lq}, 0.0), 0)")
+                src(f"stream{t}_lanes += tl.where({p} > 0, -{p} * {lq}, 0.0)")
             else:
                 # l = sum_j p_j (log p_j - log q_j)
                 lp = self.log_p(target, s)
-                src(f"loss{t} += tl.sum(tl.where({p} > 0, {p} * ({lp} - {lq}), 0.0), 0)")
+                src(f"stream{t}_lanes += tl.where({p} > 0, {p} * ({lp} - {lq}), 0.0)")
             if active:
                 # dl/ds_j = q_j - p_j
-                src(f"g += w{t} * ({q} - {p})")
+                src(f"g += gw{t} * ({q} - {p})")
             return
         if not active:
             return
         if kind == "reverse_kl":
             # dl/ds_j = q_j (log q_j - log p_j - l)
             lp = self.log_p(target, s)
-            src(f"g += w{t} * tl.where({q} > 0, {q} * ({lq} - {lp} - loss{t}), 0.0)")
+            src(f"g += gw{t} * tl.where({q} > 0, {q} * ({lq} - {lp} - loss{t}), 0.0)")
         elif kind == "jsd":
             beta = repr(term.beta)
             lm = self._cached(f"lm{t}", self.log_mixture(term.beta, self.log_p(target, s), lq))
             # dl/ds_j = (1 - beta) q_j (log(q_j / M_j) - KL(q || M))
-            src(f"g += w{t} * (1.0 - {beta}) * tl.where({q} > 0, {q} * ({lq} - {lm} - kq{t}), 0.0)")
+            src(f"g += gw{t} * (1.0 - {beta}) * tl.where({q} > 0, {q} * ({lq} - {lm} - kq{t}), 0.0)")
         elif kind == "tvd":
             p = self.p(target, s)
             # dl/ds_j = q_j (sign(q_j - p_j) / 2 - c)
-            src(f"g += w{t} * {q} * (0.5 * sign_of_difference({q}, {p}) - tc{t})")
+            src(f"g += gw{t} * {q} * (0.5 * sign_of_difference({q}, {p}) - tc{t})")
 
     def scatter_topk(self) -> None:
         src = self.src

@@ -7,37 +7,40 @@ import triton.language as tl
 
 
 @triton.jit
-def online_softmax_update(m, s, x):
-    """Fold tile `x` into the running (max m, sum s of exp(x - m)); also return the tile's exp terms.
+def lane_softmax_update(m, lanes, x):
+    """Fold tile `x` into a running max `m` (a scalar) and per-lane sums `lanes` of exp(x - m); also
+    return the rescale factor exp(m_old - m_new) and the tile's exp terms.
 
-    A running max of -inf (nothing finite seen yet) is replaced by 0 before subtracting, so that an
-    all -inf tile gives exp(-inf) = 0 instead of exp(nan).
+    One block reduction per tile (the max); the lanes are summed once the row is read. A running max of
+    -inf (nothing finite seen yet) is replaced by 0 before subtracting, so that an all -inf tile gives
+    exp(-inf) = 0 instead of exp(nan).
     """
     m_new = tl.maximum(m, tl.max(x, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     rescale = tl.exp(m - m_safe)
     e = tl.exp(x - m_safe)
-    return m_new, s * rescale + tl.sum(e, 0), rescale, e
+    return m_new, lanes * rescale + e, rescale, e
 
 
 @triton.jit
-def online_centered_moment(moment, m_old, m_new, sum_old, rescale, e, x):
-    """Fold tile `x` into moment = sum_j exp(x_j - m) (x_j - m), centered on the running max m.
+def lane_centered_moment(lanes, m_old, m_new, sum_old, rescale, e, x):
+    """Fold tile `x` into per-lane sums of exp(x_j - m) (x_j - m), centered on the running max m.
 
     Centering keeps the entropy exact for huge logits (H = log S - moment / S, no m - m cancels).
-    When the max grows from m_old to m_new, the old sum re-centers: each unit of old mass moves by
-    (m_old - m_new) before the usual rescale by exp(m_old - m_new).
+    When the max grows from m_old to m_new, the old sums re-center: each unit of old mass (`sum_old`,
+    the lanes' sum-exp before this tile) moves by (m_old - m_new) before the usual rescale.
     """
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     shift = tl.where(m_old == float("-inf"), 0.0, m_old - m_safe)
-    return (moment + shift * sum_old) * rescale + tl.sum(tl.where(e > 0, e * (x - m_safe), 0.0), 0)
+    return (lanes + shift * sum_old) * rescale + tl.where(e > 0, e * (x - m_safe), 0.0)
 
 
 @triton.jit
-def online_argmax_update(best_value, best_index, x, start):
-    """Running argmax over tiles; the first index wins ties, as in torch.argmax."""
+def tile_argmax_update(best_value, best_index, x, index):
+    """Running argmax over tiles: the tile's max (the same reduction the softmax state takes of an
+    unscaled tile) and the first index holding it; an earlier tile wins ties, as in torch.argmax."""
     tile_max = tl.max(x, 0)
-    tile_index = tl.argmax(x, 0) + start
+    tile_index = tl.min(tl.where(x == tile_max, index, 2147483647), 0)
     better = tile_max > best_value
     return tl.where(better, tile_max, best_value), tl.where(better, tile_index, best_index)
 

@@ -153,7 +153,7 @@ def forget_graph(token: str) -> None:
     they are shared by every graph with the same kernel spec)."""
     _GRAPHS.pop(token, None)
     prefix = f"{token}/"
-    for key in [key for key in _KERNELS if key.startswith(prefix)]:
+    for key in [key for key in list(_KERNELS) if key.startswith(prefix)]:  # a copy: finalizers run anywhere
         del _KERNELS[key]
 
 

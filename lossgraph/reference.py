@@ -163,9 +163,11 @@ def topk_log_probs(
     log_q_tail = torch.where(has_tail, tail - log_z, -math.inf)
     log_p_top = torch.where(in_vocab, teacher, -math.inf)
     # with no token left outside the stored ones there is no tail, whatever the stored mass rounds to
-    p_tail = torch.where(has_tail, (1.0 - log_p_top.exp().sum(-1, keepdim=True)).clamp(min=0.0), 0.0)
+    # in float64, as the kernel: a confident teacher's tail lies below what float32 resolves next to 1
+    stored_mass = log_p_top.to(torch.float64).exp().sum(-1, keepdim=True)
+    log_p_tail = torch.where(has_tail, (1.0 - stored_mass).clamp(min=0.0), 0.0).log().to(dtype)
     usable = torch.ones_like(mask)
-    return torch.cat([log_p_top, p_tail.log()], dim=-1), torch.cat([log_q_top, log_q_tail], dim=-1), usable
+    return torch.cat([log_p_top, log_p_tail], dim=-1), torch.cat([log_q_top, log_q_tail], dim=-1), usable
 
 
 def teacher_rows_finite(target: Target, batch: HeadBatch, vocab_size: int) -> torch.Tensor | None:

@@ -112,7 +112,9 @@ def weighted_sum(values: torch.Tensor, steps: list[TermStep]) -> torch.Tensor:
 def reference_head(head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> HeadResult:
     """The reference backend: plain PyTorch math, gradients by autograd."""
     raw = reference_terms(head.terms, batch, [s.temperature for s in steps])
-    values = torch.stack([value * s.scale for value, s in zip(raw, steps)])
+    # a weight-0 term is reported but takes no part in the gradient: detached, so that a value it
+    # cannot define (a broken teacher) does not reach the gradient as 0 x NaN
+    values = torch.stack([(value if s.weight != 0.0 else value.detach()) * s.scale for value, s in zip(raw, steps)])
     if any(s.weight != 0.0 for s in steps):
         loss = weighted_sum(values, steps)
     else:  # every weight is 0 at this step: a zero loss that still backpropagates (zeros)

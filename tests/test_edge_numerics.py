@@ -42,8 +42,8 @@ losses: {{{losses}}}
     return lossgraph.loads(text)
 
 
-def run(spec, backend: str, logits: torch.Tensor, teachers: dict, *, check_inputs: bool = False):
-    """(loss, gradient of the logits) of one call; float64 logits for the reference backend."""
+def run(spec, backend: str, logits: torch.Tensor, teachers: dict, *, check_inputs: bool = False, labels=None):
+    """(loss, gradient of the logits, per-term values) of one call; float64 logits for the reference backend."""
     dtype = torch.float64 if backend == "torch" else logits.dtype
     device = torch.device("cpu") if backend == "torch" else DEVICE
     z = logits.detach().to(device=device, dtype=dtype).requires_grad_()
@@ -54,9 +54,10 @@ def run(spec, backend: str, logits: torch.Tensor, teachers: dict, *, check_input
         for name, t in teachers.items()
     }
     compiled = lossgraph.compile(spec, backend=backend, check_inputs=check_inputs)
-    out = compiled({"next": z}, teachers=moved)
+    out = compiled({"next": z}, teachers=moved, labels=None if labels is None else labels.to(device))
     out.loss.backward()
-    return out.loss.detach().double().cpu(), z.grad.double().cpu()
+    values = {key: value.detach().double().cpu() for key, value in out.values.items()}
+    return out.loss.detach().double().cpu(), z.grad.double().cpu(), values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def test_bucket_tail_under_a_confident_student(kind, vocab, k, dtype):
         vocab,
     )
     for backend in BACKENDS:
-        loss, grad = run(spec, backend, logits, {"cached": topk})
+        loss, grad, _ = run(spec, backend, logits, {"cached": topk})
         grad_dtype = torch.float64 if backend == "torch" else dtype
         assert_matches_truth(loss, grad, truth, grad_dtype, f"{backend} {kind} V={vocab}")
 
@@ -184,7 +185,7 @@ def test_dense_teacher_with_underflowing_probabilities(kind, vocab, temperature,
         vocab,
     )
     for backend in BACKENDS:
-        loss, grad = run(spec, backend, logits, {"teacher": teacher})
+        loss, grad, _ = run(spec, backend, logits, {"teacher": teacher})
         grad_dtype = torch.float64 if backend == "torch" else dtype
         assert_matches_truth(loss, grad, truth, grad_dtype, f"{backend} {kind} V={vocab} T={temperature}", temperature)
 
@@ -193,7 +194,7 @@ def test_jsd_of_a_teacher_in_float32_subnormal_range_is_exact():
     """The issue's example: student [0, -200], teacher [0, -103]: the true JSD rounds to 0."""
     spec = graph("kd: {type: jsd, heads: [next], target: teacher}", "teacher: {type: teacher}", 2)
     for backend in BACKENDS:
-        loss, grad = run(spec, backend, torch.tensor([[0.0, -200.0]]), {"teacher": torch.tensor([[0.0, -103.0]])})
+        loss, grad, _ = run(spec, backend, torch.tensor([[0.0, -200.0]]), {"teacher": torch.tensor([[0.0, -103.0]])})
         assert float(loss) == pytest.approx(0.0, abs=1e-30)
         assert torch.isfinite(grad).all()
 
@@ -222,12 +223,51 @@ def test_broken_dense_teacher_is_never_hidden(kind, broken):
         f"kd: {{type: {kind}, heads: [next], target: teacher, temperature: 2.0}}", "teacher: {type: teacher}", 16
     )
     for backend in BACKENDS:
-        loss, grad = run(spec, backend, logits, {"teacher": teacher})
+        loss, grad, _ = run(spec, backend, logits, {"teacher": teacher})
         assert not torch.isfinite(loss), f"{backend}: finite loss {float(loss)} from a broken teacher"
         assert not torch.isfinite(grad[2]).all(), f"{backend}: the broken row's gradient is finite"
         assert torch.isfinite(grad[[0, 1, 3]]).all(), f"{backend}: the broken row spilled into others"
         with pytest.raises(InputError, match="teacher 'teacher' holds"):
             run(spec, backend, logits, {"teacher": teacher}, check_inputs=True)
+
+
+@pytest.mark.parametrize("broken", BROKEN_DENSE)
+def test_broken_teacher_of_a_weight_zero_term_is_reported_not_applied(broken):
+    """A weight-0 term (a schedule that starts at 0) takes no part in the loss or the gradient, so a
+    broken teacher behind it leaves both finite; its own value is reported as NaN."""
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(4, 16, generator=generator)
+    teacher = torch.randn(4, 16, generator=generator)
+    teacher[2] = BROKEN_DENSE[broken](teacher[2])
+    spec = graph(
+        "lm: {type: cross_entropy, heads: [next], target: labels}, "
+        "kd: {type: forward_kl, heads: [next], target: teacher, weight: 0.0}",
+        "labels: {type: labels}, teacher: {type: teacher}",
+        16,
+    )
+    labels = torch.randint(0, 16, (4,), generator=generator)
+    for backend in BACKENDS:
+        loss, grad, values = run(spec, backend, logits, {"teacher": teacher}, labels=labels)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), backend
+        assert not torch.isfinite(values["kd/next"]), f"{backend}: the broken term's value is finite"
+
+
+@pytest.mark.parametrize("kind", BUCKET_KINDS)
+def test_bucket_tail_under_a_confident_teacher(kind):
+    """The teacher stores all but ~1e-9 of its mass: its tail is below what float32 resolves next to 1."""
+    generator = torch.Generator().manual_seed(9)
+    teacher = torch.randn(5, 64, generator=generator, dtype=torch.float64) * 16
+    top = torch.log_softmax(teacher, -1).topk(8, dim=-1)
+    topk = TopK(top.indices, top.values.to(torch.float32))
+    logits = (torch.randn(5, 64, generator=generator, dtype=torch.float64) * 3).float()
+    truth = bucket_truth(kind, logits.double(), topk.indices, topk.logprobs)
+    spec = graph(
+        f"kd: {{type: {kind}, heads: [next], target: cached}}", "cached: {type: topk_teacher, k: 8, tail: bucket}", 64
+    )
+    for backend in BACKENDS:
+        loss, grad, _ = run(spec, backend, logits, {"cached": topk})
+        grad_dtype = torch.float64 if backend == "torch" else torch.float32
+        assert_matches_truth(loss, grad, truth, grad_dtype, f"{backend} {kind} confident teacher")
 
 
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
@@ -244,7 +284,7 @@ def test_broken_topk_row_is_never_hidden(tail, broken):
         32,
     )
     for backend in BACKENDS:
-        loss, grad = run(spec, backend, logits, {"cached": TopK(indices, logprobs)})
+        loss, grad, _ = run(spec, backend, logits, {"cached": TopK(indices, logprobs)})
         assert not torch.isfinite(loss), f"{backend}: finite loss {float(loss)} from a broken top-k row"
         assert not torch.isfinite(grad[1]).all(), f"{backend}: the broken row's gradient is finite"
         assert torch.isfinite(grad[[0, 2, 3]]).all()
