@@ -225,6 +225,17 @@ class KernelGenerator:
     # Tile expressions (cached per loop body).
     # ----------------------------------------------------------------------------------------------
 
+    def open_lanes(self, names: list[str]) -> None:
+        """Before a tile loop: a per-lane vector `<name>_lanes` for each row sum the loop adds to, so
+        that the loop needs no block reduction for them."""
+        for name in names:
+            self.src(f"{name}_lanes = tl.zeros([BLOCK_V], dtype=tl.float32)")
+
+    def close_lanes(self, names: list[str], operator: str) -> None:
+        """After the loop: each sum's lanes reduced once, assigned (`=`) or added (`+=`) to `<name>`."""
+        for name in names:
+            self.src(f"{name} {operator} tl.sum({name}_lanes, 0)")
+
     def _cached(self, name: str, expression: str) -> str:
         if name not in self._tile_cache:
             self.src(f"{name} = {expression}")
@@ -518,33 +529,23 @@ class KernelGenerator:
     def first_pass(self) -> None:
         """One read of the row. Each softmax state keeps a scalar running max (one block reduction per
         tile) and per-lane sums of exp(x - max): rescaling them by exp(m_old - m_new) is one scalar
-        exponential per tile, and the lanes are summed once, after the loop. The argmaxes are per lane
-        too, reduced once. Every lane vector is named `*_lane*` and reduced right after the loop."""
+        exponential per tile, and the lanes are summed once, after the loop. The argmax takes each
+        tile's max and the first column holding it."""
         src = self.src
         src("# pass 1: online softmax statistics, argmax and the sums that stream in one read")
-        lanes: list[tuple[str, str]] = []  # (scalar, its per-lane vector)
-
-        def lane(name: str) -> str:
-            vector = f"{name}_lanes"
-            src(f"{vector} = tl.zeros([BLOCK_V], dtype=tl.float32)")
-            lanes.append((name, vector))
-            return vector
-
+        lanes = [f"sum_s{s}" for s in self.student_slots] + [f"moment_s{s}" for s in self.moment_slots]
+        lanes += [f"tail_sum{i}" for i in self.tail_sources]
+        lanes += [f"sum_t{i}_{s}" for i, s in self.teacher_states]
+        lanes += [f"rkl_s{s}_t{i}" for s, i in self.online_rkl]
+        self.open_lanes(lanes)
         for suffix in ["", *[f"_t{i}" for i in range(len(self.spec.dense))]]:
             src(f"best_value{suffix} = {NEG_INF}", f"best_index{suffix} = 0")
         for s in self.student_slots:
             src(f"m_s{s} = {NEG_INF}")
-            lane(f"sum_s{s}")
-        for s in self.moment_slots:
-            lane(f"moment_s{s}")
         for i in self.tail_sources:
             src(f"tail_m{i} = {NEG_INF}")
-            lane(f"tail_sum{i}")
         for i, s in self.teacher_states:
             src(f"m_t{i}_{s} = {NEG_INF}")
-            lane(f"sum_t{i}_{s}")
-        for s, i in self.online_rkl:
-            lane(f"rkl_s{s}_t{i}")
         with self.tile_loop():
             ids = self.global_offs()
             src(f"best_value, best_index = tile_argmax_update(best_value, best_index, x, {ids})")
@@ -582,8 +583,7 @@ class KernelGenerator:
                             f"rkl_s{s}_t{i}_lanes = rkl_s{s}_t{i}_lanes * rescale{s} + "
                             f"tl.where(e{s} > 0, e{s} * ({xs} - {u}), 0.0)"
                         )
-        for name, vector in lanes:
-            src(f"{name} = tl.sum({vector}, 0)")
+        self.close_lanes(lanes, "=")
 
     def after_first_pass(self) -> None:
         """log-sum-exps, and the values of the terms that are known after one read."""
@@ -853,8 +853,7 @@ class KernelGenerator:
         src = self.src
         src("# pass 2: row sums that involve p and q together (needed before any gradient element)")
         names = self.reduction_stats()
-        for name in names:  # summed per lane, reduced once after the loop
-            src(f"{name}_lanes = tl.zeros([BLOCK_V], dtype=tl.float32)")
+        self.open_lanes(names)
         with self.tile_loop():
             for t in self.reduction_terms:
                 term = self.spec.terms[t]
@@ -874,8 +873,7 @@ class KernelGenerator:
                     )
                 else:
                     src(f"rk{t}_lanes += tl.where({q} > 0, {q} * ({lq} - {lp}), 0.0)")
-        for name in names:
-            src(f"{name} = tl.sum({name}_lanes, 0)")
+        self.close_lanes(names, "=")
 
     def reduction_values(self) -> None:
         """The values of the terms pass 2 sums up."""
@@ -899,8 +897,7 @@ class KernelGenerator:
         streamed = self.streamed_terms()
         if not spec.gradient and not streamed:
             return
-        for t in streamed:  # summed per lane, reduced once after the loop
-            src(f"stream{t}_lanes = tl.zeros([BLOCK_V], dtype=tl.float32)")
+        self.open_lanes([f"loss{t}" for t in streamed])
         if not spec.gradient:
             src("# last pass: the values that stream (no gradient is asked for)")
             with self.tile_loop():
@@ -919,8 +916,7 @@ class KernelGenerator:
                 if spec.accumulate:
                     src("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
                 src("tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)")
-        for t in streamed:
-            src(f"loss{t} += tl.sum(stream{t}_lanes, 0)")
+        self.close_lanes([f"loss{t}" for t in streamed], "+=")
 
     def term_in_last_pass(self, t: int, term: KernelTerm) -> None:
         src = self.src
@@ -954,11 +950,11 @@ class KernelGenerator:
             p = self.p(target, s)
             if kind == "cross_entropy":
                 # l = -sum_j p_j log q_j
-                src(f"stream{t}_lanes += tl.where({p} > 0, -{p} * {lq}, 0.0)")
+                src(f"loss{t}_lanes += tl.where({p} > 0, -{p} * {lq}, 0.0)")
             else:
                 # l = sum_j p_j (log p_j - log q_j)
                 lp = self.log_p(target, s)
-                src(f"stream{t}_lanes += tl.where({p} > 0, {p} * ({lp} - {lq}), 0.0)")
+                src(f"loss{t}_lanes += tl.where({p} > 0, {p} * ({lp} - {lq}), 0.0)")
             if active:
                 # dl/ds_j = q_j - p_j
                 src(f"g += gw{t} * ({q} - {p})")
