@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lossgraph.kernels.report import report
 
-from lossgraph.bench import standard_cases
+from lossgraph.apps.bench import standard_cases
 from lossgraph.document import check_file, check_text
 
 

@@ -177,20 +177,20 @@ class KernelGenerator:
     def float_stats(self) -> list[tuple[str, str, tuple]]:
         """(variable, how ranks combine it, the softmax state it belongs to) for each float statistic.
 
-        max: all-reduce max; scaled: a sum taken against the state's local max, rescaled to the global
-        max and summed; moment: the centered entropy moment (re-centered on the global max, summed);
+        max: all-reduce max; sum_exp: the state's sum of exp(x - max), rescaled to the global max and
+        summed; scaled: another sum taken against the state's local max, combined the same way; moment: the centered entropy moment (re-centered on the global max, summed);
         sum: summed as is (the label's logit, written by the rank holding it); argmax: the max of a
         running argmax (its index is in the int buffer, same order).
         """
         entries: list[tuple[str, str, tuple]] = []
         for s in self.student_slots:
-            entries += [(f"m_s{s}", "max", ("s", s)), (f"sum_s{s}", "scaled", ("s", s))]
+            entries += [(f"m_s{s}", "max", ("s", s)), (f"sum_s{s}", "sum_exp", ("s", s))]
         entries += [(f"moment_s{s}", "moment", ("s", s)) for s in self.moment_slots]
         for i in self.tail_sources:
-            entries += [(f"tail_m{i}", "max", ("tail", i)), (f"tail_sum{i}", "scaled", ("tail", i))]
+            entries += [(f"tail_m{i}", "max", ("tail", i)), (f"tail_sum{i}", "sum_exp", ("tail", i))]
         entries += [(f"rkl_s{s}_t{i}", "scaled", ("s", s)) for s, i in self.online_rkl]
         for i, s in self.teacher_states:
-            entries += [(f"m_t{i}_{s}", "max", ("t", i, s)), (f"sum_t{i}_{s}", "scaled", ("t", i, s))]
+            entries += [(f"m_t{i}_{s}", "max", ("t", i, s)), (f"sum_t{i}_{s}", "sum_exp", ("t", i, s))]
         entries.append(("best_value", "argmax", ()))
         entries += [(f"best_value_t{i}", "argmax", ()) for i in range(len(self.spec.dense))]
         if self.spec.uses_labels:

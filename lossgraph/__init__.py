@@ -24,11 +24,11 @@ _EXPORTS = {
     "SourceFileError": "lossgraph.errors",
     "LossGraphWarning": "lossgraph.errors",
     "Diagnostic": "lossgraph.errors",
-    "compile": "lossgraph.runtime",
-    "CompiledGraph": "lossgraph.runtime",
-    "GraphOutput": "lossgraph.runtime",
-    "TopK": "lossgraph.inputs",
-    "Linear": "lossgraph.inputs",
+    "compile": "lossgraph.runtime.compiled",
+    "CompiledGraph": "lossgraph.runtime.compiled",
+    "GraphOutput": "lossgraph.runtime.compiled",
+    "TopK": "lossgraph.runtime.inputs",
+    "Linear": "lossgraph.runtime.inputs",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -44,9 +44,9 @@ if TYPE_CHECKING:
         LossGraphWarning,
         SourceFileError,
     )
-    from .inputs import Linear, TopK
-    from .runtime import CompiledGraph, GraphOutput, compile
-    from .spec import LossGraphSpec
+    from .runtime.inputs import Linear, TopK
+    from .runtime.compiled import CompiledGraph, GraphOutput, compile
+    from .spec.models import LossGraphSpec
 
 
 def __getattr__(name: str) -> Any:

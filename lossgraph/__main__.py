@@ -1,5 +1,5 @@
 """`python -m lossgraph` runs the command line."""
 
-from lossgraph.cli import run
+from lossgraph.cli.app import run
 
 run()

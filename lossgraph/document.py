@@ -6,11 +6,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compiler import analyze
+from .compiler.pipeline import analyze
 from .errors import ConfigError, Diagnostic, LossGraphWarning, sort_diagnostics
-from .loader import parse_yaml, read_text, validate_schema
-from .passes import CompileContext
-from .spec import LossGraphSpec
+from .spec.loader import parse_yaml, read_text, validate_schema
+from .compiler.passes import CompileContext
+from .spec.models import LossGraphSpec
 
 
 @dataclass

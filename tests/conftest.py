@@ -9,7 +9,7 @@ import pytest
 from device_guard import fused_tensors_on_cuda  # noqa: F401  (an autouse fixture: every test gets it)
 from typer.testing import CliRunner, Result
 
-from lossgraph.cli import app
+from lossgraph.cli.app import app
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Where CUDA is available, the fused backend must be tested where it runs in produ
 test that builds CPU tensors for `backend="triton"` would then either fail with a BackendError (no
 interpreter) or, worse, pass through Triton's CPU interpreter (TRITON_INTERPRET=1) and test nothing of
 the GPU. The guard checks every tensor that reaches the fused launches (the op boundary,
-`lossgraph.fused._run_launches`) and fails the test that handed over a CPU tensor.
+`lossgraph.runtime.fused._run_launches`) and fails the test that handed over a CPU tensor.
 
 Tests of the interpreter path itself carry `@pytest.mark.interpreter` and are left alone. Without
 CUDA the guard does nothing: the CPU is then where the fused tests run.
@@ -44,7 +44,7 @@ def fused_tensors_on_cuda(request, monkeypatch):
     if not torch.cuda.is_available() or request.node.get_closest_marker("interpreter"):
         yield
         return
-    import lossgraph.fused as fused
+    import lossgraph.runtime.fused as fused
 
     original = fused._run_launches
     found: list[str] = []

@@ -23,7 +23,7 @@ import torch
 from helpers import assert_close, random_labels, random_logits, random_topk
 
 import lossgraph
-from lossgraph.plan import DenseTarget, TopKTarget
+from lossgraph.compiler.plan import DenseTarget, TopKTarget
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

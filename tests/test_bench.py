@@ -14,8 +14,8 @@ from helpers import assert_close
 from typer.testing import CliRunner
 
 import lossgraph
-from lossgraph.bench import eager_loss, graph_loss, make_inputs, standard_cases
-from lossgraph.cli import app
+from lossgraph.apps.bench import eager_loss, graph_loss, make_inputs, standard_cases
+from lossgraph.cli.app import app
 
 
 @pytest.mark.parametrize("case", standard_cases(tokens=64, vocab=300), ids=lambda case: case.name)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lossgraph.bench import copy_bandwidth, run_case, standard_cases
+from lossgraph.apps.bench import copy_bandwidth, run_case, standard_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))

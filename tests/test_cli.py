@@ -18,7 +18,7 @@ import pytest
 
 import lossgraph
 from lossgraph.document import check_file
-from lossgraph.spec import json_schema
+from lossgraph.spec.models import json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -506,6 +506,6 @@ def test_light_commands_do_not_import_torch(args: list[str]):
     result = run_module(*args, python_flags=("-X", "importtime"))
     assert result.returncode == 0, result.stderr[-2000:]
     modules = _imported_modules(result.stderr)
-    assert "lossgraph.cli" in modules, "importtime output was not captured"
+    assert "lossgraph.cli.app" in modules, "importtime output was not captured"
     heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "triton"))
     assert not heavy, f"`lossgraph {' '.join(args)}` imported {heavy[:10]}"

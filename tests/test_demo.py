@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lossgraph.cli import app
+from lossgraph.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "mtp_distill.yaml"
@@ -198,7 +198,7 @@ def test_demo_graph_without_teachers_has_no_baseline(tmp_path):
 
 def test_without_teachers_removes_the_distillation_node_and_the_teacher():
     pytest.importorskip("torch")
-    from lossgraph.demo import default_graph_text, without_teachers
+    from lossgraph.apps.demo import default_graph_text, without_teachers
     from lossgraph.document import check_spec, loads
 
     spec = loads(default_graph_text(), "mtp_distill.yaml")
@@ -215,7 +215,7 @@ def test_without_teachers_removes_the_distillation_node_and_the_teacher():
 
 def test_without_teachers_keeps_sources_derived_from_labels():
     pytest.importorskip("torch")
-    from lossgraph.demo import without_teachers
+    from lossgraph.apps.demo import without_teachers
     from lossgraph.document import loads
 
     spec = loads(

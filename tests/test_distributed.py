@@ -240,7 +240,7 @@ def test_collectives_take_tensors_on_the_device_of_the_groups_backend(config, mo
     from lossgraph.kernels.launcher import SliceStatistics
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lossgraph import parallel
+    from lossgraph.runtime import parallel
 
     group = _Group()
     seen: list[tuple[str, torch.device]] = []

@@ -1,7 +1,7 @@
 """The user documentation cannot drift from the code.
 
 - docs/yaml-reference.md is exactly what `lossgraph.docgen.yaml_reference()` generates, and lists every
-  field of every model of `lossgraph.spec`.
+  field of every model of `lossgraph.spec.models`.
 - Every ```yaml block of docs/*.md that declares `version: 1` is a valid loss graph.
 - docs/cli.md has a `## lossgraph <name>` section for every command, naming each of its options.
 - The `lossgraph ...` lines of ```bash blocks run (in a scratch directory holding a copy of examples/)
@@ -29,8 +29,9 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 import lossgraph
-from lossgraph import docgen, spec
-from lossgraph.cli import app
+from lossgraph.spec import docgen
+from lossgraph.spec import models as spec
+from lossgraph.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -172,7 +173,7 @@ def test_yaml_types(annotation, expected):
 
 def test_docgen_main_prints_the_reference_without_torch():
     code = (
-        "import sys, lossgraph.docgen as d; d.main(); "
+        "import sys, lossgraph.spec.docgen as d; d.main(); "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')]; "
         "sys.exit(f'imported {bad}' if bad else 0)"
     )

@@ -983,13 +983,13 @@ def test_torch_compile_under_no_grad_writes_no_gradient(dynamo, monkeypatch):
 def _record_launches(monkeypatch) -> list[tuple[bool, object]]:
     """(spec.gradient, grad buffer) of every fused launch from now on."""
     seen: list[tuple[bool, object]] = []
-    real = lossgraph.fused.launch
+    real = lossgraph.runtime.fused.launch
 
     def recording(spec, inputs, *, grad, weights):
         seen.append((spec.gradient, grad))
         return real(spec, inputs, grad=grad, weights=weights)
 
-    monkeypatch.setattr(lossgraph.fused, "launch", recording)
+    monkeypatch.setattr(lossgraph.runtime.fused, "launch", recording)
     return seen
 
 

@@ -23,7 +23,7 @@ import torch
 from fused_cases import DEVICE, interpreter_warnings, requires_fused
 
 import lossgraph
-import lossgraph.fused as fused
+import lossgraph.runtime.fused as fused
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lossgraph.document import check_file
-from lossgraph.fusion import (
+from lossgraph.compiler.fusion import (
     DTYPE_BYTES,
     MAX_TEACHERS_PER_LAUNCH,
     FusionPlan,
@@ -329,7 +329,7 @@ def test_building_the_fusion_plan_imports_no_torch():
         """
         import sys
         from lossgraph.document import check_file
-        from lossgraph.fusion import plan_fusion
+        from lossgraph.compiler.fusion import plan_fusion
         from lossgraph.kernels.codegen import generate
 
         for name in ("mtp_distill", "every_loss", "topk_offline", "ensemble"):

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import lossgraph
-from lossgraph.cli import app
+from lossgraph.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_TEXTS = [path.read_text(encoding="utf-8") for path in sorted((ROOT / "examples").glob("*.yaml"))]

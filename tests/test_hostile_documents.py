@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 import lossgraph
-from lossgraph import loader, spec
+from lossgraph.spec import loader
+from lossgraph.spec import models as spec
 from lossgraph.document import check_file, check_text
 from lossgraph.errors import Diagnostic
-from lossgraph.passes import MAX_MIXTURE_PARTS
+from lossgraph.compiler.passes import MAX_MIXTURE_PARTS
 
 ROOT = Path(__file__).resolve().parents[1]
 INVALID = ROOT / "tests" / "invalid"

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 import lossgraph
-from lossgraph import passes
-from lossgraph.compiler import PASSES
+from lossgraph.compiler import passes
+from lossgraph.compiler.pipeline import PASSES
 from lossgraph.errors import ConfigError, Diagnostic
-from lossgraph.loader import parse_yaml, validate_schema
-from lossgraph.passes import CompileContext
+from lossgraph.spec.loader import parse_yaml, validate_schema
+from lossgraph.compiler.passes import CompileContext
 
 INVALID = Path(__file__).parent / "invalid"
-# The validation passes of lossgraph.passes, in the compiler's order (planning passes left out).
+# The validation passes of lossgraph.compiler.passes, in the compiler's order (planning passes left out).
 VALIDATION_PASSES = [(name, run) for name, run in PASSES if getattr(passes, name, None) is run]
 FILES = sorted(INVALID.glob("*.yaml"))
 EXPECT = re.compile(r"^#\s*expect:\s*(?P<line>\d+)(?::(?P<column>\d+))?\s+(?P<path>\S+):\s+(?P<phrase>.+?)\s*$")

@@ -285,7 +285,7 @@ def test_peak_memory_is_bounded_by_the_chunk_not_by_n_times_v(tmp_path):
 def test_plan_reports_chunking_and_peak_memory(tmp_path):
     from typer.testing import CliRunner
 
-    from lossgraph.cli import app
+    from lossgraph.cli.app import app
 
     path = tmp_path / "hidden.yaml"
     path.write_text(GRAPH.replace(f"vocab_size: {VOCAB}", "vocab_size: 128256"))

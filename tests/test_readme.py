@@ -25,7 +25,7 @@ import yaml
 from typer.testing import CliRunner
 
 import lossgraph
-from lossgraph.cli import app
+from lossgraph.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

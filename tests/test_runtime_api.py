@@ -10,7 +10,7 @@ import torch
 from helpers import assert_close, random_labels, random_logits, random_topk
 
 import lossgraph
-from lossgraph.plan import DenseTarget, TopKTarget
+from lossgraph.compiler.plan import DenseTarget, TopKTarget
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 

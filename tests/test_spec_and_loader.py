@@ -12,9 +12,9 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 import lossgraph
-import lossgraph.spec
+import lossgraph.spec.models
 from lossgraph import ConfigError, Diagnostic, LossGraphError, LossGraphSpec, LossGraphWarning, SourceFileError
-from lossgraph.spec import json_schema
+from lossgraph.spec.models import json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -273,8 +273,8 @@ def test_diagnostic_from_a_document_formats_as_file_line_column_path_message():
 def _models() -> list[type[BaseModel]]:
     return [
         value
-        for _, value in inspect.getmembers(lossgraph.spec, inspect.isclass)
-        if issubclass(value, BaseModel) and value.__module__ == "lossgraph.spec"
+        for _, value in inspect.getmembers(lossgraph.spec.models, inspect.isclass)
+        if issubclass(value, BaseModel) and value.__module__ == "lossgraph.spec.models"
     ]
 
 
@@ -320,7 +320,7 @@ def test_light_modules_do_not_import_torch_or_triton():
     code = textwrap.dedent(
         """
         import sys
-        import lossgraph.spec, lossgraph.loader, lossgraph.document, lossgraph.cli
+        import lossgraph.spec.models, lossgraph.spec.loader, lossgraph.document, lossgraph.cli.app
         import lossgraph
         lossgraph.check_text(open("examples/every_loss.yaml").read())
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "triton"))

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
 from ..errors import InputError, LossGraphError
-from ..inputs import TopK
-from ..plan import TopKTarget
-from ..runtime import CompiledGraph, GraphOutput
+from ..runtime.inputs import TopK
+from ..compiler.plan import TopKTarget
+from ..runtime.compiled import CompiledGraph, GraphOutput
 
 HEADS_ATTRIBUTE = "lossgraph_heads"
 

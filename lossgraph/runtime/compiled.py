@@ -16,17 +16,17 @@ from typing import NamedTuple
 import torch
 
 from .autograd import PrecomputedGradient
-from .document import check_spec, load
-from .errors import BackendError, ConfigError, InputError, SourceFileError
+from ..document import check_spec, load
+from ..errors import BackendError, ConfigError, InputError, SourceFileError
 from .fused import FusedSupport, fused_head_result, head_layout, register_graph
-from .fusion import FusionPlan
+from ..compiler.fusion import FusionPlan
 from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches
 from .linear import linear_head, reference_rows
 from .parallel import GatherVocab, global_counts, group_size
-from .plan import DenseTarget, HeadPlan, Plan, Term
+from ..compiler.plan import DenseTarget, HeadPlan, Plan, Term
 from .reference import compute_dtype, map_vocab, reference_terms
-from .schedules import evaluate
-from .spec import LossGraphSpec
+from ..spec.schedules import evaluate
+from ..spec.models import LossGraphSpec
 
 BACKENDS = ("auto", "torch", "triton")
 

@@ -12,7 +12,7 @@ from . import passes
 from .fusion import plan_fusion
 from .passes import CompileContext
 from .plan import build_plan
-from .spec import LossGraphSpec
+from ..spec.models import LossGraphSpec
 
 Pass = Callable[[CompileContext], None]
 

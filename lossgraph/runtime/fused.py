@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 from .autograd import PrecomputedGradient
-from .errors import BackendError
-from .fusion import ONE, FusionPlan
+from ..errors import BackendError
+from ..compiler.fusion import ONE, FusionPlan
 from .inputs import HeadBatch
-from .kernels.launcher import (
+from ..kernels.launcher import (
     Inputs,
     KernelCacheError,
     launch,
@@ -37,11 +37,11 @@ from .kernels.launcher import (
     launch_stats,
     layout,
 )
-from .kernels.signature import KernelSpec
+from ..kernels.signature import KernelSpec
 from .linear import ChunkResult, linear_head
 from .parallel import VocabShard, all_reduce, combine_statistics
-from .plan import DenseTarget, HeadPlan, Plan, TopKTarget
-from .schedules import temperature_key
+from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
+from ..spec.schedules import temperature_key
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -449,7 +449,7 @@ def fused_head_result(graph, head: HeadPlan, batch: HeadBatch, steps):
 
 
 def _evaluate(graph, head: HeadPlan, batch: HeadBatch, steps):
-    from .runtime import HeadResult, weighted_sum
+    from .compiled import HeadResult, weighted_sum
 
     dtype = batch.linear.hidden.dtype if batch.linear is not None else batch.logits.dtype
     if dtype not in _SUPPORTED_DTYPES:

@@ -20,8 +20,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
-from .errors import ConfigError, Diagnostic, LossGraphError, SourceFileError
+from .. import __version__
+from ..errors import ConfigError, Diagnostic, LossGraphError, SourceFileError
 
 app = typer.Typer(
     name="lossgraph",
@@ -71,7 +71,7 @@ def write_or_exit(path: Path, data: bytes) -> None:
 
 def load_or_exit(path: Path):  # -> LossGraphSpec, kept unannotated to keep imports lazy
     """Load a valid graph for commands that need one; print its problems and exit otherwise."""
-    from .document import check_file
+    from ..document import check_file
 
     report = check_file(path)
     for diagnostic in report.warnings:
@@ -109,7 +109,7 @@ def validate(
 
     Exit code 0 when all files are valid, 1 when one is invalid, 2 when one cannot be read.
     """
-    from .document import check_file
+    from ..document import check_file
 
     code = 0
     results = []
@@ -203,7 +203,7 @@ def schema(
     ] = None,
 ) -> None:
     """Print the JSON Schema of loss-graph files (for editor completion and validation)."""
-    from .spec import json_schema
+    from ..spec.models import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if output is None:
@@ -246,8 +246,8 @@ def plan(
     hidden states, the chunking and the peak extra memory."""
     from rich.table import Table
 
-    from .document import check_spec
-    from .fusion import estimate
+    from ..document import check_spec
+    from ..compiler.fusion import estimate
 
     with cli_errors():
         spec = load_or_exit(file)
@@ -367,7 +367,7 @@ def bench(
         from rich.progress import Progress
         from rich.table import Table
 
-        from .bench import (
+        from ..apps.bench import (
             copy_bandwidth,
             environment,
             ratio,
@@ -465,7 +465,7 @@ def demo(
     """Train a small teacher, then a student with multi-token-prediction heads that learns from labels
     and from the teacher as a loss graph declares; compare it with the same student without the teacher."""
     with cli_errors():
-        from .demo import DemoConfig, run_demo
+        from ..apps.demo import DemoConfig, run_demo
 
         if device is DemoDevice.cuda:
             import torch

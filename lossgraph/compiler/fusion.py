@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .describe import scheduled
-from .kernels.codegen import KernelGenerator
-from .kernels.signature import (
+from ..spec.describe import scheduled
+from ..kernels.codegen import KernelGenerator
+from ..kernels.signature import (
     DenseTeacher,
     KDense,
     KernelSpec,
@@ -36,7 +36,7 @@ from .plan import (
     TopKTarget,
     target_leaves,
 )
-from .schedules import FIXED_ONE, temperature_key
+from ..spec.schedules import FIXED_ONE, temperature_key
 
 # Tiles of the student and of every dense teacher live in registers together; past this many
 # teachers per launch, tiles get too narrow (or spill) and a head is split into several launches.

@@ -9,9 +9,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from .describe import number, scheduled
-from .errors import LossGraphError
-from .spec import LossGraphSpec, MixtureSource
+from ..spec.describe import number, scheduled
+from ..errors import LossGraphError
+from ..spec.models import LossGraphSpec, MixtureSource
 
 FORMATS = ("mermaid", "dot", "svg", "png")
 

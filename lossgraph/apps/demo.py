@@ -25,13 +25,13 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .document import check_spec, loads
-from .errors import LossGraphError
-from .inputs import TopK
-from .loader import read_text
-from .plan import DenseTarget, TopKTarget, target_leaves
-from .runtime import CompiledGraph, compile
-from .spec import LossGraphSpec
+from ..document import check_spec, loads
+from ..errors import LossGraphError
+from ..runtime.inputs import TopK
+from ..spec.loader import read_text
+from ..compiler.plan import DenseTarget, TopKTarget, target_leaves
+from ..runtime.compiled import CompiledGraph, compile
+from ..spec.models import LossGraphSpec
 
 VOCAB = 256  # bytes
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .spec import ConstantSchedule, LossGraphSpec, MixtureSource
+from .models import ConstantSchedule, LossGraphSpec, MixtureSource
 
 
 def number(value: float) -> str:

@@ -13,7 +13,7 @@ def scale_(buffer: torch.Tensor, scale: torch.Tensor) -> None:
     CPU the scale is read directly, which costs nothing there.
     """
     if buffer.device.type == "cuda" and buffer.is_contiguous():
-        from .kernels.scale import scale_in_place
+        from ..kernels.scale import scale_in_place
 
         scale_in_place(buffer, scale.to(device=buffer.device, dtype=torch.float32).reshape(()))
     else:

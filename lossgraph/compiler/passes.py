@@ -1,7 +1,7 @@
 """Graph build and validation passes.
 
 Each pass is a small function over a `CompileContext`: it reads the spec and the networkx graph and
-appends located diagnostics. `lossgraph.compiler.PASSES` runs them in order. A pass never stops at the
+appends located diagnostics. `lossgraph.compiler.pipeline.PASSES` runs them in order. A pass never stops at the
 first problem, so a user sees every error of a file at once; passes that need a resolved reference
 skip what an earlier pass already reported as unresolved.
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from .errors import Diagnostic
-from .schedules import FIXED_ONE, temperature_key
-from .sourcemap import Path, SourceMap
-from .spec import (
+from ..errors import Diagnostic
+from ..spec.schedules import FIXED_ONE, temperature_key
+from ..spec.sourcemap import Path, SourceMap
+from ..spec.models import (
     DIVERGENCE_KINDS,
     MAX_MIXTURE_PARTS,
     MAX_TEMPERATURE,
@@ -30,7 +30,7 @@ from .spec import (
     TeacherSource,
     TopKTeacherSource,
 )
-from .suggest import did_you_mean
+from ..spec.suggest import did_you_mean
 
 MIXTURE_WEIGHT_TOLERANCE = 1e-6
 
@@ -55,8 +55,8 @@ class CompileContext:
     source_map: SourceMap
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     diagnostics: list[Diagnostic] = field(default_factory=list)
-    plan: object | None = None  # the terms of each head (lossgraph.plan.Plan), set by plan_terms
-    fusion: object | None = None  # the kernel launches (lossgraph.fusion.FusionPlan), set by plan_fusion
+    plan: object | None = None  # the terms of each head (lossgraph.compiler.plan.Plan), set by plan_terms
+    fusion: object | None = None  # the kernel launches (lossgraph.compiler.fusion.FusionPlan), set by plan_fusion
 
     def error(self, path: Path, message: str, *, key: bool = False) -> None:
         self.diagnostics.append(self.source_map.diagnostic(path, message, key=key))

@@ -17,7 +17,7 @@ import math
 import torch
 
 from .inputs import HeadBatch, TopK
-from .plan import DenseTarget, LabelsTarget, MixtureTarget, SmoothedTarget, Target, Term, TopKTarget
+from ..compiler.plan import DenseTarget, LabelsTarget, MixtureTarget, SmoothedTarget, Target, Term, TopKTarget
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:

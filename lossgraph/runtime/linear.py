@@ -20,9 +20,9 @@ from typing import NamedTuple
 import torch
 
 from .autograd import scale_
-from .fusion import chunk_rows
+from ..compiler.fusion import chunk_rows
 from .inputs import HeadBatch
-from .plan import HeadPlan
+from ..compiler.plan import HeadPlan
 
 
 class ChunkResult(NamedTuple):
@@ -75,7 +75,7 @@ def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: R
     costs no grad_weight product, hidden states that need no gradient no grad_hidden product, and under
     torch.no_grad no chunk writes a logits gradient at all.
     """
-    from .runtime import HeadResult, weighted_sum
+    from .compiled import HeadResult, weighted_sum
 
     hidden, weight, bias = batch.linear
     # read here: autograd runs Function.forward (and so `compute`) with gradients disabled
@@ -134,7 +134,7 @@ def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: R
 
 def reference_rows(head: HeadPlan, chunk: HeadBatch, steps, gradient: bool = True) -> ChunkResult:
     """The reference math on a block of rows, with the logits gradient from autograd when `gradient`."""
-    from .runtime import reference_head
+    from .compiled import reference_head
 
     if not gradient:
         with torch.no_grad():

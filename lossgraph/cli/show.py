@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.tree import Tree
 
-from .describe import loss_summary, source_summary
-from .spec import LossGraphSpec
+from ..spec.describe import loss_summary, source_summary
+from ..spec.models import LossGraphSpec
 
 
 def graph_tree(spec: LossGraphSpec, title: str) -> Tree:

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import LossGraphError
-from .fusion import DTYPE_BYTES, floor_bytes_per_token
-from .runtime import CompiledGraph, compile
+from ..errors import LossGraphError
+from ..compiler.fusion import DTYPE_BYTES, floor_bytes_per_token
+from ..runtime.compiled import CompiledGraph, compile
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -370,9 +370,9 @@ def run_graph_file(
 ) -> CaseResult:
     """A user's loss graph: lossgraph's fused and reference backends on random inputs of its shapes
     (the peers' user code exists only for the standard cases)."""
-    from .document import load
-    from .inputs import Linear, TopK
-    from .plan import TopKTarget
+    from ..document import load
+    from ..runtime.inputs import Linear, TopK
+    from ..compiler.plan import TopKTarget
 
     spec = load(path)
     reference = compile(spec, backend="torch")
@@ -438,8 +438,8 @@ def run_linear_case(
     """Case (e): CE + forward KL from hidden states and head weights (student and teacher), against
     the four matrix products any implementation does (student logits, its two gradients, teacher
     logits) at the matmul rate measured in the same run."""
-    from .document import loads
-    from .inputs import Linear
+    from ..document import loads
+    from ..runtime.inputs import Linear
 
     torch_dtype = DTYPES[dtype]
     generator = torch.Generator().manual_seed(0)
@@ -507,7 +507,7 @@ def run_linear_case(
 
 
 def compile_case_graph(case: Case, backend: str = "torch") -> CompiledGraph:
-    from .document import loads
+    from ..document import loads
 
     return compile(loads(case.yaml(), f"case-{case.name}.yaml"), backend=backend)
 

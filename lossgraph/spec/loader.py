@@ -24,9 +24,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError, Diagnostic, SourceFileError
+from ..errors import ConfigError, Diagnostic, SourceFileError
 from .sourcemap import Path, SourceMap, dotted
-from .spec import BOUND_REASONS, LossGraphSpec
+from .models import BOUND_REASONS, LossGraphSpec
 from .suggest import did_you_mean
 
 # A loss graph nests about five levels (losses.distill.weight.start); deeper documents are mistakes or

@@ -9,7 +9,7 @@ Only the *shape* of a document is checked here (types, ranges, unknown keys). Ev
 range that the kernels and float32 arithmetic honour, so a file that validates cannot overflow at run
 time; the ranges appear in the JSON Schema and in docs/yaml-reference.md. Everything that relates
 one part of the graph to another (references, vocab agreement, offsets, cycles, mixture weights,
-schedules that make sense) is checked by the compiler passes in `lossgraph.passes`, which report every
+schedules that make sense) is checked by the compiler passes in `lossgraph.compiler.passes`, which report every
 problem of a file at once with its line and dotted path.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .spec import ConstantSchedule, CosineSchedule, LinearSchedule, StepSchedule
+from .models import ConstantSchedule, CosineSchedule, LinearSchedule, StepSchedule
 
 
 def temperature_key(value: object) -> tuple[str, object]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from .spec import (
+from ..spec.models import (
     LabelSmoothingSource,
     LabelsSource,
     LossGraphSpec,

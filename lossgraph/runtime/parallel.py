@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def group_size(group) -> int:
@@ -139,7 +139,7 @@ def combine_statistics(generator, statistics, group):
     max to the common one, with SUM (exp(m_r - m) S_r sums to S; a centered moment also moves by
     (m_r - m) per unit of mass); the argmax ids with MIN among the ranks that hold the maximum.
     """
-    from .kernels.launcher import SliceStatistics
+    from ..kernels.launcher import SliceStatistics
 
     entries = generator.float_stats()
     floats = statistics.floats
@@ -155,17 +155,13 @@ def combine_statistics(generator, statistics, group):
             empty = torch.isneginf(local)  # nothing finite in this slice: it contributes nothing
             factor[state] = torch.where(empty, 0.0, torch.exp(local - overall))
             shift[state] = torch.where(empty, 0.0, local - overall)
-    sums = {
-        state: floats[:, c]
-        for c, (name, kind, state) in enumerate(entries)
-        if kind == "scaled" and name.startswith("sum_")
-    }
-    added = [c for c, (_, kind, _) in enumerate(entries) if kind in ("scaled", "moment", "sum")]
+    sums = {state: floats[:, c] for c, (_, kind, state) in enumerate(entries) if kind == "sum_exp"}
+    added = [c for c, (_, kind, _) in enumerate(entries) if kind in ("sum_exp", "scaled", "moment", "sum")]
     parts = []
     for c in added:
         _, kind, state = entries[c]
         value = floats[:, c]
-        if kind == "scaled":
+        if kind in ("sum_exp", "scaled"):
             value = value * factor[state]
         elif kind == "moment":
             value = factor[state] * (value + shift[state] * sums[state])

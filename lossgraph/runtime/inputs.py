@@ -15,10 +15,10 @@ from typing import Any, NamedTuple, Union
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .parallel import VocabShard, group_size
-from .plan import DenseTarget, HeadPlan, Plan, TopKTarget
-from .suggest import did_you_mean
+from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
+from ..spec.suggest import did_you_mean
 
 
 class TopK(NamedTuple):
