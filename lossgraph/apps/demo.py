@@ -25,12 +25,12 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..compiler.plan import DenseTarget, TopKTarget, target_leaves
 from ..document import check_spec, loads
 from ..errors import LossGraphError
+from ..runtime.compiled import CompiledGraph, compile
 from ..runtime.inputs import TopK
 from ..spec.loader import read_text
-from ..compiler.plan import DenseTarget, TopKTarget, target_leaves
-from ..runtime.compiled import CompiledGraph, compile
 from ..spec.models import LossGraphSpec
 
 VOCAB = 256  # bytes
@@ -125,7 +125,8 @@ class Windows:
 
 def without_teachers(spec: LossGraphSpec) -> LossGraphSpec | None:
     """The same graph with every loss node that reads a teacher removed (None if nothing is left)."""
-    plan = check_spec(spec).context.plan
+    context = check_spec(spec).context
+    plan = context.plan
     reads_teacher = {
         term.node
         for term in plan.terms
@@ -136,14 +137,8 @@ def without_teachers(spec: LossGraphSpec) -> LossGraphSpec | None:
     data["losses"] = {name: loss for name, loss in data["losses"].items() if name not in reads_teacher}
     if not data["losses"]:
         return None
-    used = {loss["target"] for loss in data["losses"].values() if "target" in loss}
-    pending = list(used)
-    while pending:  # keep the sources the remaining targets are derived from
-        source = data["sources"][pending.pop()]
-        for member in source.get("sources", []) + ([source["source"]] if "source" in source else []):
-            if member not in used:
-                used.add(member)
-                pending.append(member)
+    # Keep the sources the remaining loss nodes read, and those their targets are derived from.
+    used = {source for name in data["losses"] for source in context.graph.loss_sources(name)}
     data["sources"] = {name: source for name, source in data["sources"].items() if name in used}
     baseline = LossGraphSpec.model_validate(data)
     return baseline if check_spec(baseline).ok else None

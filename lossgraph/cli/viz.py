@@ -9,9 +9,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from ..spec.describe import number, scheduled
+from ..compiler.graph import SourceGraph
 from ..errors import LossGraphError
-from ..spec.models import LossGraphSpec, MixtureSource
+from ..spec.describe import number, scheduled
+from ..spec.models import LossGraphSpec
 
 FORMATS = ("mermaid", "dot", "svg", "png")
 
@@ -23,13 +24,11 @@ class GraphvizMissingError(LossGraphError):
 def _edges(spec: LossGraphSpec) -> list[tuple[str, str, str]]:
     """(from id, to id, label) for every edge of the diagram."""
     edges: list[tuple[str, str, str]] = []
-    for name, source in spec.sources.items():
-        if source.type == "label_smoothing":
-            edges.append((f"source_{source.source}", f"source_{name}", ""))
-        elif isinstance(source, MixtureSource):
-            weights = source.weights or [1.0 / len(source.sources)] * len(source.sources)
-            for member, weight in zip(source.sources, weights):
-                edges.append((f"source_{member}", f"source_{name}", f"{weight:.3g}"))
+    graph = SourceGraph(spec)
+    for name in spec.sources:
+        for member in graph.members(name):  # labelled with its weight in a mixture
+            label = "" if member.weight is None else f"{member.weight:.3g}"
+            edges.append((f"source_{member.name}", f"source_{name}", label))
     for name, loss in spec.losses.items():
         target = getattr(loss, "target", None)
         if target:

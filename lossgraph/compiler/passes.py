@@ -1,6 +1,6 @@
 """Graph build and validation passes.
 
-Each pass is a small function over a `CompileContext`: it reads the spec and the networkx graph and
+Each pass is a small function over a `CompileContext`: it reads the spec and the source graph and
 appends located diagnostics. `lossgraph.compiler.pipeline.PASSES` runs them in order. A pass never stops at the
 first problem, so a user sees every error of a file at once; passes that need a resolved reference
 skip what an earlier pass already reported as unresolved.
@@ -12,11 +12,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import networkx as nx
-
 from ..errors import Diagnostic
-from ..spec.schedules import FIXED_ONE, temperature_key
-from ..spec.sourcemap import Path, SourceMap
 from ..spec.models import (
     DIVERGENCE_KINDS,
     MAX_MIXTURE_PARTS,
@@ -30,21 +26,12 @@ from ..spec.models import (
     TeacherSource,
     TopKTeacherSource,
 )
+from ..spec.schedules import FIXED_ONE, temperature_key
+from ..spec.sourcemap import Path, SourceMap
 from ..spec.suggest import did_you_mean
+from .graph import SourceGraph
 
 MIXTURE_WEIGHT_TOLERANCE = 1e-6
-
-
-def head_node(name: str) -> str:
-    return f"head:{name}"
-
-
-def source_node(name: str) -> str:
-    return f"source:{name}"
-
-
-def loss_node(name: str) -> str:
-    return f"loss:{name}"
 
 
 @dataclass
@@ -53,7 +40,7 @@ class CompileContext:
 
     spec: LossGraphSpec
     source_map: SourceMap
-    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    graph: SourceGraph | None = None  # which sources read which, stored by build_graph
     diagnostics: list[Diagnostic] = field(default_factory=list)
     plan: object | None = None  # the terms of each head (lossgraph.compiler.plan.Plan), set by plan_terms
     fusion: object | None = None  # the kernel launches (lossgraph.compiler.fusion.FusionPlan), set by plan_fusion
@@ -126,33 +113,23 @@ def _reference(ctx: CompileContext, path: Path, name: str, wanted: str, section:
 
 
 def build_graph(ctx: CompileContext) -> None:
-    """Nodes for heads, sources and losses; edges along every reference that resolves."""
-    spec, graph = ctx.spec, ctx.graph
+    """The source graph (stored in the context); every reference to a source or a head must resolve."""
+    spec = ctx.spec
+    ctx.graph = graph = SourceGraph(spec)
     kinds = {name: "head" for name in spec.heads}
     kinds.update({name: "source" for name in spec.sources})
     kinds.update({name: "loss" for name in spec.losses})
     not_sources = {n: k for n, k in kinds.items() if k != "source"}
     not_heads = {n: k for n, k in kinds.items() if k != "head"}
 
-    for name, head in spec.heads.items():
-        graph.add_node(head_node(name), kind="head", name=name, spec=head)
-    for name, source in spec.sources.items():
-        graph.add_node(source_node(name), kind="source", name=name, spec=source)
-    for name, source in spec.sources.items():
-        inputs: list[tuple[Path, str]] = []
-        if isinstance(source, LabelSmoothingSource):
-            inputs = [(("sources", name, "source"), source.source)]
-        elif isinstance(source, MixtureSource):
-            inputs = [(("sources", name, "sources", i), member) for i, member in enumerate(source.sources)]
-        for path, member in inputs:
-            if _reference(ctx, path, member, "source", "sources", not_sources):
-                graph.add_edge(source_node(member), source_node(name), role="input")
+    for name in spec.sources:
+        for member in graph.members(name):
+            _reference(ctx, ("sources", name, *member.path), member.name, "source", "sources", not_sources)
 
     for name, loss in spec.losses.items():
-        graph.add_node(loss_node(name), kind="loss", name=name, spec=loss)
         target = getattr(loss, "target", None)
-        if target is not None and _reference(ctx, ("losses", name, "target"), target, "source", "sources", not_sources):
-            graph.add_edge(source_node(target), loss_node(name), role="target")
+        if target is not None:
+            _reference(ctx, ("losses", name, "target"), target, "source", "sources", not_sources)
         seen: set[str] = set()
         for index, head in enumerate(loss.heads):
             path = ("losses", name, "heads", index)
@@ -160,9 +137,14 @@ def build_graph(ctx: CompileContext) -> None:
                 ctx.error(path, f"head {head!r} is listed twice; list each head once")
                 continue
             seen.add(head)
-            if _reference(ctx, path, head, "head", "heads", not_heads):
-                weight = loss.head_weights[index] if loss.head_weights and index < len(loss.head_weights) else 1.0
-                graph.add_edge(loss_node(name), head_node(head), role="binds", head_weight=weight)
+            _reference(ctx, path, head, "head", "heads", not_heads)
+
+
+def _graph(ctx: CompileContext) -> SourceGraph:
+    """The source graph that build_graph stored (built here for a pass that runs without it)."""
+    if ctx.graph is None:
+        ctx.graph = SourceGraph(ctx.spec)
+    return ctx.graph
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,92 +152,27 @@ def build_graph(ctx: CompileContext) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _members(spec: LossGraphSpec, name: str) -> list[str]:
-    """The sources a derived source reads, in order (none for labels, teachers and top-k teachers)."""
-    source = spec.sources.get(name)
-    if isinstance(source, LabelSmoothingSource):
-        return [source.source]
-    if isinstance(source, MixtureSource):
-        return list(source.sources)
-    return []
-
-
-def _derived(spec: LossGraphSpec, name: str) -> bool:
-    return isinstance(spec.sources.get(name), (LabelSmoothingSource, MixtureSource))
-
-
-def _postorder(spec: LossGraphSpec, name: str, entered: set[str] | None = None) -> list[str]:
-    """Declared sources reachable from `name` through derived sources, each after the sources it reads.
-
-    Each source is listed once and a member that closes a cycle is left out (the cycle is reported by
-    `check_source_cycles`), so the work is linear in the graph and no recursion grows with it. Sources
-    in `entered` (which is updated) are left out too, so that several walks can share the work.
-    """
-    entered = set() if entered is None else entered
-    if name not in spec.sources or name in entered:
-        return []
-    order: list[str] = []
-    entered.add(name)
-    stack = [(name, iter(_members(spec, name)))]
-    while stack:
-        current, members = stack[-1]
-        member = next(members, None)
-        if member is None:
-            stack.pop()
-            order.append(current)
-        elif member in spec.sources and member not in entered:
-            entered.add(member)
-            stack.append((member, iter(_members(spec, member))))
-    return order
-
-
 def check_source_cycles(ctx: CompileContext) -> None:
     """Derived sources (label_smoothing, mixture) must form a DAG; one cycle is reported per knot."""
-    sources = ctx.graph.subgraph(source_node(name) for name in ctx.spec.sources)
-    for knot in nx.strongly_connected_components(sources):
-        if len(knot) == 1 and not any(sources.has_edge(node, node) for node in knot):
-            continue  # a source on no cycle
-        start = min(knot, key=lambda node: _line(ctx, ("sources", ctx.graph.nodes[node]["name"])))
-        inside = sources.subgraph(knot)
-        # The shortest way back to the start, following the edges (from a source to the sources that read it).
-        loops = [nx.shortest_path(inside, start, last) for last in inside.predecessors(start)]
-        names = [ctx.graph.nodes[node]["name"] for node in min(loops, key=len)]
+    for names in _graph(ctx).cycles(first=lambda name: _line(ctx, ("sources", name))):
         cycle = " -> ".join([*names, names[0]])
         message = f"sources form a cycle: {cycle}; a derived source cannot depend on itself"
         ctx.error(("sources", names[0]), message, key=True)
 
 
-def leaf_sources(spec: LossGraphSpec, name: str) -> Iterator[tuple[str, str]]:
-    """(leaf, parent) for every labels/teacher/top-k source a source reads, through derived sources.
-
-    `parent` is the derived source that reads the leaf directly ('' when `name` itself is a leaf).
-    Unknown names and cycles are skipped: earlier passes report them. Each derived source is looked
-    into once, however many paths lead to it.
-    """
-    if name in spec.sources and not _derived(spec, name):
-        yield name, ""
-        return
-    for parent in reversed(_postorder(spec, name)):
-        for member in _members(spec, parent):
-            if member in spec.sources and not _derived(spec, member):
-                yield member, parent
-
-
-def mixture_parts(spec: LossGraphSpec) -> dict[str, int]:
+def mixture_parts(graph: SourceGraph) -> dict[str, int]:
     """How many leaf distributions each source is a tree of, once nested mixtures are expanded."""
     parts: dict[str, int] = {}
-    entered: set[str] = set()
-    for name in spec.sources:
-        for current in _postorder(spec, name, entered):
-            members = _members(spec, current)
-            # Unknown members and members on a cycle (not counted yet) are reported elsewhere.
-            parts[current] = sum(parts.get(m, 0) for m in members) if members else 1
+    for current in graph.postorder():
+        members = graph.members(current)
+        # Unknown members and members on a cycle (not counted yet) are reported elsewhere.
+        parts[current] = sum(parts.get(m.name, 0) for m in members) if members else 1
     return parts
 
 
 def check_source_kinds(ctx: CompileContext) -> None:
     """label_smoothing reads labels; mixtures hold dense distributions; one labels source at most."""
-    spec = ctx.spec
+    spec, graph = ctx.spec, _graph(ctx)
     labels = [name for name, s in spec.sources.items() if isinstance(s, LabelsSource)]
     for extra in sorted(labels, key=lambda n: _line(ctx, ("sources", n)))[1:]:
         ctx.error(
@@ -264,27 +181,30 @@ def check_source_kinds(ctx: CompileContext) -> None:
             key=True,
         )
     for name, source in spec.sources.items():
+        members = graph.members(name)
         if isinstance(source, LabelSmoothingSource):
-            inner = spec.sources.get(source.source)
-            if inner is not None and not isinstance(inner, LabelsSource):
-                ctx.error(
-                    ("sources", name, "source"),
-                    f"label_smoothing smooths a labels source, but {source.source!r} is a {inner.type} source",
-                )
-        if isinstance(source, MixtureSource):
-            for index, member in enumerate(source.sources):
-                if isinstance(spec.sources.get(member), TopKTeacherSource):
+            for member in members:
+                inner = spec.sources.get(member.name)
+                if inner is not None and not isinstance(inner, LabelsSource):
                     ctx.error(
-                        ("sources", name, "sources", index),
-                        f"a mixture cannot contain the top-k teacher {member!r}: its distribution is known "
+                        ("sources", name, *member.path),
+                        f"label_smoothing smooths a labels source, but {member.name!r} is a {inner.type} source",
+                    )
+        if isinstance(source, MixtureSource):
+            for member in members:
+                if isinstance(spec.sources.get(member.name), TopKTeacherSource):
+                    ctx.error(
+                        ("sources", name, *member.path),
+                        f"a mixture cannot contain the top-k teacher {member.name!r}: its distribution is known "
                         "on k tokens only; give it a loss node of its own",
                     )
-            if len(set(source.sources)) != len(source.sources):
+            if len({m.name for m in members}) != len(members):
                 ctx.error(("sources", name, "sources"), "a source is listed twice; list it once and add up its weights")
-    parts = mixture_parts(spec)
+    parts = mixture_parts(graph)
     for name in spec.sources:
         # Report the mixtures that cross the bound, not every mixture that contains one of them.
-        if parts[name] > MAX_MIXTURE_PARTS and all(parts.get(m, 0) <= MAX_MIXTURE_PARTS for m in _members(spec, name)):
+        inner = (parts.get(member.name, 0) for member in graph.members(name))
+        if parts[name] > MAX_MIXTURE_PARTS and all(count <= MAX_MIXTURE_PARTS for count in inner):
             ctx.error(
                 ("sources", name, "sources"),
                 f"mixture {name!r} expands to {parts[name]} teacher and label distributions through the "
@@ -323,10 +243,11 @@ def _bindings(ctx: CompileContext) -> Iterator[tuple[str, object, int, str]]:
                 yield name, loss, index, head
 
 
-def zero_mass_reason(spec: LossGraphSpec, name: str) -> str | None:
+def zero_mass_reason(graph: SourceGraph, name: str) -> str | None:
     """Why the distribution of a source is exactly zero on some tokens, or None when it never is."""
+    spec = graph.spec
     reasons: dict[str, str | None] = {}
-    for current in _postorder(spec, name):
+    for current in graph.postorder(name):
         source = spec.sources[current]
         reason = None
         if isinstance(source, LabelsSource):
@@ -334,8 +255,7 @@ def zero_mass_reason(spec: LossGraphSpec, name: str) -> str | None:
         elif isinstance(source, TeacherSource) and source.vocab_map == "pad":
             reason = f"teacher {current!r} pads its vocab with zero mass"
         elif isinstance(source, MixtureSource):
-            weights = source.weights or [1.0] * len(source.sources)
-            weighted = [member for member, weight in zip(source.sources, weights) if weight > 0]
+            weighted = [member.name for member in graph.members(current) if member.weight]
             if weighted and all(reasons.get(member) for member in weighted):
                 # A nested mixture is named, not spelled out, so that the message stays short.
                 parts = [
@@ -374,7 +294,7 @@ def check_target_kinds(ctx: CompileContext) -> None:
                 "use temperature 1, or tail: renormalize",
             )
         if loss.type == "reverse_kl":
-            reason = zero_mass_reason(spec, target)
+            reason = zero_mass_reason(_graph(ctx), target)
             if reason:
                 ctx.error(
                     path,
@@ -385,13 +305,13 @@ def check_target_kinds(ctx: CompileContext) -> None:
 
 def check_offsets(ctx: CompileContext) -> None:
     """A teacher predicts one offset; it can only target heads of that offset."""
-    spec = ctx.spec
+    spec, graph = ctx.spec, _graph(ctx)
     for name, loss, index, head in _bindings(ctx):
         target = getattr(loss, "target", None)
         if target is None:
             continue
         head_offset = spec.heads[head].offset
-        for leaf, parent in leaf_sources(spec, target):
+        for leaf, parent in graph.leaf_inputs(target):
             source = spec.sources[leaf]
             if isinstance(source, (TeacherSource, TopKTeacherSource)) and source.offset != head_offset:
                 where = f" (through {parent!r})" if parent else ""
@@ -405,7 +325,7 @@ def check_offsets(ctx: CompileContext) -> None:
 
 def check_vocab_sizes(ctx: CompileContext) -> None:
     """Every head and teacher has a vocab size; teachers agree with the heads they target."""
-    spec = ctx.spec
+    spec, graph = ctx.spec, _graph(ctx)
     for name in spec.heads:
         if spec.head_vocab(name) is None:
             ctx.error(("heads", name), "no vocab size: set vocab_size on this head or at the top level", key=True)
@@ -422,7 +342,7 @@ def check_vocab_sizes(ctx: CompileContext) -> None:
         head_vocab = spec.head_vocab(head)
         if target is None or head_vocab is None:
             continue
-        for leaf, _ in leaf_sources(spec, target):
+        for leaf, _ in graph.leaf_inputs(target):
             source = spec.sources[leaf]
             teacher_vocab = spec.source_vocab(leaf) if not isinstance(source, LabelsSource) else None
             if teacher_vocab is None or teacher_vocab == head_vocab:
@@ -513,15 +433,12 @@ def check_schedules(ctx: CompileContext) -> None:
 
 def warn_unused(ctx: CompileContext) -> None:
     """Sources no loss reads and heads no loss binds are probably mistakes (warnings)."""
-    spec, graph = ctx.spec, ctx.graph
-    used: set[str] = set()
-    for name in spec.losses:
-        for ancestor in nx.ancestors(graph, loss_node(name)):
-            if graph.nodes[ancestor]["kind"] == "source":
-                used.add(graph.nodes[ancestor]["name"])
+    spec, graph = ctx.spec, _graph(ctx)
+    used = {source for name in spec.losses for source in graph.loss_sources(name)}
     for name in spec.sources:
         if name not in used:
             ctx.warn(("sources", name), f"source {name!r} is not used by any loss", key=True)
+    bound = {head for loss in spec.losses.values() for head in loss.heads}
     for name in spec.heads:
-        if graph.in_degree(head_node(name)) == 0:
+        if name not in bound:
             ctx.warn(("heads", name), f"head {name!r} has no loss bound to it; its logits are not used", key=True)

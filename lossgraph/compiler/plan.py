@@ -18,6 +18,7 @@ from ..spec.models import (
     TeacherSource,
     TopKTeacherSource,
 )
+from .graph import SourceGraph
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ Target = Union[LabelsTarget, DenseTarget, TopKTarget, SmoothedTarget, MixtureTar
 
 
 def target_leaves(target: Target) -> list[LabelsTarget | DenseTarget | TopKTarget]:
-    """The labels and teachers a target reads, each once, in order of first appearance."""
+    """The labels and teachers a target reads, each once, in order of first appearance (the order of
+    `SourceGraph.leaves` for the source the target was resolved from)."""
     if isinstance(target, SmoothedTarget):
         leaves: list[LabelsTarget | DenseTarget | TopKTarget] = [target.labels]
     elif isinstance(target, MixtureTarget):
@@ -140,8 +142,25 @@ class Plan:
         return next(head for head in self.heads if head.name == name)
 
 
-def resolve_target(spec: LossGraphSpec, name: str) -> Target:
-    """The resolved tree of source `name` (the spec must be valid)."""
+def resolve_target(
+    spec: LossGraphSpec, name: str, graph: SourceGraph | None = None, resolved: dict[str, Target] | None = None
+) -> Target:
+    """The resolved tree of source `name` (the spec must be valid).
+
+    Sources are resolved in the source graph's postorder, each from the targets of the sources it reads;
+    `graph` and `resolved` (which is updated) let the targets of one plan share that work.
+    """
+    graph = SourceGraph(spec) if graph is None else graph
+    resolved = {} if resolved is None else resolved
+    for current in graph.postorder(name):
+        if current not in resolved:
+            inputs = [(member.weight, resolved[member.name]) for member in graph.members(current)]
+            resolved[current] = _resolve_source(spec, current, inputs)
+    return resolved[name]
+
+
+def _resolve_source(spec: LossGraphSpec, name: str, inputs: list[tuple[float | None, Target]]) -> Target:
+    """The target of source `name`, given the (mixture weight, target) of each source it reads."""
     source = spec.sources[name]
     if isinstance(source, LabelsSource):
         return LabelsTarget(name, source.ignore_index)
@@ -150,16 +169,16 @@ def resolve_target(spec: LossGraphSpec, name: str) -> Target:
     if isinstance(source, TopKTeacherSource):
         return TopKTarget(name, source.k, source.tail, spec.source_vocab(name))
     if isinstance(source, LabelSmoothingSource):
-        labels = resolve_target(spec, source.source)
+        ((_, labels),) = inputs
         return SmoothedTarget(name, source.epsilon, labels)
     if isinstance(source, MixtureSource):
-        weights = source.weights or [1.0 / len(source.sources)] * len(source.sources)
-        return MixtureTarget(name, tuple((w, resolve_target(spec, m)) for w, m in zip(weights, source.sources)))
+        return MixtureTarget(name, tuple((weight, part) for weight, part in inputs if weight is not None))
     raise TypeError(f"unknown source type {source.type!r}")  # unreachable for a validated spec
 
 
 def build_plan(spec: LossGraphSpec) -> Plan:
     """Terms grouped by head, for a spec that passed validation."""
+    graph, resolved = SourceGraph(spec), {}
     heads = []
     for head_name, head in spec.heads.items():
         terms = []
@@ -173,7 +192,7 @@ def build_plan(spec: LossGraphSpec) -> Plan:
                     node=node,
                     head=head_name,
                     kind=loss.type,
-                    target=resolve_target(spec, target_name) if target_name else None,
+                    target=resolve_target(spec, target_name, graph, resolved) if target_name else None,
                     weight=loss.weight,
                     head_weight=loss.head_weights[index] if loss.head_weights else 1.0,
                     temperature=getattr(loss, "temperature", 1.0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..compiler.graph import source_members
 from .models import ConstantSchedule, LossGraphSpec, MixtureSource
 
 
@@ -31,11 +32,11 @@ def source_summary(spec: LossGraphSpec, name: str) -> str:
         if source.vocab_map:
             parts.append(f"vocab_map {source.vocab_map}")
         return f"{source.type} ({', '.join(parts)})"
+    members = source_members(source)
     if source.type == "label_smoothing":
-        return f"label_smoothing of {source.source} (epsilon {number(source.epsilon)})"
+        return f"label_smoothing of {members[0].name} (epsilon {number(source.epsilon)})"
     if isinstance(source, MixtureSource):
-        weights = source.weights or [1.0 / len(source.sources)] * len(source.sources)
-        return "mixture " + " + ".join(f"{w:.3g} {member}" for w, member in zip(weights, source.sources))
+        return "mixture " + " + ".join(f"{m.weight:.3g} {m.name}" for m in members if m.weight is not None)
     return source.type
 
 
