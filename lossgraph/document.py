@@ -1,4 +1,8 @@
-"""From YAML text to a validated spec: `load`, `loads`, and the non-raising `check_*` used by the CLI."""
+"""From YAML text to a validated spec: `load`, `loads`, and the non-raising `check_*` used by the CLI.
+
+The compiler's passes run once per spec object: the analysed context (graph, diagnostics, plan and
+fused launches) stays with the spec, and `compile()` and `lossgraph plan` take it from `analysis(spec)`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,31 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compiler.pipeline import analyze
+from .compiler import pipeline
+from .compiler.passes import CompileContext
 from .errors import ConfigError, Diagnostic, LossGraphWarning, sort_diagnostics
 from .spec.loader import parse_yaml, read_text, validate_schema
-from .compiler.passes import CompileContext
 from .spec.models import LossGraphSpec
+
+# where a spec keeps its analysed context: an attribute outside the model's fields, which dumps and the
+# schema never see; a copy made by model_copy() carries its original's, which `analysis` tells apart by
+# the context's own spec
+_ANALYSIS = "_lossgraph_analysis"
+
+
+class _Analysis:
+    """A spec's analysed context, kept out of the spec's ==: pydantic compares the instance dicts first,
+    and two contexts compared by value would compare their specs again, without end."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context: CompileContext):
+        self.context = context
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Analysis)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -46,10 +70,23 @@ def check_text(text: str, file: str | None = None) -> Report:
     return check_spec(spec, report)
 
 
+def analysis(spec: LossGraphSpec) -> CompileContext:
+    """The compiler's analysis of `spec`: its graph, diagnostics, plan and fused launches.
+
+    The passes run the first time a spec object is asked for; later calls return the same context.
+    """
+    kept = spec.__dict__.get(_ANALYSIS)
+    if kept is not None and kept.context.spec is spec:
+        return kept.context
+    context = pipeline.analyze(spec)
+    object.__setattr__(spec, _ANALYSIS, _Analysis(context))  # the spec is frozen; this is no field of it
+    return context
+
+
 def check_spec(spec: LossGraphSpec, report: Report | None = None) -> Report:
-    """Run the validation passes on an already parsed spec."""
+    """Run the validation passes on an already parsed spec (once per spec object; see `analysis`)."""
     report = report or Report(file=spec.source_map.file)
-    context = analyze(spec)
+    context = analysis(spec)
     report.context = context
     report.diagnostics = sort_diagnostics(context.diagnostics)
     if report.ok:

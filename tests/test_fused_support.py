@@ -5,7 +5,8 @@ is honest about devices, and a registry that forgets collected graphs.
   interpreter) are made when a graph is compiled, never inside a call.
 - Where CUDA is available, a fused test that hands the kernels CPU tensors fails (tests/device_guard.py);
   without CUDA and without the interpreter, every fused test skips with its reason.
-- The fused op's registry (`_GRAPHS`, `_KERNELS`) holds a graph's entries only while the graph lives.
+- The fused op's registry (`_BACKENDS`) holds a graph's fused backend, and with it the kernels found for
+  its heads, only while the graph lives; a graph compiled for backend="torch" registers nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -69,17 +71,17 @@ def test_a_missing_triton_is_found_at_compile(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="triton")
     with pytest.raises(lossgraph.BackendError, match="needs the triton package"):
-        graph.evaluator(torch.device("cuda"))
+        graph.backend_for(torch.device("cuda"))
     # "auto" uses the reference math off CUDA, so a missing triton matters only for CUDA tensors
     auto = lossgraph.compile(lossgraph.loads(GRAPH), backend="auto")
-    assert auto.evaluator(torch.device("cpu")) == auto.reference_evaluator
+    assert auto.backend_for(torch.device("cpu")) is auto.reference_backend
     with pytest.raises(lossgraph.BackendError, match="needs the triton package"):
-        auto.evaluator(torch.device("cuda"))
+        auto.backend_for(torch.device("cuda"))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="the fused backend needs the triton package")
 def test_the_call_looks_up_nothing(monkeypatch):
-    """Choosing the fused evaluator for a device reads only what compile() found: no package lookup
+    """Choosing the fused backend for a device reads only what compile() found: no package lookup
     and no environment read, which torch.compile(fullgraph=True) on torch 2.11 cannot trace."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="triton")
@@ -90,9 +92,9 @@ def test_the_call_looks_up_nothing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", forbidden)
     monkeypatch.setattr(os.environ, "get", forbidden)
     for device in (torch.device("cpu"), torch.device("cuda", 0)):
-        assert graph.evaluator(device) == graph.fused_evaluator
+        assert graph.backend_for(device) is graph.fused_backend
     with pytest.raises(lossgraph.BackendError, match="runs on CUDA devices"):
-        graph.evaluator(torch.device("meta"))
+        graph.backend_for(torch.device("meta"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,22 +102,39 @@ def test_the_call_looks_up_nothing(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
+def _kernel_keys(token: str) -> list[str]:
+    backend = fused._BACKENDS.get(token)
+    return [] if backend is None else [key for key in backend.kernels if key.startswith(f"{token}/")]
+
+
 def test_registry_entries_are_freed_when_the_graph_is_collected():
     graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="triton")
-    token = graph.fused_token
+    token = graph.fused_backend.token
     for active in ((True, True), (True, False)):
         fused.kernel_key(token, "next", active)
     fused.kernel_key(token, "next", (True, True), False)
     fused.kernel_key(token, "mtp2", (True,))
-    assert token in fused._GRAPHS
-    assert len([key for key in fused._KERNELS if key.startswith(f"{token}/")]) == 4
+    assert fused._BACKENDS[token] is graph.fused_backend
+    assert len(_kernel_keys(token)) == 4
     other = lossgraph.compile(lossgraph.loads(GRAPH), backend="triton")
-    assert other.fused_token != token
+    assert other.fused_backend.token != token
+    collected = weakref.ref(graph.fused_backend)
     del graph
     gc.collect()
-    assert token not in fused._GRAPHS
-    assert not [key for key in fused._KERNELS if key.startswith(f"{token}/")]
-    assert other.fused_token in fused._GRAPHS  # the other graph keeps its entries
+    assert collected() is None  # and with it the kernels it found
+    assert token not in fused._BACKENDS
+    assert other.fused_backend.token in fused._BACKENDS  # the other graph keeps its entries
+
+
+def test_only_a_graph_with_a_fused_backend_registers():
+    """backend="torch" never runs the fused op: no backend, nothing in the registry."""
+    before = set(fused._BACKENDS)
+    graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="torch")
+    assert graph.fused_backend is None
+    assert set(fused._BACKENDS) == before
+    auto = lossgraph.compile(lossgraph.loads(GRAPH), backend="auto")
+    assert set(fused._BACKENDS) == before | {auto.fused_backend.token}
+    assert not _kernel_keys(auto.fused_backend.token)  # no kernels until a call needs them
 
 
 def test_a_copy_of_a_graph_outlives_the_original():
@@ -126,16 +145,18 @@ def test_a_copy_of_a_graph_outlives_the_original():
 
     graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="triton")
     copies = [copy.deepcopy(graph), pickle.loads(pickle.dumps(graph))]
-    tokens = {graph.fused_token, *(c.fused_token for c in copies)}
+    tokens = {graph.fused_backend.token, *(c.fused_backend.token for c in copies)}
     assert len(tokens) == 3
+    for made in copies:
+        assert made.fused_backend.fallback is None and made.fused_backend.support == graph.fused_backend.support
     del graph
     gc.collect()
     for made in copies:
-        key = fused.kernel_key(made.fused_token, "next", (True, True))
-        assert key in fused._KERNELS
+        key = fused.kernel_key(made.fused_backend.token, "next", (True, True))
+        assert key in made.fused_backend.kernels
     del made, copies
     gc.collect()
-    assert not tokens & set(fused._GRAPHS)
+    assert not tokens & set(fused._BACKENDS)
 
 
 @requires_fused
@@ -143,15 +164,16 @@ def test_a_copy_of_a_graph_outlives_the_original():
 def test_a_called_graph_is_collected_too():
     """After a forward and a backward, nothing (autograd's saved state, closures) keeps the graph alive."""
     graph = lossgraph.compile(lossgraph.loads(GRAPH), backend="triton")
-    token = graph.fused_token
+    token = graph.fused_backend.token
     data = _inputs()
     logits = {head: value.requires_grad_() for head, value in data["logits"].items()}
     graph(logits, labels=data["labels"], teachers=data["teachers"]).loss.backward()
-    assert [key for key in fused._KERNELS if key.startswith(f"{token}/")]
+    assert _kernel_keys(token)
+    collected = weakref.ref(graph)
     del graph
     gc.collect()
-    assert token not in fused._GRAPHS
-    assert not [key for key in fused._KERNELS if key.startswith(f"{token}/")]
+    assert collected() is None
+    assert token not in fused._BACKENDS
 
 
 # --------------------------------------------------------------------------------------------------

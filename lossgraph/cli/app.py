@@ -246,12 +246,12 @@ def plan(
     hidden states, the chunking and the peak extra memory."""
     from rich.table import Table
 
-    from ..document import check_spec
     from ..compiler.fusion import estimate
+    from ..document import analysis
 
     with cli_errors():
         spec = load_or_exit(file)
-        context = check_spec(spec).context
+        context = analysis(spec)  # the analysis that loading it ran
         report = estimate(
             context.plan,
             context.fusion,

@@ -9,46 +9,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
-from .autograd import PrecomputedGradient
+from ..compiler.fusion import FusionPlan
+from ..compiler.plan import DenseTarget, HeadPlan, Plan, Term
 from ..document import check_spec, load
 from ..errors import BackendError, ConfigError, InputError, SourceFileError
-from .fused import FusedSupport, fused_head_result, head_layout, register_graph
-from ..compiler.fusion import FusionPlan
-from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches
-from .linear import linear_head, reference_rows
-from .parallel import GatherVocab, global_counts, group_size
-from ..compiler.plan import DenseTarget, HeadPlan, Plan, Term
-from .reference import compute_dtype, map_vocab, reference_terms
-from ..spec.schedules import evaluate
 from ..spec.models import LossGraphSpec
+from ..spec.schedules import evaluate
+from .backend import BACKENDS, BackendOptions, HeadBackend, HeadResult, TermStep
+from .fused import FusedBackend
+from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches
+from .parallel import global_counts, group_size
+from .reference_backend import ReferenceBackend
 
-BACKENDS = ("auto", "torch", "triton")
-
-
-class TermStep(NamedTuple):
-    """A term's settings at one step: weight x head weight, temperature, and the T^2 factor (or 1)."""
-
-    weight: float
-    temperature: float
-    scale: float
-
-
-class HeadResult(NamedTuple):
-    """What a backend returns for one head."""
-
-    loss: torch.Tensor  # differentiable: sum over terms of weight x scale x value (weight-0 terms left out)
-    values: torch.Tensor  # [terms] detached: each term's normalized value x scale, before the weight
-    prediction: torch.Tensor  # [N] student argmax
-    teacher_predictions: dict[str, torch.Tensor]  # [N] argmax of each teacher on the head's vocab
-
-
-HeadEvaluator = Callable[[HeadPlan, HeadBatch, list[TermStep]], HeadResult]
+__all__ = ["BACKENDS", "CompiledGraph", "GraphOutput", "HeadResult", "TermStep", "compile", "term_step"]
 
 
 @dataclass
@@ -93,38 +71,6 @@ def term_step(term: Term, step: int) -> TermStep:
     return TermStep(weight, temperature, scale)
 
 
-def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Student argmax and each teacher's argmax over the head's vocab (for the metrics)."""
-    with torch.no_grad():
-        student = batch.logits.argmax(-1)
-        teachers = {name: map_vocab(t, head.vocab_size).argmax(-1) for name, t in batch.teachers.items()}
-        for name, topk in batch.topk.items():
-            teachers[name] = topk.indices.gather(1, topk.logprobs.argmax(-1, keepdim=True)).squeeze(1).long()
-    return student, teachers
-
-
-def weighted_sum(values: torch.Tensor, steps: list[TermStep]) -> torch.Tensor:
-    """sum_t weight_t x values[t] over the terms whose weight is not 0 (a weight-0 term may be inf)."""
-    active = [values[t] * s.weight for t, s in enumerate(steps) if s.weight != 0.0]
-    return torch.stack(active).sum() if active else values.new_zeros(())
-
-
-def reference_head(head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> HeadResult:
-    """The reference backend: plain PyTorch math, gradients by autograd."""
-    raw = reference_terms(head.terms, batch, [s.temperature for s in steps])
-    # a weight-0 term is reported but takes no part in the gradient: detached, so that a value it
-    # cannot define (a broken teacher) does not reach the gradient as 0 x NaN
-    values = torch.stack([(value if s.weight != 0.0 else value.detach()) * s.scale for value, s in zip(raw, steps)])
-    if any(s.weight != 0.0 for s in steps):
-        loss = weighted_sum(values, steps)
-    else:  # every weight is 0 at this step: a zero loss that still backpropagates (zeros)
-        loss = torch.zeros((), dtype=compute_dtype(batch.logits), device=batch.logits.device)
-        if torch.is_grad_enabled() and batch.logits.requires_grad:  # no N x V zeros when none is asked for
-            loss = PrecomputedGradient.apply(batch.logits, loss, torch.zeros_like(batch.logits), False, None)
-    student, teachers = predictions(head, batch)
-    return HeadResult(loss, values.detach(), student, teachers)
-
-
 def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         count = batch.count
@@ -138,7 +84,11 @@ def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult) -> dict[str, 
 
 
 class CompiledGraph(torch.nn.Module):
-    """A validated loss graph bound to a backend. Call it once per training step."""
+    """A validated loss graph bound to a backend. Call it once per training step.
+
+    It holds the graph's plan objects, its `options` (a frozen `BackendOptions`) and the backends that
+    evaluate its heads: `reference_backend` always, `fused_backend` unless compiled with backend="torch".
+    """
 
     def __init__(
         self,
@@ -159,68 +109,51 @@ class CompiledGraph(torch.nn.Module):
             _check_vocab_parallel(plan, vocab_parallel_group)
         if normalize_across is not None:
             group_size(normalize_across)  # fails clearly when torch.distributed is not initialized
-        self.vocab_parallel_group = vocab_parallel_group
-        self.normalize_across = normalize_across
         if chunk_size is not None and (
             not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
         ):
             raise InputError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
-        self.chunk_size = chunk_size
-        self.accumulate_fp32 = accumulate_fp32
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.spec = spec
         self.plan = plan
         self.fusion = fusion
-        self.backend = backend
-        # static per-head facts the fused backend reads on every call (kept trace-friendly)
-        self.fused_token = register_graph(plan, fusion, owner=self)
-        # where the fused backend can run, found now: torch.compile cannot trace these checks in a call
-        self.fused_support = None if backend == "torch" else FusedSupport.probe()
-        self.head_layouts = {head.name: head_layout(head) for head in plan.heads}
-        self.inplace_grad = inplace_grad
-        self.check_inputs = check_inputs
+        self.options = BackendOptions(
+            backend=backend,
+            inplace_grad=inplace_grad,
+            check_inputs=check_inputs,
+            chunk_size=chunk_size,
+            accumulate_fp32=accumulate_fp32,
+            vocab_parallel_group=vocab_parallel_group,
+            normalize_across=normalize_across,
+        )
+        self.reference_backend = ReferenceBackend(self.options)
+        # the fused backend finds out now where it can run, and registers its plans for the fused op
+        self.fused_backend = (
+            None
+            if backend == "torch"
+            else FusedBackend(
+                self.options, plan, fusion, fallback=self.reference_backend if backend == "auto" else None
+            )
+        )
 
-    def __setstate__(self, state) -> None:
-        """A copy (copy.deepcopy, pickle) registers its plans under a token of its own, so that it keeps
-        working when the original is collected, and finds out anew where the fused backend can run."""
-        super().__setstate__(state)
-        self.fused_token = register_graph(self.plan, self.fusion, owner=self)
-        self.fused_support = None if self.backend == "torch" else FusedSupport.probe()
+    @property
+    def backend(self) -> str:
+        """The backend setting: "auto", "torch" or "triton"."""
+        return self.options.backend
 
     def extra_repr(self) -> str:
         heads = ", ".join(f"{h.name}: {len(h.terms)} terms" for h in self.plan.heads)
         return f"backend={self.backend!r}, heads=({heads})"
 
-    def evaluator(self, device: torch.device) -> HeadEvaluator:
-        """The head evaluator the backend setting selects for tensors on `device`."""
-        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
-            return self.reference_evaluator
-        refusal = self.fused_support.refusal(device)
+    def backend_for(self, device: torch.device) -> HeadBackend:
+        """The backend the `backend` setting selects for tensors on `device`."""
+        if self.fused_backend is None or (self.backend == "auto" and device.type != "cuda"):
+            return self.reference_backend
+        refusal = self.fused_backend.refusal(device)
         if refusal is not None:
             raise BackendError(refusal)
-        return self.fused_evaluator
-
-    def fused_evaluator(self, head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> HeadResult:
-        """The fused backend: one generated Triton kernel per head (per chunk for hidden-input heads)."""
-        return fused_head_result(self, head, batch, steps)
-
-    def reference_evaluator(self, head: HeadPlan, batch: HeadBatch, steps: list[TermStep]) -> HeadResult:
-        """The reference math; chunked over rows for a hidden-input head; on full rows (gathered
-        from every rank's slice) under vocab parallel."""
-        if batch.linear is not None:
-            return linear_head(
-                self, head, batch, steps, lambda chunk, gradient: reference_rows(head, chunk, steps, gradient)
-            )
-        if batch.shard is not None:
-            full = replace(
-                batch,
-                logits=GatherVocab.apply(batch.logits, batch.shard),
-                teachers={name: GatherVocab.apply(t, batch.shard) for name, t in batch.teachers.items()},
-                shard=None,
-            )
-            return reference_head(head, full, steps)
-        return reference_head(head, batch, steps)
+        return self.fused_backend
 
     def forward(
         self,
@@ -242,7 +175,8 @@ class CompiledGraph(torch.nn.Module):
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InputError(f"step must be a Python int >= 0, got {step!r}")
-        if self.normalize_across is not None and num_items is not None:
+        options = self.options
+        if options.normalize_across is not None and num_items is not None:
             raise InputError("give num_items or compile with normalize_across, not both: both set the normalizer")
         batches = prepare_batches(
             self.plan,
@@ -252,15 +186,15 @@ class CompiledGraph(torch.nn.Module):
             loss_mask,
             document_ids,
             num_items,
-            self.check_inputs,
-            self.vocab_parallel_group,
+            options.check_inputs,
+            options.vocab_parallel_group,
         )
-        if self.normalize_across is not None and self.plan.normalization == "tokens":
-            counts = global_counts([batch.count for batch in batches.values()], self.normalize_across)
+        if options.normalize_across is not None and self.plan.normalization == "tokens":
+            counts = global_counts([batch.count for batch in batches.values()], options.normalize_across)
             for batch, count in zip(batches.values(), counts):
                 batch.normalizer = count.clamp(min=1).to(torch.float32)
         device = next(iter(batches.values())).mask.device
-        run_head = self.evaluator(device)
+        backend = self.backend_for(device)
         total = None
         terms: dict[str, torch.Tensor] = {}
         values: dict[str, torch.Tensor] = {}
@@ -271,7 +205,7 @@ class CompiledGraph(torch.nn.Module):
                 continue
             batch = batches[head.name]
             steps = [term_step(term, step) for term in head.terms]
-            result = run_head(head, batch, steps)
+            result = backend.evaluate(head, batch, steps)
             total = result.loss if total is None else total + result.loss
             for index, (term, s) in enumerate(zip(head.terms, steps)):
                 values[term.key] = result.values[index]

@@ -5,7 +5,7 @@ Layers, bottom up:
   `lossgraph::fused_head` (torch.library)    every launch of one head; opaque to torch.compile
   `PrecomputedGradient` (autograd.Function)  loss in forward, gradient already computed; backward
                                              only scales it by the incoming gradient
-  `fused_head_result`                        the runtime's per-head entry point
+  `FusedBackend`                             the runtime's backend (lossgraph.runtime.backend.HeadBackend)
 
 The loss and its gradient come out of the same launch, so backward never touches the logits again.
 When no gradient is asked for (torch.no_grad, or logits that do not require it), the kernels that write
@@ -18,16 +18,16 @@ import importlib.util
 import itertools
 import os
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .autograd import PrecomputedGradient
+from ..compiler.fusion import FusionPlan, Launch
+from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from ..errors import BackendError
-from ..compiler.fusion import ONE, FusionPlan
-from .inputs import HeadBatch
 from ..kernels.launcher import (
     Inputs,
     KernelCacheError,
@@ -38,10 +38,11 @@ from ..kernels.launcher import (
     layout,
 )
 from ..kernels.signature import KernelSpec
-from .linear import ChunkResult, linear_head
+from .autograd import PrecomputedGradient
+from .backend import BackendOptions, ChunkResult, HeadBackend, HeadResult, TermStep, weighted_sum
+from .inputs import HeadBatch
+from .linear import linear_head
 from .parallel import VocabShard, all_reduce, combine_statistics
-from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
-from ..spec.schedules import temperature_key
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -54,7 +55,7 @@ class LaunchBinding:
     terms: tuple[int, ...]  # head-term index of each kernel term
     dense: tuple[int, ...]  # head-level dense teacher index of each kernel teacher
     topk: tuple[int, ...]
-    temperatures: tuple[int, ...]  # head-level temperature index of each kernel slot
+    slots: tuple[int, int]  # where the launch's temperature slots lie in the head's list of slots
 
 
 @dataclass(frozen=True)
@@ -64,23 +65,71 @@ class HeadKernels:
     launches: tuple[LaunchBinding, ...]
     terms: int
     dense: int
-    temperatures: int
+    slots: int  # temperature slots of every launch of the head
 
 
 @dataclass(frozen=True)
-class HeadLayout:
-    """Static facts of one head, computed once per compiled graph."""
+class FusedHead:
+    """One head's plan objects and the static facts the fused op reads of them, found once per backend.
 
-    term_temperatures: tuple[int, ...]  # head-level temperature index of each term
-    temperatures: int
+    The temperature slots are the plan's (`Launch.slots`, launch after launch); each holds the
+    temperature of the terms the plan's kernel spec puts in it (`KernelTerm.slot`), or the constant 1.
+    """
+
+    plan: HeadPlan
+    launches: tuple[Launch, ...]
+    terms: tuple[tuple[int, ...], ...]  # per launch: the head-term index of each of its terms
+    slot_terms: tuple[int | None, ...]  # per slot: a head term whose temperature it holds; None: fixed at 1
     dense: tuple[str, ...]  # dense teachers in the order the op takes them
     topk: tuple[str, ...]
 
+    @staticmethod
+    def of(head: HeadPlan, launches: Sequence[Launch]) -> FusedHead:
+        keys = [term.key for term in head.terms]
+        terms, slot_terms = [], []
+        for planned in launches:
+            indices = tuple(keys.index(term.key) for term in planned.terms)
+            spec = planned.kernel_spec()
+            for slot, fixed_one in enumerate(spec.slot_is_one):
+                held = [indices[t] for t, term in enumerate(spec.terms) if term.slot == slot]
+                slot_terms.append(None if fixed_one or not held else held[0])
+            terms.append(indices)
+        return FusedHead(
+            plan=head,
+            launches=tuple(launches),
+            terms=tuple(terms),
+            slot_terms=tuple(slot_terms),
+            dense=tuple(t.name for t in head.teachers if isinstance(t, DenseTarget)),
+            topk=tuple(t.name for t in head.teachers if isinstance(t, TopKTarget)),
+        )
 
-# The fused op's registry: the plans of every live compiled graph, by token, and the kernels found for
-# them, by key (`<token>/<head>/<active terms>`). A graph's entries go when the graph is collected.
-_GRAPHS: dict[str, tuple[dict[str, HeadPlan], FusionPlan]] = {}
-_KERNELS: dict[str, HeadKernels] = {}
+    def inverse_temperatures(self, steps: Sequence[TermStep]) -> list[float]:
+        """1/T of every slot at this step."""
+        return [1.0 if term is None else 1.0 / steps[term].temperature for term in self.slot_terms]
+
+    def kernels(self, active: tuple[bool, ...], gradient: bool) -> HeadKernels:
+        """The launches' kernels for one set of gradient-active terms (values only without `gradient`)."""
+        bindings = []
+        start = 0
+        for planned, indices in zip(self.launches, self.terms):
+            spec = planned.kernel_spec(tuple(active[i] for i in indices))
+            stop = start + len(spec.slot_is_one)
+            bindings.append(
+                LaunchBinding(
+                    spec=spec if gradient else replace(spec, gradient=False),
+                    terms=indices,
+                    dense=tuple(self.dense.index(t.name) for t in planned.dense),
+                    topk=tuple(self.topk.index(t.name) for t in planned.topk),
+                    slots=(start, stop),
+                )
+            )
+            start = stop
+        return HeadKernels(tuple(bindings), len(self.plan.terms), len(self.dense), start)
+
+
+# The fused op's registry: every live fused backend, by token, held weakly. A backend keeps the kernels
+# found for its heads (by key, `<token>/<head>/<active terms>`), so they go when the backend is collected.
+_BACKENDS: weakref.WeakValueDictionary[str, FusedBackend] = weakref.WeakValueDictionary()
 _TOKENS = itertools.count()
 
 
@@ -117,48 +166,88 @@ class FusedSupport:
         return f"backend='triton' runs on CUDA devices, and the tensors are on {device.type}; use backend='torch'"
 
 
-def _temperatures(head: HeadPlan) -> list[tuple[str, object]]:
-    """Distinct temperature keys of a head; the fixed 1 first (for z_loss and top-k buckets)."""
-    keys: list[tuple[str, object]] = [ONE]
-    for term in head.terms:
-        if temperature_key(term.temperature) not in keys:
-            keys.append(temperature_key(term.temperature))
-    return keys
+class FusedBackend:
+    """`HeadBackend` by the generated Triton kernels: every launch of a head as one opaque op.
 
-
-def head_layout(head: HeadPlan) -> HeadLayout:
-    temperatures = _temperatures(head)
-    return HeadLayout(
-        term_temperatures=tuple(temperatures.index(temperature_key(term.temperature)) for term in head.terms),
-        temperatures=len(temperatures),
-        dense=tuple(t.name for t in head.teachers if isinstance(t, DenseTarget)),
-        topk=tuple(t.name for t in head.teachers if isinstance(t, TopKTarget)),
-    )
-
-
-def register_graph(plan: Plan, fusion: FusionPlan, owner: object | None = None) -> str:
-    """Make a compiled graph's plans known to the fused op; returns the graph's token.
-
-    With `owner` (the compiled graph), the entries are removed when the owner is garbage-collected.
+    Built from the graph's options and plan objects; registers itself (weakly) under a token of its own,
+    by which the op finds the head's launches, and keeps the kernels found for them. A copy (deepcopy,
+    pickle) registers under a new token and finds out anew where it can run; collecting the backend
+    (with the graph that holds it) frees both.
     """
-    token = f"graph{next(_TOKENS)}"
-    _GRAPHS[token] = ({head.name: head for head in plan.heads}, fusion)
-    if owner is not None:
-        weakref.finalize(owner, forget_graph, token)
-    return token
 
+    name = "triton"
 
-def forget_graph(token: str) -> None:
-    """Remove a graph's plans and kernel bindings from the registry (the generated modules stay cached:
-    they are shared by every graph with the same kernel spec)."""
-    _GRAPHS.pop(token, None)
-    prefix = f"{token}/"
-    for key in [key for key in list(_KERNELS) if key.startswith(prefix)]:  # a copy: finalizers run anywhere
-        del _KERNELS[key]
+    def __init__(self, options: BackendOptions, plan: Plan, fusion: FusionPlan, fallback: HeadBackend | None = None):
+        self.options = options
+        self.fallback = fallback  # evaluates the heads of a dtype the kernels do not take (backend="auto")
+        self.heads = {head.name: FusedHead.of(head, fusion.for_head(head.name)) for head in plan.heads}
+        self._start()
+
+    def _start(self) -> None:
+        # where the fused backend can run, found now: torch.compile cannot trace these checks in a call
+        self.support = FusedSupport.probe()
+        self.token = f"graph{next(_TOKENS)}"
+        self.kernels: dict[str, HeadKernels] = {}
+        _BACKENDS[self.token] = self
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for own in ("support", "token", "kernels"):
+            del state[own]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start()
+
+    def __repr__(self) -> str:
+        return f"FusedBackend(token={self.token!r})"
+
+    def refusal(self, device: torch.device) -> str | None:
+        """Why the fused backend cannot take tensors on `device`, or None when it can."""
+        return self.support.refusal(device)
+
+    def evaluate(self, head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
+        """The fused backend's evaluation of one head.
+
+        Where the fused backend can run was found when the backend was built (see FusedSupport), so
+        nothing here needs more than the tensors: torch.compile traces it whole.
+        """
+        try:
+            return self._evaluate(head, batch, steps)
+        except KernelCacheError as error:
+            raise BackendError(str(error)) from None
+
+    def _evaluate(self, head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
+        dtype = batch.linear.hidden.dtype if batch.linear is not None else batch.logits.dtype
+        if dtype not in _SUPPORTED_DTYPES:
+            if self.fallback is not None:
+                return self.fallback.evaluate(head, batch, steps)
+            raise BackendError(
+                f"the fused kernel takes float32, bfloat16 or float16 logits, got {dtype} for head "
+                f"{head.name!r}; use backend='torch' for float64"
+            )
+        fused_head = self.heads[head.name]
+        if batch.linear is not None:
+
+            def chunk_rows(chunk: HeadBatch, gradient: bool) -> ChunkResult:
+                return fused_rows(self.token, fused_head, chunk, steps, inplace=True, gradient=gradient)
+
+            return linear_head(self.options, head, batch, steps, chunk_rows)
+        # under torch.no_grad (or for logits that need no gradient) the kernels write nothing N x V
+        gradient = torch.is_grad_enabled() and batch.logits.requires_grad
+        fold = batch.logits.dtype == torch.float16
+        rows = fused_rows(
+            self.token, fused_head, batch, steps, inplace=self.options.inplace_grad, fold=fold, gradient=gradient
+        )
+        loss = weighted_sum(rows.values, steps)
+        if rows.grad is not None:
+            loss = PrecomputedGradient.apply(batch.logits, loss, rows.grad, rows.in_place, rows.grad_scale)
+        return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions)
 
 
 @torch.compiler.assume_constant_result
-def kernel_key(graph: str, head_name: str, active: tuple[bool, ...], gradient: bool = True) -> str:
+def kernel_key(token: str, head_name: str, active: tuple[bool, ...], gradient: bool = True) -> str:
     """The key the fused op finds a head's kernels by, for one set of gradient-active terms; with
     `gradient` False, the kernels that write no gradient (values only: every term inactive).
 
@@ -166,29 +255,16 @@ def kernel_key(graph: str, head_name: str, active: tuple[bool, ...], gradient: b
     """
     if not gradient:
         active = (False,) * len(active)
-    key = f"{graph}/{head_name}/{''.join('1' if a else '0' for a in active)}{'' if gradient else '/values'}"
-    if key in _KERNELS:
-        return key
-    heads, fusion = _GRAPHS[graph]
-    head = heads[head_name]
-    head_info = head_layout(head)
-    temperatures = _temperatures(head)
-    term_keys = [term.key for term in head.terms]
-    bindings = []
-    for planned in fusion.for_head(head_name):
-        term_indices = tuple(term_keys.index(term.key) for term in planned.terms)
-        spec = planned.kernel_spec(tuple(active[i] for i in term_indices))
-        bindings.append(
-            LaunchBinding(
-                spec=spec if gradient else replace(spec, gradient=False),
-                terms=term_indices,
-                dense=tuple(head_info.dense.index(t.name) for t in planned.dense),
-                topk=tuple(head_info.topk.index(t.name) for t in planned.topk),
-                temperatures=tuple(temperatures.index(temperature_key(v)) for v in planned.slots),
-            )
-        )
-    _KERNELS[key] = HeadKernels(tuple(bindings), len(head.terms), len(head_info.dense), head_info.temperatures)
+    key = f"{token}/{head_name}/{''.join('1' if a else '0' for a in active)}{'' if gradient else '/values'}"
+    backend = _BACKENDS[token]
+    if key not in backend.kernels:
+        backend.kernels[key] = backend.heads[head_name].kernels(active, gradient)
     return key
+
+
+def _kernels(key: str) -> HeadKernels:
+    """The kernels registered under `key` (by kernel_key)."""
+    return _BACKENDS[key.split("/", 1)[0]].kernels[key]
 
 
 def _run_launches(
@@ -204,10 +280,10 @@ def _run_launches(
     shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every launch of the head's kernels `key`; `grad` is None for kernels that write no gradient."""
-    kernels = _KERNELS[key]
+    kernels = _kernels(key)
     # a CPU tensor: reading it is no device synchronization
-    inverse_temperatures = scalars[: kernels.temperatures].tolist()
-    weights = scalars[kernels.temperatures :].tolist()
+    inverse_temperatures = scalars[: kernels.slots].tolist()
+    weights = scalars[kernels.slots :].tolist()
     rows = logits.shape[0]
     values = torch.zeros((rows, kernels.terms), dtype=torch.float32, device=logits.device)
     prediction = torch.zeros(rows, dtype=torch.int64, device=logits.device)
@@ -242,7 +318,7 @@ def _launch_inputs(
         labels,
         [dense[i] for i in binding.dense],
         [(topk_indices[i], topk_logprobs[i]) for i in binding.topk],
-        [inverse_temperatures[i] for i in binding.temperatures],
+        inverse_temperatures[binding.slots[0] : binding.slots[1]],
     )
 
 
@@ -289,7 +365,8 @@ def fused_head(
     """All launches of a head: (gradient [N, V] in the logits dtype, per-row term values [N, terms],
     student argmax [N], teacher argmaxes [dense teachers, N]).
 
-    `scalars` is a CPU float64 tensor: each temperature slot's 1/T, then each term's gradient weight.
+    `scalars` is a CPU float64 tensor: each temperature slot's 1/T (the slots of every launch, in order),
+    then each term's gradient weight.
     A tensor rather than floats, so that a compiled graph does not specialize on their values.
     """
     grad = torch.empty_like(logits)
@@ -303,7 +380,7 @@ def _fake_results(key: str, logits: torch.Tensor, dense: list[torch.Tensor]) -> 
     """Shapes of (values, student argmax, teacher argmaxes), for torch.compile's tracing."""
     rows = logits.shape[0]
     return (
-        logits.new_empty((rows, _KERNELS[key].terms), dtype=torch.float32),
+        logits.new_empty((rows, _kernels(key).terms), dtype=torch.float32),
         logits.new_empty((rows,), dtype=torch.int64),
         logits.new_empty((len(dense), rows), dtype=torch.int64),
     )
@@ -377,40 +454,44 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def fused_rows(
-    graph, head: HeadPlan, batch: HeadBatch, steps, *, inplace: bool, fold: bool = False, gradient: bool = True
+    token: str,
+    head: FusedHead,
+    batch: HeadBatch,
+    steps: Sequence[TermStep],
+    *,
+    inplace: bool,
+    fold: bool = False,
+    gradient: bool = True,
 ) -> ChunkResult:
-    """Run every launch of `head` over the rows of `batch.logits`; with `inplace` the gradient
-    overwrites the logits (only possible when the head is one launch). With `fold`, the gradient is
-    written without the 1/normalizer factor, which is returned as `grad_scale` for backward to apply:
-    float16 gradients then keep small entries that 1/N would flush to zero. With `gradient` False the
-    kernels write no gradient (the result's `grad` is None) and the logits are left as they are."""
+    """Run every launch of `head` (of the backend registered as `token`) over the rows of
+    `batch.logits`; with `inplace` the gradient overwrites the logits (only possible when the head is
+    one launch). With `fold`, the gradient is written without the 1/normalizer factor, which is
+    returned as `grad_scale` for backward to apply: float16 gradients then keep small entries that 1/N
+    would flush to zero. With `gradient` False the kernels write no gradient (the result's `grad` is
+    None) and the logits are left as they are."""
     logits = batch.logits
-    layout = graph.head_layouts[head.name]
-    key = kernel_key(graph.fused_token, head.name, _active_terms(steps), gradient)
-    inverse = [1.0] * layout.temperatures
-    for index, step in zip(layout.term_temperatures, steps):
-        inverse[index] = 1.0 / step.temperature
+    key = kernel_key(token, head.plan.name, _active_terms(steps), gradient)
     # what the kernel multiplies dl/ds by: weight x scale x ds/dz (= 1/T)
     weights = [step.weight * step.scale / step.temperature for step in steps]
-    scalars = torch.tensor([*inverse, *weights], dtype=torch.float64)
+    scalars = torch.tensor([*head.inverse_temperatures(steps), *weights], dtype=torch.float64)
     mask = batch.mask.to(torch.float32)
     inverse_normalizer = 1.0 / batch.normalizer
     row_scale = mask if fold else mask * inverse_normalizer
-    topk = [batch.topk[name] for name in layout.topk]
+    topk = [batch.topk[name] for name in head.topk]
     arguments = (
         row_scale,
         batch.labels,
-        [_rows(batch.teachers[name]) for name in layout.dense],
+        [_rows(batch.teachers[name]) for name in head.dense],
         [t.indices.contiguous() for t in topk],
         [t.logprobs.contiguous() for t in topk],
         scalars,
     )
     # in place needs a single launch (later launches re-read the logits); inside torch.compile the
     # compiler owns the buffers and cannot functionalize a kernel that overwrites a graph input
-    in_place = gradient and inplace and len(graph.fusion.for_head(head.name)) == 1 and not torch.compiler.is_compiling()
+    in_place = gradient and inplace and len(head.launches) == 1 and not torch.compiler.is_compiling()
     rows = _rows(logits.detach())
     if in_place and rows.data_ptr() != logits.data_ptr():
-        raise BackendError(f"inplace_grad needs logits of head {head.name!r} with unit stride on the vocab")
+        raise BackendError(f"inplace_grad needs logits of head {head.plan.name!r} with unit stride on the vocab")
     if in_place:
         # .data, not .detach(): its own version counter, so autograd does not see the caller's tensor
         # (a view of the model's output) modified and does not rebuild its backward as a copy
@@ -429,47 +510,8 @@ def fused_rows(
         grad, values, prediction, teacher_predictions = fused_head(key, rows, *arguments)
     sums = (values * mask[:, None]).sum(0) * inverse_normalizer
     scaled = torch.stack([sums[t] * step.scale for t, step in enumerate(steps)])
-    teachers = {name: teacher_predictions[index] for index, name in enumerate(layout.dense)}
-    for name, value in zip(layout.topk, topk):
+    teachers = {name: teacher_predictions[index] for index, name in enumerate(head.dense)}
+    for name, value in zip(head.topk, topk):
         best = value.logprobs.argmax(-1, keepdim=True)
         teachers[name] = value.indices.gather(1, best).squeeze(1).long()
     return ChunkResult(grad, scaled, prediction, teachers, in_place, inverse_normalizer if fold else None)
-
-
-def fused_head_result(graph, head: HeadPlan, batch: HeadBatch, steps):
-    """The fused backend's evaluation of one head (the runtime's HeadResult).
-
-    The graph checked at compile() where the fused backend can run (see FusedSupport), so nothing here
-    needs more than the tensors: torch.compile traces it whole.
-    """
-    try:
-        return _evaluate(graph, head, batch, steps)
-    except KernelCacheError as error:
-        raise BackendError(str(error)) from None
-
-
-def _evaluate(graph, head: HeadPlan, batch: HeadBatch, steps):
-    from .compiled import HeadResult, weighted_sum
-
-    dtype = batch.linear.hidden.dtype if batch.linear is not None else batch.logits.dtype
-    if dtype not in _SUPPORTED_DTYPES:
-        if graph.backend == "auto":
-            return graph.reference_evaluator(head, batch, steps)
-        raise BackendError(
-            f"the fused kernel takes float32, bfloat16 or float16 logits, got {dtype} for head "
-            f"{head.name!r}; use backend='torch' for float64"
-        )
-    if batch.linear is not None:
-
-        def chunk_rows(chunk: HeadBatch, gradient: bool) -> ChunkResult:
-            return fused_rows(graph, head, chunk, steps, inplace=True, gradient=gradient)
-
-        return linear_head(graph, head, batch, steps, chunk_rows)
-    # under torch.no_grad (or for logits that need no gradient) the kernels write nothing N x V
-    gradient = torch.is_grad_enabled() and batch.logits.requires_grad
-    fold = batch.logits.dtype == torch.float16
-    rows = fused_rows(graph, head, batch, steps, inplace=graph.inplace_grad, fold=fold, gradient=gradient)
-    loss = weighted_sum(rows.values, steps)
-    if rows.grad is not None:
-        loss = PrecomputedGradient.apply(batch.logits, loss, rows.grad, rows.in_place, rows.grad_scale)
-    return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions)

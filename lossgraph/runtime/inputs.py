@@ -15,10 +15,10 @@ from typing import Any, NamedTuple, Union
 
 import torch
 
-from ..errors import InputError
-from .parallel import VocabShard, group_size
 from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
+from ..errors import InputError
 from ..spec.suggest import did_you_mean
+from .parallel import VocabShard, group_size
 
 
 class TopK(NamedTuple):

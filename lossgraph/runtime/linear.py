@@ -14,26 +14,15 @@ gradients themselves. Backward only scales the gradients by the incoming scalar.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import torch
 
-from .autograd import scale_
 from ..compiler.fusion import chunk_rows
-from .inputs import HeadBatch
 from ..compiler.plan import HeadPlan
-
-
-class ChunkResult(NamedTuple):
-    """What evaluating a block of rows gives."""
-
-    grad: torch.Tensor | None  # dl/dlogits of these rows, in the logits dtype (None: no gradient asked for)
-    values: torch.Tensor  # [terms] each term's share of its normalized value (x T^2 where asked)
-    prediction: torch.Tensor  # [rows] student argmax
-    teacher_predictions: dict[str, torch.Tensor]  # [rows] argmax of each teacher
-    in_place: bool = False  # `grad` is the logits' own storage
-    grad_scale: torch.Tensor | None = None  # a factor left out of `grad`, for backward to apply
+from .autograd import scale_
+from .backend import BackendOptions, HeadResult, RowsEvaluator, TermStep, weighted_sum
+from .inputs import HeadBatch
 
 
 class LinearHeadLoss(torch.autograd.Function):
@@ -60,31 +49,32 @@ class LinearHeadLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None
 
 
-RowsEvaluator = Callable[[HeadBatch, bool], ChunkResult]
-
-
 def _needs_grad(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and torch.is_grad_enabled() and tensor.requires_grad
 
 
-def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: RowsEvaluator):
-    """Evaluate a hidden-input head chunk by chunk; returns the runtime's HeadResult.
+def linear_head(
+    options: BackendOptions,
+    head: HeadPlan,
+    batch: HeadBatch,
+    steps: Sequence[TermStep],
+    evaluate_rows: RowsEvaluator,
+) -> HeadResult:
+    """Evaluate a hidden-input head chunk by chunk (`options.chunk_size` rows, `options.accumulate_fp32`).
 
     `evaluate_rows(chunk, gradient)` evaluates a chunk's logits, with their gradient when `gradient`.
     Only the gradients that autograd will ask for are computed: a frozen weight (requires_grad=False)
     costs no grad_weight product, hidden states that need no gradient no grad_hidden product, and under
     torch.no_grad no chunk writes a logits gradient at all.
     """
-    from .compiled import HeadResult, weighted_sum
-
     hidden, weight, bias = batch.linear
     # read here: autograd runs Function.forward (and so `compute`) with gradients disabled
     need_hidden, need_weight, need_bias = _needs_grad(hidden), _needs_grad(weight), _needs_grad(bias)
     gradient = need_hidden or need_weight or need_bias
     rows = hidden.shape[0]
     linear_teachers = [w.weight.shape[0] for w in batch.teachers.values() if not isinstance(w, torch.Tensor)]
-    size = graph.chunk_size or chunk_rows(head.vocab_size, linear_teachers, hidden.element_size())
-    fp32 = graph.accumulate_fp32
+    size = options.chunk_size or chunk_rows(head.vocab_size, linear_teachers, hidden.element_size())
+    fp32 = options.accumulate_fp32
     outputs: dict[str, object] = {}
 
     def compute():
@@ -130,19 +120,3 @@ def linear_head(graph, head: HeadPlan, batch: HeadBatch, steps, evaluate_rows: R
     else:
         loss = compute()[0]
     return HeadResult(loss, outputs["values"], outputs["prediction"], outputs["teachers"])
-
-
-def reference_rows(head: HeadPlan, chunk: HeadBatch, steps, gradient: bool = True) -> ChunkResult:
-    """The reference math on a block of rows, with the logits gradient from autograd when `gradient`."""
-    from .compiled import reference_head
-
-    if not gradient:
-        with torch.no_grad():
-            result = reference_head(head, chunk, steps)
-        return ChunkResult(None, result.values, result.prediction, result.teacher_predictions)
-    logits = chunk.logits.detach().requires_grad_()
-    chunk.logits = logits
-    with torch.enable_grad():
-        result = reference_head(head, chunk, steps)
-        (grad,) = torch.autograd.grad(result.loss, logits)
-    return ChunkResult(grad, result.values, result.prediction, result.teacher_predictions)

@@ -1,0 +1,87 @@
+"""The backend interface: what computes one head's terms, and the types every backend shares.
+
+A backend is built once per compiled graph from a frozen `BackendOptions` and the graph's plan objects
+(each head's `HeadPlan`, and the fused kernel launches `lossgraph.compiler.fusion.Launch` where it runs
+kernels); it never sees the `CompiledGraph`. Per call, `evaluate(head, batch, steps)` takes the head's
+plan, its inputs laid out by `lossgraph.runtime.inputs` and each term's settings at the step, and returns
+a `HeadResult`.
+
+Two backends implement it: `ReferenceBackend` (lossgraph.runtime.reference_backend: the reference math,
+gradients by autograd) and `FusedBackend` (lossgraph.runtime.fused: one generated Triton kernel per head).
+This module sits below both, and below the compiled graph that picks one: it imports no other backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+from ..compiler.plan import HeadPlan
+from .inputs import HeadBatch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The settings of one compiled graph, as given to `lossgraph.compile` (see its docstring)."""
+
+    backend: str = "auto"  # "auto", "torch" or "triton"
+    inplace_grad: bool = False  # the fused backend writes the gradient over the logits
+    check_inputs: bool | None = None  # the input checks that synchronize with the device (None: CPU only)
+    chunk_size: int | None = None  # rows per chunk of a hidden-input head (None: chosen from V)
+    accumulate_fp32: bool = False  # a hidden-input head accumulates its weight gradient in float32
+    vocab_parallel_group: Any = None  # torch.distributed group the vocab is split over
+    normalize_across: Any = None  # torch.distributed group the token counts are summed over
+
+
+class TermStep(NamedTuple):
+    """A term's settings at one step: weight x head weight, temperature, and the T^2 factor (or 1)."""
+
+    weight: float
+    temperature: float
+    scale: float
+
+
+class HeadResult(NamedTuple):
+    """What a backend returns for one head."""
+
+    loss: torch.Tensor  # differentiable: sum over terms of weight x scale x value (weight-0 terms left out)
+    values: torch.Tensor  # [terms] detached: each term's normalized value x scale, before the weight
+    prediction: torch.Tensor  # [N] student argmax
+    teacher_predictions: dict[str, torch.Tensor]  # [N] argmax of each teacher on the head's vocab
+
+
+class ChunkResult(NamedTuple):
+    """What evaluating a block of rows gives (one chunk of a hidden-input head)."""
+
+    grad: torch.Tensor | None  # dl/dlogits of these rows, in the logits dtype (None: no gradient asked for)
+    values: torch.Tensor  # [terms] each term's share of its normalized value (x T^2 where asked)
+    prediction: torch.Tensor  # [rows] student argmax
+    teacher_predictions: dict[str, torch.Tensor]  # [rows] argmax of each teacher
+    in_place: bool = False  # `grad` is the logits' own storage
+    grad_scale: torch.Tensor | None = None  # a factor left out of `grad`, for backward to apply
+
+
+# `evaluate_rows(chunk, gradient)`: a chunk's terms, with the logits gradient when `gradient`
+RowsEvaluator = Callable[[HeadBatch, bool], ChunkResult]
+
+
+@runtime_checkable
+class HeadBackend(Protocol):
+    """What evaluates the terms of one head."""
+
+    name: str  # "torch" or "triton", as `lossgraph.compile(backend=...)` names it
+
+    def evaluate(self, head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
+        """The head's loss (differentiable), its terms' values and the argmaxes for the metrics."""
+        ...
+
+
+def weighted_sum(values: torch.Tensor, steps: Sequence[TermStep]) -> torch.Tensor:
+    """sum_t weight_t x values[t] over the terms whose weight is not 0 (a weight-0 term may be inf)."""
+    active = [values[t] * s.weight for t, s in enumerate(steps) if s.weight != 0.0]
+    return torch.stack(active).sum() if active else values.new_zeros(())
