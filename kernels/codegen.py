@@ -22,22 +22,13 @@ ds/dz, and finally by the row's scale (mask / normalizer).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
-from .signature import (
-    KDense,
-    KernelSpec,
-    KernelTerm,
-    KLabels,
-    KMixture,
-    KSmoothed,
-    KTarget,
-    KTopK,
-    needs_reduction_pass,
-)
+from . import names
+from .fragments import FIRST_READ, STREAMED, TargetFragments, Vectors
+from .layout import effective, kernel_layout
+from .signature import KernelSpec, KernelTerm, KTopK, dense_teachers
 
 NEG_INF = 'float("-inf")'
 
@@ -62,14 +53,6 @@ class _Source:
         return "\n".join(self.lines) + "\n"
 
 
-def _dense_teachers(target: KTarget | None) -> list[int]:
-    if isinstance(target, KDense):
-        return [target.teacher]
-    if isinstance(target, KMixture):
-        return [t for _, part in target.parts for t in _dense_teachers(part)]
-    return []
-
-
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -90,48 +73,26 @@ class KernelGenerator:
     def __init__(self, spec: KernelSpec, phase: str = "single"):
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}")
-        if not spec.gradient:  # values only: no term takes part in a gradient
-            spec = replace(spec, terms=tuple(replace(term, active=False) for term in spec.terms))
+        spec = effective(spec)
         self.spec = spec
         self.phase = phase
         self.sliced = phase != "single"
-        terms = spec.terms
-        self.topk_terms = [i for i, t in enumerate(terms) if isinstance(t.target, KTopK)]
-        self.student_slots = sorted(
-            {t.slot for t in terms if not (isinstance(t.target, KTopK) and t.target.tail == "renormalize")}
-        )
-        self.teacher_states = sorted({(i, t.slot) for t in terms for i in _dense_teachers(t.target)})
-        self.moment_slots = sorted(
-            {
-                t.slot
-                for t in terms
-                if t.kind == "entropy" or (t.kind == "reverse_kl" and isinstance(t.target, KSmoothed))
-            }
-        )
-        self.online_rkl = sorted(
-            {(t.slot, t.target.teacher) for t in terms if t.kind == "reverse_kl" and isinstance(t.target, KDense)}
-        )
-        # top-k sources with a bucket term: pass 1 keeps the softmax state of the tokens they do not
-        # store (the tail), so that a tail far below the stored mass stays exact (no S - stored cancels)
-        self.tail_sources = sorted(
-            {t.target.source for t in terms if isinstance(t.target, KTopK) and t.target.tail == "bucket"}
-        )
-        self.reduction_terms = [i for i, t in enumerate(terms) if needs_reduction_pass(t)]
-        self.topk_sources = sorted({t.target.source for t in terms if isinstance(t.target, KTopK)})
-        for index in self.topk_terms:
-            term = terms[index]
-            if term.target.tail == "bucket" and not spec.slot_is_one[term.slot]:
+        self.layout = kernel_layout(spec)
+        for term in spec.terms:
+            if term.loss.fixed_temperature_one and not spec.slot_is_one[term.slot]:
+                raise ValueError(f"{term.loss.name} needs a temperature slot fixed at 1")
+            if isinstance(term.target, KTopK) and term.target.tail == "bucket" and not spec.slot_is_one[term.slot]:
                 raise ValueError("a top-k term with tail 'bucket' needs a temperature slot fixed at 1")
-        for term in terms:
-            if term.kind == "z_loss" and not spec.slot_is_one[term.slot]:
-                raise ValueError("z_loss needs a temperature slot fixed at 1")
         self.src = _Source()
         self._tile_cache: dict[str, str] = {}
-        self.pass_reads: list[set[int]] = []  # per pass over the row: the dense teachers it reads
+        self._tail_factors: set[int] = set()  # bucket terms whose tail gradient is q_j * gt{t}
 
-    @property
-    def passes(self) -> int:
-        return 3 if self.reduction_terms else 2
+    def emit(self, *lines: str) -> None:
+        """Write lines of source at the current indentation (for the kinds' fragments)."""
+        self.src(*lines)
+
+    def comment(self, text: str) -> None:
+        self.src(f"# {text}")
 
     # ----------------------------------------------------------------------------------------------
     # Arguments.
@@ -159,7 +120,7 @@ class KernelGenerator:
             args.append("statf_ptr")
         if phase in ("stats", "apply"):
             args += [f"topz{i}_ptr" for i in range(len(spec.topk))]
-        if phase == "reduce" or (phase == "apply" and self.reduction_terms):
+        if phase == "reduce" or (phase == "apply" and self.layout.reduction_terms):
             args.append("red_ptr")
         args += [f"inv_t{s}" for s in range(len(spec.slot_is_one))]
         if phase in ("single", "apply"):
@@ -178,18 +139,19 @@ class KernelGenerator:
         """(variable, how ranks combine it, the softmax state it belongs to) for each float statistic.
 
         max: all-reduce max; sum_exp: the state's sum of exp(x - max), rescaled to the global max and
-        summed; scaled: another sum taken against the state's local max, combined the same way; moment: the centered entropy moment (re-centered on the global max, summed);
-        sum: summed as is (the label's logit, written by the rank holding it); argmax: the max of a
-        running argmax (its index is in the int buffer, same order).
+        summed; scaled: another sum taken against the state's local max, combined the same way;
+        moment: the centered moment (re-centered on the global max, summed); sum: summed as is (the
+        label's logit, written by the rank holding it); argmax: the max of a running argmax (its index
+        is in the int buffer, same order).
         """
         entries: list[tuple[str, str, tuple]] = []
-        for s in self.student_slots:
+        for s in self.layout.student_slots:
             entries += [(f"m_s{s}", "max", ("s", s)), (f"sum_s{s}", "sum_exp", ("s", s))]
-        entries += [(f"moment_s{s}", "moment", ("s", s)) for s in self.moment_slots]
-        for i in self.tail_sources:
+        entries += [(names.moment(s), "moment", ("s", s)) for s in self.layout.moment_slots]
+        for i in self.layout.tail_sources:
             entries += [(f"tail_m{i}", "max", ("tail", i)), (f"tail_sum{i}", "sum_exp", ("tail", i))]
-        entries += [(f"rkl_s{s}_t{i}", "scaled", ("s", s)) for s, i in self.online_rkl]
-        for i, s in self.teacher_states:
+        entries += [(names.cross_moment(s, i), "scaled", ("s", s)) for s, i in self.layout.cross_moments]
+        for i, s in self.layout.teacher_states:
             entries += [(f"m_t{i}_{s}", "max", ("t", i, s)), (f"sum_t{i}_{s}", "sum_exp", ("t", i, s))]
         entries.append(("best_value", "argmax", ()))
         entries += [(f"best_value_t{i}", "argmax", ()) for i in range(len(self.spec.dense))]
@@ -201,18 +163,11 @@ class KernelGenerator:
         return ["best_index", *[f"best_index_t{i}" for i in range(len(self.spec.dense))]]
 
     def reduction_stats(self) -> list[str]:
-        names = []
-        for t in self.reduction_terms:
-            kind = self.spec.terms[t].kind
-            names += [f"{name}{t}" for name in {"jsd": ("kp", "kq"), "tvd": ("tv", "tc"), "reverse_kl": ("rk",)}[kind]]
-        return names
-
-    def streamed_terms(self) -> list[int]:
-        """Terms whose value the last pass adds up over columns (each rank has part of it)."""
+        """The row sums pass 2 takes (summed across ranks under vocab parallel)."""
         return [
-            t
-            for t, term in enumerate(self.spec.terms)
-            if term.kind in ("cross_entropy", "forward_kl") and not isinstance(term.target, (KLabels, KTopK))
+            names.row_sum(name, t)
+            for t in self.layout.reduction_terms
+            for name in self.spec.terms[t].loss.row_sum_names(self.spec.terms[t])
         ]
 
     def topk_width(self, i: int) -> int:
@@ -236,7 +191,7 @@ class KernelGenerator:
         for name in names:
             self.src(f"{name} {operator} tl.sum({name}_lanes, 0)")
 
-    def _cached(self, name: str, expression: str) -> str:
+    def cached(self, name: str, expression: str) -> str:
         if name not in self._tile_cache:
             self.src(f"{name} = {expression}")
             self._tile_cache[name] = expression
@@ -245,31 +200,31 @@ class KernelGenerator:
     def scaled_student(self, slot: int) -> str:
         if self.spec.slot_is_one[slot]:
             return "x"
-        return self._cached(f"xs{slot}", f"x * inv_t{slot}")
+        return self.cached(f"xs{slot}", f"x * inv_t{slot}")
 
     def log_q(self, slot: int) -> str:
         # (s - m) - log S rather than s - lse: exact for huge logits (lse would round near them)
-        return self._cached(f"logq{slot}", f"({self.scaled_student(slot)} - m_s{slot}) - log_sum_s{slot}")
+        return self.cached(f"logq{slot}", f"({self.scaled_student(slot)} - m_s{slot}) - log_sum_s{slot}")
 
     def q(self, slot: int) -> str:
-        return self._cached(f"q{slot}", f"tl.exp({self.log_q(slot)})")
+        return self.cached(f"q{slot}", f"tl.exp({self.log_q(slot)})")
 
     def teacher_tile(self, i: int) -> str:
         mapping = self.spec.dense[i].mapping
         mask = f"in_v & (offs < vocab_t{i})" if mapping == "pad" else "in_v"
-        return self._cached(f"t{i}", f"tl.load(t{i}_row + offs, mask={mask}, other={NEG_INF}).to(tl.float32)")
+        return self.cached(f"t{i}", f"tl.load(t{i}_row + offs, mask={mask}, other={NEG_INF}).to(tl.float32)")
 
     def scaled_teacher(self, i: int, slot: int) -> str:
         tile = self.teacher_tile(i)
         if self.spec.slot_is_one[slot]:
             return tile
-        return self._cached(f"u{i}_{slot}", f"{tile} * inv_t{slot}")
+        return self.cached(f"u{i}_{slot}", f"{tile} * inv_t{slot}")
 
     def stored_columns(self, i: int) -> str:
         """Which columns of the tile top-k source i stores: a histogram of its ids that fall in the tile."""
-        inside = self._cached(f"in_tile{i}", f"held{i} & (safe{i} >= start) & (safe{i} < start + BLOCK_V)")
-        bins = self._cached(f"bin{i}", f"tl.where({inside}, safe{i} - start, 0).to(tl.int32)")
-        return self._cached(f"is_stored{i}", f"tl.histogram({bins}, BLOCK_V, mask={inside}) > 0")
+        inside = self.cached(f"in_tile{i}", f"held{i} & (safe{i} >= start) & (safe{i} < start + BLOCK_V)")
+        bins = self.cached(f"bin{i}", f"tl.where({inside}, safe{i} - start, 0).to(tl.int32)")
+        return self.cached(f"is_stored{i}", f"tl.histogram({bins}, BLOCK_V, mask={inside}) > 0")
 
     def log_mixture(self, beta: float, log_a: str, log_b: str) -> str:
         """log(beta a + (1 - beta) b) from log a and log b: never formed from underflowed probabilities."""
@@ -277,51 +232,25 @@ class KernelGenerator:
 
     def onehot(self) -> str:
         # in_v: a padded lane past this row's columns may carry the id of a column another rank holds
-        return self._cached("is_label", f"in_v & ({self.global_offs()} == y)")
+        return self.cached("is_label", f"in_v & ({self.global_offs()} == y)")
 
-    def p(self, target: KTarget, slot: int) -> str:
-        """Target probabilities of the tile."""
-        if isinstance(target, KLabels):
-            return self._cached("p_labels", f"tl.where({self.onehot()}, 1.0, 0.0)")
-        if isinstance(target, KSmoothed):
-            key = f"p_smooth{self._const_id(target.epsilon)}"
-            eps = repr(target.epsilon)
-            return self._cached(
-                key, f"tl.where({self.onehot()}, 1.0 - {eps} + {eps} / Vf, tl.where(in_v, {eps} / Vf, 0.0))"
-            )
-        if isinstance(target, KDense):
-            i = target.teacher
-            return self._cached(f"p_t{i}_{slot}", f"tl.exp({self.log_p(target, slot)})")
-        if isinstance(target, KMixture):
-            parts = " + ".join(f"{weight!r} * {self.p(part, slot)}" for weight, part in target.parts)
-            return self._cached(f"p_mix{self._const_id(target)}_{slot}", parts)
-        raise ValueError(f"{target} is not a dense target")
+    def p(self, target: TargetFragments, slot: int) -> str:
+        """Target probabilities of the tile (the target form's own expression)."""
+        return target.p(self, slot)
 
-    def log_p(self, target: KTarget, slot: int) -> str:
+    def log_p(self, target: TargetFragments, slot: int) -> str:
         """Target log-probabilities of the tile (exact for dense teachers and labels)."""
-        if isinstance(target, KDense):
-            i = target.teacher
-            return self._cached(
-                f"logp_t{i}_{slot}", f"({self.scaled_teacher(i, slot)} - m_t{i}_{slot}) - log_sum_t{i}_{slot}"
-            )
-        if isinstance(target, KLabels):
-            return self._cached("logp_labels", f"tl.where({self.onehot()}, 0.0, {NEG_INF})")
-        if isinstance(target, KSmoothed):
-            eps = repr(target.epsilon)
-            return self._cached(
-                f"logp_smooth{self._const_id(target.epsilon)}",
-                f"tl.where({self.onehot()}, tl.log(1.0 - {eps} + {eps} / Vf), "
-                f"tl.where(in_v, tl.log({eps} / Vf), {NEG_INF}))",
-            )
-        # log sum_i w_i p_i from the parts' exact log-probabilities: log of the summed probabilities
-        # would be -inf wherever every part underflows, while the terms need the true (finite) value
-        parts = [f"{math.log(weight)!r} + {self.log_p(part, slot)}" for weight, part in target.parts if weight > 0]
-        total = parts[0]
-        for part in parts[1:]:
-            total = f"log_add_exp({total}, {part})"
-        return self._cached(f"logp_mix{self._const_id(target)}_{slot}", total)
+        return target.log_p(self, slot)
 
-    def _const_id(self, value: object) -> int:
+    def teacher_log_p(self, i: int, slot: int) -> str:
+        """log p of dense teacher i at the slot: (u - m) - log S, exact where p underflows."""
+        return self.cached(
+            f"logp_t{i}_{slot}",
+            f"({self.scaled_teacher(i, slot)} - {names.teacher_max(i, slot)}) - {names.teacher_log_sum(i, slot)}",
+        )
+
+    def constant_id(self, value: object) -> int:
+        """A small number naming a constant of the spec (an epsilon, a mixture) in cached variable names."""
         key = f"const:{value!r}"
         if key not in self._tile_cache:
             self._tile_cache[key] = str(len([k for k in self._tile_cache if k.startswith("const:")]))
@@ -335,7 +264,6 @@ class KernelGenerator:
             self.src("offs = start + cols", "in_v = offs < V")
             self.src(f"x = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)")
             yield
-        self.pass_reads.append({int(key[1:]) for key in self._tile_cache if re.fullmatch(r"t\d+", key)})
         self._tile_cache = {k: v for k, v in self._tile_cache.items() if k.startswith("const:")}
 
     # ----------------------------------------------------------------------------------------------
@@ -345,8 +273,11 @@ class KernelGenerator:
     def source(self) -> str:
         src = self.src
         src(
-            f"# Generated by lossgraph.kernels.codegen (phase {self.phase}) from:",
-            *[f"#   {line}" for line in _wrap(self.spec.key())],
+            f"# Generated by lossgraph.kernels.codegen (phase {self.phase}); one program per row.",
+            *[f"#   {line}" for line in self.spec.describe()],
+            f"#   reads of the row: {self.layout.passes}",
+            "# Notation: s = z / T at the term's slot, q = softmax(s), p the target at T; each term's",
+            "# gradient is dl/ds_j, times its weight gw (weight x head weight x T^2 if scaled / T x row scale).",
             "import triton",
             "import triton.language as tl",
             "",
@@ -358,8 +289,6 @@ class KernelGenerator:
             "    lane_softmax_update,",
             "    sign_of_difference,",
             ")",
-            "",
-            f"PASSES = {self.passes}",
             "",
             "",
             "@triton.jit",
@@ -403,7 +332,7 @@ class KernelGenerator:
                 f"tl.store(stati_ptr + row * {ints} + tl.arange(0, {next_power_of_two(ints)}), 0, "
                 f"mask=tl.arange(0, {next_power_of_two(ints)}) < {ints})"
             )
-            for i in self.topk_sources:
+            for i in self.layout.topk_sources:
                 width = self.topk_width(i)
                 src(f"tl.store(topz{i}_ptr + row * {width} + tl.arange(0, {width}), 0.0)")
             return
@@ -428,17 +357,17 @@ class KernelGenerator:
         spec = self.spec
         if spec.uses_labels:
             src("y = tl.load(label_ptr + row)")
-        for i in self.topk_sources:
+        for i in self.layout.topk_sources:
             self.load_topk_indices(i)
         self.first_pass()
         self.after_first_pass()
-        if self.topk_sources:
+        if self.layout.topk_sources:
             self.topk_block()
-        if self.reduction_terms:
+        if self.layout.reduction_terms:
             self.reduction_pass()
             self.reduction_values()
         self.last_pass()
-        if self.topk_sources and self.spec.gradient:
+        if self.layout.topk_sources and self.spec.gradient:
             self.scatter_topk()
         self.store_values()
         src("tl.store(pred_ptr + row, best_index)")
@@ -448,7 +377,7 @@ class KernelGenerator:
     @staticmethod
     def teacher_checks(term: KernelTerm) -> list[str]:
         """The per-row flags saying the teachers `term` reads are distributions."""
-        checks = [f"ok_t{i}" for i in _dense_teachers(term.target)]
+        checks = [f"ok_t{i}" for i in dense_teachers(term.target)]
         if isinstance(term.target, KTopK):
             checks.append(f"ok_k{term.target.source}")
         return checks
@@ -467,7 +396,7 @@ class KernelGenerator:
         src = self.src
         if self.spec.uses_labels:
             src("y = tl.load(label_ptr + row)")
-        for i in self.topk_sources:
+        for i in self.layout.topk_sources:
             self.load_topk_indices(i)
         self.first_pass()
         if self.spec.uses_labels:
@@ -475,7 +404,7 @@ class KernelGenerator:
                 "held = (y >= vocab_start) & (y < vocab_start + V)",
                 "z_label = tl.load(z_row + tl.where(held, y - vocab_start, 0), mask=held, other=0.0).to(tl.float32)",
             )
-        for i in self.topk_sources:
+        for i in self.layout.topk_sources:
             src(f"tl.store(topz{i}_ptr + row * {self.topk_width(i)} + kk{i}, tl.where(held{i}, z_top{i}, 0.0))")
         floats = self.float_stats()
         for c, (name, _, _) in enumerate(floats):
@@ -506,19 +435,19 @@ class KernelGenerator:
         src = self.src
         if self.spec.uses_labels:
             src("y = tl.load(label_ptr + row)")
-        for i in self.topk_sources:
+        for i in self.layout.topk_sources:
             self.load_topk_indices(i)
         self.load_stats()
         names = self.reduction_stats()
         for c, name in enumerate(names):
             src(f"{name} = tl.load(red_ptr + row * {len(names)} + {c})")
         self.after_first_pass()
-        if self.reduction_terms:
+        if self.layout.reduction_terms:
             self.reduction_values()
-        if self.topk_sources:
+        if self.layout.topk_sources:
             self.topk_block()
         self.last_pass()
-        if self.topk_sources and self.spec.gradient:
+        if self.layout.topk_sources and self.spec.gradient:
             self.scatter_topk()
         self.store_values()
 
@@ -533,18 +462,18 @@ class KernelGenerator:
         tile's max and the first column holding it."""
         src = self.src
         src("# pass 1: online softmax statistics, argmax and the sums that stream in one read")
-        lanes = [f"sum_s{s}" for s in self.student_slots] + [f"moment_s{s}" for s in self.moment_slots]
-        lanes += [f"tail_sum{i}" for i in self.tail_sources]
-        lanes += [f"sum_t{i}_{s}" for i, s in self.teacher_states]
-        lanes += [f"rkl_s{s}_t{i}" for s, i in self.online_rkl]
+        lanes = [f"sum_s{s}" for s in self.layout.student_slots] + [f"moment_s{s}" for s in self.layout.moment_slots]
+        lanes += [f"tail_sum{i}" for i in self.layout.tail_sources]
+        lanes += [f"sum_t{i}_{s}" for i, s in self.layout.teacher_states]
+        lanes += [names.cross_moment(s, i) for s, i in self.layout.cross_moments]
         self.open_lanes(lanes)
         for suffix in ["", *[f"_t{i}" for i in range(len(self.spec.dense))]]:
             src(f"best_value{suffix} = {NEG_INF}", f"best_index{suffix} = 0")
-        for s in self.student_slots:
+        for s in self.layout.student_slots:
             src(f"m_s{s} = {NEG_INF}")
-        for i in self.tail_sources:
+        for i in self.layout.tail_sources:
             src(f"tail_m{i} = {NEG_INF}")
-        for i, s in self.teacher_states:
+        for i, s in self.layout.teacher_states:
             src(f"m_t{i}_{s} = {NEG_INF}")
         with self.tile_loop():
             ids = self.global_offs()
@@ -555,33 +484,33 @@ class KernelGenerator:
                     f"best_value_t{i}, best_index_t{i} = tile_argmax_update("
                     f"best_value_t{i}, best_index_t{i}, {tile}, {ids})"
                 )
-            for i, s in self.teacher_states:
+            for i, s in self.layout.teacher_states:
                 u = self.scaled_teacher(i, s)
                 src(f"m_t{i}_{s}, sum_t{i}_{s}_lanes, _, _ = lane_softmax_update(m_t{i}_{s}, sum_t{i}_{s}_lanes, {u})")
-            for i in self.tail_sources:
+            for i in self.layout.tail_sources:
                 # the softmax state of the tokens source i does not store (a bucket's tail, T = 1)
                 src(
                     f"tail_m{i}, tail_sum{i}_lanes, _, _ = lane_softmax_update("
                     f"tail_m{i}, tail_sum{i}_lanes, tl.where({self.stored_columns(i)}, {NEG_INF}, x))"
                 )
-            for s in self.student_slots:
+            for s in self.layout.student_slots:
                 xs = self.scaled_student(s)
-                if s in self.moment_slots:
+                if s in self.layout.moment_slots:
                     src(f"m_old{s} = m_s{s}", f"sum_old{s} = sum_s{s}_lanes")
                 src(f"m_s{s}, sum_s{s}_lanes, rescale{s}, e{s} = lane_softmax_update(m_s{s}, sum_s{s}_lanes, {xs})")
-                if s in self.moment_slots:
+                if s in self.layout.moment_slots:
                     # entropy: H = log S - sum_j exp(s_j - m) (s_j - m) / S, the sum kept like sum-exp
                     src(
                         f"moment_s{s}_lanes = lane_centered_moment("
                         f"moment_s{s}_lanes, m_old{s}, m_s{s}, sum_old{s}, rescale{s}, e{s}, {xs})"
                     )
-                for slot, i in self.online_rkl:
+                for slot, i in self.layout.cross_moments:
                     if slot == s:
-                        # reverse KL against one teacher: sum_j q_j (s_j - u_j) streams like sum-exp
+                        # against one teacher: sum_j q_j (s_j - u_j) streams like sum-exp
                         u = self.scaled_teacher(i, s)
+                        cross = names.cross_moment(s, i)
                         src(
-                            f"rkl_s{s}_t{i}_lanes = rkl_s{s}_t{i}_lanes * rescale{s} + "
-                            f"tl.where(e{s} > 0, e{s} * ({xs} - {u}), 0.0)"
+                            f"{cross}_lanes = {cross}_lanes * rescale{s} + tl.where(e{s} > 0, e{s} * ({xs} - {u}), 0.0)"
                         )
         self.close_lanes(lanes, "=")
 
@@ -589,15 +518,15 @@ class KernelGenerator:
         """log-sum-exps, and the values of the terms that are known after one read."""
         src = self.src
         spec = self.spec
-        for s in self.student_slots:
+        for s in self.layout.student_slots:
             src(f"log_sum_s{s} = tl.log(sum_s{s})", f"lse_s{s} = m_s{s} + log_sum_s{s}")
-        for i, s in self.teacher_states:
+        for i, s in self.layout.teacher_states:
             src(f"log_sum_t{i}_{s} = tl.log(sum_t{i}_{s})")
         for i in range(len(spec.dense)):
             # a NaN or +inf logit, or no finite one, leaves the teacher's log-sum-exp non-finite (x - x != 0)
-            _, s = next(state for state in self.teacher_states if state[0] == i)
+            _, s = next(state for state in self.layout.teacher_states if state[0] == i)
             src(f"lse_t{i} = m_t{i}_{s} + log_sum_t{i}_{s}", f"ok_t{i} = (lse_t{i} - lse_t{i}) == 0.0")
-        for i in self.topk_sources if self.phase != "reduce" else ():
+        for i in self.layout.topk_sources if self.phase != "reduce" else ():
             # the same for the stored log-probs of a top-k teacher
             src(
                 f"lse_k{i} = log_sum_exp(tl.where(kmask{i}, stored_lp{i}, {NEG_INF}))",
@@ -623,31 +552,24 @@ class KernelGenerator:
                     "z_label = z_label.to(tl.float32)",
                 )
         for t, term in enumerate(spec.terms):
-            s = term.slot
-            scaled = "" if spec.slot_is_one[s] else f" * inv_t{s}"
-            if term.kind == "cross_entropy" and isinstance(term.target, KLabels):
-                # l = lse(s) - s_y
-                src(f"loss{t} = (m_s{s} - z_label{scaled}) + log_sum_s{s}")
-            elif term.kind == "z_loss":
-                # l = lse(z)^2
-                src(f"loss{t} = lse_s{s} * lse_s{s}")
-            elif term.kind == "entropy":
-                src(f"loss{t} = log_sum_s{s} - moment_s{s} / sum_s{s}")
-            elif term.kind == "reverse_kl" and isinstance(term.target, KDense):
-                # l = sum_j q_j (s_j - u_j) - lse(s) + lse(u)
-                i = term.target.teacher
-                src(f"loss{t} = rkl_s{s}_t{i} / sum_s{s} - (m_s{s} - m_t{i}_{s}) - log_sum_s{s} + log_sum_t{i}_{s}")
-            elif term.kind == "reverse_kl" and isinstance(term.target, KSmoothed):
-                # l = sum_j q_j log q_j - sum_j q_j log p_j, where log p_j = log(eps/V) + [j = y] c
-                eps = repr(term.target.epsilon)
-                src(
-                    f"q_label{t} = tl.exp((z_label{scaled} - m_s{s}) - log_sum_s{s})",
-                    f"low{t} = tl.log({eps} / Vf)",
-                    f"loss{t} = (moment_s{s} / sum_s{s} - log_sum_s{s}) - low{t} - q_label{t} * "
-                    f"(tl.log(1.0 - {eps} + {eps} / Vf) - low{t})",
-                )
-            elif not isinstance(term.target, KTopK) and t not in self.reduction_terms:
-                src(f"loss{t} = 0.0  # streamed in the last pass")
+            if isinstance(term.target, KTopK):
+                continue
+            stage = term.loss.value_stage(term)
+            if stage == FIRST_READ:
+                self.term_header(t, term, "value")
+                self.src(f"{names.value(t)} = {term.loss.value_after_first_pass(self, t, term)}")
+            elif stage == STREAMED:
+                self.src(f"{names.value(t)} = 0.0  # term {t}: streamed in the last pass")
+
+    def term_header(self, t: int, term: KernelTerm, *what: str) -> None:
+        """A comment naming the term whose code follows, with the kind's formulas for `what`."""
+        formulas = term.loss.formulas(term)
+        found = "; ".join(formulas[key] for key in what if key in formulas)
+        self.comment(f"term {t} ({term.loss.name}): {found}" if found else f"term {t} ({term.loss.name})")
+
+    def scaled_label_logit(self, slot: int) -> str:
+        """s_y: the label's logit at the slot's temperature."""
+        return names.LABEL_LOGIT if self.spec.slot_is_one[slot] else f"{names.LABEL_LOGIT} * inv_t{slot}"
 
     # ----------------------------------------------------------------------------------------------
     # Top-k teachers.
@@ -656,12 +578,12 @@ class KernelGenerator:
     def topk_block(self) -> None:
         src = self.src
         src("# top-k teachers: gather the stored entries; their terms are computed on these vectors")
-        for i in self.topk_sources:
+        for i in self.layout.topk_sources:
             width = self.topk_width(i)
             if self.sliced:  # every rank's share, combined
                 src(f"z_top{i} = tl.where(in_vocab{i}, tl.load(topz{i}_ptr + row * {width} + kk{i}), {NEG_INF})")
             src(f"delta{i} = tl.zeros([{width}], dtype=tl.float32)")
-        for t in self.topk_terms:
+        for t in self.layout.topk_terms:
             term = self.spec.terms[t]
             if term.target.tail == "renormalize":
                 self.topk_renormalized(t, term)
@@ -706,45 +628,11 @@ class KernelGenerator:
             f"pv{t} = tl.exp(lp{t})",
             f"usable{t} = tl.max(in_vocab{i}.to(tl.int32), 0) > 0",
         )
-        value, gradient = self.vector_divergence(t, term, f"qv{t}", f"pv{t}", f"lq{t}", f"lp{t}")
+        self.term_header(t, term, "vector")
+        value, gradient = term.loss.vector(self, t, term, Vectors(f"qv{t}", f"pv{t}", f"lq{t}", f"lp{t}"))
         src(f"loss{t} = tl.where(usable{t}, {value}, 0.0)")
         if term.active:
             src(f"delta{i} += tl.where(in_vocab{i} & usable{t}, w{t} * ({gradient}), 0.0)")
-
-    def vector_divergence(self, t: int, term: KernelTerm, q: str, p: str, lq: str, lp: str) -> tuple[str, str]:
-        """(value, dl/ds on the entries) of a divergence between two small vectors that each sum to 1."""
-        src = self.src
-        kind = term.kind
-        if kind in ("cross_entropy", "forward_kl"):
-            if kind == "cross_entropy":
-                src(f"val{t} = tl.sum(tl.where({p} > 0, -{p} * {lq}, 0.0), 0)")
-            else:
-                src(f"val{t} = tl.sum(tl.where({p} > 0, {p} * ({lp} - {lq}), 0.0), 0)")
-            # dl/ds_i = q_i - p_i
-            return f"val{t}", f"{q} - {p}"
-        if kind == "reverse_kl":
-            # l = sum q (log q - log p); dl/ds_i = q_i (log q_i - log p_i - l)
-            src(f"val{t} = tl.sum(tl.where({q} > 0, {q} * ({lq} - {lp}), 0.0), 0)")
-            return f"val{t}", f"tl.where({q} > 0, {q} * ({lq} - {lp} - val{t}), 0.0)"
-        if kind == "jsd":
-            beta = repr(term.beta)
-            # M = beta p + (1 - beta) q; dl/ds_i = (1 - beta) q_i (log(q_i / M_i) - KL(q || M))
-            src(
-                f"lm{t} = {self.log_mixture(term.beta, lp, lq)}",
-                f"kp{t} = tl.sum(tl.where({p} > 0, {p} * ({lp} - lm{t}), 0.0), 0)",
-                f"kq{t} = tl.sum(tl.where({q} > 0, {q} * ({lq} - lm{t}), 0.0), 0)",
-                f"val{t} = {beta} * kp{t} + (1.0 - {beta}) * kq{t}",
-            )
-            return f"val{t}", f"(1.0 - {beta}) * tl.where({q} > 0, {q} * ({lq} - lm{t} - kq{t}), 0.0)"
-        if kind == "tvd":
-            # l = 1/2 sum |p - q|; dl/ds_i = q_i (sign(q_i - p_i) / 2 - c), c = sum_k q_k sign(q_k - p_k) / 2
-            src(
-                f"sg{t} = sign_of_difference({q}, {p})",
-                f"val{t} = 0.5 * tl.sum(tl.abs({p} - {q}), 0)",
-                f"c{t} = 0.5 * tl.sum({q} * sg{t}, 0)",
-            )
-            return f"val{t}", f"{q} * (0.5 * sg{t} - c{t})"
-        raise ValueError(f"{kind} takes no top-k target")
 
     def topk_bucket(self, t: int, term: KernelTerm) -> None:
         """k stored buckets plus one tail bucket; T = 1.
@@ -774,76 +662,24 @@ class KernelGenerator:
             f"lPt{t} = tl.log(Pt{t}).to(tl.float32)",
             f"Pt{t} = Pt{t}.to(tl.float32)",
         )
-        kind = term.kind
-        Q, P, lQ, lP = f"Q{t}", f"P{t}", f"lQ{t}", f"lP{t}"
-        Qt, Pt, lQt, lPt = f"Qt{t}", f"Pt{t}", f"lQt{t}", f"lPt{t}"
-        if kind in ("cross_entropy", "forward_kl"):
-            if kind == "cross_entropy":
-                # l = -sum_b P_b log Q_b
-                src(
-                    f"loss{t} = tl.sum(tl.where({P} > 0, -{P} * {lQ}, 0.0), 0) + tl.where({Pt} > 0, -{Pt} * {lQt}, 0.0)"
-                )
-            else:
-                # l = sum_b P_b (log P_b - log Q_b)
-                src(
-                    f"loss{t} = tl.sum(tl.where({P} > 0, {P} * ({lP} - {lQ}), 0.0), 0) + "
-                    f"tl.where({Pt} > 0, {Pt} * ({lPt} - {lQt}), 0.0)"
-                )
-            # G'_b = sum_c P_c - P_b / Q_b (sum_c P_c is 1 unless the stored tokens cover the vocab with
-            # less mass): q_i G'_i = Q_i sum_c P_c - P_i at a stored token; the tail's share is in the last pass
-            src(f"mass{t} = tl.sum({P}, 0) + {Pt}", f"sparse{t} = {Q} * mass{t} - {P}")
-        else:
-            if kind == "reverse_kl":
-                # l = sum_b Q_b (log Q_b - log P_b); G'_b = log Q_b - log P_b - l
-                src(
-                    f"loss{t} = tl.sum(tl.where({Q} > 0, {Q} * ({lQ} - {lP}), 0.0), 0) + "
-                    f"tl.where({Qt} > 0, {Qt} * ({lQt} - {lPt}), 0.0)",
-                    f"gv{t} = {lQ} - {lP} - loss{t}",
-                    f"gt{t} = {lQt} - {lPt} - loss{t}",
-                )
-            elif kind == "jsd":
-                beta = repr(term.beta)
-                # M = beta P + (1 - beta) Q; l = beta KL(P || M) + (1 - beta) KL(Q || M)
-                # G'_b = (1 - beta) (log(Q_b / M_b) - KL(Q || M))
-                src(
-                    f"lM{t} = {self.log_mixture(term.beta, lP, lQ)}",
-                    f"lMt{t} = {self.log_mixture(term.beta, lPt, lQt)}",
-                    f"kp{t} = tl.sum(tl.where({P} > 0, {P} * ({lP} - lM{t}), 0.0), 0) + "
-                    f"tl.where({Pt} > 0, {Pt} * ({lPt} - lMt{t}), 0.0)",
-                    f"kq{t} = tl.sum(tl.where({Q} > 0, {Q} * ({lQ} - lM{t}), 0.0), 0) + "
-                    f"tl.where({Qt} > 0, {Qt} * ({lQt} - lMt{t}), 0.0)",
-                    f"loss{t} = {beta} * kp{t} + (1.0 - {beta}) * kq{t}",
-                    f"gv{t} = (1.0 - {beta}) * ({lQ} - lM{t} - kq{t})",
-                    f"gt{t} = (1.0 - {beta}) * ({lQt} - lMt{t} - kq{t})",
-                )
-            elif kind == "tvd":
-                # l = 1/2 sum_b |P_b - Q_b|; G'_b = sign(Q_b - P_b) / 2 - c, c = sum_b Q_b sign(Q_b - P_b) / 2
-                src(
-                    f"sg{t} = sign_of_difference({Q}, {P})",
-                    f"sgt{t} = sign_of_difference({Qt}, {Pt})",
-                    f"loss{t} = 0.5 * (tl.sum(tl.abs({P} - {Q}), 0) + tl.abs({Pt} - {Qt}))",
-                    f"c{t} = 0.5 * (tl.sum({Q} * sg{t}, 0) + {Qt} * sgt{t})",
-                    f"gv{t} = 0.5 * sg{t} - c{t}",
-                    f"gt{t} = 0.5 * sgt{t} - c{t}",
-                )
-            else:
-                raise ValueError(f"{kind} takes no top-k target")
-            src(f"sparse{t} = tl.where({Q} > 0, {Q} * gv{t}, 0.0)")
+        self.term_header(t, term, "bucket")
+        vectors = Vectors(f"Q{t}", f"P{t}", f"lQ{t}", f"lP{t}", f"Qt{t}", f"Pt{t}", f"lQt{t}", f"lPt{t}")
+        form = term.loss.bucket(self, t, term, vectors)
+        src(f"loss{t} = {form.value}", f"sparse{t} = {form.stored}")
+        if form.tail_factor:
+            src(f"gt{t} = {form.tail_factor}")
+            self._tail_factors.add(t)
         if term.active:
             src(f"delta{i} += tl.where(in_vocab{i}, w{t} * sparse{t}, 0.0)")
 
     def bucket_tail_gradient(self, t: int, term: KernelTerm) -> str:
         """q_j G'_tail of a bucket term at the tile's columns; 0 at the stored ones (they get `sparse`)."""
-        i = term.target.source
         q, lq = self.q(term.slot), self.log_q(term.slot)
-        if term.kind in ("cross_entropy", "forward_kl"):
-            # q_j (sum_c P_c - P_tail / Q_tail) = q_j sum_c P_c - P_tail exp(log q_j - log Q_tail): the
-            # ratio is at most 1 for an unstored token, where P_tail / Q_tail alone could overflow, and it
-            # stays exact where q_j itself underflows (a confident student)
-            tail = f"{q} * mass{t} - tl.where(lQt{t} > {NEG_INF}, Pt{t} * tl.exp({lq} - lQt{t}), 0.0)"
-        else:
+        if t in self._tail_factors:
             tail = f"tl.where({q} > 0, {q} * gt{t}, 0.0)"
-        return f"tl.where({self.stored_columns(i)}, 0.0, {tail})"
+        else:
+            tail = term.loss.bucket_tail_gradient(self, t, term, q, lq)
+        return f"tl.where({self.stored_columns(term.target.source)}, 0.0, {tail})"
 
     # ----------------------------------------------------------------------------------------------
     # Pass 2 (only for terms whose gradient needs a row sum over p and q).
@@ -852,40 +688,22 @@ class KernelGenerator:
     def reduction_pass(self) -> None:
         src = self.src
         src("# pass 2: row sums that involve p and q together (needed before any gradient element)")
-        names = self.reduction_stats()
-        self.open_lanes(names)
+        sums = self.reduction_stats()
+        self.open_lanes(sums)
         with self.tile_loop():
-            for t in self.reduction_terms:
+            for t in self.layout.reduction_terms:
                 term = self.spec.terms[t]
-                s = term.slot
-                q, lq = self.q(s), self.log_q(s)
-                p, lp = self.p(term.target, s), self.log_p(term.target, s)
-                if term.kind == "jsd":
-                    lm = self._cached(f"lm{t}", self.log_mixture(term.beta, lp, lq))
-                    src(
-                        f"kp{t}_lanes += tl.where({p} > 0, {p} * ({lp} - {lm}), 0.0)",
-                        f"kq{t}_lanes += tl.where({q} > 0, {q} * ({lq} - {lm}), 0.0)",
-                    )
-                elif term.kind == "tvd":
-                    src(
-                        f"tv{t}_lanes += 0.5 * tl.abs({p} - {q})",
-                        f"tc{t}_lanes += 0.5 * {q} * sign_of_difference({q}, {p})",
-                    )
-                else:
-                    src(f"rk{t}_lanes += tl.where({q} > 0, {q} * ({lq} - {lp}), 0.0)")
-        self.close_lanes(names, "=")
+                self.term_header(t, term, "row sums")
+                summands = term.loss.row_sums(self, t, term)
+                for name, summand in zip(term.loss.row_sum_names(term), summands, strict=True):
+                    src(f"{names.row_sum(name, t)}_lanes += {summand}")
+        self.close_lanes(sums, "=")
 
     def reduction_values(self) -> None:
         """The values of the terms pass 2 sums up."""
-        src = self.src
-        for t in self.reduction_terms:
+        for t in self.layout.reduction_terms:
             term = self.spec.terms[t]
-            if term.kind == "jsd":
-                src(f"loss{t} = {term.beta!r} * kp{t} + (1.0 - {term.beta!r}) * kq{t}")
-            elif term.kind == "tvd":
-                src(f"loss{t} = tv{t}")
-            else:
-                src(f"loss{t} = rk{t}")
+            self.src(f"{names.value(t)} = {term.loss.value_from_row_sums(self, t, term)}")
 
     # ----------------------------------------------------------------------------------------------
     # Last pass: streamed term values and the gradient.
@@ -894,10 +712,10 @@ class KernelGenerator:
     def last_pass(self) -> None:
         src = self.src
         spec = self.spec
-        streamed = self.streamed_terms()
+        streamed = list(self.layout.streamed_terms)
         if not spec.gradient and not streamed:
             return
-        self.open_lanes([f"loss{t}" for t in streamed])
+        self.open_lanes([names.value(t) for t in streamed])
         if not spec.gradient:
             src("# last pass: the values that stream (no gradient is asked for)")
             with self.tile_loop():
@@ -907,7 +725,7 @@ class KernelGenerator:
             # each term's weight times the row's scale, once per row rather than once per element
             for t, term in enumerate(spec.terms):
                 if term.active:
-                    src(f"gw{t} = w{t} * grad_scale")
+                    src(f"{names.gradient_weight(t)} = w{t} * grad_scale")
             src("# last pass: streamed values and the summed gradient, written once")
             with self.tile_loop():
                 src("g = tl.zeros([BLOCK_V], dtype=tl.float32)")
@@ -916,79 +734,36 @@ class KernelGenerator:
                 if spec.accumulate:
                     src("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
                 src("tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)")
-        self.close_lanes([f"loss{t}" for t in streamed], "+=")
+        self.close_lanes([names.value(t) for t in streamed], "+=")
 
     def term_in_last_pass(self, t: int, term: KernelTerm) -> None:
+        """The term's streamed value (if it streams) and its gradient (if it is active)."""
         src = self.src
-        s = term.slot
-        kind = term.kind
-        target = term.target
-        active = term.active
-        if isinstance(target, KTopK):
-            if target.tail == "bucket" and active:
-                # the tail's part of the bucket gradient: q_j G'_tail at every unstored token (T = 1)
-                src(f"g += gw{t} * {self.bucket_tail_gradient(t, term)}")
+        weight = names.gradient_weight(t)
+        if isinstance(term.target, KTopK):
+            if term.target.tail == "bucket" and term.active:
+                src(f"# term {t} ({term.loss.name}): the tail's part of the bucket gradient, q_j G'_tail (T = 1)")
+                src(f"g += {weight} * {self.bucket_tail_gradient(t, term)}")
             return
-        if kind == "z_loss":
-            if active:
-                # d/dz_j lse(z)^2 = 2 lse(z) q_j
-                src(f"g += gw{t} * 2.0 * lse_s{s} * {self.q(s)}")
-            return
-        if kind == "cross_entropy" and isinstance(target, KLabels):
-            if active:
-                # dl/ds_j = q_j - [j = y]
-                src(f"g += gw{t} * ({self.q(s)} - tl.where({self.onehot()}, 1.0, 0.0))")
-            return
-        if kind == "entropy":
-            if active:
-                # dH/ds_j = -q_j (log q_j + H)
-                q, lq = self.q(s), self.log_q(s)
-                src(f"g += gw{t} * tl.where({q} > 0, -{q} * ({lq} + loss{t}), 0.0)")
-            return
-        q, lq = self.q(s), self.log_q(s)
-        if kind in ("cross_entropy", "forward_kl"):
-            p = self.p(target, s)
-            if kind == "cross_entropy":
-                # l = -sum_j p_j log q_j
-                src(f"loss{t}_lanes += tl.where({p} > 0, -{p} * {lq}, 0.0)")
-            else:
-                # l = sum_j p_j (log p_j - log q_j)
-                lp = self.log_p(target, s)
-                src(f"loss{t}_lanes += tl.where({p} > 0, {p} * ({lp} - {lq}), 0.0)")
-            if active:
-                # dl/ds_j = q_j - p_j
-                src(f"g += gw{t} * ({q} - {p})")
-            return
-        if not active:
-            return
-        if kind == "reverse_kl":
-            # dl/ds_j = q_j (log q_j - log p_j - l)
-            lp = self.log_p(target, s)
-            src(f"g += gw{t} * tl.where({q} > 0, {q} * ({lq} - {lp} - loss{t}), 0.0)")
-        elif kind == "jsd":
-            beta = repr(term.beta)
-            lm = self._cached(f"lm{t}", self.log_mixture(term.beta, self.log_p(target, s), lq))
-            # dl/ds_j = (1 - beta) q_j (log(q_j / M_j) - KL(q || M))
-            src(f"g += gw{t} * (1.0 - {beta}) * tl.where({q} > 0, {q} * ({lq} - {lm} - kq{t}), 0.0)")
-        elif kind == "tvd":
-            p = self.p(target, s)
-            # dl/ds_j = q_j (sign(q_j - p_j) / 2 - c)
-            src(f"g += gw{t} * {q} * (0.5 * sign_of_difference({q}, {p}) - tc{t})")
+        streams = t in self.layout.streamed_terms
+        if streams or term.active:
+            self.term_header(t, term, *(["value"] if streams else []), *(["gradient"] if term.active else []))
+        if streams:
+            src(f"{names.value(t)}_lanes += {term.loss.streamed_value(self, t, term)}")
+        if term.active:
+            # the gradient is a product or parenthesized: the weight's factors fold into one per row
+            src(f"g += {weight} * {term.loss.gradient(self, t, term)}")
 
     def scatter_topk(self) -> None:
         src = self.src
         src("# the stored top-k tokens get their sparse gradient entries on top of the dense ones")
-        for i in self.topk_sources:
+        for i in self.layout.topk_sources:
             src(
                 "tl.debug_barrier()",
                 f"old{i} = tl.load(g_row + safe{i}, mask=held{i}, other=0.0).to(tl.float32)",
                 f"new{i} = (old{i} + delta{i} * grad_scale).to(grad_ptr.dtype.element_ty)",
                 f"tl.store(g_row + safe{i}, new{i}, mask=held{i})",
             )
-
-
-def _wrap(text: str, width: int = 96) -> list[str]:
-    return [text[i : i + width] for i in range(0, len(text), width)] or [""]
 
 
 def generate(spec: KernelSpec) -> str:

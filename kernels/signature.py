@@ -15,33 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-KINDS = ("cross_entropy", "z_loss", "forward_kl", "reverse_kl", "jsd", "tvd", "entropy")
-
-
-@dataclass(frozen=True)
-class KLabels:
-    """One-hot of the row's label."""
-
-
-@dataclass(frozen=True)
-class KSmoothed:
-    """(1 - epsilon) one-hot + epsilon / V."""
-
-    epsilon: float
-
-
-@dataclass(frozen=True)
-class KDense:
-    """Softmax of dense teacher `teacher` (an index into KernelSpec.dense) at the term's temperature."""
-
-    teacher: int
-
-
-@dataclass(frozen=True)
-class KMixture:
-    """Sum of weight x part."""
-
-    parts: tuple[tuple[float, KTarget], ...]
+from .fragments import LossFragments, TargetFragments
 
 
 @dataclass(frozen=True)
@@ -52,16 +26,29 @@ class KTopK:
     tail: str  # "renormalize" | "bucket"
 
 
-KTarget = Union[KLabels, KSmoothed, KDense, KMixture, KTopK]
+# A term's target in a kernel: a dense form (defined by its source kind's module) or top-k vectors.
+KTarget = Union[TargetFragments, KTopK]
 
 
 @dataclass(frozen=True)
 class KernelTerm:
-    kind: str
+    """One term of a launch: a loss kind's fragments applied to a target at a temperature slot."""
+
+    loss: LossFragments
     target: KTarget | None
     slot: int  # temperature slot; terms with equal temperatures share one student softmax
-    beta: float = 0.5
+    constants: tuple[tuple[str, float], ...] = ()  # the kind's constants of the spec (jsd: beta)
     active: bool = True  # takes part in the gradient (its weight is not 0 at this step)
+
+    def constant(self, name: str) -> float:
+        return dict(self.constants)[name]
+
+    def describe(self) -> str:
+        """One line for the generated kernel's header."""
+        constants = "".join(f", {name} {value!r}" for name, value in self.constants)
+        target = "no target" if self.target is None else f"target {self.target!r}"
+        gradient = "" if self.active else ", value only"
+        return f"{self.loss.name}, {target}, slot {self.slot}{constants}{gradient}"
 
 
 @dataclass(frozen=True)
@@ -93,23 +80,23 @@ class KernelSpec:
         """A stable text key (the generated module's cache name hashes it)."""
         return repr(self)
 
+    def describe(self) -> list[str]:
+        """The spec in readable lines (the generated kernel's header)."""
+        lines = [f"term {t}: {term.describe()}" for t, term in enumerate(self.terms)]
+        lines.append("temperature slots: " + ", ".join("1" if one else "run-time" for one in self.slot_is_one))
+        lines += [f"dense teacher {i}: vocab {teacher.mapping}" for i, teacher in enumerate(self.dense)]
+        lines += [f"top-k teacher {i}: k = {k}" for i, k in enumerate(self.topk)]
+        if self.accumulate:
+            lines.append("adds to the gradient of an earlier launch")
+        if not self.gradient:
+            lines.append("values only (no gradient)")
+        return lines
+
 
 def _reads_labels(target: KTarget | None) -> bool:
-    if isinstance(target, (KLabels, KSmoothed)):
-        return True
-    if isinstance(target, KMixture):
-        return any(_reads_labels(part) for _, part in target.parts)
-    return False
+    return isinstance(target, TargetFragments) and target.reads_labels
 
 
-def needs_reduction_pass(term: KernelTerm) -> bool:
-    """True when the term's gradient needs a row sum that only a second read of the row gives.
-
-    jsd and tvd need sum_k q_k dl/dq_k, which involves p and q at once; reverse_kl needs its own value,
-    which streams in the first pass only against a single dense teacher or smoothed labels.
-    """
-    if isinstance(term.target, KTopK):
-        return False
-    if term.kind in ("jsd", "tvd"):
-        return True
-    return term.kind == "reverse_kl" and not isinstance(term.target, (KDense, KSmoothed))
+def dense_teachers(target: KTarget | None) -> tuple[int, ...]:
+    """The dense teachers a target reads (with repeats, in order)."""
+    return target.dense_teachers() if isinstance(target, TargetFragments) else ()

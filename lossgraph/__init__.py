@@ -16,7 +16,7 @@ _EXPORTS = {
     "loads": "lossgraph.document",
     "check_text": "lossgraph.document",
     "check_file": "lossgraph.document",
-    "LossGraphSpec": "lossgraph.spec",
+    "LossGraphSpec": "lossgraph.spec.models",
     "LossGraphError": "lossgraph.errors",
     "ConfigError": "lossgraph.errors",
     "InputError": "lossgraph.errors",
@@ -44,8 +44,8 @@ if TYPE_CHECKING:
         LossGraphWarning,
         SourceFileError,
     )
-    from .runtime.inputs import Linear, TopK
     from .runtime.compiled import CompiledGraph, GraphOutput, compile
+    from .runtime.inputs import Linear, TopK
     from .spec.models import LossGraphSpec
 
 

@@ -29,9 +29,10 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 import lossgraph
+from lossgraph.cli.app import app
+from lossgraph.kinds import loss_kind, loss_kinds, source_kind, source_kinds
 from lossgraph.spec import docgen
 from lossgraph.spec import models as spec
-from lossgraph.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -128,8 +129,8 @@ SPEC_MODELS = _models(spec.LossGraphSpec, [])
 
 def test_spec_models_are_all_found():
     # Sanity check of the walk above: the top level, heads, 5 sources, 7 losses, 4 schedules.
-    assert len(SPEC_MODELS) == 1 + 1 + len(spec.SOURCE_KINDS) + len(spec.LOSS_KINDS) + len(spec.SCHEDULE_KINDS)
-    assert set(SPEC_MODELS) == set(docgen.MODELS)
+    assert len(SPEC_MODELS) == 1 + 1 + len(source_kinds()) + len(loss_kinds()) + 4
+    assert set(SPEC_MODELS) == set(docgen.documented_models())
 
 
 @pytest.mark.parametrize("model", SPEC_MODELS, ids=lambda model: model.__name__)
@@ -148,9 +149,9 @@ def test_yaml_reference_lists_every_field(model: type[BaseModel]):
         assert " ".join(field.description.split()).replace("|", "\\|") in body
 
 
-@pytest.mark.parametrize("model", list(docgen.EXAMPLES), ids=lambda model: model.__name__)
+@pytest.mark.parametrize("model", list(docgen.examples()), ids=lambda model: model.__name__)
 def test_reference_examples_are_valid(model: type[BaseModel]):
-    data = yaml.safe_load(docgen.EXAMPLES[model])
+    data = yaml.safe_load(docgen.examples()[model])
     assert isinstance(data, dict) and len(data) == 1
     model.model_validate(next(iter(data.values())))
 
@@ -159,12 +160,15 @@ def test_reference_examples_are_valid(model: type[BaseModel]):
     ("annotation", "expected"),
     [
         (spec.Head.model_fields["offset"], "integer in [1, 4096]"),
-        (spec.CrossEntropyLoss.model_fields["weight"], "number in [-1000000, 1000000] or [schedule](#schedules)"),
-        (spec.MixtureSource.model_fields["sources"], "list of names (at least 2)"),
+        (
+            loss_kind("cross_entropy").model.model_fields["weight"],
+            "number in [-1000000, 1000000] or [schedule](#schedules)",
+        ),
+        (source_kind("mixture").model.model_fields["sources"], "list of names (at least 2)"),
         (spec.LossGraphSpec.model_fields["normalization"], "one of: tokens, sum, batch"),
-        (spec.JSDLoss.model_fields["beta"], "number in (0, 1)"),
+        (loss_kind("jsd").model.model_fields["beta"], "number in (0, 1)"),
         (spec.LinearSchedule.model_fields["warmup"], "integer in [0, 1000000000]"),
-        (spec.LabelsSource.model_fields["type"], "`labels`"),
+        (source_kind("labels").model.model_fields["type"], "`labels`"),
     ],
 )
 def test_yaml_types(annotation, expected):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from lossgraph.document import check_file
 from lossgraph.compiler.fusion import (
     DTYPE_BYTES,
     MAX_TEACHERS_PER_LAUNCH,
@@ -22,6 +21,7 @@ from lossgraph.compiler.fusion import (
     SoftmaxState,
     floor_bytes_per_token,
 )
+from lossgraph.document import check_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -212,11 +212,11 @@ def test_jsd_and_tvd_need_a_third_pass(tmp_path, case):
         kind = line.split("type: ")[1].split(",")[0]
         assert launch.passes == 3
         assert len(notes) == 1 and "t/next" in notes[0] and f"({kind})" in notes[0], launch.notes
-        assert len(launch.analysis.pass_reads) == 3
+        assert len(launch.layout.pass_reads) == 3
     else:
         assert launch.passes == 2
         assert notes == [], launch.notes
-        assert len(launch.analysis.pass_reads) == 2
+        assert len(launch.layout.pass_reads) == 2
 
 
 def test_reverse_kl_against_a_mixture_needs_a_third_pass(tmp_path):
@@ -297,7 +297,7 @@ def test_bytes_per_token_of_cross_entropy_plus_forward_kl_by_hand(tmp_path):
     bf16 = DTYPE_BYTES["bf16"]
     # pass 1 reads student + teacher; the last pass reads student + teacher and writes the gradient
     assert launch.bytes_per_token(bf16) == 5 * 1000 * 2
-    assert launch.analysis.pass_reads == [{0}, {0}]
+    assert launch.layout.pass_reads == (frozenset({0}), frozenset({0}))
     # the same count at a production vocab
     assert launch.bytes_per_token(bf16, 128256) == 5 * 128256 * 2
     # the floor: the student and the teacher read once, the gradient written once

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 import lossgraph
-from lossgraph.spec import loader
-from lossgraph.spec import models as spec
+from lossgraph.compiler.passes import MAX_MIXTURE_PARTS
 from lossgraph.document import check_file, check_text
 from lossgraph.errors import Diagnostic
-from lossgraph.compiler.passes import MAX_MIXTURE_PARTS
+from lossgraph.spec import loader
+from lossgraph.spec import models as spec
 
 ROOT = Path(__file__).resolve().parents[1]
 INVALID = ROOT / "tests" / "invalid"

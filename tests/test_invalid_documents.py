@@ -19,10 +19,10 @@ import pytest
 
 import lossgraph
 from lossgraph.compiler import passes
+from lossgraph.compiler.passes import CompileContext
 from lossgraph.compiler.pipeline import PASSES
 from lossgraph.errors import ConfigError, Diagnostic
 from lossgraph.spec.loader import parse_yaml, validate_schema
-from lossgraph.compiler.passes import CompileContext
 
 INVALID = Path(__file__).parent / "invalid"
 # The validation passes of lossgraph.compiler.passes, in the compiler's order (planning passes left out).

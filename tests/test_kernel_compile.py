@@ -23,19 +23,15 @@ from helpers import run_compiler_script
 
 triton = pytest.importorskip("triton", reason="compiling the fused kernels needs the triton package")
 
-from lossgraph.kernels.signature import (  # noqa: E402
-    KINDS,
-    DenseTeacher,
-    KDense,
-    KernelSpec,
-    KernelTerm,
-    KLabels,
-    KMixture,
-    KSmoothed,
-    KTopK,
-)
+from lossgraph.kernels.layout import kernel_layout  # noqa: E402
+from lossgraph.kernels.signature import DenseTeacher, KernelSpec, KernelTerm, KTopK  # noqa: E402
 
 from lossgraph.document import check_file  # noqa: E402
+from lossgraph.kinds import loss_kind, loss_kinds  # noqa: E402
+from lossgraph.kinds.sources.label_smoothing import KSmoothed  # noqa: E402
+from lossgraph.kinds.sources.labels import KLabels  # noqa: E402
+from lossgraph.kinds.sources.mixture import KMixture  # noqa: E402
+from lossgraph.kinds.sources.teacher import KDense  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -61,6 +57,12 @@ TARGETS = {
 TARGET_KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "tvd")
 
 
+def kernel_term(kind: str, target, slot: int, *, active: bool = True) -> KernelTerm:
+    """A term of `kind` through its registered fragments (a jsd term with beta 0.3)."""
+    constants = (("beta", 0.3),) if kind == "jsd" else ()
+    return KernelTerm(loss_kind(kind).fragments, target, slot, constants=constants, active=active)
+
+
 def _dense_count(target) -> int:
     if isinstance(target, KDense):
         return target.teacher + 1
@@ -74,7 +76,7 @@ def _target_spec(name: str, *, active: bool = True, accumulate: bool = False, ma
     target = TARGETS[name]
     kinds = ("cross_entropy",) if name == "labels" else TARGET_KINDS
     slot = 0 if name == "topk-bucket" else 1  # a bucket tail cannot be re-tempered: slot 0 is T = 1
-    terms = tuple(KernelTerm(kind, target, slot, beta=0.3, active=active) for kind in kinds)
+    terms = tuple(kernel_term(kind, target, slot, active=active) for kind in kinds)
     return KernelSpec(
         terms=terms,
         slot_is_one=(True, False),
@@ -88,9 +90,9 @@ def synthetic_specs() -> dict[str, KernelSpec]:
     specs = {f"target-{name}": _target_spec(name) for name in TARGETS}
     specs["no-target-z_loss-entropy"] = KernelSpec(
         terms=(
-            KernelTerm("z_loss", None, 0),
-            KernelTerm("entropy", None, 1),
-            KernelTerm("entropy", None, 0, active=False),
+            kernel_term("z_loss", None, 0),
+            kernel_term("entropy", None, 1),
+            kernel_term("entropy", None, 0, active=False),
         ),
         slot_is_one=(True, False),
     )
@@ -105,12 +107,12 @@ def synthetic_specs() -> dict[str, KernelSpec]:
     # the widest launch: four dense teachers at two temperatures, two top-k teachers, labels
     specs["widest"] = KernelSpec(
         terms=(
-            KernelTerm("cross_entropy", KLabels(), 0),
-            *(KernelTerm("forward_kl", KDense(i), i % 2) for i in range(4)),
-            KernelTerm("jsd", KMixture(((0.5, KDense(0)), (0.5, KDense(3)))), 1, beta=0.3),
-            KernelTerm("reverse_kl", KTopK(0, "bucket"), 0),
-            KernelTerm("tvd", KTopK(1, "renormalize"), 1),
-            KernelTerm("z_loss", None, 0),
+            kernel_term("cross_entropy", KLabels(), 0),
+            *(kernel_term("forward_kl", KDense(i), i % 2) for i in range(4)),
+            kernel_term("jsd", KMixture(((0.5, KDense(0)), (0.5, KDense(3)))), 1),
+            kernel_term("reverse_kl", KTopK(0, "bucket"), 0),
+            kernel_term("tvd", KTopK(1, "renormalize"), 1),
+            kernel_term("z_loss", None, 0),
         ),
         slot_is_one=(True, False),
         dense=(DenseTeacher("same"),) * 4,
@@ -137,11 +139,9 @@ def cases() -> dict[str, tuple[KernelSpec, str, str]]:
     )
     all_cases["widest-fp32"] = (synthetic_specs()["widest"], "*fp32", "single")
     # the vocab-parallel phases of the widest launch and of every example launch that has a pass 2
-    from lossgraph.kernels.codegen import KernelGenerator
-
     split = {"widest": synthetic_specs()["widest"], **example_specs()}
     for name, spec in split.items():
-        phases = ["stats", "apply"] + (["reduce"] if KernelGenerator(spec).reduction_terms else [])
+        phases = ["stats", "apply"] + (["reduce"] if kernel_layout(spec).reduction_terms else [])
         if name != "widest" and "reduce" not in phases:
             continue
         for phase in phases:
@@ -161,8 +161,8 @@ def test_synthetic_specs_cover_every_kind_and_target():
 
     for spec in synthetic_specs().values():
         for term in spec.terms:
-            seen.add((term.kind, visit(term.target) if term.target is not None else None))
-    assert {kind for kind, _ in seen} == set(KINDS)
+            seen.add((term.loss.name, visit(term.target) if term.target is not None else None))
+    assert {kind for kind, _ in seen} == {kind.name for kind in loss_kinds()}
     targets = {"KSmoothed", "KDense", "KMixture", "KTopK-renormalize", "KTopK-bucket"}
     assert {(kind, target) for kind in TARGET_KINDS for target in targets} <= seen
     assert {("cross_entropy", "KLabels"), ("z_loss", None), ("entropy", None)} <= seen
@@ -238,3 +238,17 @@ def test_kernel_does_not_spill(compiled, case):
 
 if __name__ == "__main__":
     compile_all(Path(sys.argv[1]))
+
+
+@pytest.mark.parametrize("name", sorted({**example_specs(), **synthetic_specs()}))
+def test_the_layout_tells_what_each_generated_read_streams(name):
+    """The planner's byte estimates come from the layout, not from generated source: the dense
+    teachers each read of the row loads in the generated kernel are the layout's `pass_reads`."""
+    from lossgraph.kernels.codegen import KernelGenerator
+
+    spec = {**example_specs(), **synthetic_specs()}[name]
+    source = KernelGenerator(spec).source()
+    live = source.split("    else:\n", 1)[1]  # the rows that take a loss (the masked branch comes first)
+    loops = live.split("for start in range(0, V, BLOCK_V):")[1:]
+    reads = tuple(frozenset(int(i) for i in re.findall(r"\bt(\d+) = tl\.load\(t\d+_row", loop)) for loop in loops)
+    assert reads == kernel_layout(spec).pass_reads

@@ -82,7 +82,7 @@ def make_data(seed: int = 0) -> dict:
 
 
 def expected_distributions(source: str, data: dict, x: torch.Tensor, temperature: float):
-    """(p, q) per position in float64, written from the design's formulas (not from lossgraph)."""
+    """(p, q) per position in float64, written from the formulas of docs/concepts.md (not from lossgraph)."""
     q = torch.softmax(x / temperature, dim=-1)
     onehot = F.one_hot(data["labels"].clamp(min=0), V).double()
     if source == "teacher":

@@ -493,9 +493,31 @@ def test_num_items_tensor_values_are_checked(distill, value):
         distill(**inputs)
 
 
-@pytest.mark.skip(reason="device mismatch needs a second device; not testable on CPU")
-def test_device_mismatch():  # pragma: no cover
-    pass
+def _on_meta(value):
+    """The same tensor (or TopK) on the `meta` device: a second device that every machine has."""
+    if isinstance(value, lossgraph.TopK):
+        return lossgraph.TopK(value.indices.to("meta"), value.logprobs.to("meta"))
+    return value.to("meta")
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (("logits", "mtp2"), "is on meta, other heads on cpu"),
+        (("labels",), "labels is on meta, the logits on cpu"),
+        (("teachers", "teacher"), "on meta, the logits on cpu"),
+        (("teachers", "cached"), "of teacher 'cached' is on meta, the logits on cpu"),
+    ],
+    ids=["second-head", "labels", "dense-teacher", "topk-teacher"],
+)
+def test_an_input_on_another_device_is_named(distill, where, message):
+    inputs = good_inputs()
+    holder = inputs
+    for key in where[:-1]:
+        holder = holder[key]
+    holder[where[-1]] = _on_meta(holder[where[-1]])
+    with pytest.raises(lossgraph.InputError, match=message):
+        distill(**inputs)
 
 
 # --------------------------------------------------------------------------------------------------

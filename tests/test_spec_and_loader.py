@@ -13,7 +13,9 @@ from pydantic import BaseModel, ValidationError
 
 import lossgraph
 import lossgraph.spec.models
+import lossgraph.spec.nodes
 from lossgraph import ConfigError, Diagnostic, LossGraphError, LossGraphSpec, LossGraphWarning, SourceFileError
+from lossgraph.kinds import loss_kinds, source_kinds
 from lossgraph.spec.models import json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,11 +273,14 @@ def test_diagnostic_from_a_document_formats_as_file_line_column_path_message():
 
 
 def _models() -> list[type[BaseModel]]:
-    return [
+    """The spec's own models and those of the registered kinds."""
+    own = [
         value
-        for _, value in inspect.getmembers(lossgraph.spec.models, inspect.isclass)
-        if issubclass(value, BaseModel) and value.__module__ == "lossgraph.spec.models"
+        for module in (lossgraph.spec.nodes, lossgraph.spec.models)
+        for _, value in inspect.getmembers(module, inspect.isclass)
+        if issubclass(value, BaseModel) and value.__module__ == module.__name__
     ]
+    return own + [kind.model for kind in (*source_kinds(), *loss_kinds())]
 
 
 def test_every_property_of_every_schema_model_has_a_description():

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import LossGraphError
 from ..compiler.fusion import DTYPE_BYTES, floor_bytes_per_token
+from ..errors import LossGraphError
 from ..runtime.compiled import CompiledGraph, compile
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -370,9 +370,9 @@ def run_graph_file(
 ) -> CaseResult:
     """A user's loss graph: lossgraph's fused and reference backends on random inputs of its shapes
     (the peers' user code exists only for the standard cases)."""
+    from ..compiler.plan import TopKTarget
     from ..document import load
     from ..runtime.inputs import Linear, TopK
-    from ..compiler.plan import TopKTarget
 
     spec = load(path)
     reference = compile(spec, backend="torch")

@@ -28,6 +28,7 @@ from rich.table import Table
 from ..compiler.plan import DenseTarget, TopKTarget, target_leaves
 from ..document import check_spec, loads
 from ..errors import LossGraphError
+from ..kinds import source_kind
 from ..runtime.compiled import CompiledGraph, compile
 from ..runtime.inputs import TopK
 from ..spec.loader import read_text
@@ -154,7 +155,7 @@ def _check_graph(spec: LossGraphSpec) -> None:
                 f"{spec.head_vocab(name)}); set vocab_size: {VOCAB}"
             )
     for name, source in spec.sources.items():
-        if source.type in ("teacher", "topk_teacher"):
+        if source_kind(source.type).is_teacher:
             if source.offset != 1:
                 raise LossGraphError(
                     f"the demo's teacher predicts the next token; source {name!r} has offset {source.offset}"

@@ -11,6 +11,7 @@ import subprocess
 
 from ..compiler.graph import SourceGraph
 from ..errors import LossGraphError
+from ..kinds import source_kind
 from ..spec.describe import number, scheduled
 from ..spec.models import LossGraphSpec
 
@@ -50,12 +51,8 @@ def _loss_label(spec: LossGraphSpec, name: str) -> list[str]:
 
 def _source_label(spec: LossGraphSpec, name: str) -> list[str]:
     source = spec.sources[name]
-    lines = [name, source.type]
-    if source.type == "topk_teacher":
-        lines.append(f"k {source.k}, {source.tail}")
-    if source.type == "label_smoothing":
-        lines.append(f"eps {number(source.epsilon)}")
-    return lines
+    label = source_kind(source.type).diagram_label(source)
+    return [name, source.type, label] if label else [name, source.type]
 
 
 def _head_label(spec: LossGraphSpec, name: str) -> list[str]:

@@ -11,32 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..kernels.layout import KernelLayout, kernel_layout
+from ..kernels.signature import DenseTeacher, KernelSpec, KernelTerm
+from ..kinds import loss_kind
+from ..kinds.source import DENSE, TOPK, LaunchIndex
 from ..spec.describe import scheduled
-from ..kernels.codegen import KernelGenerator
-from ..kernels.signature import (
-    DenseTeacher,
-    KDense,
-    KernelSpec,
-    KernelTerm,
-    KLabels,
-    KMixture,
-    KSmoothed,
-    KTarget,
-    KTopK,
-    needs_reduction_pass,
-)
-from .plan import (
-    DenseTarget,
-    HeadPlan,
-    LabelsTarget,
-    Plan,
-    SmoothedTarget,
-    Target,
-    Term,
-    TopKTarget,
-    target_leaves,
-)
 from ..spec.schedules import FIXED_ONE, temperature_key
+from .plan import DenseTarget, HeadPlan, Plan, Term, TopKTarget, target_leaves
 
 # Tiles of the student and of every dense teacher live in registers together; past this many
 # teachers per launch, tiles get too narrow (or spill) and a head is split into several launches.
@@ -67,7 +48,10 @@ ONE = FIXED_ONE
 
 
 def _uses_fixed_one(term: Term) -> bool:
-    return term.kind == "z_loss" or (isinstance(term.target, TopKTarget) and term.target.tail == "bucket")
+    """The term reads the logits at temperature 1 whatever it says: its kind (z_loss), or a bucket tail."""
+    if loss_kind(term.kind).fragments.fixed_temperature_one:
+        return True
+    return term.target is not None and term.target.form == TOPK and term.target.tail == "bucket"
 
 
 @dataclass(frozen=True)
@@ -91,33 +75,22 @@ class Launch:
     vocab_size: int
     accumulate: bool
     notes: tuple[str, ...]
+    layout: KernelLayout | None = None  # of the launch's kernel with every term active (set by _launch)
 
     def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
         """The KernelSpec for this launch; `active[t]` False leaves term t out of the gradient."""
         active = active or (True,) * len(self.terms)
         keys = [temperature_key(value) for value in self.slots]
-        dense_index = {target.name: i for i, target in enumerate(self.dense)}
-        topk_index = {target.name: i for i, target in enumerate(self.topk)}
-
-        def convert(target: Target | None) -> KTarget | None:
-            if target is None:
-                return None
-            if isinstance(target, LabelsTarget):
-                return KLabels()
-            if isinstance(target, SmoothedTarget):
-                return KSmoothed(target.epsilon)
-            if isinstance(target, DenseTarget):
-                return KDense(dense_index[target.name])
-            if isinstance(target, TopKTarget):
-                return KTopK(topk_index[target.name], target.tail)
-            return KMixture(tuple((weight, convert(part)) for weight, part in target.parts))
-
+        index = LaunchIndex(
+            dense={target.name: i for i, target in enumerate(self.dense)},
+            topk={target.name: i for i, target in enumerate(self.topk)},
+        )
         terms = tuple(
             KernelTerm(
-                kind=term.kind,
-                target=convert(term.target),
+                loss=loss_kind(term.kind).fragments,
+                target=None if term.target is None else term.target.kernel_target(index),
                 slot=keys.index(ONE if _uses_fixed_one(term) else temperature_key(term.temperature)),
-                beta=term.beta,
+                constants=term.constants,
                 active=is_active,
             )
             for term, is_active in zip(self.terms, active)
@@ -134,21 +107,14 @@ class Launch:
         )
 
     @property
-    def analysis(self) -> KernelGenerator:
-        generator = KernelGenerator(self.kernel_spec())
-        generator.source()
-        return generator
-
-    @property
     def passes(self) -> int:
         """Reads of the logits row: 2, or 3 when a term needs a row sum over p and q first."""
-        return 3 if any(needs_reduction_pass(t) for t in self.kernel_spec().terms) else 2
+        return self.layout.passes
 
     @property
     def softmaxes(self) -> tuple[SoftmaxState, ...]:
-        generator = KernelGenerator(self.kernel_spec())
-        states = [SoftmaxState("student", scheduled(self.slots[s])) for s in generator.student_slots]
-        states += [SoftmaxState(self.dense[i].name, scheduled(self.slots[s])) for i, s in generator.teacher_states]
+        states = [SoftmaxState("student", scheduled(self.slots[s])) for s in self.layout.student_slots]
+        states += [SoftmaxState(self.dense[i].name, scheduled(self.slots[s])) for i, s in self.layout.teacher_states]
         return tuple(states)
 
     def bytes_per_token(self, logits_bytes: int, vocab: int | None = None) -> int:
@@ -159,7 +125,7 @@ class Launch:
         """
         head_vocab = vocab or self.vocab_size
         total = 0
-        for reads in self.analysis.pass_reads:
+        for reads in self.layout.pass_reads:
             total += head_vocab * logits_bytes
             total += sum(min(head_vocab, vocab or self.dense[i].vocab_size) * logits_bytes for i in reads)
         total += head_vocab * logits_bytes * (2 if self.accumulate else 1)  # gradient write (and read)
@@ -187,7 +153,7 @@ def floor_bytes_per_token(plan: Plan, logits_bytes: int, vocab: int | None = Non
         head_vocab = vocab or head.vocab_size
         total += 2 * head_vocab * logits_bytes
         for teacher in head.teachers:
-            if isinstance(teacher, DenseTarget):
+            if teacher.form == DENSE:
                 total += min(head_vocab, vocab or teacher.vocab_size) * logits_bytes
             else:
                 total += teacher.k * 12
@@ -218,7 +184,7 @@ def estimate(
         chunking = None
         if head.hidden_input and launch.index == 0:
             head_vocab = vocab or head.vocab_size
-            teachers = [vocab or t.vocab_size for t in head.teachers if isinstance(t, DenseTarget)]
+            teachers = [vocab or t.vocab_size for t in head.teachers if t.form == DENSE]
             rows = chunk_rows(head_vocab, teachers, size)
             chunking = {"chunk_rows": rows, "chunks": -(-tokens // rows)}
             if hidden:
@@ -264,7 +230,7 @@ def estimate(
 def _dense_of(term: Term) -> list[DenseTarget]:
     if term.target is None:
         return []
-    return [leaf for leaf in target_leaves(term.target) if isinstance(leaf, DenseTarget)]
+    return [leaf for leaf in target_leaves(term.target) if leaf.form == DENSE]
 
 
 def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> Launch:
@@ -279,11 +245,11 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
     topk: dict[str, TopKTarget] = {}
     for term in terms:
         for leaf in target_leaves(term.target) if term.target is not None else []:
-            if isinstance(leaf, DenseTarget):
+            if leaf.form == DENSE:
                 dense.setdefault(leaf.name, leaf)
-            elif isinstance(leaf, TopKTarget):
+            elif leaf.form == TOPK:
                 topk.setdefault(leaf.name, leaf)
-    return Launch(
+    launch = Launch(
         head=head.name,
         index=index,
         terms=tuple(terms),
@@ -294,6 +260,7 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         accumulate=index > 0,
         notes=tuple(notes),
     )
+    return replace(launch, layout=kernel_layout(launch.kernel_spec()))
 
 
 def plan_head(head: HeadPlan) -> list[Launch]:
@@ -322,9 +289,9 @@ def plan_head(head: HeadPlan) -> list[Launch]:
             notes.append(f"one term reads {len(teachers[index])} teachers at once; its tiles are narrower")
         launch = _launch(head, index, group, notes)
         notes += [
-            f"extra pass: {term.key} ({term.kind}) needs a row sum over p and q before its gradient"
-            for term, kernel_term in zip(launch.terms, launch.kernel_spec().terms)
-            if needs_reduction_pass(kernel_term)
+            f"extra pass: {launch.terms[t].key} ({launch.terms[t].kind}) needs a row sum over p and q before its "
+            "gradient"
+            for t in launch.layout.reduction_terms
         ]
         launches.append(replace(launch, notes=tuple(notes)))
     return launches

@@ -12,37 +12,17 @@ the cycles). Pure Python on networkx: no torch.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
 
 import networkx as nx
 
-from ..spec.models import LabelSmoothingSource, LossGraphSpec, MixtureSource
-
-
-class Member(NamedTuple):
-    """One source that a derived source reads."""
-
-    name: str
-    path: tuple[str | int, ...]  # where it is written inside the reading source: ("source",) or ("sources", i)
-    weight: float | None  # its share of a mixture (equal shares when `weights` is omitted); None otherwise
+from ..kinds import Member, source_kind
+from ..spec.models import LossGraphSpec
 
 
 def source_members(source: object) -> list[Member]:
-    """The sources that `source` reads, in declaration order (duplicates and unknown names kept).
-
-    The one place that knows which field of a source kind names other sources: `source` of a
-    `label_smoothing`, `sources` (with `weights`) of a `mixture`. Leaves read none. A mixture member
-    beyond the end of a `weights` list of the wrong length (an error of its own) has weight None.
-    """
-    if isinstance(source, LabelSmoothingSource):
-        return [Member(source.source, ("source",), None)]
-    if isinstance(source, MixtureSource):
-        weights = source.weights or [1.0 / len(source.sources)] * len(source.sources)
-        return [
-            Member(name, ("sources", i), weights[i] if i < len(weights) else None)
-            for i, name in enumerate(source.sources)
-        ]
-    return []
+    """The sources that `source` reads, in declaration order (duplicates and unknown names kept): its
+    kind says which of its fields name them (`SourceKind.members`)."""
+    return source_kind(source.type).members(source)
 
 
 class SourceGraph:

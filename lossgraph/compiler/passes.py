@@ -8,30 +8,22 @@ skip what an earlier pass already reported as unresolved.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import Diagnostic
+from ..kinds import TargetFacts, loss_kind, source_kind
 from ..spec.models import (
-    DIVERGENCE_KINDS,
     MAX_MIXTURE_PARTS,
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
     ConstantSchedule,
-    LabelSmoothingSource,
-    LabelsSource,
     LossGraphSpec,
-    MixtureSource,
-    TeacherSource,
-    TopKTeacherSource,
 )
-from ..spec.schedules import FIXED_ONE, temperature_key
+from ..spec.schedules import fixed_at_one
 from ..spec.sourcemap import Path, SourceMap
 from ..spec.suggest import did_you_mean
 from .graph import SourceGraph
-
-MIXTURE_WEIGHT_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -62,11 +54,6 @@ class CompileContext:
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
-
-
-def fixed_at_one(temperature: object) -> bool:
-    """True when a temperature is the constant 1 (a number or a constant schedule)."""
-    return temperature_key(temperature) == FIXED_ONE
 
 
 def _line(ctx: CompileContext, path: Path) -> int:
@@ -171,9 +158,10 @@ def mixture_parts(graph: SourceGraph) -> dict[str, int]:
 
 
 def check_source_kinds(ctx: CompileContext) -> None:
-    """label_smoothing reads labels; mixtures hold dense distributions; one labels source at most."""
+    """One labels source at most; each source against the sources it reads (its kind's rules); mixtures
+    expand to a bounded number of leaves."""
     spec, graph = ctx.spec, _graph(ctx)
-    labels = [name for name, s in spec.sources.items() if isinstance(s, LabelsSource)]
+    labels = [name for name, s in spec.sources.items() if source_kind(s.type).provides_labels]
     for extra in sorted(labels, key=lambda n: _line(ctx, ("sources", n)))[1:]:
         ctx.error(
             ("sources", extra),
@@ -181,25 +169,8 @@ def check_source_kinds(ctx: CompileContext) -> None:
             key=True,
         )
     for name, source in spec.sources.items():
-        members = graph.members(name)
-        if isinstance(source, LabelSmoothingSource):
-            for member in members:
-                inner = spec.sources.get(member.name)
-                if inner is not None and not isinstance(inner, LabelsSource):
-                    ctx.error(
-                        ("sources", name, *member.path),
-                        f"label_smoothing smooths a labels source, but {member.name!r} is a {inner.type} source",
-                    )
-        if isinstance(source, MixtureSource):
-            for member in members:
-                if isinstance(spec.sources.get(member.name), TopKTeacherSource):
-                    ctx.error(
-                        ("sources", name, *member.path),
-                        f"a mixture cannot contain the top-k teacher {member.name!r}: its distribution is known "
-                        "on k tokens only; give it a loss node of its own",
-                    )
-            if len({m.name for m in members}) != len(members):
-                ctx.error(("sources", name, "sources"), "a source is listed twice; list it once and add up its weights")
+        for path, message in source_kind(source.type).check(name, source, spec):
+            ctx.error(("sources", name, *path), message)
     parts = mixture_parts(graph)
     for name in spec.sources:
         # Report the mixtures that cross the bound, not every mixture that contains one of them.
@@ -212,22 +183,11 @@ def check_source_kinds(ctx: CompileContext) -> None:
             )
 
 
-def check_mixture_weights(ctx: CompileContext) -> None:
-    """Mixture weights: one per source, summing to 1."""
+def check_source_fields(ctx: CompileContext) -> None:
+    """Each source's own fields against each other (its kind's rules: mixture weights sum to 1)."""
     for name, source in ctx.spec.sources.items():
-        if not isinstance(source, MixtureSource) or source.weights is None:
-            continue
-        path = ("sources", name, "weights")
-        if len(source.weights) != len(source.sources):
-            ctx.error(
-                path,
-                f"{len(source.weights)} weights for {_count(len(source.sources), 'source')}; "
-                "give one weight per source",
-            )
-            continue
-        total = math.fsum(source.weights)  # each weight is in [0, 1] (the schema checks it)
-        if abs(total - 1.0) > MIXTURE_WEIGHT_TOLERANCE:
-            ctx.error(path, f"weights sum to {total:g}; they must sum to 1")
+        for path, message in source_kind(source.type).check_fields(name, source):
+            ctx.error(("sources", name, *path), message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,21 +209,7 @@ def zero_mass_reason(graph: SourceGraph, name: str) -> str | None:
     reasons: dict[str, str | None] = {}
     for current in graph.postorder(name):
         source = spec.sources[current]
-        reason = None
-        if isinstance(source, LabelsSource):
-            reason = f"{current!r} holds hard labels"
-        elif isinstance(source, TeacherSource) and source.vocab_map == "pad":
-            reason = f"teacher {current!r} pads its vocab with zero mass"
-        elif isinstance(source, MixtureSource):
-            weighted = [member.name for member in graph.members(current) if member.weight]
-            if weighted and all(reasons.get(member) for member in weighted):
-                # A nested mixture is named, not spelled out, so that the message stays short.
-                parts = [
-                    f"mixture {member!r} does" if isinstance(spec.sources[member], MixtureSource) else reasons[member]
-                    for member in dict.fromkeys(weighted)
-                ]
-                reason = f"every part of mixture {current!r} does ({'; '.join(parts)})"
-        reasons[current] = reason
+        reasons[current] = source_kind(source.type).zero_mass_reason(current, source, reasons, spec)
     return reasons.get(name)
 
 
@@ -275,32 +221,12 @@ def check_target_kinds(ctx: CompileContext) -> None:
         source = spec.sources.get(target) if target else None
         if source is None:
             continue
-        path = ("losses", name, "target")
-        if loss.type in DIVERGENCE_KINDS and isinstance(source, LabelsSource):
-            ctx.error(
-                path,
-                f"{loss.type} compares two distributions, but {target!r} holds hard labels; "
-                + (
-                    "use cross_entropy (forward KL against one-hot labels is cross-entropy)"
-                    if loss.type == "forward_kl"
-                    else "use cross_entropy, or compare with a label_smoothing source of the labels"
-                ),
-            )
-            continue
-        if isinstance(source, TopKTeacherSource) and source.tail == "bucket" and not fixed_at_one(loss.temperature):
-            ctx.error(
-                ("losses", name, "temperature"),
-                f"top-k teacher {target!r} uses tail: bucket, whose tail mass cannot be re-tempered; "
-                "use temperature 1, or tail: renormalize",
-            )
-        if loss.type == "reverse_kl":
-            reason = zero_mass_reason(_graph(ctx), target)
-            if reason:
-                ctx.error(
-                    path,
-                    f"reverse_kl needs a target with mass on every token, but {reason}; "
-                    "use forward_kl or jsd, or smooth the labels",
-                )
+        for field_name, message in source_kind(source.type).check_loss(target, source, loss):
+            ctx.error(("losses", name, field_name), message)
+        hard_labels = source_kind(source.type).provides_labels
+        facts = TargetFacts(target, hard_labels, zero_mass_reason(_graph(ctx), target))
+        for field_name, message in loss_kind(loss.type).check_target(facts):
+            ctx.error(("losses", name, field_name), message)
 
 
 def check_offsets(ctx: CompileContext) -> None:
@@ -313,7 +239,7 @@ def check_offsets(ctx: CompileContext) -> None:
         head_offset = spec.heads[head].offset
         for leaf, parent in graph.leaf_inputs(target):
             source = spec.sources[leaf]
-            if isinstance(source, (TeacherSource, TopKTeacherSource)) and source.offset != head_offset:
+            if source_kind(source.type).is_teacher and source.offset != head_offset:
                 where = f" (through {parent!r})" if parent else ""
                 ctx.error(
                     ("losses", name, "heads", index),
@@ -330,13 +256,8 @@ def check_vocab_sizes(ctx: CompileContext) -> None:
         if spec.head_vocab(name) is None:
             ctx.error(("heads", name), "no vocab size: set vocab_size on this head or at the top level", key=True)
     for name, source in spec.sources.items():
-        if not isinstance(source, (TeacherSource, TopKTeacherSource)):
-            continue
-        vocab = spec.source_vocab(name)
-        if vocab is None:
+        if source_kind(source.type).is_teacher and spec.source_vocab(name) is None:
             ctx.error(("sources", name), "no vocab size: set vocab_size on this source or at the top level", key=True)
-        elif isinstance(source, TopKTeacherSource) and source.k > vocab:
-            ctx.error(("sources", name, "k"), f"k = {source.k} exceeds the teacher's vocab size {vocab}")
     for name, loss, index, head in _bindings(ctx):
         target = getattr(loss, "target", None)
         head_vocab = spec.head_vocab(head)
@@ -344,7 +265,7 @@ def check_vocab_sizes(ctx: CompileContext) -> None:
             continue
         for leaf, _ in graph.leaf_inputs(target):
             source = spec.sources[leaf]
-            teacher_vocab = spec.source_vocab(leaf) if not isinstance(source, LabelsSource) else None
+            teacher_vocab = spec.source_vocab(leaf) if source_kind(source.type).is_teacher else None
             if teacher_vocab is None or teacher_vocab == head_vocab:
                 continue
             path = ("losses", name, "heads", index)
@@ -388,7 +309,7 @@ def check_weights(ctx: CompileContext) -> None:
                     (*base, "head_weights"),
                     f"{len(loss.head_weights)} head_weights for {_count(len(loss.heads), 'head')}; give one per head",
                 )
-        if loss.type != "entropy":
+        if not loss_kind(loss.type).allows_negative_weight:
             for part, value in _schedule_values(loss.weight):
                 if value < 0:
                     path = (*base, "weight", part) if part else (*base, "weight")

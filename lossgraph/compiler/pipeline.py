@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..spec.models import LossGraphSpec
 from . import passes
 from .fusion import plan_fusion
 from .passes import CompileContext
 from .plan import build_plan
-from ..spec.models import LossGraphSpec
 
 Pass = Callable[[CompileContext], None]
 
@@ -34,7 +34,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("build_graph", passes.build_graph),
     ("check_source_cycles", passes.check_source_cycles),
     ("check_source_kinds", passes.check_source_kinds),
-    ("check_mixture_weights", passes.check_mixture_weights),
+    ("check_source_fields", passes.check_source_fields),
     ("check_target_kinds", passes.check_target_kinds),
     ("check_offsets", passes.check_offsets),
     ("check_vocab_sizes", passes.check_vocab_sizes),

@@ -8,77 +8,40 @@ Pure Python: building a plan imports no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
-from ..spec.models import (
-    LabelSmoothingSource,
-    LabelsSource,
-    LossGraphSpec,
-    MixtureSource,
-    TeacherSource,
-    TopKTeacherSource,
-)
+from ..kinds import Target, loss_kind, source_kind
+from ..kinds.source import DENSE, TOPK
+from ..kinds.sources.label_smoothing import SmoothedTarget
+from ..kinds.sources.labels import LabelsTarget
+from ..kinds.sources.mixture import MixtureTarget
+from ..kinds.sources.teacher import DenseTarget
+from ..kinds.sources.topk_teacher import TopKTarget
+from ..spec.models import LossGraphSpec
 from .graph import SourceGraph
 
-
-@dataclass(frozen=True)
-class LabelsTarget:
-    """Hard next-token labels (a one-hot distribution)."""
-
-    name: str
-    ignore_index: int
-
-
-@dataclass(frozen=True)
-class DenseTarget:
-    """Dense teacher logits, mapped onto the head's vocab (`truncate`, `pad` or none)."""
-
-    name: str
-    vocab_size: int
-    vocab_map: str | None
-
-
-@dataclass(frozen=True)
-class TopKTarget:
-    """A teacher known on k tokens per position: indices and log-probs at temperature 1."""
-
-    name: str
-    k: int
-    tail: str
-    vocab_size: int
+# The plan's targets are defined by their source kinds (lossgraph/kinds/sources/); named here for the
+# code that reads a plan.
+__all__ = [
+    "DenseTarget",
+    "HeadPlan",
+    "LabelsTarget",
+    "MixtureTarget",
+    "Plan",
+    "SmoothedTarget",
+    "Target",
+    "Term",
+    "TopKTarget",
+    "build_plan",
+    "resolve_target",
+    "target_leaves",
+]
 
 
-@dataclass(frozen=True)
-class SmoothedTarget:
-    """(1 - epsilon) one-hot(labels) + epsilon / V."""
-
-    name: str
-    epsilon: float
-    labels: LabelsTarget
-
-
-@dataclass(frozen=True)
-class MixtureTarget:
-    """Sum of weight x distribution over the parts."""
-
-    name: str
-    parts: tuple[tuple[float, Target], ...]
-
-
-Target = Union[LabelsTarget, DenseTarget, TopKTarget, SmoothedTarget, MixtureTarget]
-
-
-def target_leaves(target: Target) -> list[LabelsTarget | DenseTarget | TopKTarget]:
+def target_leaves(target: Target) -> list[Target]:
     """The labels and teachers a target reads, each once, in order of first appearance (the order of
     `SourceGraph.leaves` for the source the target was resolved from)."""
-    if isinstance(target, SmoothedTarget):
-        leaves: list[LabelsTarget | DenseTarget | TopKTarget] = [target.labels]
-    elif isinstance(target, MixtureTarget):
-        leaves = [leaf for _, part in target.parts for leaf in target_leaves(part)]
-    else:
-        leaves = [target]
-    unique: dict[str, LabelsTarget | DenseTarget | TopKTarget] = {}
-    for leaf in leaves:
+    unique: dict[str, Target] = {}
+    for leaf in target.leaves():
         unique.setdefault(leaf.name, leaf)
     return list(unique.values())
 
@@ -95,7 +58,7 @@ class Term:
     head_weight: float
     temperature: object  # a number or a schedule model; 1.0 for kinds without temperature
     temperature_scaling: bool
-    beta: float  # jsd only
+    constants: tuple[tuple[str, float], ...] = ()  # the kind's constants (LossKind.constants), e.g. jsd's beta
 
     @property
     def key(self) -> str:
@@ -120,7 +83,7 @@ class HeadPlan:
         for term in self.terms:
             if term.target is not None:
                 for leaf in target_leaves(term.target):
-                    if not isinstance(leaf, LabelsTarget):
+                    if leaf.form in (DENSE, TOPK):
                         found.setdefault(leaf.name, leaf)
         return list(found.values())
 
@@ -155,25 +118,9 @@ def resolve_target(
     for current in graph.postorder(name):
         if current not in resolved:
             inputs = [(member.weight, resolved[member.name]) for member in graph.members(current)]
-            resolved[current] = _resolve_source(spec, current, inputs)
+            source = spec.sources[current]
+            resolved[current] = source_kind(source.type).resolve(spec, current, source, inputs)
     return resolved[name]
-
-
-def _resolve_source(spec: LossGraphSpec, name: str, inputs: list[tuple[float | None, Target]]) -> Target:
-    """The target of source `name`, given the (mixture weight, target) of each source it reads."""
-    source = spec.sources[name]
-    if isinstance(source, LabelsSource):
-        return LabelsTarget(name, source.ignore_index)
-    if isinstance(source, TeacherSource):
-        return DenseTarget(name, spec.source_vocab(name), source.vocab_map)
-    if isinstance(source, TopKTeacherSource):
-        return TopKTarget(name, source.k, source.tail, spec.source_vocab(name))
-    if isinstance(source, LabelSmoothingSource):
-        ((_, labels),) = inputs
-        return SmoothedTarget(name, source.epsilon, labels)
-    if isinstance(source, MixtureSource):
-        return MixtureTarget(name, tuple((weight, part) for weight, part in inputs if weight is not None))
-    raise TypeError(f"unknown source type {source.type!r}")  # unreachable for a validated spec
 
 
 def build_plan(spec: LossGraphSpec) -> Plan:
@@ -197,12 +144,17 @@ def build_plan(spec: LossGraphSpec) -> Plan:
                     head_weight=loss.head_weights[index] if loss.head_weights else 1.0,
                     temperature=getattr(loss, "temperature", 1.0),
                     temperature_scaling=getattr(loss, "temperature_scaling", False),
-                    beta=getattr(loss, "beta", 0.5),
+                    constants=loss_kind(loss.type).constants(loss),
                 )
             )
         heads.append(HeadPlan(head_name, head.offset, spec.head_vocab(head_name), tuple(terms), head.input == "hidden"))
     labels = next(
-        (LabelsTarget(n, s.ignore_index) for n, s in spec.sources.items() if isinstance(s, LabelsSource)), None
+        (
+            resolve_target(spec, name, graph, resolved)
+            for name, source in spec.sources.items()
+            if source_kind(source.type).provides_labels
+        ),
+        None,
     )
     teachers: dict[str, DenseTarget | TopKTarget] = {}
     for head in heads:

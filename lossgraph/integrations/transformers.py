@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
-from ..errors import InputError, LossGraphError
-from ..runtime.inputs import TopK
 from ..compiler.plan import TopKTarget
+from ..errors import InputError, LossGraphError
 from ..runtime.compiled import CompiledGraph, GraphOutput
+from ..runtime.inputs import TopK
 
 HEADS_ATTRIBUTE = "lossgraph_heads"
 

@@ -37,6 +37,7 @@ from ..kernels.launcher import (
     launch_stats,
     layout,
 )
+from ..kernels.layout import kernel_layout
 from ..kernels.signature import KernelSpec
 from .autograd import PrecomputedGradient
 from .backend import BackendOptions, ChunkResult, HeadBackend, HeadResult, TermStep, weighted_sum
@@ -330,7 +331,8 @@ def _sliced_launch(
     where = {"vocab_start": shard.start, "vocab_total": shard.total}
     statistics = combine_statistics(layout(spec, "stats"), launch_stats(spec, inputs, **where), shard.group)
     reductions = None
-    if layout(spec, "apply").reduction_terms:
+    kernel = kernel_layout(spec)
+    if kernel.reduction_terms:
         partial = launch_reduce(spec, inputs, statistics.floats, **where)
         reductions = all_reduce(partial, dist.ReduceOp.SUM, shard.group)
     values = launch_apply(
@@ -343,7 +345,7 @@ def _sliced_launch(
         reductions=reductions,
         **where,
     )
-    streamed = layout(spec, "apply").streamed_terms()
+    streamed = kernel.streamed_terms
     if streamed:  # each rank summed these over its own columns
         totals = all_reduce(torch.stack([values[:, t] for t in streamed], 1), dist.ReduceOp.SUM, shard.group)
         for column, term in enumerate(streamed):

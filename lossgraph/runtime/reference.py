@@ -1,4 +1,5 @@
-"""Reference math: every loss and target kind in plain PyTorch, differentiated by autograd.
+"""Reference math: every target form in plain PyTorch, and each term through its kind's own
+reference (`LossKind.reference` / `divergence`, in the kind's module), differentiated by autograd.
 
 This is the ground truth the fused kernels are tested against, so it favours readable, exact
 formulas over speed. Everything is computed in float32 (float64 when the logits are float64).
@@ -16,67 +17,15 @@ import math
 
 import torch
 
+from ..compiler.plan import Term, TopKTarget
+from ..kinds import loss_kind
+from ..kinds.source import LABELS, TOPK
 from .inputs import HeadBatch, TopK
-from ..compiler.plan import DenseTarget, LabelsTarget, MixtureTarget, SmoothedTarget, Target, Term, TopKTarget
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
     """float64 for float64 logits, float32 otherwise."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-# --------------------------------------------------------------------------------------------------
-# Divergences between two distributions given as log-probabilities over the last dimension.
-# --------------------------------------------------------------------------------------------------
-
-
-def relative_entropy(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) = sum_j a_j (log a_j - log b_j), with 0 log 0 = 0."""
-    a = log_a.exp()
-    support = a > 0
-    difference = torch.where(support, log_a - torch.where(support, log_b, 0.0), 0.0)
-    return (a * difference).sum(-1)
-
-
-def soft_cross_entropy(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """-sum_j p_j log q_j, with 0 log 0 = 0."""
-    p = log_p.exp()
-    return -(p * torch.where(p > 0, log_q, 0.0)).sum(-1)
-
-
-def jensen_shannon(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
-    """beta KL(p || M) + (1 - beta) KL(q || M) with M = beta p + (1 - beta) q."""
-    both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
-    weighted_p = torch.where(both_zero, 0.0, log_p + math.log(beta))
-    weighted_q = torch.where(both_zero, 0.0, log_q + math.log1p(-beta))
-    log_m = torch.where(both_zero, -math.inf, torch.logaddexp(weighted_p, weighted_q))
-    return beta * relative_entropy(log_p, log_m) + (1.0 - beta) * relative_entropy(log_q, log_m)
-
-
-def total_variation(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """1/2 sum_j |p_j - q_j|."""
-    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-
-
-def entropy(log_q: torch.Tensor) -> torch.Tensor:
-    """-sum_j q_j log q_j, with 0 log 0 = 0."""
-    q = log_q.exp()
-    return -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
-
-
-def divergence(kind: str, log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
-    """The per-position value of a target-based loss kind."""
-    if kind == "cross_entropy":
-        return soft_cross_entropy(log_p, log_q)
-    if kind == "forward_kl":
-        return relative_entropy(log_p, log_q)
-    if kind == "reverse_kl":
-        return relative_entropy(log_q, log_p)
-    if kind == "jsd":
-        return jensen_shannon(log_p, log_q, beta)
-    if kind == "tvd":
-        return total_variation(log_p, log_q)
-    raise ValueError(f"{kind} takes no target")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,43 +38,6 @@ def at_labels(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     inside = (labels >= 0) & (labels < values.shape[-1])
     picked = values.gather(1, torch.where(inside, labels, 0)[:, None]).squeeze(1)
     return torch.where(inside, picked, torch.nan)
-
-
-def map_vocab(teacher: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Teacher logits [N, Vt] onto the head's vocab: drop extra columns, or pad with -inf."""
-    extra = vocab_size - teacher.shape[-1]
-    if extra < 0:
-        return teacher[:, :vocab_size]
-    if extra > 0:
-        return torch.nn.functional.pad(teacher, (0, extra), value=-math.inf)
-    return teacher
-
-
-def target_log_probs(
-    target: Target, batch: HeadBatch, vocab_size: int, temperature: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """log p [N, V] of a dense target at `temperature` (masked rows hold finite placeholder values)."""
-    if isinstance(target, LabelsTarget):
-        log_p = torch.full((batch.mask.numel(), vocab_size), -math.inf, dtype=dtype, device=batch.mask.device)
-        return log_p.scatter(1, batch.labels[:, None], 0.0)
-    if isinstance(target, SmoothedTarget):
-        eps = target.epsilon
-        log_p = torch.full(
-            (batch.mask.numel(), vocab_size), math.log(eps / vocab_size), dtype=dtype, device=batch.mask.device
-        )
-        return log_p.scatter(1, batch.labels[:, None], math.log(1.0 - eps + eps / vocab_size))
-    if isinstance(target, DenseTarget):
-        teacher = map_vocab(batch.teachers[target.name].to(dtype), vocab_size)
-        teacher = torch.where(batch.mask[:, None], teacher, 0.0)
-        return torch.log_softmax(teacher / temperature, dim=-1)
-    if isinstance(target, MixtureTarget):
-        parts = [
-            math.log(weight) + target_log_probs(part, batch, vocab_size, temperature, dtype)
-            for weight, part in target.parts
-            if weight > 0
-        ]
-        return torch.logsumexp(torch.stack(parts), dim=0)
-    raise TypeError(f"{type(target).__name__} is not a dense target")
 
 
 def topk_log_probs(
@@ -170,55 +82,53 @@ def topk_log_probs(
     return torch.cat([log_p_top, log_p_tail], dim=-1), torch.cat([log_q_top, log_q_tail], dim=-1), usable
 
 
-def teacher_rows_finite(target: Target, batch: HeadBatch, vocab_size: int) -> torch.Tensor | None:
-    """[N] True where every teacher behind `target` is a distribution: no NaN or +inf, and something
-    finite (its log-sum-exp is finite). None for targets that read no teacher."""
-    if isinstance(target, DenseTarget):
-        teacher = map_vocab(batch.teachers[target.name], vocab_size)
-        return torch.logsumexp(teacher.to(torch.float64), dim=-1).isfinite()
-    if isinstance(target, TopKTarget):
-        return torch.logsumexp(batch.topk[target.name].logprobs.to(torch.float64), dim=-1).isfinite()
-    if isinstance(target, MixtureTarget):
-        parts = [teacher_rows_finite(part, batch, vocab_size) for _, part in target.parts]
-        parts = [part for part in parts if part is not None]
-        return torch.stack(parts).all(0) if parts else None
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # One term at one head.
 # --------------------------------------------------------------------------------------------------
 
 
+class ReferenceRow:
+    """What a kind's reference reads for one term at every position of a head: the masked logits, the
+    student's log q at the term's temperature, and the target's log p over the vocab (on demand)."""
+
+    def __init__(self, term: Term, batch: HeadBatch, logits: torch.Tensor, z: torch.Tensor, temperature: float):
+        self.term = term
+        self.batch = batch
+        self.logits = logits  # [N, V] at temperature 1, zero on masked rows
+        self.z = z  # logits / T
+        self.temperature = temperature
+        self.log_q = torch.log_softmax(z, dim=-1)
+        self.labels = batch.labels
+        self.hard_labels = term.target is not None and term.target.form == LABELS
+
+    def log_p(self) -> torch.Tensor:
+        """log p [N, V] of the term's dense target at its temperature (the target kind's own math)."""
+        return self.term.target.log_probs(self.batch, self.logits.shape[-1], self.temperature, self.z.dtype)
+
+    def at_labels(self, values: torch.Tensor) -> torch.Tensor:
+        return at_labels(values, self.labels)
+
+
 def term_per_position(term: Term, batch: HeadBatch, temperature: float) -> torch.Tensor:
     """The unweighted loss of `term` at every position, [N] (zero where masked)."""
+    kind = loss_kind(term.kind)
     dtype = compute_dtype(batch.logits)
     mask = batch.mask
     logits = torch.where(mask[:, None], batch.logits.to(dtype), 0.0)
-    if term.kind == "z_loss":
-        value = torch.logsumexp(logits, dim=-1) ** 2
+    z = logits / temperature
+    target = term.target
+    finite = None if target is None else target.rows_finite(batch, logits.shape[-1])
+    broken = None if finite is None else mask & ~finite
+    if broken is not None:
+        # a broken teacher row gives a NaN value and a NaN gradient, never a finite value that hides it
+        z = z * torch.where(broken, math.nan, 1.0)[:, None].to(dtype)  # exact on the other rows
+    if target is not None and target.form == TOPK:
+        log_p, log_q, usable = topk_log_probs(target, batch.topk[target.name], z, mask, temperature)
+        value = torch.where(usable, kind.divergence(log_p, log_q, term), 0.0)
     else:
-        z = logits / temperature
-        target = term.target
-        finite = teacher_rows_finite(target, batch, logits.shape[-1])
-        broken = None if finite is None else mask & ~finite
-        if broken is not None:
-            # a broken teacher row gives a NaN value and a NaN gradient, never a finite value that hides it
-            z = z * torch.where(broken, math.nan, 1.0)[:, None].to(dtype)  # exact on the other rows
-        if isinstance(target, TopKTarget):
-            log_p, log_q, usable = topk_log_probs(target, batch.topk[target.name], z, mask, temperature)
-            value = torch.where(usable, divergence(term.kind, log_p, log_q, term.beta), 0.0)
-        else:
-            log_q = torch.log_softmax(z, dim=-1)
-            if term.kind == "entropy":
-                value = entropy(log_q)
-            elif term.kind == "cross_entropy" and isinstance(target, LabelsTarget):
-                value = -at_labels(log_q, batch.labels)
-            else:
-                log_p = target_log_probs(target, batch, logits.shape[-1], temperature, dtype)
-                value = divergence(term.kind, log_p, log_q, term.beta)
-        if broken is not None:
-            value = torch.where(broken, z.sum(-1), value)  # NaN, with a NaN gradient through z
+        value = kind.reference(ReferenceRow(term, batch, logits, z, temperature), term)
+    if broken is not None:
+        value = torch.where(broken, z.sum(-1), value)  # NaN, with a NaN gradient through z
     return torch.where(mask, value, 0.0)
 
 

@@ -12,12 +12,13 @@ from dataclasses import replace
 import torch
 
 from ..compiler.plan import HeadPlan
+from ..kinds.math import map_vocab
 from .autograd import PrecomputedGradient
 from .backend import BackendOptions, ChunkResult, HeadResult, TermStep, weighted_sum
 from .inputs import HeadBatch
 from .linear import linear_head
 from .parallel import GatherVocab
-from .reference import compute_dtype, map_vocab, reference_terms
+from .reference import compute_dtype, reference_terms
 
 
 def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,6 +1,3 @@
-"""The spec layer: what a loss-graph file may contain (pydantic models, no torch), the YAML loader
-with its source map, schedules, and the descriptions and docs generated from the models."""
-
-from .models import LossGraphSpec, json_schema
-
-__all__ = ["LossGraphSpec", "json_schema"]
+"""The spec layer: what a loss-graph file may contain (`nodes`, the building blocks, and `models`, the
+document), the YAML loader with its source map, schedules, and the descriptions and docs generated
+from the models. No torch."""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..compiler.graph import source_members
-from .models import ConstantSchedule, LossGraphSpec, MixtureSource
+from ..kinds import loss_kind, source_kind
+from .models import ConstantSchedule, LossGraphSpec
 
 
 def number(value: float) -> str:
@@ -21,23 +21,9 @@ def scheduled(value: object) -> str:
 
 
 def source_summary(spec: LossGraphSpec, name: str) -> str:
-    """One line describing a source, e.g. `mixture 0.7 teacher + 0.3 teacher2`."""
+    """One line describing a source, e.g. `mixture 0.7 teacher + 0.3 teacher2` (its kind's summary)."""
     source = spec.sources[name]
-    if source.type == "labels":
-        return f"labels (ignore_index {source.ignore_index})"
-    if source.type in ("teacher", "topk_teacher"):
-        parts = [f"offset {source.offset}", f"vocab {spec.source_vocab(name)}"]
-        if source.type == "topk_teacher":
-            parts.insert(0, f"k {source.k}, tail {source.tail}")
-        if source.vocab_map:
-            parts.append(f"vocab_map {source.vocab_map}")
-        return f"{source.type} ({', '.join(parts)})"
-    members = source_members(source)
-    if source.type == "label_smoothing":
-        return f"label_smoothing of {members[0].name} (epsilon {number(source.epsilon)})"
-    if isinstance(source, MixtureSource):
-        return "mixture " + " + ".join(f"{m.weight:.3g} {m.name}" for m in members if m.weight is not None)
-    return source.type
+    return source_kind(source.type).summary(spec, name, source)
 
 
 def loss_summary(spec: LossGraphSpec, name: str, head_index: int | None = None) -> str:
@@ -55,6 +41,5 @@ def loss_summary(spec: LossGraphSpec, name: str, head_index: int | None = None) 
         details.append(f"T {scheduled(temperature)}")
     if getattr(loss, "temperature_scaling", False):
         details.append("x T^2")
-    if loss.type == "jsd":
-        details.append(f"beta {number(loss.beta)}")
+    details += loss_kind(loss.type).details(loss)
     return f"{text}, {', '.join(details)}"

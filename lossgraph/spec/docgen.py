@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from ..kinds import LossKind, SourceKind, loss_kinds, source_kinds
 from . import models as spec
 
 REGENERATE = "python -m lossgraph.spec.docgen > docs/yaml-reference.md"
@@ -37,18 +38,32 @@ def _union_models(annotated: Any) -> tuple[type[BaseModel], ...]:
     return tuple(typing.get_args(union))
 
 
-SOURCE_MODELS = _union_models(spec.Source)
-LOSS_MODELS = _union_models(spec.Loss)
 SCHEDULE_MODELS = _union_models(spec.Schedule)
 
-# Every model the page documents, in page order.
-MODELS: tuple[type[BaseModel], ...] = (
-    spec.LossGraphSpec,
-    spec.Head,
-    *SOURCE_MODELS,
-    *LOSS_MODELS,
-    *SCHEDULE_MODELS,
-)
+
+def source_models() -> tuple[type[BaseModel], ...]:
+    """The models of the registered source kinds, in registration order."""
+    return tuple(kind.model for kind in source_kinds())
+
+
+def loss_models() -> tuple[type[BaseModel], ...]:
+    """The models of the registered loss kinds, in registration order."""
+    return tuple(kind.model for kind in loss_kinds())
+
+
+def documented_models() -> tuple[type[BaseModel], ...]:
+    """Every model the page documents, in page order."""
+    return (spec.LossGraphSpec, spec.Head, *source_models(), *loss_models(), *SCHEDULE_MODELS)
+
+
+def _loss_kind_of(model: type[BaseModel]) -> LossKind | None:
+    return next((kind for kind in loss_kinds() if kind.model is model), None)
+
+
+def _kind_of(model: type[BaseModel]) -> LossKind | SourceKind | None:
+    """The registered loss or source kind whose model `model` is (its docs live in its module)."""
+    return next((kind for kind in (*source_kinds(), *loss_kinds()) if kind.model is model), None)
+
 
 # --------------------------------------------------------------------------------------------------
 # Hand-written parts of the page.
@@ -104,43 +119,14 @@ losses:
     temperature: {schedule: step, start: 4.0, end: 2.0, steps: 10000}
 """
 
-# One short example per model, written as it appears inside its parent mapping.
+# One short example per model, written as it appears inside its parent mapping (a loss kind's is
+# in its module, `LossKind.example`; see `examples()`).
 EXAMPLES: dict[type[BaseModel], str] = {
     spec.Head: "mtp2: {offset: 2, description: predicts the token after next}",
-    spec.LabelsSource: "labels: {type: labels, ignore_index: -100}",
-    spec.TeacherSource: "teacher: {type: teacher, vocab_size: 32064, vocab_map: truncate}",
-    spec.TopKTeacherSource: "cached: {type: topk_teacher, k: 64, tail: bucket}",
-    spec.LabelSmoothingSource: "smooth: {type: label_smoothing, source: labels, epsilon: 0.1}",
-    spec.MixtureSource: "ensemble: {type: mixture, sources: [big, code], weights: [0.7, 0.3]}",
-    spec.CrossEntropyLoss: "lm: {type: cross_entropy, heads: [next, mtp2], head_weights: [1.0, 0.5], target: labels}",
-    spec.ZLoss: "z: {type: z_loss, heads: [next], weight: 1.0e-4}",
-    spec.ForwardKLLoss: (
-        "distill: {type: forward_kl, heads: [next], target: teacher, temperature: 2.0, "
-        "temperature_scaling: true, weight: 0.5}"
-    ),
-    spec.ReverseKLLoss: "rkl: {type: reverse_kl, heads: [next], target: teacher, weight: 0.1}",
-    spec.JSDLoss: "jsd: {type: jsd, heads: [next], target: teacher, beta: 0.3, weight: 0.2}",
-    spec.TVDLoss: "tvd: {type: tvd, heads: [next], target: cached, weight: 0.1}",
-    spec.EntropyLoss: "entropy: {type: entropy, heads: [next], weight: -0.01}",
     spec.ConstantSchedule: "weight: {schedule: constant, start: 0.5}",
     spec.LinearSchedule: "weight: {schedule: linear, start: 0.0, end: 1.0, steps: 1000, warmup: 100}",
     spec.CosineSchedule: "weight: {schedule: cosine, start: 0.0, end: 1.0, steps: 2000, warmup: 500}",
     spec.StepSchedule: "temperature: {schedule: step, start: 4.0, end: 2.0, steps: 10000}",
-}
-
-# The term each loss kind adds per position (DESIGN.md, "Loss math").
-FORMULAS: dict[type[BaseModel], list[str]] = {
-    spec.CrossEntropyLoss: [
-        "hard labels (a `labels` source, or a `label_smoothing` source with ε): "
-        "ℓ = −(1−ε) log q[y] − (ε/V) Σ_j log q[j] (ε = 0 for plain labels)",
-        "a distribution target (teacher, mixture): ℓ = −Σ_j p_j log q_j",
-    ],
-    spec.ZLoss: ["ℓ = (logsumexp z)², on the raw logits z (no temperature)"],
-    spec.ForwardKLLoss: ["ℓ = Σ_j p_j (log p_j − log q_j)"],
-    spec.ReverseKLLoss: ["ℓ = Σ_j q_j (log q_j − log p_j)"],
-    spec.JSDLoss: ["M = βp + (1−β)q; ℓ = β KL(p‖M) + (1−β) KL(q‖M)"],
-    spec.TVDLoss: ["ℓ = ½ Σ_j |p_j − q_j|"],
-    spec.EntropyLoss: ["ℓ = −Σ_j q_j log q_j"],
 }
 
 SCHEDULE_FORMULAS: dict[type[BaseModel], str] = {
@@ -152,7 +138,8 @@ SCHEDULE_FORMULAS: dict[type[BaseModel], str] = {
     spec.StepSchedule: "Value at `step`: `start` while `step < warmup + steps`, then `end`.",
 }
 
-# What the validation passes check beyond the field types (lossgraph/passes.py).
+# What the validation passes check beyond the field types (lossgraph/compiler/passes.py); a loss
+# kind's own checks are in its module (`LossKind.checks`).
 CHECKS: dict[type[BaseModel], list[str]] = {
     spec.LossGraphSpec: [
         "Heads, sources and losses share one namespace: a name may be used once across the three.",
@@ -160,60 +147,10 @@ CHECKS: dict[type[BaseModel], list[str]] = {
         "or the top-level one.",
         "A source that no loss reads, and a head that no loss binds, give a warning.",
     ],
-    spec.LabelsSource: [
-        "A graph has at most one `labels` source: it reads one labels tensor.",
-        "The labels also define the token mask: positions whose label is `ignore_index` take no loss, on every head.",
-    ],
-    spec.TeacherSource: [
-        "`offset` must equal the offset of every head the teacher is compared with, also through a mixture.",
-        "When the teacher's vocabulary differs from a head's, `vocab_map` is required: `truncate` when the "
-        "teacher's is larger, `pad` when it is smaller. The other value is an error.",
-    ],
-    spec.TopKTeacherSource: [
-        "`k` may not exceed the teacher's vocabulary size.",
-        "`offset` and `vocab_map` follow the same rules as for `teacher`.",
-        "With `tail: bucket`, a loss that targets it must use temperature 1: the tail mass cannot be re-tempered.",
-        "A top-k teacher cannot be part of a `mixture` (its distribution is known on k tokens only); give it "
-        "a loss node of its own.",
-    ],
-    spec.LabelSmoothingSource: ["`source` must name the `labels` source."],
-    spec.MixtureSource: [
-        "Every name in `sources` must be a declared source, listed once; derived sources may not form a cycle.",
-        "`weights`: one per source, each >= 0, summing to 1 (within 1e-6).",
-        f"Expanded through the mixtures it contains, a mixture reads at most {spec.MAX_MIXTURE_PARTS} teacher and "
-        "label distributions.",
-    ],
-    spec.ForwardKLLoss: [
-        "`target` may not be the `labels` source: use `cross_entropy`, or a `label_smoothing` source."
-    ],
-    spec.ReverseKLLoss: [
-        "`target` may not be the `labels` source.",
-        "The target must give every token some mass: hard labels, a teacher with `vocab_map: pad`, or a mixture "
-        "whose weighted parts are all such, are errors. Use `forward_kl` or `jsd`, or smooth the labels.",
-    ],
-    spec.JSDLoss: ["`target` may not be the `labels` source."],
-    spec.TVDLoss: ["`target` may not be the `labels` source."],
 }
 
-# Short explanations shown under a model's docstring.
-NOTES: dict[type[BaseModel], str] = {
-    spec.LabelsSource: (
-        "One `labels` source serves every head: the head of offset d at position s reads label y[s + d − 1]. "
-        "Positions past the end of the sequence, or across a document boundary, take no loss."
-    ),
-    spec.TopKTeacherSource: (
-        "With `tail: renormalize`, the teacher's and the student's probabilities are both renormalized over "
-        "the k stored tokens and compared there. With `tail: bucket`, each side gets one extra bucket that "
-        "holds its mass outside the k tokens, and the k + 1 values are compared."
-    ),
-    spec.MixtureSource: (
-        "The target is p = Σ_i w_i p_i over the listed sources, each at the loss node's temperature. "
-        "Hard labels count as a one-hot distribution."
-    ),
-    spec.CrossEntropyLoss: "`target` may be any source.",
-    spec.ZLoss: "No `target` and no `temperature`: it reads the student's raw logits.",
-    spec.EntropyLoss: "No `target`. This is the only loss whose `weight` may be negative.",
-}
+# Short explanations shown under a model's docstring (a loss kind's: `LossKind.note`).
+NOTES: dict[type[BaseModel], str] = {}
 
 LOSS_COMMON_CHECKS = [
     "Every name in `heads` must be a declared head, listed once.",
@@ -230,8 +167,6 @@ LOSS_COMMON_CHECKS = [
 # --------------------------------------------------------------------------------------------------
 
 _MODEL_NOUNS: dict[type[BaseModel], str] = {spec.Head: "[head](#heads)"}
-_MODEL_NOUNS.update({model: "[source](#sources)" for model in SOURCE_MODELS})
-_MODEL_NOUNS.update({model: "[loss](#losses)" for model in LOSS_MODELS})
 _MODEL_NOUNS.update({model: "[schedule](#schedules)" for model in SCHEDULE_MODELS})
 
 
@@ -313,7 +248,7 @@ def yaml_type(tp: Any, constraints: list[Any] | None = None, *, plural: bool = F
         minimum = _constraint(constraints, "min_length")
         return text + (f" (at least {minimum} {'entry' if minimum == 1 else 'entries'})" if minimum else "")
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        noun = _MODEL_NOUNS.get(tp, tp.__name__)
+        noun = _MODEL_NOUNS.get(tp) or _kind_noun(tp)
         return noun.replace("](", "s](") if plural else noun
     s = "s" if plural else ""
     if tp is bool:
@@ -393,20 +328,35 @@ def _bullets(lines: list[str]) -> str:
     return "\n".join(f"- {line}" for line in lines)
 
 
+def _kind_noun(model: type[BaseModel]) -> str:
+    if _loss_kind_of(model):
+        return "[loss](#losses)"
+    return "[source](#sources)" if _kind_of(model) else model.__name__
+
+
+def examples() -> dict[type[BaseModel], str]:
+    """The example of every model that has one, the registered kinds' included."""
+    return {**EXAMPLES, **{kind.model: kind.example for kind in (*source_kinds(), *loss_kinds())}}
+
+
 def model_section(model: type[BaseModel], heading: str, level: int = 3) -> str:
     """One section: heading, docstring, example, field table, formulas and checks."""
+    kind = _kind_of(model)
     parts = [f"{'#' * level} {heading}", _docstring(model)]
-    if model in NOTES:
-        parts.append(NOTES[model])
-    if model in EXAMPLES:
-        parts.append(f"```yaml\n{EXAMPLES[model]}\n```")
+    note = kind.note if kind else NOTES.get(model)
+    if note:
+        parts.append(note)
+    example = examples().get(model)
+    if example:
+        parts.append(f"```yaml\n{example}\n```")
     parts.append(field_table(model))
     if model in SCHEDULE_FORMULAS:
         parts.append(SCHEDULE_FORMULAS[model])
-    if model in FORMULAS:
-        parts.append("Term per position:\n\n" + _bullets(FORMULAS[model]))
-    if model in CHECKS:
-        parts.append("Checked by `lossgraph validate`:\n\n" + _bullets(CHECKS[model]))
+    if isinstance(kind, LossKind):
+        parts.append("Term per position:\n\n" + _bullets(list(kind.formula)))
+    checks = list(kind.checks) if kind else CHECKS.get(model)
+    if checks:
+        parts.append("Checked by `lossgraph validate`:\n\n" + _bullets(checks))
     return "\n\n".join(parts)
 
 
@@ -429,8 +379,8 @@ _INTRO = f"""\
 <!-- Generated by `{REGENERATE}` from the models under lossgraph/spec/ and lossgraph/kinds/. Do not edit by hand. -->
 
 This page lists every key of a version-1 loss-graph file. It is generated from the models in
-`lossgraph/spec/models.py` and the kind modules under `lossgraph/kinds/`, which are also what `lossgraph validate` checks against. For what heads, sources
-and loss nodes mean, read [concepts](concepts.md).
+lossgraph/spec/ and in the loss kinds' modules under lossgraph/kinds/, which are also what
+`lossgraph validate` checks against. For what heads, sources and loss nodes mean, read [concepts](concepts.md).
 
 ## File layout
 
@@ -506,7 +456,7 @@ def _document_limits() -> str:
 def _number_limits() -> str:
     """Key, range and reason of every bounded key (ranges from the models, reasons from `spec.BOUND_REASONS`)."""
     ranges: dict[str, str] = {}
-    for model in MODELS:
+    for model in documented_models():
         for name, field in model.model_fields.items():
             if name in spec.BOUND_REASONS and name not in ranges:
                 ranges[name] = yaml_type(field.annotation, list(field.metadata))
@@ -585,11 +535,11 @@ def yaml_reference() -> str:
     parts = [_INTRO.rstrip("\n")]
     parts.append(model_section(spec.LossGraphSpec, "Top level", level=2))
     parts.append(model_section(spec.Head, "Heads", level=2))
-    parts.append(_SOURCES_INTRO.replace("@KINDS@", _kind_list(SOURCE_MODELS)).rstrip("\n"))
-    parts += [model_section(model, f"`{_kind(model)}`") for model in SOURCE_MODELS]
-    losses_intro = _LOSSES_INTRO.replace("@KINDS@", _kind_list(LOSS_MODELS))
+    parts.append(_SOURCES_INTRO.replace("@KINDS@", _kind_list(source_models())).rstrip("\n"))
+    parts += [model_section(model, f"`{_kind(model)}`") for model in source_models()]
+    losses_intro = _LOSSES_INTRO.replace("@KINDS@", _kind_list(loss_models()))
     parts.append(losses_intro.replace("@CHECKS@", _bullets(LOSS_COMMON_CHECKS)).rstrip("\n"))
-    parts += [model_section(model, f"`{_kind(model)}`") for model in LOSS_MODELS]
+    parts += [model_section(model, f"`{_kind(model)}`") for model in loss_models()]
     parts.append(_SCHEDULES_INTRO.replace("@EXAMPLE@", SCHEDULE_EXAMPLE).rstrip("\n"))
     parts += [model_section(model, f"`{_kind(model)}`") for model in SCHEDULE_MODELS]
     limits = _LIMITS_INTRO.replace("@DOCUMENT@", _document_limits()).replace("@NUMBERS@", _number_limits())

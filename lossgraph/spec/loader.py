@@ -25,8 +25,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError, Diagnostic, SourceFileError
-from .sourcemap import Path, SourceMap, dotted
 from .models import BOUND_REASONS, LossGraphSpec
+from .sourcemap import Path, SourceMap, dotted
 from .suggest import did_you_mean
 
 # A loss graph nests about five levels (losses.distill.weight.start); deeper documents are mistakes or

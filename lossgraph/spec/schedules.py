@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .models import ConstantSchedule, CosineSchedule, LinearSchedule, StepSchedule
+from .nodes import ConstantSchedule, CosineSchedule, LinearSchedule, StepSchedule
 
 
 def temperature_key(value: object) -> tuple[str, object]:
@@ -38,3 +38,8 @@ def evaluate(value: float | ConstantSchedule | LinearSchedule | CosineSchedule |
     else:
         shape = 1.0 if frac >= 1.0 else 0.0
     return value.start + (value.end - value.start) * shape
+
+
+def fixed_at_one(temperature: object) -> bool:
+    """True when a temperature is the constant 1 (a number or a constant schedule)."""
+    return temperature_key(temperature) == FIXED_ONE

@@ -1,0 +1,168 @@
+"""The interface between the kernel generator and the loss kinds: what one kind contributes to a
+fused kernel.
+
+The generator (`codegen.KernelGenerator`) owns the structure every kind shares: the row, the tile
+loops, the softmax states, the targets' tile expressions and the gradient accumulation. A loss kind
+owns the math of its own term and hands it to the generator through a `LossFragments` object; the
+fragments of each built-in kind live in the kind's module under `lossgraph/kinds/`.
+
+Every method receives the generator as `k` (its tile vocabulary: `k.q(slot)`, `k.log_q(slot)`,
+`k.p(target, slot)`, `k.log_p(target, slot)`, `k.onehot()`, `k.log_mixture(...)`, `k.emit(...)`),
+the term's index `t` and the `KernelTerm`; generated variable names come from `names`. Expressions
+are Triton source text. Notation: s = z / T (T the term's temperature), q = softmax(s), p the target
+at T, and every gradient is dl/ds_j; the generator multiplies it by the term's run-time weight (which
+carries the 1/T of ds/dz) and the row's scale.
+
+A fragment says which of the shared row statistics it needs (`first_pass_statistics`); where its
+value is known (after the first read, from row sums of a second read, or streamed in the last read);
+its per-element gradient; and its value and gradient on the small vectors of a top-k teacher (the
+stored tokens renormalized, or k buckets plus a tail bucket). Statistics cross vocab-parallel ranks
+by the rule of their type (`codegen.KernelGenerator.float_stats`), never by name; a kind's row sums
+are plain sums, added across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the generator imports this module
+    from .codegen import KernelGenerator
+    from .signature import KernelTerm
+
+# Row statistics pass 1 can keep for a term, besides every softmax state (which always exist):
+# MOMENT: sum_j exp(s_j - m)(s_j - m) of the student at the term's slot (entropy-like sums);
+# CROSS_MOMENT: sum_j exp(s_j - m)(s_j - u_j) against the term's single dense teacher u (reverse KL).
+MOMENT = "moment"
+CROSS_MOMENT = "cross_moment"
+
+# Where a term's value on a dense target is known (`LossFragments.value_stage`):
+FIRST_READ = "first_read"  # from pass 1's statistics
+ROW_SUMS = "row_sums"  # from row sums that a second read takes before the gradient's read
+STREAMED = "streamed"  # summed over the columns in the last read, beside the gradient
+
+
+@dataclass(frozen=True)
+class Vectors:
+    """The names of a top-k term's small vectors: q, p and their logs over the stored tokens (or the
+    stored buckets), and for a bucket term the tail bucket's scalars."""
+
+    q: str
+    p: str
+    log_q: str
+    log_p: str
+    q_tail: str = ""
+    p_tail: str = ""
+    log_q_tail: str = ""
+    log_p_tail: str = ""
+
+
+@dataclass(frozen=True)
+class BucketForm:
+    """What a kind computes on k stored buckets plus one tail bucket (T = 1).
+
+    value: the term's value. stored: q_i G'_i at the stored tokens, where G'_b = dl/dQ_b -
+    sum_c Q_c dl/dQ_c (the scatter adds it after the last pass). tail_factor: G'_tail, so that every
+    unstored token j gets q_j G'_tail; or "" when the kind writes its own tail gradient
+    (`LossFragments.bucket_tail_gradient`)."""
+
+    value: str
+    stored: str
+    tail_factor: str = ""
+
+
+class LossFragments:
+    """Kernel code of one loss kind. Subclass it and override what the kind needs; the defaults
+    describe a kind with no kernel form, so that a missing piece fails at generation with the kind's
+    name instead of producing wrong code."""
+
+    #: the kind's name, as written in `type:` (also the fragment's repr, part of a kernel's cache key)
+    name: str = ""
+    #: the kind reads the raw logits at temperature 1 only (its slot is the constant 1)
+    fixed_temperature_one: bool = False
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def formulas(self, term: KernelTerm) -> dict[str, str]:
+        """The math the generated code computes, as comments beside it: keys "value", "gradient",
+        "row sums", "vector" and "bucket" (each where the kind has that form)."""
+        return {}
+
+    # ----------------------------------------------------------------------------------------------
+    # Dense targets (the whole row).
+    # ----------------------------------------------------------------------------------------------
+
+    def first_pass_statistics(self, term: KernelTerm) -> tuple[str, ...]:
+        """Which of MOMENT, CROSS_MOMENT pass 1 keeps for this term."""
+        return ()
+
+    def value_stage(self, term: KernelTerm) -> str:
+        """FIRST_READ, ROW_SUMS or STREAMED: where the term's value on a dense target is known."""
+        raise NotImplementedError(f"{self.name}: no kernel form")
+
+    def value_after_first_pass(self, k: KernelGenerator, t: int, term: KernelTerm) -> str:
+        """FIRST_READ: the term's value from pass 1's statistics (emitting any lines it needs)."""
+        raise NotImplementedError(f"{self.name}: no value after the first read")
+
+    def row_sum_names(self, term: KernelTerm) -> tuple[str, ...]:
+        """ROW_SUMS: the names of the row sums (each summed into `names.row_sum(name, t)`)."""
+        return ()
+
+    def row_sums(self, k: KernelGenerator, t: int, term: KernelTerm) -> tuple[str, ...]:
+        """ROW_SUMS: the per-element summand of each row sum, in the order of `row_sum_names`."""
+        raise NotImplementedError(f"{self.name}: no row sums")
+
+    def value_from_row_sums(self, k: KernelGenerator, t: int, term: KernelTerm) -> str:
+        """ROW_SUMS: the term's value from its row sums."""
+        raise NotImplementedError(f"{self.name}: no value from row sums")
+
+    def streamed_value(self, k: KernelGenerator, t: int, term: KernelTerm) -> str:
+        """STREAMED: the per-element summand of the term's value, summed in the last read."""
+        raise NotImplementedError(f"{self.name}: no streamed value")
+
+    def gradient(self, k: KernelGenerator, t: int, term: KernelTerm) -> str:
+        """dl/ds_j at the tile's columns."""
+        raise NotImplementedError(f"{self.name}: no gradient on a dense target")
+
+    # ----------------------------------------------------------------------------------------------
+    # Top-k targets (small vectors).
+    # ----------------------------------------------------------------------------------------------
+
+    def vector(self, k: KernelGenerator, t: int, term: KernelTerm, v: Vectors) -> tuple[str, str]:
+        """(value, dl/ds_i) between two distributions over the k stored tokens (tail: renormalize)."""
+        raise NotImplementedError(f"{self.name} takes no top-k target")
+
+    def bucket(self, k: KernelGenerator, t: int, term: KernelTerm, v: Vectors) -> BucketForm:
+        """The term on k stored buckets plus a tail bucket (tail: bucket)."""
+        raise NotImplementedError(f"{self.name} takes no top-k target")
+
+    def bucket_tail_gradient(self, k: KernelGenerator, t: int, term: KernelTerm, q: str, log_q: str) -> str:
+        """q_j G'_tail at the tile's unstored columns, for kinds whose BucketForm has no tail_factor."""
+        raise NotImplementedError(f"{self.name}: no bucket tail gradient")
+
+
+class TargetFragments:
+    """Kernel code of one dense target form (a source kind's distribution over the whole row): the
+    tile's p and log p at a temperature slot. Subclasses are frozen dataclasses (hashable, with a
+    stable repr: they are part of a kernel's cache key); each source kind's module defines its own.
+    The top-k form (`signature.KTopK`) is not one of them: the generator handles it as small vectors."""
+
+    #: the form reads the row's label (labels, smoothed labels, or a mixture holding them)
+    reads_labels: bool = False
+
+    def dense_teachers(self) -> tuple[int, ...]:
+        """The dense teachers (indices into KernelSpec.dense) the form streams, with repeats."""
+        return ()
+
+    def single_teacher(self) -> int | None:
+        """The dense teacher this form is exactly (its softmax at the slot), else None."""
+        return None
+
+    def p(self, k: KernelGenerator, slot: int) -> str:
+        """The tile's target probabilities at the slot's temperature."""
+        raise NotImplementedError(f"{self!r} has no tile probabilities")
+
+    def log_p(self, k: KernelGenerator, slot: int) -> str:
+        """The tile's target log-probabilities (exact where p underflows)."""
+        raise NotImplementedError(f"{self!r} has no tile log-probabilities")

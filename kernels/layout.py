@@ -1,0 +1,86 @@
+"""The layout of a fused kernel, derived from its `KernelSpec` without writing any source: which
+softmax states and row statistics pass 1 keeps, which terms need a second read for row sums, which
+reads of the row stream which dense teachers. The planner reads it for its byte estimates and notes;
+the generator writes the kernel from it. Pure Python, like the spec it comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .fragments import CROSS_MOMENT, MOMENT, ROW_SUMS, STREAMED
+from .signature import KernelSpec, KTopK, dense_teachers
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    student_slots: tuple[int, ...]  # slots with a student softmax state over the whole row
+    teacher_states: tuple[tuple[int, int], ...]  # (dense teacher, slot) softmax states
+    moment_slots: tuple[int, ...]  # slots whose centered moment pass 1 keeps (fragments.MOMENT)
+    cross_moments: tuple[tuple[int, int], ...]  # (slot, dense teacher) cross moments (CROSS_MOMENT)
+    tail_sources: tuple[int, ...]  # top-k sources with a bucket term: pass 1 keeps their tail's state
+    topk_sources: tuple[int, ...]  # top-k sources some term reads
+    topk_terms: tuple[int, ...]  # terms on a top-k target
+    reduction_terms: tuple[int, ...]  # terms whose value needs row sums from a second read
+    streamed_terms: tuple[int, ...]  # terms whose value the last read sums over the columns
+    pass_reads: tuple[frozenset[int], ...]  # per read of the row: the dense teachers it streams
+
+    @property
+    def passes(self) -> int:
+        """Reads of the logits row: 2, or 3 when a term needs row sums before its gradient."""
+        return len(self.pass_reads)
+
+
+def effective(spec: KernelSpec) -> KernelSpec:
+    """The spec as generated: without a gradient, no term takes part in one."""
+    if spec.gradient:
+        return spec
+    return replace(spec, terms=tuple(replace(term, active=False) for term in spec.terms))
+
+
+def kernel_layout(spec: KernelSpec) -> KernelLayout:
+    spec = effective(spec)
+    terms = spec.terms
+    dense_terms = [(t, term) for t, term in enumerate(terms) if not isinstance(term.target, KTopK)]
+    stage = {t: term.loss.value_stage(term) for t, term in dense_terms}
+    statistics = {t: term.loss.first_pass_statistics(term) for t, term in dense_terms}
+    for t, term in dense_terms:
+        if CROSS_MOMENT in statistics[t] and term.target.single_teacher() is None:
+            raise ValueError(f"{term.loss.name}: a cross moment needs a single dense teacher as target")
+    buckets = [term for term in terms if isinstance(term.target, KTopK) and term.target.tail == "bucket"]
+    reduction_terms = tuple(t for t, _ in dense_terms if stage[t] == ROW_SUMS)
+    streamed_terms = tuple(t for t, _ in dense_terms if stage[t] == STREAMED)
+
+    def teachers_of(indices) -> frozenset[int]:
+        return frozenset(i for t in indices for i in dense_teachers(terms[t].target))
+
+    # pass 1 reads every dense teacher (its softmax states and argmax); the last read streams the
+    # teachers of every term that writes a gradient or streams its value on a dense target
+    last_read = [t for t, term in dense_terms if term.active or t in streamed_terms]
+    reads = [frozenset(range(len(spec.dense)))]
+    if reduction_terms:
+        reads.append(teachers_of(reduction_terms))
+    if spec.gradient or streamed_terms:
+        reads.append(teachers_of(last_read))
+    return KernelLayout(
+        student_slots=tuple(
+            sorted({t.slot for t in terms if not (isinstance(t.target, KTopK) and t.target.tail == "renormalize")})
+        ),
+        teacher_states=tuple(sorted({(i, term.slot) for term in terms for i in dense_teachers(term.target)})),
+        moment_slots=tuple(sorted({terms[t].slot for t, _ in dense_terms if MOMENT in statistics[t]})),
+        cross_moments=tuple(
+            sorted(
+                {
+                    (terms[t].slot, terms[t].target.single_teacher())
+                    for t, _ in dense_terms
+                    if CROSS_MOMENT in statistics[t]
+                }
+            )
+        ),
+        tail_sources=tuple(sorted({term.target.source for term in buckets})),
+        topk_sources=tuple(sorted({term.target.source for term in terms if isinstance(term.target, KTopK)})),
+        topk_terms=tuple(t for t, term in enumerate(terms) if isinstance(term.target, KTopK)),
+        reduction_terms=reduction_terms,
+        streamed_terms=streamed_terms,
+        pass_reads=tuple(reads),
+    )

@@ -1,0 +1,46 @@
+"""The kinds: one module per loss kind (`losses/`) and per source kind (`sources/`), registered here in
+the order the docs list them.
+
+Each module holds everything lossgraph knows about its kind (see `loss.LossKind` and
+`source.SourceKind`). Code elsewhere looks a kind up by name (`loss_kind(term.kind)`,
+`source_kind(source.type)`) and calls its methods; it never branches on the name. A plugin or a test
+adds a kind with `register_loss_kind` or `register_source_kind`.
+"""
+
+from .loss import LossKind, TargetFacts
+from .losses import cross_entropy, entropy, forward_kl, jsd, reverse_kl, tvd, z_loss
+from .registry import (
+    loss_kind,
+    loss_kinds,
+    on_kinds_changed,
+    register_loss_kind,
+    register_source_kind,
+    source_kind,
+    source_kinds,
+    unregister_loss_kind,
+    unregister_source_kind,
+)
+from .source import Member, SourceKind, Target
+from .sources import label_smoothing, labels, mixture, teacher, topk_teacher
+
+for _module in (labels, teacher, topk_teacher, label_smoothing, mixture):
+    register_source_kind(_module.KIND)
+for _module in (cross_entropy, z_loss, forward_kl, reverse_kl, jsd, tvd, entropy):
+    register_loss_kind(_module.KIND)
+
+__all__ = [
+    "LossKind",
+    "Member",
+    "SourceKind",
+    "Target",
+    "TargetFacts",
+    "loss_kind",
+    "loss_kinds",
+    "on_kinds_changed",
+    "register_loss_kind",
+    "register_source_kind",
+    "source_kind",
+    "source_kinds",
+    "unregister_loss_kind",
+    "unregister_source_kind",
+]

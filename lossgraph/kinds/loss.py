@@ -1,0 +1,118 @@
+"""What a loss kind is: one object that holds everything lossgraph knows about the kind.
+
+A kind module (one per kind, next to this file) defines the kind's pydantic model, its target rules,
+its reference math, its kernel fragments and its docs, and exports them as one `LossKind`. The
+compiler, the planner, the reference backend, the kernel generator and the docs read the kind through
+this interface and never branch on its name. See docs/architecture.md, "How to add a loss kind".
+
+Nothing here imports torch: a kind's reference math imports it inside the method, so that loading and
+validating a file stays free of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..kernels.fragments import LossFragments
+from ..spec.nodes import LossNode
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..compiler.plan import Term
+    from ..runtime.reference import ReferenceRow
+
+
+@dataclass(frozen=True)
+class TargetFacts:
+    """What the target rules of a kind may ask of the source a loss node targets."""
+
+    name: str  # the source's name
+    hard_labels: bool  # the source is the `labels` source itself (a one-hot target)
+    zero_mass_reason: str | None  # why some token may get no target mass, or None
+
+
+class LossKind:
+    """One loss kind. Subclass it in the kind's module, set the class attributes, and override the
+    methods the kind needs."""
+
+    #: the `type:` of the loss node
+    name: ClassVar[str]
+    #: the kind's pydantic model (a subclass of spec.nodes.LossNode with `type: Literal[name]`)
+    model: ClassVar[type[LossNode]]
+    #: the kind's kernel code
+    fragments: ClassVar[LossFragments]
+    #: docs: the per-position term, one line each (Unicode math)
+    formula: ClassVar[tuple[str, ...]]
+    #: docs: a one-line YAML example of a node of this kind
+    example: ClassVar[str]
+    #: docs: the checks of this kind, in words (beyond those every loss node has)
+    checks: ClassVar[tuple[str, ...]] = ()
+    #: docs: a note on targets or fields, or ""
+    note: ClassVar[str] = ""
+    #: the kind may compare with the `labels` source itself; if not, `hard_labels_fix` says what to do
+    accepts_hard_labels: ClassVar[bool] = True
+    hard_labels_fix: ClassVar[str] = "use cross_entropy, or compare with a label_smoothing source of the labels"
+    #: the kind needs target mass on every token (a log of the target appears in its value)
+    needs_full_support: ClassVar[bool] = False
+    #: a negative weight is meaningful (it maximizes the term on purpose)
+    allows_negative_weight: ClassVar[bool] = False
+
+    @property
+    def takes_target(self) -> bool:
+        return "target" in self.model.model_fields
+
+    # ----------------------------------------------------------------------------------------------
+    # Spec and compiler.
+    # ----------------------------------------------------------------------------------------------
+
+    def constants(self, loss: LossNode) -> tuple[tuple[str, float], ...]:
+        """The node's constants that the math needs (baked into the kernel), as (name, value) pairs."""
+        return ()
+
+    def details(self, loss: LossNode) -> list[str]:
+        """Short descriptions of the kind's own fields, for `show` and `plan` (e.g. `beta 0.3`)."""
+        return []
+
+    def check_target(self, target: TargetFacts) -> list[tuple[str, str]]:
+        """(field, message) for each problem of this kind with its target."""
+        problems = []
+        if target.hard_labels and not self.accepts_hard_labels:
+            problems.append(
+                (
+                    "target",
+                    f"{self.name} compares two distributions, but {target.name!r} holds hard labels; "
+                    f"{self.hard_labels_fix}",
+                )
+            )
+        elif self.needs_full_support and target.zero_mass_reason:
+            problems.append(
+                (
+                    "target",
+                    f"{self.name} needs a target with mass on every token, but {target.zero_mass_reason}; "
+                    "use forward_kl or jsd, or smooth the labels",
+                )
+            )
+        return problems
+
+    # ----------------------------------------------------------------------------------------------
+    # Reference math (PyTorch, differentiated by autograd).
+    # ----------------------------------------------------------------------------------------------
+
+    def divergence(self, log_p: torch.Tensor, log_q: torch.Tensor, term: Term) -> torch.Tensor:
+        """The per-position value between target log p and student log q over the last dimension
+        (the whole vocab, or the buckets of a top-k teacher)."""
+        raise NotImplementedError(f"{self.name} takes no target")
+
+    def reference(self, row: ReferenceRow, term: Term) -> torch.Tensor:
+        """The per-position value [N] on a dense target (or none): by default the divergence."""
+        return self.divergence(row.log_p(), row.log_q, term)
+
+    def __repr__(self) -> str:
+        return f"<loss kind {self.name}>"
+
+
+def constant(term: Any, name: str) -> float:
+    """A constant of a plan term or a kernel term (see `LossKind.constants`)."""
+    return dict(term.constants)[name]

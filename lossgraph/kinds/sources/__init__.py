@@ -1,0 +1,1 @@
+"""The built-in source kinds, one module each (see `lossgraph.kinds.source.SourceKind`)."""

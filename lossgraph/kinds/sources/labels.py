@@ -1,0 +1,79 @@
+"""labels: the dataset's next-token labels, a one-hot target; they also define the token mask."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from ...kernels.fragments import TargetFragments
+from ...spec.nodes import MAX_INDEX, MIN_INDEX, SourceNode
+from ..source import LABELS, SourceKind, Target
+
+
+class LabelsSource(SourceNode):
+    """The dataset's next-token labels (hard targets). Also defines which positions count (the mask)."""
+
+    type: Literal["labels"] = Field(description="Source kind.")
+    ignore_index: Annotated[int, Field(ge=MIN_INDEX, le=MAX_INDEX)] = Field(
+        -100, description="Label value of positions that take no loss (a 32-bit integer)."
+    )
+
+
+@dataclass(frozen=True)
+class KLabels(TargetFragments):
+    """In a kernel: one-hot of the row's label."""
+
+    reads_labels = True
+
+    def p(self, k, slot):
+        return k.cached("p_labels", f"tl.where({k.onehot()}, 1.0, 0.0)")
+
+    def log_p(self, k, slot):
+        return k.cached("logp_labels", f'tl.where({k.onehot()}, 0.0, float("-inf"))')
+
+
+@dataclass(frozen=True)
+class LabelsTarget(Target):
+    """Hard next-token labels (a one-hot distribution)."""
+
+    ignore_index: int = -100
+    form = LABELS
+
+    def kernel_target(self, index):
+        return KLabels()
+
+    def log_probs(self, batch, vocab, temperature, dtype):
+        import torch
+
+        log_p = torch.full((batch.mask.numel(), vocab), -math.inf, dtype=dtype, device=batch.mask.device)
+        return log_p.scatter(1, batch.labels[:, None], 0.0)
+
+
+class Labels(SourceKind):
+    name = "labels"
+    model = LabelsSource
+    example = "labels: {type: labels, ignore_index: -100}"
+    checks = (
+        "A graph has at most one `labels` source: it reads one labels tensor.",
+        "The labels also define the token mask: positions whose label is `ignore_index` take no loss, on every head.",
+    )
+    note = (
+        "One `labels` source serves every head: the head of offset d at position s reads label y[s + d − 1]. "
+        "Positions past the end of the sequence, or across a document boundary, take no loss."
+    )
+    provides_labels = True
+
+    def summary(self, spec, name, source):
+        return f"labels (ignore_index {source.ignore_index})"
+
+    def zero_mass_reason(self, name, source, member_reasons, spec):
+        return f"{name!r} holds hard labels"
+
+    def resolve(self, spec, name, source, inputs):
+        return LabelsTarget(name, source.ignore_index)
+
+
+KIND = Labels()
