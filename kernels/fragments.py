@@ -1,12 +1,13 @@
-"""The interface between the kernel generator and the loss kinds: what one kind contributes to a
-fused kernel.
+"""The interface between the kernel generator and the kinds: what a term is in a kernel
+(`KernelTerm`: a loss kind's `LossFragments` on a target at a temperature slot), what a loss kind
+and a dense target form contribute to the kernel, and the generator as they see it (`TileWriter`).
 
 The generator (`codegen.KernelGenerator`) owns the structure every kind shares: the row, the tile
 loops, the softmax states, the targets' tile expressions and the gradient accumulation. A loss kind
 owns the math of its own term and hands it to the generator through a `LossFragments` object; the
 fragments of each built-in kind live in the kind's module under `lossgraph/kinds/`.
 
-Every method receives the generator as `k` (its tile vocabulary: `k.q(slot)`, `k.log_q(slot)`,
+Every method receives the generator as `k` (a `TileWriter`: `k.q(slot)`, `k.log_q(slot)`,
 `k.p(target, slot)`, `k.log_p(target, slot)`, `k.onehot()`, `k.log_mixture(...)`, `k.emit(...)`),
 the term's index `t` and the `KernelTerm`; generated variable names come from `names`. Expressions
 are Triton source text. Notation: s = z / T (T the term's temperature), q = softmax(s), p the target
@@ -24,11 +25,7 @@ are plain sums, added across ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the generator imports this module
-    from .codegen import KernelGenerator
-    from .signature import KernelTerm
+from typing import Protocol, Union
 
 # Row statistics pass 1 can keep for a term, besides every softmax state (which always exist):
 # MOMENT: sum_j exp(s_j - m)(s_j - m) of the student at the term's slot (entropy-like sums);
@@ -40,6 +37,44 @@ CROSS_MOMENT = "cross_moment"
 FIRST_READ = "first_read"  # from pass 1's statistics
 ROW_SUMS = "row_sums"  # from row sums that a second read takes before the gradient's read
 STREAMED = "streamed"  # summed over the columns in the last read, beside the gradient
+
+
+class TileWriter(Protocol):
+    """The generator as the fragments see it (`codegen.KernelGenerator`): its tile vocabulary. Each
+    method returns the name of a variable of the current tile loop (written once, then reused)."""
+
+    def emit(self, *lines: str) -> None:
+        """Write lines of source at the current indentation."""
+
+    def cached(self, name: str, expression: str) -> str:
+        """`name = expression` once per tile loop; returns `name`."""
+
+    def q(self, slot: int) -> str:
+        """The student's q_j at the slot's temperature."""
+
+    def log_q(self, slot: int) -> str:
+        """log q_j, as (s_j - max) - log S (exact for huge logits)."""
+
+    def p(self, target: TargetFragments, slot: int) -> str:
+        """The target's p_j (its form's expression)."""
+
+    def log_p(self, target: TargetFragments, slot: int) -> str:
+        """The target's log p_j."""
+
+    def onehot(self) -> str:
+        """True at the label's column."""
+
+    def scaled_label_logit(self, slot: int) -> str:
+        """s_y, the label's logit at the slot's temperature."""
+
+    def teacher_log_p(self, teacher: int, slot: int) -> str:
+        """log p_j of a dense teacher at the slot."""
+
+    def log_mixture(self, beta: float, log_a: str, log_b: str) -> str:
+        """An expression for log(beta a + (1 - beta) b) from log a and log b."""
+
+    def constant_id(self, value: object) -> int:
+        """A small number naming a constant of the spec in variable names."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +136,7 @@ class LossFragments:
         """FIRST_READ, ROW_SUMS or STREAMED: where the term's value on a dense target is known."""
         raise NotImplementedError(f"{self.name}: no kernel form")
 
-    def value_after_first_pass(self, k: KernelGenerator, t: int, term: KernelTerm) -> str:
+    def value_after_first_pass(self, k: TileWriter, t: int, term: KernelTerm) -> str:
         """FIRST_READ: the term's value from pass 1's statistics (emitting any lines it needs)."""
         raise NotImplementedError(f"{self.name}: no value after the first read")
 
@@ -109,19 +144,19 @@ class LossFragments:
         """ROW_SUMS: the names of the row sums (each summed into `names.row_sum(name, t)`)."""
         return ()
 
-    def row_sums(self, k: KernelGenerator, t: int, term: KernelTerm) -> tuple[str, ...]:
+    def row_sums(self, k: TileWriter, t: int, term: KernelTerm) -> tuple[str, ...]:
         """ROW_SUMS: the per-element summand of each row sum, in the order of `row_sum_names`."""
         raise NotImplementedError(f"{self.name}: no row sums")
 
-    def value_from_row_sums(self, k: KernelGenerator, t: int, term: KernelTerm) -> str:
+    def value_from_row_sums(self, k: TileWriter, t: int, term: KernelTerm) -> str:
         """ROW_SUMS: the term's value from its row sums."""
         raise NotImplementedError(f"{self.name}: no value from row sums")
 
-    def streamed_value(self, k: KernelGenerator, t: int, term: KernelTerm) -> str:
+    def streamed_value(self, k: TileWriter, t: int, term: KernelTerm) -> str:
         """STREAMED: the per-element summand of the term's value, summed in the last read."""
         raise NotImplementedError(f"{self.name}: no streamed value")
 
-    def gradient(self, k: KernelGenerator, t: int, term: KernelTerm) -> str:
+    def gradient(self, k: TileWriter, t: int, term: KernelTerm) -> str:
         """dl/ds_j at the tile's columns."""
         raise NotImplementedError(f"{self.name}: no gradient on a dense target")
 
@@ -129,15 +164,15 @@ class LossFragments:
     # Top-k targets (small vectors).
     # ----------------------------------------------------------------------------------------------
 
-    def vector(self, k: KernelGenerator, t: int, term: KernelTerm, v: Vectors) -> tuple[str, str]:
+    def vector(self, k: TileWriter, t: int, term: KernelTerm, v: Vectors) -> tuple[str, str]:
         """(value, dl/ds_i) between two distributions over the k stored tokens (tail: renormalize)."""
         raise NotImplementedError(f"{self.name} takes no top-k target")
 
-    def bucket(self, k: KernelGenerator, t: int, term: KernelTerm, v: Vectors) -> BucketForm:
+    def bucket(self, k: TileWriter, t: int, term: KernelTerm, v: Vectors) -> BucketForm:
         """The term on k stored buckets plus a tail bucket (tail: bucket)."""
         raise NotImplementedError(f"{self.name} takes no top-k target")
 
-    def bucket_tail_gradient(self, k: KernelGenerator, t: int, term: KernelTerm, q: str, log_q: str) -> str:
+    def bucket_tail_gradient(self, k: TileWriter, t: int, term: KernelTerm, q: str, log_q: str) -> str:
         """q_j G'_tail at the tile's unstored columns, for kinds whose BucketForm has no tail_factor."""
         raise NotImplementedError(f"{self.name}: no bucket tail gradient")
 
@@ -159,10 +194,40 @@ class TargetFragments:
         """The dense teacher this form is exactly (its softmax at the slot), else None."""
         return None
 
-    def p(self, k: KernelGenerator, slot: int) -> str:
+    def p(self, k: TileWriter, slot: int) -> str:
         """The tile's target probabilities at the slot's temperature."""
         raise NotImplementedError(f"{self!r} has no tile probabilities")
 
-    def log_p(self, k: KernelGenerator, slot: int) -> str:
+    def log_p(self, k: TileWriter, slot: int) -> str:
         """The tile's target log-probabilities (exact where p underflows)."""
         raise NotImplementedError(f"{self!r} has no tile log-probabilities")
+
+
+@dataclass(frozen=True)
+class KTopK:
+    """Top-k teacher `source` (an index into KernelSpec.topk) with its tail mode."""
+
+    source: int
+    tail: str  # "renormalize" | "bucket"
+
+
+# A term's target in a kernel: a dense form (defined by its source kind's module) or top-k vectors.
+KTarget = Union[TargetFragments, KTopK]
+
+
+@dataclass(frozen=True)
+class KernelTerm:
+    """One term of a launch: a loss kind's fragments applied to a target at a temperature slot."""
+
+    loss: LossFragments
+    target: KTarget | None
+    slot: int  # temperature slot; terms with equal temperatures share one student softmax
+    constants: tuple[tuple[str, float], ...] = ()  # the kind's constants of the spec (jsd: beta)
+    active: bool = True  # takes part in the gradient (its weight is not 0 at this step)
+
+    def describe(self) -> str:
+        """One line for the generated kernel's header."""
+        constants = "".join(f", {name} {value!r}" for name, value in self.constants)
+        target = "no target" if self.target is None else f"target {self.target!r}"
+        gradient = "" if self.active else ", value only"
+        return f"{self.loss.name}, {target}, slot {self.slot}{constants}{gradient}"

@@ -13,42 +13,8 @@ take part in the gradient (a weight of 0 at this step leaves a term out of it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
-from .fragments import LossFragments, TargetFragments
-
-
-@dataclass(frozen=True)
-class KTopK:
-    """Top-k teacher `source` (an index into KernelSpec.topk) with its tail mode."""
-
-    source: int
-    tail: str  # "renormalize" | "bucket"
-
-
-# A term's target in a kernel: a dense form (defined by its source kind's module) or top-k vectors.
-KTarget = Union[TargetFragments, KTopK]
-
-
-@dataclass(frozen=True)
-class KernelTerm:
-    """One term of a launch: a loss kind's fragments applied to a target at a temperature slot."""
-
-    loss: LossFragments
-    target: KTarget | None
-    slot: int  # temperature slot; terms with equal temperatures share one student softmax
-    constants: tuple[tuple[str, float], ...] = ()  # the kind's constants of the spec (jsd: beta)
-    active: bool = True  # takes part in the gradient (its weight is not 0 at this step)
-
-    def constant(self, name: str) -> float:
-        return dict(self.constants)[name]
-
-    def describe(self) -> str:
-        """One line for the generated kernel's header."""
-        constants = "".join(f", {name} {value!r}" for name, value in self.constants)
-        target = "no target" if self.target is None else f"target {self.target!r}"
-        gradient = "" if self.active else ", value only"
-        return f"{self.loss.name}, {target}, slot {self.slot}{constants}{gradient}"
+from .fragments import KernelTerm, KTarget, KTopK, TargetFragments
 
 
 @dataclass(frozen=True)

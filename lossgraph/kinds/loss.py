@@ -12,7 +12,7 @@ validating a file stays free of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..kernels.fragments import LossFragments
 from ..spec.nodes import LossNode
@@ -20,8 +20,26 @@ from ..spec.nodes import LossNode
 if TYPE_CHECKING:
     import torch
 
-    from ..compiler.plan import Term
-    from ..runtime.reference import ReferenceRow
+
+class Term(Protocol):
+    """A term as the kind's math sees it: the plan's `Term` or the kernel's `KernelTerm`."""
+
+    constants: tuple[tuple[str, float], ...]  # what `LossKind.constants` gave for the node
+
+
+class ReferenceRow(Protocol):
+    """What `LossKind.reference` reads for one term at every position of a head (the reference
+    backend builds it: `lossgraph.runtime.reference.TermRows`)."""
+
+    logits: torch.Tensor  # [N, V] at temperature 1, zero on masked rows
+    log_q: torch.Tensor  # log softmax of the logits at the term's temperature
+    hard_labels: bool  # the target is the labels source itself
+
+    def log_p(self) -> torch.Tensor:
+        """log p [N, V] of the term's target at its temperature."""
+
+    def at_labels(self, values: torch.Tensor) -> torch.Tensor:
+        """values[i, label_i] (NaN for a label outside the vocab)."""
 
 
 @dataclass(frozen=True)

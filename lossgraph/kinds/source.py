@@ -21,9 +21,12 @@ from ..spec.nodes import SourceNode
 if TYPE_CHECKING:
     import torch
 
-    from ..kernels.signature import KTarget
-    from ..runtime.inputs import HeadBatch
-    from ..spec.models import LossGraphSpec
+    from ..kernels.fragments import KTarget
+
+# Annotations below: `spec` is a lossgraph.spec.models.LossGraphSpec and `batch` a
+# lossgraph.runtime.inputs.HeadBatch; both sit above the kinds, which do not import them.
+LossGraphSpec = Any
+HeadBatch = Any
 
 LABELS = "labels"
 DENSE = "dense"

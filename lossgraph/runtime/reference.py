@@ -87,9 +87,9 @@ def topk_log_probs(
 # --------------------------------------------------------------------------------------------------
 
 
-class ReferenceRow:
-    """What a kind's reference reads for one term at every position of a head: the masked logits, the
-    student's log q at the term's temperature, and the target's log p over the vocab (on demand)."""
+class TermRows:
+    """What a kind's reference reads for one term at every position of a head (`kinds.loss.ReferenceRow`):
+    the masked logits, the student's log q at the term's temperature, and the target's log p (on demand)."""
 
     def __init__(self, term: Term, batch: HeadBatch, logits: torch.Tensor, z: torch.Tensor, temperature: float):
         self.term = term
@@ -126,7 +126,7 @@ def term_per_position(term: Term, batch: HeadBatch, temperature: float) -> torch
         log_p, log_q, usable = topk_log_probs(target, batch.topk[target.name], z, mask, temperature)
         value = torch.where(usable, kind.divergence(log_p, log_q, term), 0.0)
     else:
-        value = kind.reference(ReferenceRow(term, batch, logits, z, temperature), term)
+        value = kind.reference(TermRows(term, batch, logits, z, temperature), term)
     if broken is not None:
         value = torch.where(broken, z.sum(-1), value)  # NaN, with a NaN gradient through z
     return torch.where(mask, value, 0.0)
