@@ -126,10 +126,12 @@ def test_loss_mask_is_shifted_like_the_labels():
 
 
 def test_loss_mask_accepts_bool_int_and_float():
+    """Integer masks count where nonzero; a float mask is per-position weights, so 0/1 floats mask alike
+    (weights other than 1 are tested in test_per_token.py)."""
     expected = MTP(
         logits=mtp_logits(), labels=torch.tensor([LABELS]), loss_mask=torch.tensor([[True, True, False, True]])
     )
-    for mask in (torch.tensor([[1, 1, 0, 1]]), torch.tensor([[1.0, 0.5, 0.0, 2.0]])):
+    for mask in (torch.tensor([[1, 1, 0, 1]]), torch.tensor([[3, 1, 0, -2]]), torch.tensor([[1.0, 1.0, 0.0, 1.0]])):
         out = MTP(logits=mtp_logits(), labels=torch.tensor([LABELS]), loss_mask=mask)
         for key in expected.values:
             assert_close(out.values[key], expected.values[key], what=key)

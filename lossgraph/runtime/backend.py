@@ -53,6 +53,7 @@ class HeadResult(NamedTuple):
     values: torch.Tensor  # [terms] detached: each term's normalized value x scale, before the weight
     prediction: torch.Tensor  # [N] student argmax
     teacher_predictions: dict[str, torch.Tensor]  # [N] argmax of each teacher on the head's vocab
+    per_token: torch.Tensor | None = None  # [N, terms] detached: each term's value at each position x scale
 
 
 class ChunkResult(NamedTuple):
@@ -64,6 +65,7 @@ class ChunkResult(NamedTuple):
     teacher_predictions: dict[str, torch.Tensor]  # [rows] argmax of each teacher
     in_place: bool = False  # `grad` is the logits' own storage
     grad_scale: torch.Tensor | None = None  # a factor left out of `grad`, for backward to apply
+    per_token: torch.Tensor | None = None  # [rows, terms] each term's value at each row x scale (detached)
 
 
 # `evaluate_rows(chunk, gradient)`: a chunk's terms, with the logits gradient when `gradient`

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from ..spec.models import LossGraphSpec
 from ..spec.schedules import evaluate
 from .backend import BACKENDS, BackendOptions, HeadBackend, HeadResult, TermStep
 from .fused import FusedBackend
-from .inputs import HeadBatch, NumItems, TeacherValue, prepare_batches
+from .inputs import HeadBatch, Linear, NumItems, TeacherValue, prepare_batches
 from .parallel import global_counts, group_size
 from .reference_backend import ReferenceBackend
 
@@ -38,6 +38,10 @@ class GraphOutput:
     values: dict[str, torch.Tensor]  # "node/head" -> unweighted term (normalized, T^2-scaled if asked)
     weights: dict[str, float]  # "node/head" -> weight x head weight at this step
     metrics: dict[str, dict[str, torch.Tensor]]  # head -> tokens, accuracy, agreement/<teacher>
+    # "node/head" -> the term's value at every position ([B, S] or [N], float32, detached; 0 where
+    # masked; T^2-scaled if asked): `values` is its sum, each position times its loss_mask weight, over
+    # the normalizer. For analysis and logging; weight positions in the loss itself with a float loss_mask.
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def by_head(self) -> dict[str, torch.Tensor]:
         """Sum of the weighted terms of each head."""
@@ -169,7 +173,8 @@ class CompiledGraph(torch.nn.Module):
 
         logits: {head: [B, S, V] or [N, V]}; labels: next-token ids [B, S] (or [N]); teachers:
         {source: logits tensor, TopK, or a zero-argument callable, called once}; step: the training
-        step for schedules; loss_mask: [B, S], nonzero where a label counts (shifted like labels);
+        step for schedules; loss_mask: [B, S], nonzero where a label counts (shifted like labels), or
+        float per-position weights (the loss is then their weighted mean);
         document_ids: [B, S], masks MTP targets across document boundaries; num_items: the token
         count to divide by (one number, or one per head) for gradient accumulation or data parallel.
         """
@@ -190,9 +195,9 @@ class CompiledGraph(torch.nn.Module):
             options.vocab_parallel_group,
         )
         if options.normalize_across is not None and self.plan.normalization == "tokens":
-            counts = global_counts([batch.count for batch in batches.values()], options.normalize_across)
-            for batch, count in zip(batches.values(), counts):
-                batch.normalizer = count.clamp(min=1).to(torch.float32)
+            totals = global_counts([batch.total() for batch in batches.values()], options.normalize_across)
+            for batch, total in zip(batches.values(), totals):
+                batch.normalizer = torch.where(total > 0, total, 1.0)
         device = next(iter(batches.values())).mask.device
         backend = self.backend_for(device)
         total = None
@@ -200,6 +205,7 @@ class CompiledGraph(torch.nn.Module):
         values: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
         metrics: dict[str, dict[str, torch.Tensor]] = {}
+        per_token: dict[str, torch.Tensor] = {}
         for head in self.plan.heads:
             if head.name not in batches:
                 continue
@@ -214,8 +220,17 @@ class CompiledGraph(torch.nn.Module):
                     result.values[index] * s.weight if s.weight != 0.0 else torch.zeros_like(result.values[index])
                 )
                 weights[term.key] = s.weight
+                per_token[term.key] = (
+                    result.per_token[:, index].to(torch.float32).reshape(_positions(logits[head.name]))
+                )
             metrics[head.name] = _metrics(head, batch, result)
-        return GraphOutput(total, terms, values, weights, metrics)
+        return GraphOutput(total, terms, values, weights, metrics, per_token)
+
+
+def _positions(given: torch.Tensor | Linear) -> tuple[int, ...]:
+    """The positions a head's input covers: [B, S] or [N] (the shape of its logits or hidden states
+    without the last dimension)."""
+    return tuple((given.hidden if isinstance(given, Linear) else given).shape[:-1])
 
 
 def _check_vocab_parallel(plan: Plan, group) -> None:

@@ -244,7 +244,7 @@ class FusedBackend:
         loss = weighted_sum(rows.values, steps)
         if rows.grad is not None:
             loss = PrecomputedGradient.apply(batch.logits, loss, rows.grad, rows.in_place, rows.grad_scale)
-        return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions)
+        return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions, rows.per_token)
 
 
 @torch.compiler.assume_constant_result
@@ -476,9 +476,9 @@ def fused_rows(
     # what the kernel multiplies dl/ds by: weight x scale x ds/dz (= 1/T)
     weights = [step.weight * step.scale / step.temperature for step in steps]
     scalars = torch.tensor([*head.inverse_temperatures(steps), *weights], dtype=torch.float64)
-    mask = batch.mask.to(torch.float32)
+    row_weight = batch.row_weight()  # the mask, times per-position weights where given
     inverse_normalizer = 1.0 / batch.normalizer
-    row_scale = mask if fold else mask * inverse_normalizer
+    row_scale = row_weight if fold else row_weight * inverse_normalizer
     topk = [batch.topk[name] for name in head.topk]
     arguments = (
         row_scale,
@@ -510,10 +510,15 @@ def fused_rows(
         values, prediction, teacher_predictions = fused_head_inplace(key, grad, *arguments)
     else:
         grad, values, prediction, teacher_predictions = fused_head(key, rows, *arguments)
-    sums = (values * mask[:, None]).sum(0) * inverse_normalizer
+    sums = (values * row_weight[:, None]).sum(0) * inverse_normalizer
     scaled = torch.stack([sums[t] * step.scale for t, step in enumerate(steps)])
+    per_token = values  # the kernels write 0 for masked rows
+    if any(step.scale != 1.0 for step in steps):
+        per_token = torch.stack([values[:, t] * step.scale for t, step in enumerate(steps)], dim=1)
     teachers = {name: teacher_predictions[index] for index, name in enumerate(head.dense)}
     for name, value in zip(head.topk, topk):
         best = value.logprobs.argmax(-1, keepdim=True)
         teachers[name] = value.indices.gather(1, best).squeeze(1).long()
-    return ChunkResult(grad, scaled, prediction, teachers, in_place, inverse_normalizer if fold else None)
+    return ChunkResult(
+        grad, scaled, prediction, teachers, in_place, inverse_normalizer if fold else None, per_token.detach()
+    )

@@ -57,6 +57,20 @@ class HeadBatch:
     normalizer: torch.Tensor  # float32 scalar > 0 that each term's sum is divided by
     linear: Linear | None = None  # hidden [N, H] and the head's weight, for a hidden-input head
     shard: VocabShard | None = None  # under vocab parallel: which columns of the vocab this rank holds
+    weight: torch.Tensor | None = None  # [N] float32 per-position weights (a float loss_mask); None: 1
+
+    def row_weight(self) -> torch.Tensor:
+        """[N] float32: what each position's term values count for (0 where masked)."""
+        if self.weight is None:
+            return self.mask.to(torch.float32)
+        return torch.where(self.mask, self.weight, 0.0)
+
+    def total(self) -> torch.Tensor:
+        """The float32 token total that `tokens` normalization divides by: the unmasked count, or the
+        sum of the weights of a float loss_mask."""
+        if self.weight is None:
+            return self.count.to(torch.float32)
+        return self.row_weight().sum()
 
     def rows(self, start: int, stop: int, logits: torch.Tensor) -> HeadBatch:
         """Positions [start, stop) with `logits` for them; Linear teachers become logits. Keeps the
@@ -70,6 +84,7 @@ class HeadBatch:
             topk={name: TopK(t.indices[start:stop], t.logprobs[start:stop]) for name, t in self.topk.items()},
             count=self.count,
             normalizer=self.normalizer,
+            weight=None if self.weight is None else self.weight[start:stop],
         )
 
 
@@ -234,8 +249,8 @@ def _normalizer(
         return torch.ones((), dtype=torch.float32, device=count.device)
     if plan.normalization == "batch":
         return torch.full((), float(max(positions, 1)), dtype=torch.float32, device=count.device)
-    if num_items is None:
-        return count.clamp(min=1).to(torch.float32)
+    if num_items is None:  # the token total; 1 when it is 0 (every term is then 0 anyway)
+        return torch.where(count > 0, count, 1.0).to(torch.float32)
     value = num_items
     if isinstance(num_items, Mapping):
         bound = [h.name for h in plan.heads if h.terms]
@@ -408,8 +423,12 @@ def prepare_batches(
         labels = _positional(labels, layout, "labels", integer=True).long()
     elif labels is not None:
         raise InputError("labels given, but the graph has no labels source; declare one or drop the argument")
+    weights = None
     if loss_mask is not None:
-        loss_mask = _positional(loss_mask, layout, "loss_mask", integer=False) != 0
+        loss_mask = _positional(loss_mask, layout, "loss_mask", integer=False)
+        if loss_mask.is_floating_point():  # per-position weights
+            weights = loss_mask.to(torch.float32)
+        loss_mask = loss_mask != 0
     if document_ids is not None:
         if not sequence:
             raise InputError("document_ids need [B, S] logits to know where sequences are")
@@ -417,6 +436,11 @@ def prepare_batches(
     if check_values is None:
         # free on the CPU; on an accelerator, and inside torch.compile, they would cost a synchronization
         check_values = layout.device.type == "cpu" and not torch.compiler.is_compiling()
+    if weights is not None and check_values and not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+        raise InputError(
+            "loss_mask holds per-position weights (a float tensor): each must be finite and >= 0; "
+            "pass 0 where a position takes no loss"
+        )
 
     batches: dict[str, HeadBatch] = {}
     for head in plan.heads:
@@ -439,9 +463,13 @@ def prepare_batches(
         if loss_mask is not None:
             valid &= _shift(loss_mask, head.offset, False) if sequence else loss_mask
         mask = valid.reshape(-1)
+        head_weight = None
+        if weights is not None:
+            head_weight = (_shift(weights, head.offset, 0.0) if sequence else weights).reshape(-1)
         if head_labels is not None:
             head_labels = torch.where(mask, head_labels.reshape(-1), 0)
         count = mask.sum()
+        total = count if head_weight is None else torch.where(mask, head_weight, 0.0).sum()
         linear = None
         if head.hidden_input:
             given = logits[head.name]
@@ -453,9 +481,10 @@ def prepare_batches(
             teachers={},
             topk={},
             count=count,
-            normalizer=_normalizer(plan, head, count, mask.numel(), num_items, check_values),
+            normalizer=_normalizer(plan, head, total, mask.numel(), num_items, check_values),
             linear=linear,
             shard=None if vocab_group is None else VocabShard(head.vocab_size, vocab_group),
+            weight=head_weight,
         )
         for target in head.teachers:
             flat = _flatten_teacher(target.name, resolved[target.name], target, layout)

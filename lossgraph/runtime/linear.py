@@ -84,7 +84,7 @@ def linear_head(
         if need_weight:
             grad_weight = torch.zeros(weight.shape, dtype=wide if fp32 else weight.dtype, device=weight.device)
         grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
-        values, predictions, teachers = None, [], {}
+        values, predictions, teachers, per_token = None, [], {}, []
         for start in range(0, rows, size):
             stop = min(rows, start + size)
             block = hidden[start:stop].detach()
@@ -103,6 +103,7 @@ def linear_head(
                     grad_bias += grad.sum(0, dtype=wide)
             values = result.values.detach() if values is None else values + result.values.detach()
             predictions.append(result.prediction)
+            per_token.append(result.per_token)
             for name, predicted in result.teacher_predictions.items():
                 teachers.setdefault(name, []).append(predicted)
         if values is None:  # no rows at all
@@ -110,8 +111,10 @@ def linear_head(
             empty = torch.zeros(0, dtype=torch.int64, device=hidden.device)
             predictions, teachers = [empty], {name: [empty] for name in batch.teachers}
             teachers.update({name: [empty] for name in batch.topk})
+            per_token = [torch.zeros(0, len(head.terms), dtype=torch.float32, device=hidden.device)]
         outputs["values"] = values
         outputs["prediction"] = torch.cat(predictions)
+        outputs["per_token"] = torch.cat(per_token)
         outputs["teachers"] = {name: torch.cat(parts) for name, parts in teachers.items()}
         return weighted_sum(values, steps), grad_hidden, grad_weight, grad_bias
 
@@ -119,4 +122,4 @@ def linear_head(
         loss = LinearHeadLoss.apply(hidden, weight, bias, compute)
     else:
         loss = compute()[0]
-    return HeadResult(loss, outputs["values"], outputs["prediction"], outputs["teachers"])
+    return HeadResult(loss, outputs["values"], outputs["prediction"], outputs["teachers"], outputs["per_token"])

@@ -132,9 +132,13 @@ def term_per_position(term: Term, batch: HeadBatch, temperature: float) -> torch
     return torch.where(mask, value, 0.0)
 
 
-def reference_terms(terms: tuple[Term, ...], batch: HeadBatch, temperatures: list[float]) -> list[torch.Tensor]:
-    """Each term's normalized sum (a differentiable scalar), before weights and T^2 scaling."""
-    return [
-        term_per_position(term, batch, temperature).sum() / batch.normalizer.to(compute_dtype(batch.logits))
-        for term, temperature in zip(terms, temperatures)
-    ]
+def reference_terms(
+    terms: tuple[Term, ...], batch: HeadBatch, temperatures: list[float]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each term's normalized sum (a differentiable scalar) and its value at every position ([N], 0
+    where masked), before weights and T^2 scaling. Positions count with their weight (a float loss_mask)."""
+    dtype = compute_dtype(batch.logits)
+    weight = batch.row_weight().to(dtype)
+    per_position = [term_per_position(term, batch, temperature) for term, temperature in zip(terms, temperatures)]
+    sums = [(value * weight).sum() / batch.normalizer.to(dtype) for value in per_position]
+    return sums, per_position

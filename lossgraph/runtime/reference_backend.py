@@ -33,7 +33,7 @@ def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[st
 
 def reference_head(head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
     """The reference math on full logits rows."""
-    raw = reference_terms(head.terms, batch, [s.temperature for s in steps])
+    raw, per_position = reference_terms(head.terms, batch, [s.temperature for s in steps])
     # a weight-0 term is reported but takes no part in the gradient: detached, so that a value it
     # cannot define (a broken teacher) does not reach the gradient as 0 x NaN
     values = torch.stack([(value if s.weight != 0.0 else value.detach()) * s.scale for value, s in zip(raw, steps)])
@@ -44,7 +44,8 @@ def reference_head(head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) 
         if torch.is_grad_enabled() and batch.logits.requires_grad:  # no N x V zeros when none is asked for
             loss = PrecomputedGradient.apply(batch.logits, loss, torch.zeros_like(batch.logits), False, None)
     student, teachers = predictions(head, batch)
-    return HeadResult(loss, values.detach(), student, teachers)
+    per_token = torch.stack([value.detach() * s.scale for value, s in zip(per_position, steps)], dim=1)
+    return HeadResult(loss, values.detach(), student, teachers, per_token)
 
 
 def reference_rows(head: HeadPlan, chunk: HeadBatch, steps: Sequence[TermStep], gradient: bool = True) -> ChunkResult:
@@ -52,13 +53,15 @@ def reference_rows(head: HeadPlan, chunk: HeadBatch, steps: Sequence[TermStep], 
     if not gradient:
         with torch.no_grad():
             result = reference_head(head, chunk, steps)
-        return ChunkResult(None, result.values, result.prediction, result.teacher_predictions)
+        return ChunkResult(
+            None, result.values, result.prediction, result.teacher_predictions, per_token=result.per_token
+        )
     logits = chunk.logits.detach().requires_grad_()
     chunk.logits = logits
     with torch.enable_grad():
         result = reference_head(head, chunk, steps)
         (grad,) = torch.autograd.grad(result.loss, logits)
-    return ChunkResult(grad, result.values, result.prediction, result.teacher_predictions)
+    return ChunkResult(grad, result.values, result.prediction, result.teacher_predictions, per_token=result.per_token)
 
 
 class ReferenceBackend:
