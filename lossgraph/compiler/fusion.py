@@ -87,7 +87,7 @@ class Launch:
         )
         terms = tuple(
             KernelTerm(
-                loss=loss_kind(term.kind).fragments,
+                loss=loss_kind(term.kind).kernel_fragments(term),
                 target=None if term.target is None else term.target.kernel_target(index),
                 slot=keys.index(ONE if _uses_fixed_one(term) else temperature_key(term.temperature)),
                 constants=term.constants,
@@ -263,6 +263,26 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
     return replace(launch, layout=kernel_layout(launch.kernel_spec()))
 
 
+def _renormalized_notes(launch: Launch) -> list[str]:
+    """Why a temperature that a top-k term reads has no student softmax state: with tail: renormalize
+    the student is renormalized over the k stored tokens of each row, never over the whole row."""
+    spec = launch.kernel_spec()
+    by_slot: dict[int, list[Term]] = {}
+    for t in launch.layout.topk_terms:
+        term = spec.terms[t]
+        if term.target.tail == "renormalize" and term.slot not in launch.layout.student_slots:
+            by_slot.setdefault(term.slot, []).append(launch.terms[t])
+    notes = []
+    for slot, terms in by_slot.items():
+        names = ", ".join(f"{term.key} (top-k teacher {term.target.name!r}, k {term.target.k})" for term in terms)
+        notes.append(
+            f"no student softmax state at T={scheduled(launch.slots[slot])}: {names} uses tail: renormalize, "
+            "which renormalizes the student over the k stored tokens of each row, so no softmax over the "
+            "whole row is kept at that temperature"
+        )
+    return notes
+
+
 def plan_head(head: HeadPlan) -> list[Launch]:
     """One launch for the head, or several when it reads too many dense teachers for one."""
     groups: list[list[Term]] = []
@@ -293,6 +313,7 @@ def plan_head(head: HeadPlan) -> list[Launch]:
             "gradient"
             for t in launch.layout.reduction_terms
         ]
+        notes += _renormalized_notes(launch)
         launches.append(replace(launch, notes=tuple(notes)))
     return launches
 

@@ -225,7 +225,7 @@ def check_target_kinds(ctx: CompileContext) -> None:
             ctx.error(("losses", name, field_name), message)
         hard_labels = source_kind(source.type).provides_labels
         facts = TargetFacts(target, hard_labels, zero_mass_reason(_graph(ctx), target))
-        for field_name, message in loss_kind(loss.type).check_target(facts):
+        for field_name, message in loss_kind(loss.type).check_target(facts, loss):
             ctx.error(("losses", name, field_name), message)
 
 
@@ -297,6 +297,13 @@ def _schedule_values(value: object) -> list[tuple[str, float]]:
     if not isinstance(value, ConstantSchedule):
         values.append(("end", value.end))
     return values
+
+
+def check_loss_fields(ctx: CompileContext) -> None:
+    """Each loss node's own fields against each other (its kind's rules: jsd's beta at 0 or 1)."""
+    for name, loss in ctx.spec.losses.items():
+        for field_name, message in loss_kind(loss.type).check_fields(loss):
+            ctx.error(("losses", name, field_name), message)
 
 
 def check_weights(ctx: CompileContext) -> None:

@@ -38,6 +38,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("check_target_kinds", passes.check_target_kinds),
     ("check_offsets", passes.check_offsets),
     ("check_vocab_sizes", passes.check_vocab_sizes),
+    ("check_loss_fields", passes.check_loss_fields),
     ("check_weights", passes.check_weights),
     ("check_schedules", passes.check_schedules),
     ("warn_unused", passes.warn_unused),

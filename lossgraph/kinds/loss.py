@@ -89,11 +89,20 @@ class LossKind:
         """The node's constants that the math needs (baked into the kernel), as (name, value) pairs."""
         return ()
 
+    def kernel_fragments(self, term: Term) -> LossFragments:
+        """The fragments the kernel of `term` runs (a kind may hand a term to another kind's code at a
+        value of its constants where the two agree: jsd at beta 0 and 1)."""
+        return self.fragments
+
     def details(self, loss: LossNode) -> list[str]:
         """Short descriptions of the kind's own fields, for `show` and `plan` (e.g. `beta 0.3`)."""
         return []
 
-    def check_target(self, target: TargetFacts) -> list[tuple[str, str]]:
+    def check_fields(self, loss: LossNode) -> list[tuple[str, str]]:
+        """(field, message) for each problem among the node's own fields (beyond their types)."""
+        return []
+
+    def check_target(self, target: TargetFacts, loss: LossNode) -> list[tuple[str, str]]:
         """(field, message) for each problem of this kind with its target."""
         problems = []
         if target.hard_labels and not self.accepts_hard_labels:
