@@ -74,14 +74,16 @@ def test_attach_mtp_heads_copies_lm_head_once(graph):
     assert any(name.startswith("lossgraph_heads.mtp2") for name, _ in model.named_parameters())
 
 
-def test_attach_mtp_heads_checks_vocab_and_logit_post_processing(graph):
+def test_attach_mtp_heads_checks_vocab_and_unknown_logit_post_processing(graph):
     other = lossgraph.compile(lossgraph.loads(GRAPH.replace(f"vocab_size: {VOCAB}", "vocab_size: 65")))
-    with pytest.raises(lossgraph.LossGraphError, match="vocab"):
+    with pytest.raises(lossgraph.LossGraphError, match="vocab_size: 64"):
         attach_mtp_heads(tiny_llama(32, seed=0), other)
-    capped = tiny_llama(32, seed=0)
-    capped.config.final_logit_softcapping = 30.0
-    with pytest.raises(lossgraph.LossGraphError, match="final_logit_softcapping"):
-        attach_mtp_heads(capped, graph)
+    # a config that claims a scaling its model does not apply: the MTP heads' logits would not match lm_head's
+    scaled = tiny_llama(32, seed=0)
+    scaled.config.logits_scaling = 4.0  # Granite's; Llama ignores it
+    attach_mtp_heads(scaled, graph)
+    with pytest.raises(lossgraph.LossGraphError, match="post-processes its logits in a way lossgraph does not know"):
+        head_logits(scaled, graph, batch_of()["input_ids"])
 
 
 def test_head_logits_needs_attached_heads(graph):
