@@ -87,6 +87,20 @@ class KernelGenerator:
         self._tile_cache: dict[str, str] = {}
         self._tail_factors: set[int] = set()  # bucket terms whose tail gradient is q_j * gt{t}
 
+    def capped(self, logits: str) -> str:
+        """The logits as the terms see them: soft-capped when the head caps them."""
+        cap = self.spec.softcap
+        return logits if cap is None else f"soft_cap({logits}, {cap!r})"
+
+    def cap_derivative(self, capped: str) -> str:
+        """dz'/dz = 1 - (z' / c)^2 at a capped logit z' (0 at -inf, where there is no gradient)."""
+        inverse = repr(1.0 / self.spec.softcap)
+        return f"tl.where({capped} > {NEG_INF}, 1.0 - ({capped} * {inverse}) * ({capped} * {inverse}), 0.0)"
+
+    def cap_factor(self, capped: str) -> str:
+        """` * dz'/dz` when the head caps its logits, else nothing."""
+        return "" if self.spec.softcap is None else f" * {self.cap_derivative(capped)}"
+
     def emit(self, *lines: str) -> None:
         """Write lines of source at the current indentation (for the kinds' fragments)."""
         self.src(*lines)
@@ -262,7 +276,15 @@ class KernelGenerator:
         with self.src.block("for start in range(0, V, BLOCK_V):"):
             self._tile_cache = dict(constants)
             self.src("offs = start + cols", "in_v = offs < V")
-            self.src(f"x = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)")
+            if self.spec.softcap is None:
+                self.src(f"x = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)")
+            else:
+                # every term sees the capped logits (padded lanes stay -inf); the argmax reads the raw
+                # ones, which rank the same without the ties of saturated caps
+                self.src(
+                    f"z_raw = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)",
+                    f"x = tl.where(in_v, {self.capped('z_raw')}, {NEG_INF})",
+                )
             yield
         self._tile_cache = {k: v for k, v in self._tile_cache.items() if k.startswith("const:")}
 
@@ -288,6 +310,7 @@ class KernelGenerator:
             "    lane_centered_moment,",
             "    lane_softmax_update,",
             "    sign_of_difference,",
+            "    soft_cap,",
             ")",
             "",
             "",
@@ -404,6 +427,8 @@ class KernelGenerator:
                 "held = (y >= vocab_start) & (y < vocab_start + V)",
                 "z_label = tl.load(z_row + tl.where(held, y - vocab_start, 0), mask=held, other=0.0).to(tl.float32)",
             )
+            if self.spec.softcap is not None:
+                src(f"z_label = tl.where(held, {self.capped('z_label')}, 0.0)")
         for i in self.layout.topk_sources:
             src(f"tl.store(topz{i}_ptr + row * {self.topk_width(i)} + kk{i}, tl.where(held{i}, z_top{i}, 0.0))")
         floats = self.float_stats()
@@ -477,7 +502,8 @@ class KernelGenerator:
             src(f"m_t{i}_{s} = {NEG_INF}")
         with self.tile_loop():
             ids = self.global_offs()
-            src(f"best_value, best_index = tile_argmax_update(best_value, best_index, x, {ids})")
+            raw = "x" if self.spec.softcap is None else "z_raw"
+            src(f"best_value, best_index = tile_argmax_update(best_value, best_index, {raw}, {ids})")
             for i in range(len(self.spec.dense)):
                 tile = self.teacher_tile(i)
                 src(
@@ -549,7 +575,7 @@ class KernelGenerator:
             else:
                 src(
                     'z_label = tl.load(z_row + tl.where(label_ok, y, 0), mask=label_ok, other=float("nan"))',
-                    "z_label = z_label.to(tl.float32)",
+                    f"z_label = {self.capped('z_label.to(tl.float32)')}",
                 )
         for t, term in enumerate(spec.terms):
             if isinstance(term.target, KTopK):
@@ -612,6 +638,8 @@ class KernelGenerator:
             self.src(f"held{i} = in_vocab{i}", f"safe{i} = tl.where(in_vocab{i}, index{i}, 0)")
         if self.phase in ("single", "stats"):
             self.src(f"z_top{i} = tl.load(z_row + safe{i}, mask=held{i}, other={NEG_INF}).to(tl.float32)")
+            if self.spec.softcap is not None:
+                self.src(f"z_top{i} = tl.where(held{i}, {self.capped(f'z_top{i}')}, {NEG_INF})")
 
     def topk_renormalized(self, t: int, term: KernelTerm) -> None:
         src = self.src
@@ -731,6 +759,9 @@ class KernelGenerator:
                 src("g = tl.zeros([BLOCK_V], dtype=tl.float32)")
                 for t, term in enumerate(spec.terms):
                     self.term_in_last_pass(t, term)
+                if spec.softcap is not None:
+                    # dl/dz = dl/dz' (1 - tanh^2(z / c)), z' = c tanh(z / c) the capped logit in x
+                    src(f"g = g * {self.cap_derivative('x')}")
                 if spec.accumulate:
                     src("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
                 src("tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)")
@@ -761,7 +792,8 @@ class KernelGenerator:
             src(
                 "tl.debug_barrier()",
                 f"old{i} = tl.load(g_row + safe{i}, mask=held{i}, other=0.0).to(tl.float32)",
-                f"new{i} = (old{i} + delta{i} * grad_scale).to(grad_ptr.dtype.element_ty)",
+                f"new{i} = old{i} + delta{i} * grad_scale{self.cap_factor(f'z_top{i}')}",
+                f"new{i} = new{i}.to(grad_ptr.dtype.element_ty)",
                 f"tl.store(g_row + safe{i}, new{i}, mask=held{i})",
             )
 

@@ -67,3 +67,18 @@ def log_add_exp(a, b):
 def sign_of_difference(a, b):
     """sign(a - b) with sign(0) = 0 (the subgradient autograd uses for |x| at 0)."""
     return tl.where(a > b, 1.0, tl.where(a < b, -1.0, 0.0))
+
+
+@triton.jit
+def soft_cap(x, cap):
+    """cap * tanh(x / cap) (logit soft-capping); -inf maps to -cap, as torch.tanh gives.
+
+    tanh(u) = (1 - e^(-2|u|)) / (1 + e^(-2|u|)) with the sign of u, which cannot overflow; below
+    |u| = 1/16, where that difference would cancel, the Taylor series to u^5 (error below 1e-9)."""
+    u = x / cap
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    large = (1.0 - e) / (1.0 + e)
+    small = a * (1.0 - a * a * (0.3333333333333333 - a * a * 0.13333333333333333))
+    t = tl.where(a < 0.0625, small, large)
+    return cap * tl.where(u < 0, -t, t)

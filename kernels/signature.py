@@ -30,6 +30,7 @@ class KernelSpec:
     topk: tuple[int, ...] = ()  # k of each top-k teacher
     accumulate: bool = False  # add to the gradient buffer (a later launch of a split head)
     gradient: bool = True  # write dl/dz; False (under torch.no_grad) writes nothing N x V
+    softcap: float | None = None  # the terms see softcap * tanh(z / softcap); dz'/dz is applied to dl/dz'
 
     @property
     def tile_streams(self) -> int:
@@ -56,6 +57,8 @@ class KernelSpec:
             lines.append("adds to the gradient of an earlier launch")
         if not self.gradient:
             lines.append("values only (no gradient)")
+        if self.softcap is not None:
+            lines.append(f"logits soft-capped at {self.softcap!r}")
         return lines
 
 

@@ -32,7 +32,7 @@ B, S = 2, 6
 GRAPH = f"""
 version: 1
 vocab_size: {VOCAB}
-heads: {{next: {{offset: 1}}, mtp2: {{offset: 2}}}}
+heads: {{next: {{offset: 1, softcap: 3.0}}, mtp2: {{offset: 2}}}}  # next: capped logits on every rank
 sources:
   labels: {{type: labels}}
   teacher: {{type: teacher}}

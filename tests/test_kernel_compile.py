@@ -59,7 +59,7 @@ TARGET_KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "tvd")
 
 def kernel_term(kind: str, target, slot: int, *, active: bool = True) -> KernelTerm:
     """A term of `kind` through its registered fragments (a jsd term with beta 0.3)."""
-    constants = (("beta", 0.3),) if kind == "jsd" else ()
+    constants = (("beta", 0.3), ("scale", 1.0)) if kind == "jsd" else ()
     return KernelTerm(loss_kind(kind).fragments, target, slot, constants=constants, active=active)
 
 
@@ -102,6 +102,9 @@ def synthetic_specs() -> dict[str, KernelSpec]:
     specs["values-only-mixture-two-dense"] = replace(_target_spec("mixture-two-dense"), gradient=False)
     specs["accumulate-dense"] = _target_spec("dense", accumulate=True)
     specs["accumulate-topk-renormalize"] = _target_spec("topk-renormalize", accumulate=True)
+    specs["softcap-labels"] = replace(_target_spec("labels"), softcap=30.0)
+    specs["softcap-topk-bucket"] = replace(_target_spec("topk-bucket"), softcap=30.0)
+    specs["softcap-accumulate-dense"] = replace(_target_spec("dense", accumulate=True), softcap=30.0)
     specs["truncate-dense"] = _target_spec("dense", mapping="truncate")
     specs["pad-mixture"] = _target_spec("mixture-two-dense", mapping="pad")
     # the widest launch: four dense teachers at two temperatures, two top-k teachers, labels

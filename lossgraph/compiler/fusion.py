@@ -75,6 +75,7 @@ class Launch:
     vocab_size: int
     accumulate: bool
     notes: tuple[str, ...]
+    softcap: float | None = None  # the head's logit soft-cap, applied inside the kernel
     layout: KernelLayout | None = None  # of the launch's kernel with every term active (set by _launch)
 
     def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
@@ -104,6 +105,7 @@ class Launch:
             dense=dense,
             topk=tuple(t.k for t in self.topk),
             accumulate=self.accumulate,
+            softcap=self.softcap,
         )
 
     @property
@@ -259,6 +261,7 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         vocab_size=head.vocab_size,
         accumulate=index > 0,
         notes=tuple(notes),
+        softcap=head.softcap,
     )
     return replace(launch, layout=kernel_layout(launch.kernel_spec()))
 

@@ -75,6 +75,7 @@ class HeadPlan:
     vocab_size: int
     terms: tuple[Term, ...]
     hidden_input: bool = False  # receives lossgraph.Linear(hidden, weight, bias), chunked
+    softcap: float | None = None  # the losses see softcap * tanh(z / softcap)
 
     @property
     def teachers(self) -> list[DenseTarget | TopKTarget]:
@@ -147,7 +148,16 @@ def build_plan(spec: LossGraphSpec) -> Plan:
                     constants=loss_kind(loss.type).constants(loss),
                 )
             )
-        heads.append(HeadPlan(head_name, head.offset, spec.head_vocab(head_name), tuple(terms), head.input == "hidden"))
+        heads.append(
+            HeadPlan(
+                head_name,
+                head.offset,
+                spec.head_vocab(head_name),
+                tuple(terms),
+                hidden_input=head.input == "hidden",
+                softcap=head.softcap,
+            )
+        )
     labels = next(
         (
             resolve_target(spec, name, graph, resolved)

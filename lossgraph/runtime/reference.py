@@ -109,12 +109,18 @@ class TermRows:
         return at_labels(values, self.labels)
 
 
-def term_per_position(term: Term, batch: HeadBatch, temperature: float) -> torch.Tensor:
-    """The unweighted loss of `term` at every position, [N] (zero where masked)."""
+def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """softcap * tanh(logits / softcap), the logits a soft-capped head's losses see (as they are)."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def term_per_position(term: Term, batch: HeadBatch, temperature: float, softcap: float | None = None) -> torch.Tensor:
+    """The unweighted loss of `term` at every position, [N] (zero where masked), on the head's logits
+    soft-capped at `softcap` (when the head caps them)."""
     kind = loss_kind(term.kind)
     dtype = compute_dtype(batch.logits)
     mask = batch.mask
-    logits = torch.where(mask[:, None], batch.logits.to(dtype), 0.0)
+    logits = torch.where(mask[:, None], soft_cap(batch.logits.to(dtype), softcap), 0.0)
     z = logits / temperature
     target = term.target
     finite = None if target is None else target.rows_finite(batch, logits.shape[-1])
@@ -133,12 +139,14 @@ def term_per_position(term: Term, batch: HeadBatch, temperature: float) -> torch
 
 
 def reference_terms(
-    terms: tuple[Term, ...], batch: HeadBatch, temperatures: list[float]
+    terms: tuple[Term, ...], batch: HeadBatch, temperatures: list[float], softcap: float | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each term's normalized sum (a differentiable scalar) and its value at every position ([N], 0
     where masked), before weights and T^2 scaling. Positions count with their weight (a float loss_mask)."""
     dtype = compute_dtype(batch.logits)
     weight = batch.row_weight().to(dtype)
-    per_position = [term_per_position(term, batch, temperature) for term, temperature in zip(terms, temperatures)]
+    per_position = [
+        term_per_position(term, batch, temperature, softcap) for term, temperature in zip(terms, temperatures)
+    ]
     sums = [(value * weight).sum() / batch.normalizer.to(dtype) for value in per_position]
     return sums, per_position

@@ -47,6 +47,8 @@ MAX_WEIGHT = 1e6
 # above 1e3 the T^2 of temperature_scaling would exceed the weight range.
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e3
+# Logit soft-caps in use are 30 (Gemma 2 and 3) to 50; far above any logit, a cap changes nothing.
+MAX_SOFTCAP = 1e4
 # Schedule lengths in training steps: more than any training run.
 MAX_STEPS = 10**9
 # A mixture of mixtures is evaluated as a tree; this bounds its leaves (teacher and label reads), which
@@ -67,6 +69,7 @@ BOUND_REASONS: dict[str, str] = {
     "head_weights": "so that weight x head weight x T^2 stays below 1e18 and float32 sums of the terms cannot overflow",
     "weights": "mixture weights are probabilities",
     "temperature": "logits are divided by it in float32, and temperature_scaling multiplies by its square",
+    "softcap": "caps in use are 30 to 50; far above any logit, a cap changes nothing",
     "start": "a schedule gives a weight or a temperature, and weights are at most 1e6 in size",
     "end": "a schedule gives a weight or a temperature, and weights are at most 1e6 in size",
     "steps": "more steps than any training run",
@@ -178,6 +181,13 @@ class Head(SpecModel):
             "What the head receives at run time: `logits` ([B, S, V] tensors), or `hidden` "
             "(lossgraph.Linear(hidden, weight, bias)): the loss is computed chunk by chunk from hidden "
             "states and the head's weight, without materializing the logits."
+        ),
+    )
+    softcap: Annotated[float, Field(allow_inf_nan=False, gt=0.0, le=MAX_SOFTCAP)] | None = Field(
+        None,
+        description=(
+            "Logit soft-capping (Gemma 2 and 3): every loss of the head sees softcap * tanh(z / softcap) "
+            "instead of the logits z, and the gradient flows through the tanh. Give the head's raw logits."
         ),
     )
     description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
