@@ -210,6 +210,16 @@ def compile_all(out: Path) -> None:
         except Exception as error:  # reported by the test of that case
             entry.update(ok=False, error=f"{type(error).__name__}: {error}"[:4000])
         results[name] = entry
+    from lossgraph.kernels.scale import BLOCK, scale_in_place_kernel
+
+    for pointer in ("*fp32", "*bf16", "*fp16"):  # the backward's in-place scale
+        try:
+            signature = {"buffer_ptr": pointer, "scale_ptr": "*fp32", "elements": "i64", "BLOCK": "constexpr"}
+            source = ASTSource(fn=scale_in_place_kernel, signature=signature, constexprs={"BLOCK": BLOCK})
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+            results[f"scale-{pointer[1:]}"] = {"ok": True}
+        except Exception as error:
+            results[f"scale-{pointer[1:]}"] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:4000]}
     out.write_text(json.dumps(results))
 
 
@@ -221,6 +231,12 @@ def compiled(tmp_path_factory) -> dict[str, dict]:
 
 
 CASES = list(cases())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_scale_kernel_compiles_for_sm90(compiled, dtype):
+    entry = compiled[f"scale-{dtype}"]
+    assert entry["ok"], entry.get("error")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -239,8 +255,6 @@ def test_kernel_does_not_spill(compiled, case):
     assert entry["local"] == 0, f"{case} spills {entry['local']} bytes per thread to local memory"
 
 
-if __name__ == "__main__":
-    compile_all(Path(sys.argv[1]))
 
 
 @pytest.mark.parametrize("name", sorted({**example_specs(), **synthetic_specs()}))
@@ -255,3 +269,7 @@ def test_the_layout_tells_what_each_generated_read_streams(name):
     loops = live.split("for start in range(0, V, BLOCK_V):")[1:]
     reads = tuple(frozenset(int(i) for i in re.findall(r"\bt(\d+) = tl\.load\(t\d+_row", loop)) for loop in loops)
     assert reads == kernel_layout(spec).pass_reads
+
+
+if __name__ == "__main__":
+    compile_all(Path(sys.argv[1]))
