@@ -22,6 +22,16 @@ from lossgraph.integrations.transformers import (  # noqa: E402
 
 VOCAB = 64
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: torch's thread pool costs more than it gives, and much more on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 GRAPH = f"""
 version: 1
 vocab_size: {VOCAB}

@@ -263,12 +263,26 @@ def _attention_mask(
     return allowed[:, None]
 
 
-class MTPHeads(torch.nn.ModuleDict):
+class MTPHeads(torch.nn.Module):
     """`model.lossgraph_heads`: one module per MTP head of the graph, by head name, all of one style.
 
     Called with the trunk's last hidden state (what `lm_head` reads), it returns each head's logits
-    before the model's post-processing. `offsets` maps each head to the token it predicts.
+    before the model's post-processing. `offsets` maps each head to the token it predicts. It reads
+    like a dict of modules (`heads["mtp2"]`, `list(heads)`), and is a plain Module so that PEFT's
+    `modules_to_save=["lossgraph_heads"]` can train it.
     """
+
+    def __getitem__(self, name: str) -> torch.nn.Module:
+        return self._modules[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
 
     def __init__(self, style: str, medusa_layers: int = 1):
         super().__init__()
@@ -292,7 +306,7 @@ class MTPHeads(torch.nn.ModuleDict):
             module = MedusaHead(output, self.medusa_layers)
         else:
             module = DeepSeekMTPModule(model.config, output)
-        self[name] = module
+        self.add_module(name, module)
         self.offsets[name] = offset
 
     def by_offset(self) -> list[str]:
