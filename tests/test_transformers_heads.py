@@ -183,10 +183,14 @@ def test_styles_and_offsets_are_checked():
 def test_a_forward_outside_lossgraph_is_unchanged():
     graph = compiled(graph_text((2,)))
     model = attach_mtp_heads(tiny_llama(), graph, style="medusa")
-    outputs = model(input_ids=ids())
-    assert "lossgraph_logits" not in outputs  # the heads only run when lossgraph asks
+    calls = []
+    model.lossgraph_heads.register_forward_hook(lambda *_: calls.append(1))
+    model(input_ids=ids())
     generated = model.generate(ids(1, 4), max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 7)
+    assert not calls  # the heads only run when lossgraph asks
+    head_logits(model, graph, ids())
+    assert calls == [1]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ from ..errors import LossGraphError
 from ..runtime.compiled import CompiledGraph
 
 HEADS_ATTRIBUTE = "lossgraph_heads"  # model.lossgraph_heads (the modules) and model.config.lossgraph_heads (layout)
-OUTPUT_KEY = "lossgraph_logits"  # the MTP logits, added to the model's output while lossgraph runs it
 STYLES = ("linear", "medusa", "deepseek")
 _TAP = "_lossgraph_tap"
 
@@ -516,11 +515,31 @@ def _after_output_head(module: torch.nn.Module, args: tuple, output: torch.Tenso
         )
 
 
+class _Tie(torch.autograd.Function):
+    """The logits, unchanged, with the MTP logits as extra inputs that get no gradient here.
+
+    DDP with find_unused_parameters (transformers' default) walks the autograd graph back from the
+    forward's output to find the parameters in use; the MTP heads' logits are not part of that output,
+    so this ties them to it. Nothing is computed or copied.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        ctx.others = len(others)
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad, *([None] * ctx.others))
+
+
 def _after_model(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     tap = getattr(module, _TAP, None)
-    if tap is not None and tap.armed and tap.mtp and isinstance(output, Mapping):
-        # in the output, so that DDP (find_unused_parameters) sees the heads' parameters used
-        output[OUTPUT_KEY] = tap.mtp
+    if tap is None or not tap.armed or not tap.mtp or not isinstance(output, Mapping):
+        return output
+    logits = output.get("logits")
+    if isinstance(logits, torch.Tensor) and torch.is_grad_enabled():
+        output["logits"] = _Tie.apply(logits, *tap.mtp.values())
     return output
 
 

@@ -34,7 +34,6 @@ from ..runtime.compiled import CompiledGraph, GraphOutput
 from ..runtime.inputs import TopK
 from .mtp_heads import (
     HEADS_ATTRIBUTE,
-    OUTPUT_KEY,
     STYLES,
     DeepSeekMTPModule,
     IntegrationError,
@@ -564,8 +563,6 @@ class LossGraphTrainer(Trainer):
         elif self._evaluation is not None:
             self._evaluation.add(out, loss.detach(), terms)
         if return_outputs:
-            if isinstance(outputs, Mapping):
-                outputs = {key: value for key, value in outputs.items() if key != OUTPUT_KEY}
             return loss, outputs
         return loss
 
