@@ -237,3 +237,59 @@ def test_missing_topk_columns_say_how_to_fix_it(graph, data):
     batch = {key: torch.stack([row[key] for row in data[:2]]) for key in ("input_ids", "labels")}
     with pytest.raises(lossgraph.InputError, match="cached_indices and cached_logprobs \\(\\[S, 4\\] each"):
         compute_loss(student, batch, graph, {"teacher": tiny_llama(5)})
+
+
+def test_a_graph_without_labels_trains_and_evaluates(tmp_path):
+    """Pure distillation: no labels column, padding kept out of the loss by the attention mask."""
+    text = f"""
+version: 1
+vocab_size: {VOCAB}
+heads: {{next: {{offset: 1}}}}
+sources: {{teacher: {{type: teacher}}}}
+losses: {{kd: {{type: reverse_kl, heads: [next], target: teacher}}}}
+"""
+    graph = lossgraph.compile(lossgraph.loads(text), backend="torch")
+    input_ids = torch.randint(0, VOCAB, (8, LENGTH), generator=torch.Generator().manual_seed(1))
+    attention = torch.ones_like(input_ids)
+    attention[::2, -4:] = 0  # padding at the end of every other row
+    rows = [{"input_ids": input_ids[i], "attention_mask": attention[i]} for i in range(8)]
+    trainer = LossGraphTrainer(
+        model=tiny_llama(0),
+        args=arguments(tmp_path, gradient_accumulation_steps=2),
+        train_dataset=rows,
+        eval_dataset=rows,
+        loss_graph=graph,
+        teachers={"teacher": tiny_llama(5, hidden=48)},
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["lossgraph/kd/next"] == pytest.approx(entry["loss"], rel=1e-5) for entry in logged)
+    metrics = trainer.evaluate()
+    assert (
+        metrics["eval_lossgraph/kd/next"] == pytest.approx(metrics["eval_loss"], rel=1e-5) and metrics["eval_loss"] > 0
+    )
+    batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+    assert int(tokens_per_head(graph, batch)["next"]) == 8 * (LENGTH - 1) - 4 * 4
+
+
+@pytest.mark.parametrize("normalization", ["sum", "batch"])
+def test_other_normalizations_log_terms_that_sum_to_the_loss(graph, data, tmp_path, normalization):
+    other = lossgraph.compile(lossgraph.loads(f"normalization: {normalization}\n" + GRAPH), backend="torch")
+    accumulated = trainer_for(other, data, tmp_path / "ga", gradient_accumulation_steps=2)
+    accumulated.train()
+    big = trainer_for(other, data, tmp_path / "big", per_device_train_batch_size=8)
+    big.train()
+    for a, b in zip(*([e for e in t.state.log_history if "loss" in e] for t in (accumulated, big))):
+        assert sum(a[key] for key in term_keys(a, "lossgraph/")) == pytest.approx(a["loss"], rel=1e-5)
+        # sum: the micro-batches' sums add up; batch: their means are averaged (equal micro-batches)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_resume_from_checkpoint_restores_the_heads(graph, data, tmp_path):
+    first = trainer_for(graph, data, tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
+    first.train()
+    trained = {key: value.clone() for key, value in first.model.lossgraph_heads.state_dict().items()}
+    resumed = trainer_for(graph, data, tmp_path / "run", seed=3, max_steps=2)  # other initial weights
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    for key, value in resumed.model.lossgraph_heads.state_dict().items():
+        torch.testing.assert_close(value, trained[key], msg=key)

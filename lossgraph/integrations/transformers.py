@@ -458,6 +458,11 @@ class LossGraphTrainer(Trainer):
         # divide the loss by the gradient-accumulation steps; `batch` is a per-batch mean, which it divides
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = loss_graph.plan.normalization != "batch"
+        if loss_graph.plan.labels is None and self.args.label_names is None:
+            # a graph without labels (pure distillation) still has a loss to evaluate: transformers only
+            # computes one for batches without labels when the model "can return a loss" with no label names
+            self.label_names = []
+            self.can_return_loss = True
         for teacher in self.teachers.values():
             if isinstance(teacher, torch.nn.Module):
                 teacher.eval().requires_grad_(False)
