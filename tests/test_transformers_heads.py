@@ -406,3 +406,26 @@ def test_peft_lora_trains_and_saves_the_heads(tmp_path):
     base = attach_mtp_heads(tiny_llama(), graph, style="medusa")  # same base weights (seed), fresh heads
     restored = peft.PeftModel.from_pretrained(base, tmp_path)
     torch.testing.assert_close(head_logits(restored, graph, batch["input_ids"])["mtp2"], expected)
+
+
+def test_a_replaced_lm_head_is_hooked_again():
+    graph = compiled(graph_text((2,)))
+    model = attach_mtp_heads(tiny_llama(), graph)
+    replacement = torch.nn.Linear(32, VOCAB, bias=False)
+    with torch.no_grad():
+        replacement.weight.copy_(model.lm_head.weight * 2)
+    model.set_output_embeddings(replacement)  # as resize_token_embeddings does
+    logits = head_logits(model, graph, ids())
+    torch.testing.assert_close(logits["next"], model(input_ids=ids()).logits)
+
+
+def test_peft_lora_on_lm_head_keeps_the_heads_consistent():
+    peft = pytest.importorskip("peft")
+    graph = compiled(graph_text((2,)))
+    model = attach_mtp_heads(tiny_llama(), graph)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    calls = []
+    wrapped.base_model.model.lossgraph_heads.register_forward_hook(lambda *_: calls.append(1))
+    logits = head_logits(wrapped, graph, ids())  # the check against the model's logits sees LoRA's delta
+    assert calls == [1]  # the heads ran once, from the outer lm_head
+    torch.testing.assert_close(logits["next"], wrapped(input_ids=ids()).logits)

@@ -500,8 +500,8 @@ def _before_model(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _after_output_head(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
     tap = getattr(module, _TAP, None)
-    if tap is None or not tap.armed or not args:
-        return
+    if tap is None or not tap.armed or not args or module is not tap.model.get_output_embeddings():
+        return  # an lm_head since replaced or wrapped (PEFT's LoRA on lm_head): its new one is hooked too
     tap.hidden, tap.raw = args[0], output
     heads = getattr(tap.model, HEADS_ATTRIBUTE, None)
     if heads is not None and len(_active(heads)):
@@ -545,18 +545,18 @@ def _after_model(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any
 
 def install_tap(model: PreTrainedModel) -> _Tap:
     """Register lossgraph's hooks on the model and its lm_head, once; returns the model's tap."""
-    tap = getattr(model, _TAP, None)
-    if tap is not None:
-        return tap
     output = model.get_output_embeddings()
     if output is None:
         raise IntegrationError(f"{type(model).__name__} has no output embedding (lm_head) to predict with")
-    tap = _Tap(model)
-    model.__dict__[_TAP] = tap
-    output.__dict__[_TAP] = tap
-    model.register_forward_pre_hook(_before_model, with_kwargs=True)
-    output.register_forward_hook(_after_output_head)
-    model.register_forward_hook(_after_model, with_kwargs=True)
+    tap = getattr(model, _TAP, None)
+    if tap is None:
+        tap = _Tap(model)
+        model.__dict__[_TAP] = tap
+        model.register_forward_pre_hook(_before_model, with_kwargs=True)
+        model.register_forward_hook(_after_model, with_kwargs=True)
+    if getattr(output, _TAP, None) is not tap:  # a new lm_head (resize_token_embeddings replaces it)
+        output.__dict__[_TAP] = tap
+        output.register_forward_hook(_after_output_head)
     return tap
 
 

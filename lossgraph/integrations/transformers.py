@@ -523,8 +523,9 @@ class LossGraphTrainer(Trainer):
 
     # ---- normalization over the accumulated step -------------------------------------------------
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        device = args[0] if args else kwargs.get("device", self.args.device)  # transformers < 4.49: no device
         return batch_samples, self._step_counts(batch_samples, device)
 
     def _step_counts(self, batch_samples: list, device: torch.device) -> dict[str, torch.Tensor] | None:
