@@ -429,3 +429,9 @@ def test_peft_lora_on_lm_head_keeps_the_heads_consistent():
     logits = head_logits(wrapped, graph, ids())  # the check against the model's logits sees LoRA's delta
     assert calls == [1]  # the heads ran once, from the outer lm_head
     torch.testing.assert_close(logits["next"], wrapped(input_ids=ids()).logits)
+
+
+def test_hidden_input_heads_are_refused():
+    graph = compiled(graph_text((), extra_heads=", input: hidden"))
+    with pytest.raises(IntegrationError, match="declare `input: logits`"):
+        head_logits(tiny_llama(), graph, ids())
