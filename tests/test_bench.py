@@ -81,10 +81,62 @@ def test_bench_runs_on_the_cpu_and_writes_json(tmp_path):
 
 def test_bench_rejects_unknown_cases_and_a_missing_gpu():
     result = CliRunner().invoke(app, ["bench", "z", "--device", "cpu"])
-    assert result.exit_code == 1 and "unknown case(s) z" in result.output
+    assert result.exit_code == 2, result.output  # a usage error, as docs/cli.md says
+    assert result.output == "error: unknown case 'z': give a, b, c, d, e or the path of a loss-graph file\n"
     if not torch.cuda.is_available():
         result = CliRunner().invoke(app, ["bench", "a", "--device", "cuda"])
         assert result.exit_code == 1 and "no CUDA device" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("missing.yaml", "error: missing.yaml: no such file"),
+        ("graphs/missing", "error: graphs/missing: no such file"),
+        (".", "error: .: is a directory, not a loss-graph file"),
+    ],
+)
+def test_bench_unreadable_file_exits_2_before_measuring(tmp_path, monkeypatch, name, message):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "a", name, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert result.output == message + "\n"  # nothing was measured, not even case a
+    assert "unknown case" not in result.output and "Traceback" not in result.output
+
+
+def test_bench_invalid_file_exits_1_with_located_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 1\nvocab_size: 8\nheads: {next: {}}\nlosses: {z: {type: z_loss, heads: [nxt]}}\n")
+    result = CliRunner().invoke(app, ["bench", str(path), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert f"{path}:4:36: losses.z.heads[0]: unknown head 'nxt'" in result.output.splitlines()[-1], result.output
+
+
+def test_cases_have_their_own_titles_and_keep_their_shapes_on_a_cpu():
+    for small in (False, True):
+        cases = standard_cases(small=small)
+        assert len({case.description for case in cases}) == len(cases)
+        assert len({(case.tokens, case.vocab, case.terms) for case in cases}) == len(cases)
+        a, b = cases[0], cases[1]
+        assert (b.tokens, b.vocab * 4) == (2 * a.tokens, a.vocab if small else 128000), (a, b)
+    small = {case.name: (case.tokens, case.vocab) for case in standard_cases(small=True)}
+    assert small == {"a": (512, 4096), "b": (1024, 1024), "c": (512, 4096), "d": (512, 4096)}
+    # --tokens and --vocab still replace every case's size
+    assert {(c.tokens, c.vocab) for c in standard_cases(64, 300, small=True)} == {(64, 300)}
+
+
+def test_bench_on_the_cpu_prints_distinct_cases(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["bench", "a", "b", "--device", "cpu", "--vocab", "64", "--repeats", "1", "--warmup", "0"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    titles = [line for line in result.output.splitlines() if line.startswith("case (")]
+    assert titles == [
+        "case (a) CE + forward KL, one head, large vocab: N=512, V=64",
+        "case (b) CE + forward KL, one head, more tokens and a smaller vocab: N=1024, V=64",
+    ]
 
 
 def test_bench_takes_a_loss_graph_file(tmp_path):

@@ -2,7 +2,10 @@
 
 - One short demo run (module fixture, through the CLI): summary.json, metrics.jsonl, metrics.csv and
   the plots exist and parse, each phase's training loss fell, the held-out losses are finite, and the
-  command says where it wrote them.
+  command says where it wrote them. metrics.jsonl names its numbers as GraphOutput does (`terms` after
+  the weights, `values` before them), and metrics.csv holds every one of them.
+- A run shorter than the display's refresh still shows the latest loss of every node; the verdict's
+  sign is the sign of the change.
 - Bad graphs fail cleanly (exit 1, a located message, no traceback); a graph without teachers trains
   one student and no baseline; `without_teachers` strips exactly the teacher's nodes and sources.
 - The demo's packaged graph is examples/mtp_distill.yaml, byte for byte.
@@ -106,8 +109,10 @@ def test_demo_metrics_jsonl(demo_run):
         assert all(math.isfinite(loss) for loss in losses)
         assert sum(losses[-10:]) / 10 < losses[0], f"{phase}: {losses}"
         assert "held_out_loss" in mine[-1], f"{phase}: the last step is not scored on held-out text"
-        for row in mine:  # the weighted node losses add up to the step's loss
+        for row in mine:  # the weighted node losses and the weighted terms add up to the step's loss
             assert sum(row["nodes"].values()) == pytest.approx(row["loss"], rel=1e-4, abs=1e-6)
+            assert sum(row["terms"].values()) == pytest.approx(row["loss"], rel=1e-4, abs=1e-6)
+            assert set(row["terms"]) == set(row["values"])
     nodes = {phase: set(next(row for row in rows if row["phase"] == phase)["nodes"]) for phase in PHASES}
     assert nodes == {
         "teacher": {"lm"},
@@ -117,6 +122,10 @@ def test_demo_metrics_jsonl(demo_run):
     distilled = next(row for row in rows if row["phase"] == "student (distilled)")
     assert set(distilled["terms"]) == {"lm/next", "lm/mtp2", "lm/mtp3", "distill/next", "z/next"}
     assert set(distilled["accuracy"]) == {"next", "mtp2", "mtp3"}
+    # `terms` after weight x head weight (as GraphOutput.terms), `values` before (as GraphOutput.values)
+    weights = {"lm/next": 1.0, "lm/mtp2": 0.5, "lm/mtp3": 0.25, "distill/next": 0.5, "z/next": 1e-4}
+    for key, weight in weights.items():
+        assert distilled["terms"][key] == pytest.approx(weight * distilled["values"][key], rel=1e-5), key
 
 
 @pytest.mark.slow
@@ -132,16 +141,99 @@ def test_demo_metrics_csv(demo_run):
     loss_rows = [(row[0], int(row[1]), float(row[3])) for row in body if row[2] == "loss"]
     assert loss_rows == [(row["phase"], row["step"], row["loss"]) for row in jsonl]
     assert {row[2] for row in body} >= {"loss", "node/lm", "node/distill", "node/z", "held_out_loss"}
+    # the same numbers as metrics.jsonl, every one of them
+    expected = []
+    for row in jsonl:
+        expected.append((row["phase"], row["step"], "loss", row["loss"]))
+        for field, prefix in (("nodes", "node"), ("terms", "term"), ("values", "value"), ("accuracy", "accuracy")):
+            expected += [(row["phase"], row["step"], f"{prefix}/{name}", value) for name, value in row[field].items()]
+        if "held_out_loss" in row:
+            expected.append((row["phase"], row["step"], "held_out_loss", row["held_out_loss"]))
+    assert [(row[0], int(row[1]), row[2], float(row[3])) for row in body] == expected
+    assert ("student (distilled)", 0, "term/distill/next") in {(p, s, series) for p, s, series, _ in expected}
 
 
 @pytest.mark.slow
 def test_demo_plots(demo_run):
     pytest.importorskip("matplotlib")
     _, out, _ = demo_run
-    for node in ("lm", "distill", "z"):
-        path = out / f"loss_{node}.png"
+    for name in ("loss_lm", "loss_distill", "loss_z", "held_out"):
+        path = out / f"{name}.png"
         assert path.is_file(), f"{path.name} was not written"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_demo_plots_compare_terms_before_their_weights(demo_run, monkeypatch):
+    """Each plot of a loss node has one panel per head, with the term before its weights: the teacher's
+    lm/next is drawn next to the students' lm/next, never next to their sum over three heads."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from lossgraph.apps import demo
+
+    _, out, _ = demo_run
+    rows = read_jsonl(out / "metrics.jsonl")
+    logs = []
+    for phase in PHASES:
+        log = demo.RunLog(phase, [row for row in rows if row["phase"] == phase])
+        log.held_out = [(row["step"] + 1, row["held_out_loss"]) for row in log.rows if "held_out_loss" in row]
+        logs.append(log)
+    drawn: dict[str, dict[str, list]] = {}
+    savefig = plt.Figure.savefig
+
+    def record(figure, path, *args, **kwargs):
+        drawn[Path(path).name] = {
+            axis.get_title(): [(line.get_label(), list(line.get_ydata())) for line in axis.get_lines()]
+            for axis in figure.axes
+        }
+        return savefig(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", record)
+    demo._plots(out, logs)
+    assert set(drawn["loss_lm.png"]) == {"lm/next", "lm/mtp2", "lm/mtp3"}
+    assert [label for label, _ in drawn["loss_lm.png"]["lm/next"]] == PHASES
+    assert [label for label, _ in drawn["loss_lm.png"]["lm/mtp2"]] == PHASES[1:]
+    teacher = dict(drawn["loss_lm.png"]["lm/next"])["teacher"]
+    assert teacher == pytest.approx(demo._smooth(tuple(row["values"]["lm/next"] for row in logs[0].rows)))
+    distill = dict(drawn["loss_distill.png"]["distill/next"])["student (distilled)"]
+    unweighted = demo._smooth(tuple(row["values"]["distill/next"] for row in logs[1].rows))
+    assert distill == pytest.approx(unweighted)  # not the weighted term (weight 0.5)
+    held_out = dict(drawn["held_out.png"]["held-out next-token loss"])
+    assert list(held_out) == PHASES
+    assert held_out["teacher"] == pytest.approx([value for _, value in logs[0].held_out])
+
+
+@pytest.mark.slow
+def test_demo_with_few_steps_shows_the_latest_loss_of_every_node(tmp_path):
+    """The live table is drawn from the last step, even in a run shorter than its refresh interval."""
+    pytest.importorskip("torch")
+    result = invoke("demo", "--steps", 2, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    text = result.output
+    table = text[text.index("latest loss per node (weighted)") : text.index("held-out next-token loss")]
+    rows = {line.split("│")[1].strip(): line for line in table.splitlines() if line.startswith("│")}
+    assert set(rows) == set(PHASES), table
+    for phase, line in rows.items():
+        numbers = re.findall(r"\d+\.\d{4}", line)
+        assert len(numbers) == {"teacher": 2, "student (distilled)": 4, "student (no teacher)": 3}[phase], line
+
+
+def test_verdict_says_lower_with_a_minus_sign():
+    from rich.console import Console
+
+    from lossgraph.apps.demo import _report
+
+    def verdict(student: float, baseline: float) -> str:
+        console = Console(record=True, width=200)
+        summary = {"student_held_out_loss": student, "baseline_held_out_loss": baseline, "seconds": 1.0}
+        _report(console, summary, [])
+        return next(line for line in console.export_text().splitlines() if line.startswith("the teacher"))
+
+    assert verdict(1.8216, 1.8959) == (
+        "the teacher made the student's held-out loss 0.0743 nats per byte lower (-3.9%)"
+    )
+    assert verdict(2.0, 1.6) == "the teacher made the student's held-out loss 0.4000 nats per byte higher (+25.0%)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +362,23 @@ def test_docs_never_run_a_long_demo():
                         f"{page.name}: `{line.strip()}` would train for minutes inside tests/test_docs.py; "
                         "pass --steps 5 or fewer, or show it in a ```console block"
                     )
+
+
+def test_pages_state_one_demo_duration():
+    """README.md, the tutorial and docs/cli.md give the default demo's time as one range, and the
+    sample output they show ("finished in N s") lies in it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    stated = re.search(r"^make demo .*\((\d+)-(\d+) s\)$", readme, re.MULTILINE)
+    assert stated, "README.md's `make demo` line no longer states the demo's time as (LOW-HIGH s)"
+    low, high = int(stated.group(1)), int(stated.group(2))
+    for page in (TUTORIAL, CLI_PAGE):
+        text = page.read_text(encoding="utf-8")
+        assert f"{low}-{high} s on two CPU cores" in text, f"{page.name} states another time than README.md"
+        for seconds in re.findall(r"^finished in (\d+) s; wrote:$", text, re.MULTILINE):
+            assert low <= int(seconds) <= high, f"{page.name} shows a run of {seconds} s, outside {low}-{high} s"
+    for page in (ROOT / "README.md", TUTORIAL, CLI_PAGE):
+        text = page.read_text(encoding="utf-8")
+        assert "about a minute" not in text and "166 s" not in text, f"{page.name} keeps the old time"
 
 
 @pytest.mark.parametrize("page", [TUTORIAL, CLI_PAGE], ids=lambda page: page.name)

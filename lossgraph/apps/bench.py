@@ -76,19 +76,34 @@ class Case:
         )
 
 
-def standard_cases(tokens: int | None = None, vocab: int | None = None) -> list[Case]:
-    """Cases (a)-(d) of the benchmark suite; `tokens`/`vocab` replace their sizes (for small runs)."""
+def standard_cases(tokens: int | None = None, vocab: int | None = None, *, small: bool = False) -> list[Case]:
+    """Cases (a)-(d) of the benchmark suite; `tokens`/`vocab` replace their sizes (for small runs).
 
-    def case(name, description, heads, teachers, terms, n, v):
+    `small` gives the CPU sizes: 16 times fewer tokens and about 32 times smaller vocabs, so that the
+    cases keep their proportions (case b: twice the tokens of case a and a quarter of its vocab).
+    """
+
+    def case(name, description, heads, teachers, terms, sizes):
+        n, v = SMALL_SIZES[name] if small else sizes
         return Case(name, description, heads, teachers, tuple(terms), tokens or n, vocab or v)
 
     kd = Term("forward_kl", "next", "teacher", 1.0)
     return [
         case(
-            "a", "CE + forward KL, one head", ("next",), ("teacher",), [Term("cross_entropy", "next"), kd], 8192, 128256
+            "a",
+            "CE + forward KL, one head, large vocab",
+            ("next",),
+            ("teacher",),
+            [Term("cross_entropy", "next"), kd],
+            (8192, 128256),
         ),
         case(
-            "b", "CE + forward KL, one head", ("next",), ("teacher",), [Term("cross_entropy", "next"), kd], 16384, 32000
+            "b",
+            "CE + forward KL, one head, more tokens and a smaller vocab",
+            ("next",),
+            ("teacher",),
+            [Term("cross_entropy", "next"), kd],
+            (16384, 32000),
         ),
         case(
             "c",
@@ -102,8 +117,7 @@ def standard_cases(tokens: int | None = None, vocab: int | None = None) -> list[
                 Term("cross_entropy", "mtp2"),
                 Term("cross_entropy", "mtp3"),
             ],
-            8192,
-            128256,
+            (8192, 128256),
         ),
         case(
             "d",
@@ -111,10 +125,19 @@ def standard_cases(tokens: int | None = None, vocab: int | None = None) -> list[
             ("next",),
             ("teacher", "teacher2"),
             [Term("cross_entropy", "next"), kd, Term("forward_kl", "next", "teacher2", 1.0, 0.5)],
-            8192,
-            128256,
+            (8192, 128256),
         ),
     ]
+
+
+# (tokens, vocab) of each case on a CPU, where the harness is smoke-tested rather than measured.
+SMALL_SIZES = {"a": (512, 4096), "b": (1024, 1024), "c": (512, 4096), "d": (512, 4096), "e": (512, 4096)}
+SMALL_HIDDEN = 64
+# Case e at full size.
+LINEAR_SIZES = (8192, 128256)
+LINEAR_HIDDEN = 4096
+# Tokens of a loss-graph file's case (its vocab is the graph's).
+FILE_TOKENS, SMALL_FILE_TOKENS = 8192, 512
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""`lossgraph show`: the graph as a rich tree, head by head."""
+"""Renderings of `lossgraph show` (the graph as a rich tree, head by head) and `lossgraph plan` (its launches)."""
 
 from __future__ import annotations
 
 from rich.markup import escape
+from rich.table import Table
 from rich.tree import Tree
 
 from ..spec.describe import loss_summary, source_summary
@@ -39,3 +40,57 @@ def graph_tree(spec: LossGraphSpec, title: str) -> Tree:
                 label += f"  [dim]{escape(source.description)}[/]"
             sources.add(label)
     return tree
+
+
+def byte_size(count: float) -> str:
+    """1,006.00 MiB, 9.79 GiB: binary units, two decimals (bytes in full)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.2f} {unit}"
+        count /= 1024
+    return f"{count:.2f} GiB"
+
+
+def launch_names(report: dict) -> list[str]:
+    """Each launch's name in `plan`'s output: its head, with `#N` when the head has several launches."""
+    per_head: dict[str, int] = {}
+    for entry in report["launches"]:
+        per_head[entry["head"]] = per_head.get(entry["head"], 0) + 1
+    return [
+        entry["head"] if per_head[entry["head"]] == 1 else f"{entry['head']} #{entry['launch']}"
+        for entry in report["launches"]
+    ]
+
+
+def plan_table(report: dict) -> Table:
+    """One row per launch: head, loss nodes, reads of the row, bytes per token, total and time.
+
+    The loss nodes are the terms of the row's head (`lm` on head `next` is the term `lm/next`); names
+    wrap between names, never inside one. The softmax states go below the table (`plan_states`): they
+    are shared by the launch's terms, not paired with them.
+    """
+    table = Table()
+    table.add_column("head", no_wrap=True)
+    table.add_column("loss nodes", overflow="fold", min_width=10)
+    for column in ("passes", "B/token", "total", "time"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for name, entry in zip(launch_names(report), report["launches"]):
+        nodes = ", ".join(escape(key.rsplit("/", 1)[0]) for key in entry["terms"])
+        table.add_row(
+            escape(name),
+            nodes,
+            str(entry["passes"]),
+            f"{entry['bytes_per_token']:,}",
+            byte_size(entry["bytes"]),
+            f"{entry['milliseconds']:.3f} ms",
+        )
+    return table
+
+
+def plan_states(report: dict) -> list[str]:
+    """The online-softmax states each launch keeps in its first read of the row, one line per launch."""
+    lines = ["softmax states each launch keeps (its terms share them):"]
+    for name, entry in zip(launch_names(report), report["launches"]):
+        states = ", ".join(f"{s['tensor']} T={s['temperature']}" for s in entry["softmaxes"]) or "none"
+        lines.append(f"  {name}: {states}")
+    return lines

@@ -1,25 +1,43 @@
 """Diagrams of a loss graph: Mermaid and Graphviz DOT text, and SVG/PNG through Graphviz's `dot`.
 
 Sources are drawn on the left, loss nodes in the middle and heads on the right, so a diagram reads as
-data flow: where targets come from, which losses compare them with which head.
+data flow: where targets come from, which losses compare them with which head. A loss node's box names
+its kind once and shows what scales it (weight, temperature, x T^2, the kind's own settings such as
+jsd's beta); a teacher's box shows the token it predicts (t+offset). In DOT the losses share one
+column and the heads another, with no cluster boxes to pin their order, so Graphviz is free to find a
+drawing without crossing edges where one exists.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import textwrap
 
 from ..compiler.graph import SourceGraph
 from ..errors import LossGraphError
-from ..kinds import source_kind
+from ..kinds import loss_kind, source_kind
 from ..spec.describe import number, scheduled
 from ..spec.models import LossGraphSpec
 
 FORMATS = ("mermaid", "dot", "svg", "png")
+WIDTH = 26  # characters per line of a box's text
+# Greek letters and arrows written out in the kinds' short descriptions, as a diagram shows them.
+SYMBOLS = {"beta ": "β ", "epsilon ": "ε ", "eps ": "ε ", " -> ": " → "}
 
 
 class GraphvizMissingError(LossGraphError):
     """Rendering SVG or PNG needs Graphviz's `dot` program."""
+
+
+def _symbols(text: str) -> str:
+    for word, symbol in SYMBOLS.items():
+        text = text.replace(word, symbol)
+    return text
+
+
+def _wrap(lines: list[str]) -> list[str]:
+    return [part for line in lines for part in textwrap.wrap(line, WIDTH, break_long_words=False) or [""]]
 
 
 def _edges(spec: LossGraphSpec) -> list[tuple[str, str, str]]:
@@ -35,27 +53,46 @@ def _edges(spec: LossGraphSpec) -> list[tuple[str, str, str]]:
         if target:
             edges.append((f"source_{target}", f"loss_{name}", ""))
         for index, head in enumerate(loss.heads):
-            label = f"x{number(loss.head_weights[index])}" if loss.head_weights else ""
+            label = f"×{number(loss.head_weights[index])}" if loss.head_weights else ""
             edges.append((f"loss_{name}", f"head_{head}", label))
     return edges
 
 
-def _loss_label(spec: LossGraphSpec, name: str) -> list[str]:
+def loss_label(spec: LossGraphSpec, name: str) -> list[str]:
+    """`fkl`, `forward_kl`, `w 1, T 2, ×T²`: the kind once (not when the node is named after it)."""
     loss = spec.losses[name]
-    lines = [name, loss.type, f"w {scheduled(loss.weight)}"]
+    lines = [name] if name == loss.type else [name, loss.type]
+    details = [f"w {scheduled(loss.weight)}"]
     temperature = getattr(loss, "temperature", 1.0)
     if temperature != 1.0:
-        lines.append(f"T {scheduled(temperature)}")
-    return lines
+        details.append(f"T {scheduled(temperature)}")
+    if getattr(loss, "temperature_scaling", False):
+        details.append("×T²")
+    details += loss_kind(loss.type).details(loss)
+    return lines + _wrap([_symbols(", ".join(details))])
 
 
-def _source_label(spec: LossGraphSpec, name: str) -> list[str]:
+def source_label(spec: LossGraphSpec, name: str) -> list[str]:
+    """`teacher2`, `teacher`, `t+2, V 32064 (truncate)`: a teacher shows the token it predicts."""
     source = spec.sources[name]
-    label = source_kind(source.type).diagram_label(source)
-    return [name, source.type, label] if label else [name, source.type]
+    kind = source_kind(source.type)
+    lines = [name] if name == source.type else [name, source.type]
+    details = []
+    extra = kind.diagram_label(source)
+    if extra:
+        details.append(extra)
+    if kind.is_teacher:
+        where = f"t+{source.offset}"
+        vocab = spec.source_vocab(name)
+        if vocab is not None and vocab != spec.vocab_size:
+            where += f", V {vocab}"
+            if getattr(source, "vocab_map", None):
+                where += f" ({source.vocab_map})"
+        details.append(where)
+    return lines + _wrap([_symbols(", ".join(details))] if details else [])
 
 
-def _head_label(spec: LossGraphSpec, name: str) -> list[str]:
+def head_label(spec: LossGraphSpec, name: str) -> list[str]:
     return [name, f"t+{spec.heads[name].offset}, V {spec.head_vocab(name)}"]
 
 
@@ -68,13 +105,13 @@ def to_mermaid(spec: LossGraphSpec) -> str:
     out = ["flowchart LR"]
     if spec.sources:
         out.append('  subgraph sources["sources"]')
-        out += [f'    source_{n}[/"{_mermaid_text(_source_label(spec, n))}"/]' for n in spec.sources]
+        out += [f'    source_{n}[/"{_mermaid_text(source_label(spec, n))}"/]' for n in spec.sources]
         out.append("  end")
     out.append('  subgraph losses["losses"]')
-    out += [f'    loss_{n}{{{{"{_mermaid_text(_loss_label(spec, n))}"}}}}' for n in spec.losses]
+    out += [f'    loss_{n}{{{{"{_mermaid_text(loss_label(spec, n))}"}}}}' for n in spec.losses]
     out.append("  end")
     out.append('  subgraph heads["heads"]')
-    out += [f'    head_{n}(["{_mermaid_text(_head_label(spec, n))}"])' for n in spec.heads]
+    out += [f'    head_{n}(["{_mermaid_text(head_label(spec, n))}"])' for n in spec.heads]
     out.append("  end")
     for start, end, label in _edges(spec):
         arrow = f' -->|"{label}"| ' if label else " --> "
@@ -87,24 +124,28 @@ def _dot_text(lines: list[str]) -> str:
 
 
 def to_dot(spec: LossGraphSpec, title: str = "lossgraph") -> str:
-    """A Graphviz DOT digraph."""
+    """A Graphviz DOT digraph, left to right: sources, then one column of losses, one of heads.
+
+    No cluster boxes: they would hold Graphviz to an order of nodes with crossing edges (every_loss.yaml
+    drew four); shapes and colours tell the kinds of node apart, and the title names the columns.
+    """
     out = [
         f'digraph "{_dot_text([title])}" {{',
         "  rankdir=LR;",
+        "  remincross=true;",
+        f'  label="{_dot_text([title])}: sources → losses → heads"; labelloc=t; fontname="Helvetica"; fontsize=12;',
         '  node [fontname="Helvetica", fontsize=11];',
         '  edge [fontname="Helvetica", fontsize=9];',
     ]
-    clusters = [
-        ("sources", "source", spec.sources, _source_label, 'shape=parallelogram, style=filled, fillcolor="#dbeafe"'),
-        ("losses", "loss", spec.losses, _loss_label, 'shape=hexagon, style=filled, fillcolor="#fef3c7"'),
-        ("heads", "head", spec.heads, _head_label, 'shape=box, style="rounded,filled", fillcolor="#dcfce7"'),
+    columns = [
+        ("source", list(spec.sources), source_label, 'shape=box, style=filled, fillcolor="#dbeafe"'),
+        ("loss", list(spec.losses), loss_label, 'shape=hexagon, style=filled, fillcolor="#fef3c7"'),
+        ("head", list(spec.heads), head_label, 'shape=box, style="rounded,filled", fillcolor="#dcfce7"'),
     ]
-    for cluster, prefix, names, label, style in clusters:
-        if not names:
-            continue
-        out.append(f'  subgraph cluster_{cluster} {{ label="{cluster}"; color="#9ca3af";')
-        out += [f'    {prefix}_{n} [label="{_dot_text(label(spec, n))}", {style}];' for n in names]
-        out.append("  }")
+    for prefix, names, label, style in columns:
+        out += [f'  {prefix}_{n} [label="{_dot_text(label(spec, n))}", {style}];' for n in names]
+        if prefix != "source" and names:  # derived sources take the ranks before the losses
+            out.append("  { rank=same; " + " ".join(f"{prefix}_{n};" for n in names) + " }")
     for start, end, label in _edges(spec):
         attributes = f' [label="{label}"]' if label else ""
         out.append(f"  {start} -> {end}{attributes};")
