@@ -7,6 +7,7 @@ outputs in test_docs.py.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import re
@@ -115,6 +116,15 @@ def test_command_list_has_one_line_summaries(cli, wide):
     for name in COMMANDS:
         line = next(line for line in commands.splitlines() if re.match(rf"^│ {name}\s", line))
         assert line.rstrip(" │").endswith("."), f"the summary of {name} is cut or wraps: {line!r}"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_paragraphs_are_single_lines(name):
+    # Typer's rich help keeps a docstring's line breaks, so a paragraph over several source lines
+    # prints ragged, broken mid-sentence wherever the source wrapped
+    text = inspect.cleandoc(get_command(app).commands[name].help)
+    for paragraph in text.split("\n\n"):
+        assert "\n" not in paragraph, f"`lossgraph {name} --help` breaks a paragraph: {paragraph!r}"
 
 
 def test_bench_help_names_loss_graph_files(cli, wide):

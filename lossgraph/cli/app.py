@@ -311,9 +311,9 @@ def plan(
 ) -> None:
     """Show the fused kernel launches a graph compiles to, with the bytes they move.
 
-    Per launch: the head, its loss nodes, the reads of the logits row (passes), the bytes per token and
-    a time estimate at a given bandwidth; then the softmax states each launch keeps. For heads that take
-    hidden states, the chunking and (with --hidden) the peak extra memory.
+    Per launch: the head, its loss nodes, the reads of the logits row, the bytes and the time they take.
+
+    Then the softmax states each launch keeps, and for heads that take hidden states the chunking.
     """
     from ..compiler.fusion import estimate
     from ..document import analysis
@@ -456,10 +456,9 @@ def bench(
 ) -> None:
     """Time forward+backward of the standard cases (or of loss-graph files) for lossgraph and its peers.
 
-    Each case is printed next to its floor: the bytes it must move at the copy bandwidth measured in
-    the same run. On a CPU the cases shrink (case a to 512 tokens and a 4096 vocab, the others in
-    proportion) unless --tokens/--vocab say otherwise: a smoke test, as the fused kernels and the
-    peers' GPU kernels need a GPU.
+    Each case is printed next to its floor: its bytes at the copy bandwidth measured in the same run.
+
+    On a CPU the cases shrink, keeping their proportions (a smoke test: the fused kernels need a GPU).
     """
     names = cases or list(BENCH_CASES)
     with cli_errors():
@@ -594,9 +593,9 @@ def demo(
 ) -> None:
     """Train a teacher and an MTP student on a built-in corpus, with and without distillation.
 
-    A small teacher learns next-token prediction; a student with multi-token-prediction heads learns
-    from the labels and from the teacher as the loss graph declares; the same student learns once more
-    without the teacher; all are scored on held-out text.
+    The student learns from the labels and the teacher as the graph says, then again without the teacher.
+
+    All models are scored on held-out text; metrics and plots go to --out.
     """
     # Idle OpenMP threads sleep instead of spinning: on a CPU that other work shares, spinning threads
     # made each step several times slower (2.1 s against 0.3 s for a teacher step on two busy cores).
