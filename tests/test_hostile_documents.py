@@ -1,6 +1,6 @@
 """Hostile and broken YAML: every document is rejected with a located message, in bounded time and memory.
 
-The classes of issue 12: alias bombs and recursive aliases, nesting deep enough to exhaust the
+The classes: alias bombs and recursive aliases, nesting deep enough to exhaust the
 recursion limit, characters the YAML reader refuses, explicit tags on scalars that cannot be read,
 numbers out of the range the kernels and float32 honour, and bad indentation reported on the wrong
 line. tests/invalid/ holds one document per class with the exact messages; this file checks the
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INVALID = ROOT / "tests" / "invalid"
 TRACEBACK = "Traceback (most recent call last)"
 
-# One document of each class of issue 12 (in tests/invalid/), and the start of its first message.
+# One document of each class (in tests/invalid/), and the start of its first message.
 HOSTILE_FILES = {
     "alias_bomb.yaml": (14, 10, "with alias *a3, aliases add more than 10000 values"),
     "alias_recursive.yaml": (7, 49, "alias *losses is used inside the value it names"),
@@ -93,7 +93,7 @@ def test_validate_in_a_real_process_prints_no_traceback():
     assert all(d["line"] and d["column"] for f in files for d in f["diagnostics"])
 
 
-def test_alias_bomb_of_the_issue_is_refused_fast_and_small(tmp_path: Path):
+def test_a_wide_deep_alias_bomb_is_refused_fast_and_small(tmp_path: Path):
     # Width 9, depth 7 used to pass 3 GB and keep growing; now the loader stops at the alias that
     # crosses the limit, before anything is expanded.
     path = tmp_path / "bomb.yaml"
