@@ -255,8 +255,6 @@ def test_kernel_does_not_spill(compiled, case):
     assert entry["local"] == 0, f"{case} spills {entry['local']} bytes per thread to local memory"
 
 
-
-
 @pytest.mark.parametrize("name", sorted({**example_specs(), **synthetic_specs()}))
 def test_the_layout_tells_what_each_generated_read_streams(name):
     """The planner's byte estimates come from the layout, not from generated source: the dense
