@@ -11,16 +11,13 @@ import torch
 import lossgraph
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import VOCAB, one_thread, tiny_gpt2, tiny_llama  # noqa: E402, F401 (one_thread: an autouse fixture)
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
     GraniteConfig,
     GraniteForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from lossgraph.integrations.transformers import (  # noqa: E402
@@ -36,17 +33,6 @@ from lossgraph.integrations.transformers import (  # noqa: E402
     logit_processing,
     tokens_per_head,
 )
-
-VOCAB = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: torch's thread pool costs more than it gives, and much more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def graph_text(offsets=(2,), extra_heads: str = "") -> str:
@@ -64,38 +50,6 @@ losses:
 
 def compiled(text: str):
     return lossgraph.compile(lossgraph.loads(text), backend="torch")
-
-
-def tiny_llama(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
 
 
 def ids(size: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:

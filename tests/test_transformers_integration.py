@@ -10,7 +10,8 @@ from helpers import assert_close
 import lossgraph
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from tiny_models import VOCAB, one_thread, tiny_llama  # noqa: E402, F401 (one_thread: an autouse fixture)
+from transformers import TrainingArguments  # noqa: E402
 
 from lossgraph.integrations.transformers import (  # noqa: E402
     LossGraphTrainer,
@@ -19,18 +20,6 @@ from lossgraph.integrations.transformers import (  # noqa: E402
     head_logits,
     next_token_labels,
 )
-
-VOCAB = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: torch's thread pool costs more than it gives, and much more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 GRAPH = f"""
 version: 1
@@ -41,22 +30,6 @@ losses:
   lm: {{type: cross_entropy, heads: [next, mtp2], target: labels}}
   kd: {{type: forward_kl, heads: [next], target: teacher, weight: 0.5, temperature: 2.0}}
 """
-
-
-def tiny_llama(hidden: int, seed: int, **extra) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        **extra,
-    )
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture
@@ -73,7 +46,7 @@ def batch_of(size: int = 4, length: int = 12, seed: int = 0) -> dict[str, torch.
 
 
 def test_attach_mtp_heads_copies_lm_head_once(graph):
-    model = tiny_llama(32, seed=0)
+    model = tiny_llama(0)
     attach_mtp_heads(model, graph)
     heads = model.lossgraph_heads
     assert list(heads) == ["mtp2"]
@@ -87,9 +60,9 @@ def test_attach_mtp_heads_copies_lm_head_once(graph):
 def test_attach_mtp_heads_checks_vocab_and_unknown_logit_post_processing(graph):
     other = lossgraph.compile(lossgraph.loads(GRAPH.replace(f"vocab_size: {VOCAB}", "vocab_size: 65")))
     with pytest.raises(lossgraph.LossGraphError, match="vocab_size: 64"):
-        attach_mtp_heads(tiny_llama(32, seed=0), other)
+        attach_mtp_heads(tiny_llama(0), other)
     # a config that claims a scaling its model does not apply: the MTP heads' logits would not match lm_head's
-    scaled = tiny_llama(32, seed=0)
+    scaled = tiny_llama(0)
     scaled.config.logits_scaling = 4.0  # Granite's; Llama ignores it
     attach_mtp_heads(scaled, graph)
     with pytest.raises(lossgraph.LossGraphError, match="post-processes its logits in a way lossgraph does not know"):
@@ -98,11 +71,11 @@ def test_attach_mtp_heads_checks_vocab_and_unknown_logit_post_processing(graph):
 
 def test_head_logits_needs_attached_heads(graph):
     with pytest.raises(lossgraph.LossGraphError, match="attach_mtp_heads"):
-        head_logits(tiny_llama(32, seed=0), graph, batch_of()["input_ids"])
+        head_logits(tiny_llama(0), graph, batch_of()["input_ids"])
 
 
 def test_compute_loss_equals_the_reference_on_the_same_logits(graph):
-    student, teacher = tiny_llama(32, seed=0), tiny_llama(48, seed=1)
+    student, teacher = tiny_llama(0), tiny_llama(1, hidden=48)
     attach_mtp_heads(student, graph)
     with torch.no_grad():  # make the MTP head differ from lm_head
         student.lossgraph_heads["mtp2"].weight.mul_(0.5)
@@ -144,7 +117,7 @@ def test_topk_teacher_comes_from_the_batch():
         )
     )
     graph = lossgraph.compile(spec, backend="torch")
-    student = attach_mtp_heads(tiny_llama(32, seed=0), graph)
+    student = attach_mtp_heads(tiny_llama(0), graph)
     batch = batch_of()
     with pytest.raises(lossgraph.InputError, match="cached_indices"):
         compute_loss(student, batch, graph)
@@ -156,7 +129,7 @@ def test_topk_teacher_comes_from_the_batch():
 
 
 def test_trainer_trains_and_logs_every_term(graph, tmp_path):
-    student, teacher = tiny_llama(32, seed=0), tiny_llama(48, seed=1)
+    student, teacher = tiny_llama(0), tiny_llama(1, hidden=48)
     attach_mtp_heads(student, graph)
     rows = [(torch.arange(16) * (i % 5 + 1)) % VOCAB for i in range(48)]
     data = [{"input_ids": row, "labels": row} for row in rows]
@@ -183,7 +156,7 @@ def test_trainer_trains_and_logs_every_term(graph, tmp_path):
 
 
 def test_trainer_evaluate_reports_the_graph_loss(graph, tmp_path):
-    student, teacher = tiny_llama(32, seed=0), tiny_llama(48, seed=1)
+    student, teacher = tiny_llama(0), tiny_llama(1, hidden=48)
     attach_mtp_heads(student, graph)
     batch = batch_of(8, 12)
     data = [{key: value[i] for key, value in batch.items()} for i in range(8)]

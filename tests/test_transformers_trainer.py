@@ -9,7 +9,9 @@ import torch
 import lossgraph
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+import tiny_models  # noqa: E402
+from tiny_models import VOCAB, one_thread  # noqa: E402, F401 (one_thread: an autouse fixture)
+from transformers import TrainingArguments  # noqa: E402
 
 from lossgraph.integrations.transformers import (  # noqa: E402
     IntegrationError,
@@ -21,16 +23,12 @@ from lossgraph.integrations.transformers import (  # noqa: E402
     topk_teacher_columns,
 )
 
-VOCAB, LENGTH = 64, 12
+LENGTH = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: torch's thread pool costs more than it gives, and much more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tiny_llama(seed: int, hidden: int = 32):
+    """One layer: the trainer tests train for several steps."""
+    return tiny_models.tiny_llama(seed, hidden, layers=1)
 
 
 GRAPH = f"""
@@ -46,21 +44,6 @@ losses:
   online: {{type: forward_kl, heads: [next], target: teacher, weight: 0.5}}
   offline: {{type: forward_kl, heads: [next], target: cached, weight: 0.5}}
 """
-
-
-def tiny_llama(seed: int, hidden: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
