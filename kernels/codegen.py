@@ -221,7 +221,7 @@ class KernelGenerator:
         return self.cached(f"logq{slot}", f"({self.scaled_student(slot)} - m_s{slot}) - log_sum_s{slot}")
 
     def q(self, slot: int) -> str:
-        return self.cached(f"q{slot}", f"tl.exp({self.log_q(slot)})")
+        return self.cached(f"q{slot}", f"fast_exp({self.log_q(slot)})")
 
     def teacher_tile(self, i: int) -> str:
         mapping = self.spec.dense[i].mapping
@@ -304,6 +304,7 @@ class KernelGenerator:
             "import triton.language as tl",
             "",
             "from lossgraph.kernels.primitives import (",
+            "    fast_exp,",
             "    log_add_exp,",
             "    log_sum_exp,",
             "    tile_argmax_update,",
@@ -650,10 +651,10 @@ class KernelGenerator:
             "# top-k, renormalize: q' and p' are softmaxes over the k stored tokens only",
             f"a{t} = tl.where(in_vocab{i}, z_top{i}{inv}, {NEG_INF})",
             f"lq{t} = a{t} - log_sum_exp(a{t})",
-            f"qv{t} = tl.exp(lq{t})",
+            f"qv{t} = fast_exp(lq{t})",
             f"b{t} = tl.where(in_vocab{i}, stored_lp{i}{inv}, {NEG_INF})",
             f"lp{t} = b{t} - log_sum_exp(b{t})",
-            f"pv{t} = tl.exp(lp{t})",
+            f"pv{t} = fast_exp(lp{t})",
             f"usable{t} = tl.max(in_vocab{i}.to(tl.int32), 0) > 0",
         )
         self.term_header(t, term, "vector")
@@ -677,13 +678,13 @@ class KernelGenerator:
         src(
             "# top-k, bucket: Q_i = q at the stored tokens, Q_tail = the rest; same for the teacher's P",
             f"lQ{t} = tl.where(in_vocab{i}, (z_top{i} - m_s{s}) - log_sum_s{s}, {NEG_INF})",
-            f"Q{t} = tl.exp(lQ{t})",
+            f"Q{t} = fast_exp(lQ{t})",
             # no tail when the stored tokens cover the vocab, whatever the stored mass rounds to
             f"has_tail{t} = tl.sum(in_vocab{i}.to(tl.int32), 0) < VT",
             f"lQt{t} = tl.where(has_tail{t}, (tail_m{i} - m_s{s}) + tl.log(tail_sum{i}) - log_sum_s{s}, {NEG_INF})",
-            f"Qt{t} = tl.exp(lQt{t})",
+            f"Qt{t} = fast_exp(lQt{t})",
             f"lP{t} = tl.where(in_vocab{i}, stored_lp{i}, {NEG_INF})",
-            f"P{t} = tl.exp(lP{t})",
+            f"P{t} = fast_exp(lP{t})",
             # the teacher's tail, 1 - sum_i P_i, in float64: a confident teacher's tail lies far below
             # the 6e-8 that float32 resolves next to 1
             f"Pt{t} = tl.where(has_tail{t}, tl.maximum(1.0 - tl.sum(tl.exp(lP{t}.to(tl.float64)), 0), 0.0), 0.0)",

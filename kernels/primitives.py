@@ -5,6 +5,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+
+
+@triton.jit
+def fast_exp(x):
+    """exp(x) as one MUFU.EX2 of x log2(e) (plus one multiply, often folded into a neighbour).
+
+    tl.exp lowers to the same ex2.approx but wraps it in four more instructions that produce results
+    below 2^-126 as subnormals; here they flush to 0 (ex2.approx.ftz), which no sum, probability or
+    gradient in these kernels can tell from a subnormal. The error elsewhere is tl.exp's own.
+    """
+    return tl.exp2(x * LOG2E)
+
+
 
 @triton.jit
 def lane_softmax_update(m, lanes, x):
@@ -17,8 +31,8 @@ def lane_softmax_update(m, lanes, x):
     """
     m_new = tl.maximum(m, tl.max(x, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    rescale = tl.exp(m - m_safe)
-    e = tl.exp(x - m_safe)
+    rescale = fast_exp(m - m_safe)
+    e = fast_exp(x - m_safe)
     return m_new, lanes * rescale + e, rescale, e
 
 
@@ -50,7 +64,7 @@ def log_sum_exp(x):
     """log(sum(exp(x))) of a vector; -inf when every entry is -inf."""
     m = tl.max(x, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m_safe + tl.log(tl.sum(tl.exp(x - m_safe), 0))
+    return m_safe + tl.log(tl.sum(fast_exp(x - m_safe), 0))
 
 
 @triton.jit
@@ -60,7 +74,7 @@ def log_add_exp(a, b):
     high = tl.maximum(a, b)
     low = tl.minimum(a, b)
     empty = high == float("-inf")
-    return tl.where(empty, float("-inf"), high + tl.log(1.0 + tl.exp(tl.where(empty, 0.0, low - high))))
+    return tl.where(empty, float("-inf"), high + tl.log(1.0 + fast_exp(tl.where(empty, 0.0, low - high))))
 
 
 @triton.jit
@@ -77,7 +91,7 @@ def soft_cap(x, cap):
     |u| = 1/16, where that difference would cancel, the Taylor series to u^5 (error below 1e-9)."""
     u = x / cap
     a = tl.abs(u)
-    e = tl.exp(-2.0 * a)
+    e = tl.exp2(a * (-2.0 * LOG2E))
     large = (1.0 - e) / (1.0 + e)
     small = a * (1.0 - a * a * (0.3333333333333333 - a * a * 0.13333333333333333))
     t = tl.where(a < 0.0625, small, large)

@@ -61,7 +61,7 @@ class ReverseKLFragments(LossFragments):
             )
         eps, vocab = repr(term.target.epsilon), names.VOCAB_FLOAT
         k.emit(
-            f"q_label{t} = tl.exp(({k.scaled_label_logit(s)} - {names.student_max(s)}) - {log_sum})",
+            f"q_label{t} = fast_exp(({k.scaled_label_logit(s)} - {names.student_max(s)}) - {log_sum})",
             f"low{t} = tl.log({eps} / {vocab})",
         )
         return (
