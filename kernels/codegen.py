@@ -59,6 +59,24 @@ def next_power_of_two(n: int) -> int:
 
 PHASES = ("single", "stats", "reduce", "apply")
 
+# the building blocks (kernels/primitives.py) a generated module imports
+PRIMITIVES = (
+    "fast_exp",
+    "lane_argmax_update",
+    "lane_centered_moment",
+    "lane_max",
+    "lane_softmax_update",
+    "lane_sum",
+    "lane_weights",
+    "lanes_of",
+    "log_add_exp",
+    "log_sum_exp",
+    "row_argmax",
+    "row_centered_moment",
+    "sign_of_difference",
+    "soft_cap",
+)
+
 
 class KernelGenerator:
     """Writes the kernel for one KernelSpec and phase. `source()` returns the module text.
@@ -142,7 +160,7 @@ class KernelGenerator:
         args.append("V")
         if self.sliced:
             args += ["vocab_start", "V_total"]
-        args.append("BLOCK_V: tl.constexpr")
+        args += ["BLOCK_V: tl.constexpr", "VEC: tl.constexpr"]
         return args
 
     # ----------------------------------------------------------------------------------------------
@@ -196,9 +214,13 @@ class KernelGenerator:
 
     def open_lanes(self, names: list[str]) -> None:
         """Before a tile loop: a per-lane vector `<name>_lanes` for each row sum the loop adds to, so
-        that the loop needs no block reduction for them."""
+        that the loop needs no block reduction for them (see kernels/primitives.py on lanes)."""
         for name in names:
-            self.src(f"{name}_lanes = tl.zeros([BLOCK_V], dtype=tl.float32)")
+            self.src(f"{name}_lanes = tl.zeros([BLOCK_V // VEC], dtype=tl.float32)")
+
+    def add_to_lanes(self, name: str, summand: str) -> None:
+        """In a tile loop: add a tile's summands to the row sum `name`, per lane."""
+        self.src(f"{name}_lanes += lane_sum({summand}, VEC)")
 
     def close_lanes(self, names: list[str], operator: str) -> None:
         """After the loop: each sum's lanes reduced once, assigned (`=`) or added (`+=`) to `<name>`."""
@@ -244,9 +266,17 @@ class KernelGenerator:
         """log(beta a + (1 - beta) b) from log a and log b: never formed from underflowed probabilities."""
         return f"log_add_exp({math.log(beta)!r} + {log_a}, {math.log1p(-beta)!r} + {log_b})"
 
+    def load_label(self) -> None:
+        """The row's label y (a global id), and its column in this row's slice as int32, -1 when the
+        slice does not hold it (or it is out of range): the tile loops compare 32-bit columns."""
+        self.src("y = tl.load(label_ptr + row)")
+        if self.sliced:
+            self.src("y_col = tl.where((y >= vocab_start) & (y < vocab_start + V), y - vocab_start, -1).to(tl.int32)")
+        else:
+            self.src("y_col = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)")
+
     def onehot(self) -> str:
-        # in_v: a padded lane past this row's columns may carry the id of a column another rank holds
-        return self.cached("is_label", f"in_v & ({self.global_offs()} == y)")
+        return self.cached("is_label", "offs == y_col")
 
     def p(self, target: TargetFragments, slot: int) -> str:
         """Target probabilities of the tile (the target form's own expression)."""
@@ -304,14 +334,7 @@ class KernelGenerator:
             "import triton.language as tl",
             "",
             "from lossgraph.kernels.primitives import (",
-            "    fast_exp,",
-            "    log_add_exp,",
-            "    log_sum_exp,",
-            "    tile_argmax_update,",
-            "    lane_centered_moment,",
-            "    lane_softmax_update,",
-            "    sign_of_difference,",
-            "    soft_cap,",
+            *[f"    {name}," for name in PRIMITIVES],
             ")",
             "",
             "",
@@ -380,7 +403,7 @@ class KernelGenerator:
         src = self.src
         spec = self.spec
         if spec.uses_labels:
-            src("y = tl.load(label_ptr + row)")
+            self.load_label()
         for i in self.layout.topk_sources:
             self.load_topk_indices(i)
         self.first_pass()
@@ -419,7 +442,7 @@ class KernelGenerator:
         stored top-k logits (0 where another rank holds the token)."""
         src = self.src
         if self.spec.uses_labels:
-            src("y = tl.load(label_ptr + row)")
+            self.load_label()
         for i in self.layout.topk_sources:
             self.load_topk_indices(i)
         self.first_pass()
@@ -448,7 +471,7 @@ class KernelGenerator:
     def reduce_row(self) -> None:
         """Vocab parallel, phase 2: this slice's share of the row sums jsd, tvd and reverse KL need."""
         if self.spec.uses_labels:
-            self.src("y = tl.load(label_ptr + row)")
+            self.load_label()
         self.load_stats()
         self.after_first_pass()
         self.reduction_pass()
@@ -460,7 +483,7 @@ class KernelGenerator:
         """Vocab parallel, last phase: the terms and this slice's gradient, from combined statistics."""
         src = self.src
         if self.spec.uses_labels:
-            src("y = tl.load(label_ptr + row)")
+            self.load_label()
         for i in self.layout.topk_sources:
             self.load_topk_indices(i)
         self.load_stats()
@@ -482,64 +505,116 @@ class KernelGenerator:
     # ----------------------------------------------------------------------------------------------
 
     def first_pass(self) -> None:
-        """One read of the row. Each softmax state keeps a scalar running max (one block reduction per
-        tile) and per-lane sums of exp(x - max): rescaling them by exp(m_old - m_new) is one scalar
-        exponential per tile, and the lanes are summed once, after the loop. The argmax takes each
-        tile's max and the first column holding it."""
+        """One read of the row, with every running statistic kept per lane (kernels/primitives.py):
+        each softmax state's max and sum-exp, the streamed sums, and the argmax's best value and tile.
+        A lane reduces its own VEC columns in registers, so the loop has no block reduction at all;
+        the lanes are combined once, after the loop. A tile's lane maxima are taken once per tensor:
+        the state at temperature T has max(x / T) = max(x) / T (T > 0, and rounding keeps the order)."""
         src = self.src
-        src("# pass 1: online softmax statistics, argmax and the sums that stream in one read")
-        lanes = [f"sum_s{s}" for s in self.layout.student_slots] + [f"moment_s{s}" for s in self.layout.moment_slots]
-        lanes += [f"tail_sum{i}" for i in self.layout.tail_sources]
-        lanes += [f"sum_t{i}_{s}" for i, s in self.layout.teacher_states]
-        lanes += [names.cross_moment(s, i) for s, i in self.layout.cross_moments]
-        self.open_lanes(lanes)
+        layout = self.layout
+        lane_count = "[BLOCK_V // VEC]"
+        src("# pass 1: online softmax statistics, argmax and the sums that stream in one read, per lane")
+        states = [f"s{s}" for s in layout.student_slots] + [f"t{i}_{s}" for i, s in layout.teacher_states]
+        maxima = [f"m_{state}" for state in states] + [f"tail_m{i}" for i in layout.tail_sources]
+        sums = [f"sum_{state}" for state in states] + [f"tail_sum{i}" for i in layout.tail_sources]
+        streamed = [f"moment_s{s}" for s in layout.moment_slots] + [names.cross_moment(s, i) for s, i in layout.cross_moments]
+        for name in maxima:
+            src(f"{name}_lanes = tl.full({lane_count}, {NEG_INF}, tl.float32)")
+        self.open_lanes(sums + streamed)
         for suffix in ["", *[f"_t{i}" for i in range(len(self.spec.dense))]]:
-            src(f"best_value{suffix} = {NEG_INF}", f"best_index{suffix} = 0")
-        for s in self.layout.student_slots:
-            src(f"m_s{s} = {NEG_INF}")
-        for i in self.layout.tail_sources:
-            src(f"tail_m{i} = {NEG_INF}")
-        for i, s in self.layout.teacher_states:
-            src(f"m_t{i}_{s} = {NEG_INF}")
+            src(
+                f"best_value{suffix}_lanes = tl.full({lane_count}, {NEG_INF}, tl.float32)",
+                f"best_start{suffix}_lanes = tl.zeros({lane_count}, dtype=tl.int32)",
+            )
         with self.tile_loop():
-            ids = self.global_offs()
             raw = "x" if self.spec.softcap is None else "z_raw"
-            src(f"best_value, best_index = tile_argmax_update(best_value, best_index, {raw}, {ids})")
+            src(f"{raw}_max = lane_max({raw}, VEC)")
+            if self.spec.softcap is not None:
+                src("x_max = lane_max(x, VEC)")
+            src(
+                "best_value_lanes, best_start_lanes = lane_argmax_update("
+                f"best_value_lanes, best_start_lanes, {raw}_max, start)"
+            )
             for i in range(len(self.spec.dense)):
                 tile = self.teacher_tile(i)
                 src(
-                    f"best_value_t{i}, best_index_t{i} = tile_argmax_update("
-                    f"best_value_t{i}, best_index_t{i}, {tile}, {ids})"
+                    f"{tile}_max = lane_max({tile}, VEC)",
+                    f"best_value_t{i}_lanes, best_start_t{i}_lanes = lane_argmax_update("
+                    f"best_value_t{i}_lanes, best_start_t{i}_lanes, {tile}_max, start)",
                 )
-            for i, s in self.layout.teacher_states:
+            for i, s in layout.teacher_states:
                 u = self.scaled_teacher(i, s)
-                src(f"m_t{i}_{s}, sum_t{i}_{s}_lanes, _, _ = lane_softmax_update(m_t{i}_{s}, sum_t{i}_{s}_lanes, {u})")
-            for i in self.layout.tail_sources:
-                # the softmax state of the tokens source i does not store (a bucket's tail, T = 1)
+                state = f"t{i}_{s}"
                 src(
-                    f"tail_m{i}, tail_sum{i}_lanes, _, _ = lane_softmax_update("
-                    f"tail_m{i}, tail_sum{i}_lanes, tl.where({self.stored_columns(i)}, {NEG_INF}, x))"
+                    f"m_{state}_lanes, sum_{state}_lanes, _, _ = lane_softmax_update("
+                    f"m_{state}_lanes, sum_{state}_lanes, {u}, {self.scaled_max(f't{i}_max', s)}, VEC)"
                 )
-            for s in self.layout.student_slots:
+            for i in layout.tail_sources:
+                # the softmax state of the tokens source i does not store (a bucket's tail, T = 1)
+                tail = self.cached(f"tail_x{i}", f"tl.where({self.stored_columns(i)}, {NEG_INF}, x)")
+                src(
+                    f"tail_m{i}_lanes, tail_sum{i}_lanes, _, _ = lane_softmax_update("
+                    f"tail_m{i}_lanes, tail_sum{i}_lanes, {tail}, lane_max({tail}, VEC), VEC)"
+                )
+            for s in layout.student_slots:
                 xs = self.scaled_student(s)
-                if s in self.layout.moment_slots:
-                    src(f"m_old{s} = m_s{s}", f"sum_old{s} = sum_s{s}_lanes")
-                src(f"m_s{s}, sum_s{s}_lanes, rescale{s}, e{s} = lane_softmax_update(m_s{s}, sum_s{s}_lanes, {xs})")
-                if s in self.layout.moment_slots:
+                if s in layout.moment_slots:
+                    src(f"m_old{s} = m_s{s}_lanes", f"sum_old{s} = sum_s{s}_lanes")
+                src(
+                    f"m_s{s}_lanes, sum_s{s}_lanes, rescale{s}, e{s} = lane_softmax_update("
+                    f"m_s{s}_lanes, sum_s{s}_lanes, {xs}, {self.scaled_max('x_max', s)}, VEC)"
+                )
+                if s in layout.moment_slots:
                     # entropy: H = log S - sum_j exp(s_j - m) (s_j - m) / S, the sum kept like sum-exp
                     src(
                         f"moment_s{s}_lanes = lane_centered_moment("
-                        f"moment_s{s}_lanes, m_old{s}, m_s{s}, sum_old{s}, rescale{s}, e{s}, {xs})"
+                        f"moment_s{s}_lanes, m_old{s}, m_s{s}_lanes, sum_old{s}, rescale{s}, e{s}, {xs}, VEC)"
                     )
-                for slot, i in self.layout.cross_moments:
+                for slot, i in layout.cross_moments:
                     if slot == s:
                         # against one teacher: sum_j q_j (s_j - u_j) streams like sum-exp
                         u = self.scaled_teacher(i, s)
                         cross = names.cross_moment(s, i)
                         src(
-                            f"{cross}_lanes = {cross}_lanes * rescale{s} + tl.where(e{s} > 0, e{s} * ({xs} - {u}), 0.0)"
+                            f"{cross}_lanes = {cross}_lanes * rescale{s} + tl.sum(tl.where("
+                            f"e{s} > 0, e{s} * lanes_of({xs} - {u}, VEC), 0.0), 1)"
                         )
-        self.close_lanes(lanes, "=")
+        self.combine_lanes()
+
+    def scaled_max(self, lane_max: str, slot: int) -> str:
+        """Lane maxima at a temperature slot from those of the unscaled tile."""
+        return lane_max if self.spec.slot_is_one[slot] else f"{lane_max} * inv_t{slot}"
+
+    def combine_lanes(self) -> None:
+        """After pass 1: each softmax state's lanes brought to the row's max and summed; each streamed
+        sum likewise; the argmax from the lanes' bests."""
+        src = self.src
+        layout = self.layout
+        states = [(f"m_s{s}", f"sum_s{s}") for s in layout.student_slots]
+        states += [(f"m_t{i}_{s}", f"sum_t{i}_{s}") for i, s in layout.teacher_states]
+        states += [(f"tail_m{i}", f"tail_sum{i}") for i in layout.tail_sources]
+        for m, total in states:
+            src(f"{m}, {m}_weights = lane_weights({m}_lanes)", f"{total} = tl.sum({total}_lanes * {m}_weights, 0)")
+        for s in layout.moment_slots:
+            src(
+                f"moment_s{s} = row_centered_moment("
+                f"moment_s{s}_lanes, sum_s{s}_lanes, m_s{s}_lanes, m_s{s}, m_s{s}_weights)"
+            )
+        for s, i in layout.cross_moments:
+            cross = names.cross_moment(s, i)
+            src(f"{cross} = tl.sum({cross}_lanes * m_s{s}_weights, 0)")
+        offset = " + vocab_start" if self.sliced else ""
+        src("best_value, best_index = row_argmax(best_value_lanes, best_start_lanes, z_row, V, BLOCK_V, VEC)")
+        if offset:
+            src(f"best_index = best_index{offset}")
+        for i in range(len(self.spec.dense)):
+            limit = f"tl.minimum(V, vocab_t{i})" if self.spec.dense[i].mapping == "pad" else "V"
+            src(
+                f"best_value_t{i}, best_index_t{i} = row_argmax("
+                f"best_value_t{i}_lanes, best_start_t{i}_lanes, t{i}_row, {limit}, BLOCK_V, VEC)"
+            )
+            if offset:
+                src(f"best_index_t{i} = best_index_t{i}{offset}")
 
     def after_first_pass(self) -> None:
         """log-sum-exps, and the values of the terms that are known after one read."""
@@ -725,7 +800,7 @@ class KernelGenerator:
                 self.term_header(t, term, "row sums")
                 summands = term.loss.row_sums(self, t, term)
                 for name, summand in zip(term.loss.row_sum_names(term), summands, strict=True):
-                    src(f"{names.row_sum(name, t)}_lanes += {summand}")
+                    self.add_to_lanes(names.row_sum(name, t), summand)
         self.close_lanes(sums, "=")
 
     def reduction_values(self) -> None:
@@ -781,7 +856,7 @@ class KernelGenerator:
         if streams or term.active:
             self.term_header(t, term, *(["value"] if streams else []), *(["gradient"] if term.active else []))
         if streams:
-            src(f"{names.value(t)}_lanes += {term.loss.streamed_value(self, t, term)}")
+            self.add_to_lanes(names.value(t), term.loss.streamed_value(self, t, term))
         if term.active:
             # the gradient is a product or parenthesized: the weight's factors fold into one per row
             src(f"g += {weight} * {term.loss.gradient(self, t, term)}")

@@ -80,16 +80,24 @@ def _built(spec: KernelSpec, phase: str) -> tuple[ModuleType, KernelGenerator]:
     return module, generator
 
 
-def block_size(vocab: int, streams: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a vocab and the number of N x V tensors streamed together.
+class TileShape(NamedTuple):
+    """How a launch walks a row: BLOCK_V columns per tile, the warps of a program, and VEC, the
+    contiguous columns of one lane (one 16-byte load of the logits; see kernels/primitives.py)."""
 
-    Wider tiles amortize the per-tile reductions; every extra stream (teacher) shares the registers,
-    so the tile shrinks as streams are added.
+    block: int
+    warps: int
+    vec: int
+
+
+def tile_shape(vocab: int, streams: int, element_bytes: int) -> TileShape:
+    """The tile for a vocab, the number of N x V tensors streamed together and the logits' element size.
+
+    Every extra stream (teacher) shares the registers, so the tile shrinks as streams are added.
     """
     widest = max(MIN_BLOCK_V, MAX_BLOCK_V // next_power_of_two(max(1, streams)))
     block = max(MIN_BLOCK_V, min(widest, next_power_of_two(vocab)))
     warps = 8 if block >= 2048 else 4
-    return block, warps
+    return TileShape(block, warps, min(block, 16 // element_bytes))
 
 
 class Inputs(NamedTuple):
@@ -141,8 +149,9 @@ def _gradient_arguments(spec: KernelSpec, grad: torch.Tensor | None, weights: li
 def _run(spec: KernelSpec, phase: str, inputs: Inputs, arguments: dict[str, object]) -> None:
     rows, vocab = inputs.logits.shape
     if rows:
-        block, warps = block_size(vocab, spec.tile_streams)
-        kernel_module(spec, phase).fused_head_kernel[(rows,)](**arguments, BLOCK_V=block, num_warps=warps)
+        tile = tile_shape(vocab, spec.tile_streams, inputs.logits.element_size())
+        kernel = kernel_module(spec, phase).fused_head_kernel
+        kernel[(rows,)](**arguments, BLOCK_V=tile.block, VEC=tile.vec, num_warps=tile.warps)
 
 
 def launch(

@@ -20,43 +20,99 @@ def fast_exp(x):
 
 
 
-@triton.jit
-def lane_softmax_update(m, lanes, x):
-    """Fold tile `x` into a running max `m` (a scalar) and per-lane sums `lanes` of exp(x - m); also
-    return the rescale factor exp(m_old - m_new) and the tile's exp terms.
+# Pass 1 keeps every running statistic per lane. A tile of BLOCK_V columns is seen as BLOCK_V // VEC
+# lanes of VEC contiguous columns, VEC being one 16-byte load of the logits: each lane lives in one
+# thread, so reducing within a lane costs VEC - 1 register operations and no shuffle or barrier. The
+# lanes are combined once per row, after the loop.
 
-    One block reduction per tile (the max); the lanes are summed once the row is read. A running max of
-    -inf (nothing finite seen yet) is replaced by 0 before subtracting, so that an all -inf tile gives
-    exp(-inf) = 0 instead of exp(nan).
+
+@triton.jit
+def lanes_of(x, VEC: tl.constexpr):
+    """A tile [BLOCK_V] as [lanes, VEC]: row l holds columns l * VEC ... l * VEC + VEC - 1."""
+    return tl.reshape(x, (x.shape[0] // VEC, VEC))
+
+
+@triton.jit
+def lane_max(x, VEC: tl.constexpr):
+    """Each lane's max of a tile (NaN is passed over, as tl.max does)."""
+    return tl.max(lanes_of(x, VEC), 1)
+
+
+@triton.jit
+def lane_sum(x, VEC: tl.constexpr):
+    """Each lane's sum of a tile, for row sums that are accumulated per lane and reduced once."""
+    return tl.sum(lanes_of(x, VEC), 1)
+
+
+@triton.jit
+def lane_softmax_update(m, lanes, x, x_max, VEC: tl.constexpr):
+    """Fold tile `x` (with its lane maxima `x_max`) into per-lane running maxima `m` and sums `lanes`
+    of exp(x - m); also return the rescale factors exp(m_old - m_new) and the tile's exp terms, as
+    [lanes, VEC].
+
+    A running max of -inf (nothing finite seen yet) is replaced by 0 before subtracting, so that an
+    all -inf lane gives exp(-inf) = 0 instead of exp(nan).
     """
-    m_new = tl.maximum(m, tl.max(x, 0))
+    m_new = tl.maximum(m, x_max)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     rescale = fast_exp(m - m_safe)
-    e = fast_exp(x - m_safe)
-    return m_new, lanes * rescale + e, rescale, e
+    e = fast_exp(lanes_of(x, VEC) - m_safe[:, None])
+    return m_new, lanes * rescale + tl.sum(e, 1), rescale, e
 
 
 @triton.jit
-def lane_centered_moment(lanes, m_old, m_new, sum_old, rescale, e, x):
-    """Fold tile `x` into per-lane sums of exp(x_j - m) (x_j - m), centered on the running max m.
+def lane_centered_moment(lanes, m_old, m_new, sum_old, rescale, e, x, VEC: tl.constexpr):
+    """Fold tile `x` into per-lane sums of exp(x_j - m) (x_j - m), centered on the lane's running max.
 
     Centering keeps the entropy exact for huge logits (H = log S - moment / S, no m - m cancels).
-    When the max grows from m_old to m_new, the old sums re-center: each unit of old mass (`sum_old`,
-    the lanes' sum-exp before this tile) moves by (m_old - m_new) before the usual rescale.
+    When a lane's max grows from m_old to m_new, its old sum re-centers: each unit of old mass
+    (`sum_old`, the lane's sum-exp before this tile) moves by (m_old - m_new) before the usual rescale.
     """
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     shift = tl.where(m_old == float("-inf"), 0.0, m_old - m_safe)
-    return (lanes + shift * sum_old) * rescale + tl.where(e > 0, e * (x - m_safe), 0.0)
+    centered = tl.where(e > 0, e * (lanes_of(x, VEC) - m_safe[:, None]), 0.0)
+    return (lanes + shift * sum_old) * rescale + tl.sum(centered, 1)
 
 
 @triton.jit
-def tile_argmax_update(best_value, best_index, x, index):
-    """Running argmax over tiles: the tile's max (the same reduction the softmax state takes of an
-    unscaled tile) and the first index holding it; an earlier tile wins ties, as in torch.argmax."""
-    tile_max = tl.max(x, 0)
-    tile_index = tl.min(tl.where(x == tile_max, index, 2147483647), 0)
-    better = tile_max > best_value
-    return tl.where(better, tile_max, best_value), tl.where(better, tile_index, best_index)
+def lane_weights(m_lanes):
+    """The row's max of per-lane maxima, and each lane's factor exp(m_lane - m) that brings its sums
+    to the row's max (0 for a lane that saw only -inf)."""
+    m = tl.max(m_lanes, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m, fast_exp(m_lanes - m_safe)
+
+
+@triton.jit
+def row_centered_moment(moment_lanes, sum_lanes, m_lanes, m, weights):
+    """The row's sum of exp(x_j - m) (x_j - m) from the lanes' moments centered on their own maxima:
+    lane l's moves by (m_l - m) per unit of its mass before it is scaled to the row's max."""
+    shift = tl.where(m_lanes == float("-inf"), 0.0, m_lanes - m)
+    return tl.sum(tl.where(weights > 0, (moment_lanes + shift * sum_lanes) * weights, 0.0), 0)
+
+
+@triton.jit
+def lane_argmax_update(best_value, best_start, x_max, start):
+    """Per lane, the largest value seen and the start of the first tile that holds it (strictly
+    larger values move it, so an earlier tile wins ties, as in torch.argmax)."""
+    better = x_max > best_value
+    return tl.where(better, x_max, best_value), tl.where(better, start, best_start)
+
+
+@triton.jit
+def row_argmax(best_value, best_start, row_ptr, limit, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """The row's max and the first column holding it, from per-lane bests.
+
+    Each lane whose best equals the row's max reads its VEC columns of the tile that holds it once
+    more (one 16-byte load per thread, once per row) to find the column; the smallest such column
+    wins. A row without any number (all NaN) gives column 0.
+    """
+    value = tl.max(best_value, 0)
+    cols = best_start[:, None] + (tl.arange(0, BLOCK_V // VEC) * VEC)[:, None] + tl.arange(0, VEC)[None, :]
+    holds = (best_value == value)[:, None] & (cols < limit)
+    x = tl.load(row_ptr + cols, mask=holds, other=float("-inf")).to(tl.float32)
+    found = tl.min(tl.min(tl.where(holds & (x == value), cols, 2147483647), 1), 0)
+    return value, tl.where(found == 2147483647, 0, found)
 
 
 @triton.jit

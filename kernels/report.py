@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .launcher import block_size, kernel_module
+from .launcher import kernel_module, tile_shape
 from .signature import KernelSpec
 
 SM90_REGISTERS = 65536  # per SM
@@ -29,6 +29,7 @@ SM90_SHARED_BYTES = 227 * 1024  # usable shared memory per SM
 REGISTER_GRANULE = 256  # registers are allocated per warp in units of 256
 
 _POINTERS = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def argument_types(arg_names: list[str], pointer: str) -> dict[str, str]:
     """Triton types of a generated kernel's arguments, by name; an unknown name fails loudly."""
     types = {}
     for name in arg_names:
-        if name == "BLOCK_V":
+        if name in ("BLOCK_V", "VEC"):
             types[name] = "constexpr"
         elif name in ("z_ptr", "grad_ptr") or re.fullmatch(r"t\d+_ptr", name):
             types[name] = pointer
@@ -105,7 +106,7 @@ def compile_sm90(spec: KernelSpec, phase: str = "single", vocab: int = 128256, d
     from triton.compiler import ASTSource
 
     fn = kernel_module(spec, phase).fused_head_kernel
-    block, warps = block_size(vocab, spec.tile_streams)
+    block, warps, vec = tile_shape(vocab, spec.tile_streams, _BYTES[dtype])
     types = argument_types(fn.arg_names, _POINTERS[dtype])
     # as Triton's JIT specializes a launch: pointers from torch's allocator and sizes, strides and
     # offsets that are multiples of 16 (a vocab divisible by 16) are marked so, which lets it vectorize
@@ -114,7 +115,7 @@ def compile_sm90(spec: KernelSpec, phase: str = "single", vocab: int = 128256, d
         for index, name in enumerate(fn.arg_names)
         if types[name].startswith("*") or (types[name] == "i32" and vocab % 16 == 0)
     }
-    source = ASTSource(fn=fn, signature=types, constexprs={"BLOCK_V": block}, attrs=aligned)
+    source = ASTSource(fn=fn, signature=types, constexprs={"BLOCK_V": block, "VEC": vec}, attrs=aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     return kernel, block, warps
 

@@ -191,8 +191,7 @@ def local_memory(cubin: bytes) -> int | None:
 
 def compile_all(out: Path) -> None:
     """Compile every case for sm_90 and write {id: {ok, error, local, block, warps}} to `out`."""
-    from lossgraph.kernels.launcher import block_size, kernel_module
-    from lossgraph.kernels.report import argument_types
+    from lossgraph.kernels.report import compile_sm90
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -200,11 +199,8 @@ def compile_all(out: Path) -> None:
     for name, (spec, pointer, phase) in cases().items():
         entry: dict[str, object] = {}
         try:
-            fn = kernel_module(spec, phase).fused_head_kernel
-            block, warps = block_size(PRODUCTION_VOCAB, spec.tile_streams)
+            kernel, block, warps = compile_sm90(spec, phase, PRODUCTION_VOCAB, pointer[1:])
             entry.update(block=block, warps=warps)
-            source = ASTSource(fn=fn, signature=argument_types(fn.arg_names, pointer), constexprs={"BLOCK_V": block})
-            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             entry["local"] = local_memory(kernel.asm["cubin"])
             entry["ok"] = True
         except Exception as error:  # reported by the test of that case
