@@ -22,7 +22,7 @@ ds/dz, and finally by the row's scale (mask / normalizer).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from . import names
@@ -61,6 +61,8 @@ PHASES = ("single", "stats", "reduce", "apply")
 
 # the building blocks (kernels/primitives.py) a generated module imports
 PRIMITIVES = (
+    "LN2",
+    "LOG2E",
     "fast_exp",
     "lane_argmax_update",
     "lane_centered_moment",
@@ -103,6 +105,8 @@ class KernelGenerator:
                 raise ValueError("a top-k term with tail 'bucket' needs a temperature slot fixed at 1")
         self.src = _Source()
         self._tile_cache: dict[str, str] = {}
+        self._reads_label = False  # the tile body being written called onehot()
+        self._label_elsewhere = False  # ... and is the copy for tiles without the label (tile_body)
         self._tail_factors: set[int] = set()  # bucket terms whose tail gradient is q_j * gt{t}
 
     def capped(self, logits: str) -> str:
@@ -238,12 +242,19 @@ class KernelGenerator:
             return "x"
         return self.cached(f"xs{slot}", f"x * inv_t{slot}")
 
+    def centered_student(self, slot: int) -> str:
+        """s - m: exact for huge logits, where s - lse would round near them."""
+        return self.cached(f"dq{slot}", f"{self.scaled_student(slot)} - m_s{slot}")
+
     def log_q(self, slot: int) -> str:
-        # (s - m) - log S rather than s - lse: exact for huge logits (lse would round near them)
-        return self.cached(f"logq{slot}", f"({self.scaled_student(slot)} - m_s{slot}) - log_sum_s{slot}")
+        return self.cached(f"logq{slot}", f"{self.centered_student(slot)} - log_sum_s{slot}")
+
+    def log2_q(self, slot: int) -> str:
+        """log2 q = (s - m) log2(e) - log2 S: one FMA after the centering, and the exponent of q."""
+        return self.cached(f"l2q{slot}", f"{self.centered_student(slot)} * LOG2E - log2_sum_s{slot}")
 
     def q(self, slot: int) -> str:
-        return self.cached(f"q{slot}", f"fast_exp({self.log_q(slot)})")
+        return self.cached(f"q{slot}", f"tl.exp2({self.log2_q(slot)})")
 
     def teacher_tile(self, i: int) -> str:
         mapping = self.spec.dense[i].mapping
@@ -276,7 +287,32 @@ class KernelGenerator:
             self.src("y_col = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)")
 
     def onehot(self) -> str:
+        self._reads_label = True
+        if self._label_elsewhere:  # this copy of the body runs on tiles without the label's column
+            return "False"
         return self.cached("is_label", "offs == y_col")
+
+    def tile_body(self, body: Callable[[], None]) -> None:
+        """Write a tile loop's body. A body that reads the label's column is written twice, under a
+        per-tile branch: the copy for the one tile that holds the label compares columns with it, the
+        copy for every other tile knows it is absent (`onehot()` is False there, and the compiler folds
+        it away), so the per-element compare and select are paid on one tile per row."""
+        before = dict(self._tile_cache)
+        start = len(self.src.lines)
+        self._reads_label = False
+        body()
+        if not self._reads_label:
+            return
+        del self.src.lines[start:]
+        self._tile_cache = dict(before)
+        with self.src.block("if (y_col >= start) & (y_col < start + BLOCK_V):"):
+            body()
+        self._tile_cache = dict(before)
+        self._label_elsewhere = True
+        with self.src.block("else:"):
+            body()
+        self._label_elsewhere = False
+        self._tile_cache = dict(before)
 
     def p(self, target: TargetFragments, slot: int) -> str:
         """Target probabilities of the tile (the target form's own expression)."""
@@ -286,11 +322,22 @@ class KernelGenerator:
         """Target log-probabilities of the tile (exact for dense teachers and labels)."""
         return target.log_p(self, slot)
 
+    def log2_p(self, target: TargetFragments, slot: int) -> str:
+        """Target log2-probabilities of the tile (the target form's own expression)."""
+        return target.log2_p(self, slot)
+
+    def centered_teacher(self, i: int, slot: int) -> str:
+        """u - m of dense teacher i at the slot."""
+        return self.cached(f"du{i}_{slot}", f"{self.scaled_teacher(i, slot)} - {names.teacher_max(i, slot)}")
+
     def teacher_log_p(self, i: int, slot: int) -> str:
         """log p of dense teacher i at the slot: (u - m) - log S, exact where p underflows."""
+        return self.cached(f"logp_t{i}_{slot}", f"{self.centered_teacher(i, slot)} - {names.teacher_log_sum(i, slot)}")
+
+    def teacher_log2_p(self, i: int, slot: int) -> str:
+        """log2 p of dense teacher i at the slot: (u - m) log2(e) - log2 S."""
         return self.cached(
-            f"logp_t{i}_{slot}",
-            f"({self.scaled_teacher(i, slot)} - {names.teacher_max(i, slot)}) - {names.teacher_log_sum(i, slot)}",
+            f"l2p_t{i}_{slot}", f"{self.centered_teacher(i, slot)} * LOG2E - {names.teacher_log2_sum(i, slot)}"
         )
 
     def constant_id(self, value: object) -> int:
@@ -621,9 +668,13 @@ class KernelGenerator:
         src = self.src
         spec = self.spec
         for s in self.layout.student_slots:
-            src(f"log_sum_s{s} = tl.log(sum_s{s})", f"lse_s{s} = m_s{s} + log_sum_s{s}")
+            src(
+                f"log_sum_s{s} = tl.log(sum_s{s})",
+                f"log2_sum_s{s} = tl.log2(sum_s{s})",
+                f"lse_s{s} = m_s{s} + log_sum_s{s}",
+            )
         for i, s in self.layout.teacher_states:
-            src(f"log_sum_t{i}_{s} = tl.log(sum_t{i}_{s})")
+            src(f"log_sum_t{i}_{s} = tl.log(sum_t{i}_{s})", f"log2_sum_t{i}_{s} = tl.log2(sum_t{i}_{s})")
         for i in range(len(spec.dense)):
             # a NaN or +inf logit, or no finite one, leaves the teacher's log-sum-exp non-finite (x - x != 0)
             _, s = next(state for state in self.layout.teacher_states if state[0] == i)
@@ -794,13 +845,17 @@ class KernelGenerator:
         src("# pass 2: row sums that involve p and q together (needed before any gradient element)")
         sums = self.reduction_stats()
         self.open_lanes(sums)
-        with self.tile_loop():
+
+        def body() -> None:
             for t in self.layout.reduction_terms:
                 term = self.spec.terms[t]
                 self.term_header(t, term, "row sums")
                 summands = term.loss.row_sums(self, t, term)
                 for name, summand in zip(term.loss.row_sum_names(term), summands, strict=True):
                     self.add_to_lanes(names.row_sum(name, t), summand)
+
+        with self.tile_loop():
+            self.tile_body(body)
         self.close_lanes(sums, "=")
 
     def reduction_values(self) -> None:
@@ -823,8 +878,7 @@ class KernelGenerator:
         if not spec.gradient:
             src("# last pass: the values that stream (no gradient is asked for)")
             with self.tile_loop():
-                for t, term in enumerate(spec.terms):
-                    self.term_in_last_pass(t, term)
+                self.tile_body(self.terms_in_last_pass)
         else:
             # each term's weight times the row's scale, once per row rather than once per element
             for t, term in enumerate(spec.terms):
@@ -833,8 +887,7 @@ class KernelGenerator:
             src("# last pass: streamed values and the summed gradient, written once")
             with self.tile_loop():
                 src("g = tl.zeros([BLOCK_V], dtype=tl.float32)")
-                for t, term in enumerate(spec.terms):
-                    self.term_in_last_pass(t, term)
+                self.tile_body(self.terms_in_last_pass)
                 if spec.softcap is not None:
                     # dl/dz = dl/dz' (1 - tanh^2(z / c)), z' = c tanh(z / c) the capped logit in x
                     src(f"g = g * {self.cap_derivative('x')}")
@@ -842,6 +895,13 @@ class KernelGenerator:
                     src("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
                 src("tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)")
         self.close_lanes([names.value(t) for t in streamed], "+=")
+        for t in streamed:
+            if self.spec.terms[t].loss.streams_in_bits:
+                src(f"{names.value(t)} = {names.value(t)} * LN2  # summed in bits")
+
+    def terms_in_last_pass(self) -> None:
+        for t, term in enumerate(self.spec.terms):
+            self.term_in_last_pass(t, term)
 
     def term_in_last_pass(self, t: int, term: KernelTerm) -> None:
         """The term's streamed value (if it streams) and its gradient (if it is active)."""

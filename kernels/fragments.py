@@ -55,11 +55,18 @@ class TileWriter(Protocol):
     def log_q(self, slot: int) -> str:
         """log q_j, as (s_j - max) - log S (exact for huge logits)."""
 
+    def log2_q(self, slot: int) -> str:
+        """log2 q_j, the exponent q_j is computed from: cheaper than log q where a sum can be taken in
+        bits (see `LossFragments.streams_in_bits`)."""
+
     def p(self, target: TargetFragments, slot: int) -> str:
         """The target's p_j (its form's expression)."""
 
     def log_p(self, target: TargetFragments, slot: int) -> str:
         """The target's log p_j."""
+
+    def log2_p(self, target: TargetFragments, slot: int) -> str:
+        """The target's log2 p_j."""
 
     def onehot(self) -> str:
         """True at the label's column."""
@@ -69,6 +76,9 @@ class TileWriter(Protocol):
 
     def teacher_log_p(self, teacher: int, slot: int) -> str:
         """log p_j of a dense teacher at the slot."""
+
+    def teacher_log2_p(self, teacher: int, slot: int) -> str:
+        """log2 p_j of a dense teacher at the slot."""
 
     def log_mixture(self, beta: float, log_a: str, log_b: str) -> str:
         """An expression for log(beta a + (1 - beta) b) from log a and log b."""
@@ -115,6 +125,9 @@ class LossFragments:
     name: str = ""
     #: the kind reads the raw logits at temperature 1 only (its slot is the constant 1)
     fixed_temperature_one: bool = False
+    #: `streamed_value` is in bits (written with log2_q / log2_p): the generator multiplies the row's
+    #: sum by ln 2 once, instead of every summand converting its logarithms
+    streams_in_bits: bool = False
 
     def __repr__(self) -> str:
         return self.name
@@ -201,6 +214,10 @@ class TargetFragments:
     def log_p(self, k: TileWriter, slot: int) -> str:
         """The tile's target log-probabilities (exact where p underflows)."""
         raise NotImplementedError(f"{self!r} has no tile log-probabilities")
+
+    def log2_p(self, k: TileWriter, slot: int) -> str:
+        """The tile's target log2-probabilities; by default log p times log2(e)."""
+        return k.cached(f"l2p_{k.constant_id(self)}_{slot}", f"({self.log_p(k, slot)}) * LOG2E")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,11 @@ def student_log_sum(slot: int) -> str:
     return f"log_sum_s{slot}"
 
 
+def student_log2_sum(slot: int) -> str:
+    """log2 of `student_sum`: log2 q_j = (s_j - max) log2(e) - log2_sum."""
+    return f"log2_sum_s{slot}"
+
+
 def student_lse(slot: int) -> str:
     """logsumexp of the student's scaled logits."""
     return f"lse_s{slot}"
@@ -62,6 +67,10 @@ def teacher_sum(teacher: int, slot: int) -> str:
 
 def teacher_log_sum(teacher: int, slot: int) -> str:
     return f"log_sum_t{teacher}_{slot}"
+
+
+def teacher_log2_sum(teacher: int, slot: int) -> str:
+    return f"log2_sum_t{teacher}_{slot}"
 
 
 def value(term: int) -> str:

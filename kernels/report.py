@@ -3,8 +3,8 @@
 `triton.compile` with a CUDA target lowers a kernel to a cubin with the ptxas that Triton ships, on any
 machine; `cuobjdump` (in Triton's wheel too) prints its SASS and resource usage. From them, per launch:
 registers, spills, theoretical occupancy, and for each pass over the row (each tile loop that loads the
-logits) the SASS instructions, MUFU operations (exp, log) and barriers per tile, divided by the elements
-each thread handles per tile. These numbers are deterministic, so tests can hold budgets on them; the
+logits) the SASS instructions, MUFU operations (exp, log) and barriers per tile on the path most tiles
+take (`common_path`), divided by the elements each thread handles per tile. These numbers are deterministic, so tests can hold budgets on them; the
 GPU's timings stay the final word.
 
 Compiling needs Triton's real JIT: run this where TRITON_INTERPRET is not set (the tests use a child
@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .launcher import kernel_module, tile_shape
 from .signature import KernelSpec
@@ -131,29 +132,65 @@ def cuobjdump_output(cubin: bytes, flag: str) -> str:
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
-    """(address, opcode, operands) of every instruction in cuobjdump's SASS listing."""
-    return [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(sass)]
+class Instruction(NamedTuple):
+    address: int
+    opcode: str
+    operands: str
+    predicated: bool  # runs under a predicate (@P0 ...): a branch so marked may fall through
 
 
-def tile_loops(instructions: list[tuple[int, str, str]]) -> list[list[tuple[int, str, str]]]:
+def sass_instructions(sass: str) -> list[Instruction]:
+    """Every instruction of cuobjdump's SASS listing, in address order."""
+    return [
+        Instruction(int(m.group(1), 16), m.group(3), m.group(4), m.group(2) is not None)
+        for m in _INSTRUCTION.finditer(sass)
+    ]
+
+
+def _branch_target(instruction: Instruction) -> int | None:
+    if not instruction.opcode.startswith("BRA"):
+        return None
+    target = re.search(r"0x([0-9a-f]+)", instruction.operands)
+    return None if target is None else int(target.group(1), 16)
+
+
+def tile_loops(instructions: list[Instruction]) -> list[list[Instruction]]:
     """The bodies of the loops that read global memory, in address order: the passes over the row.
 
     A loop is a backward branch; the generated kernels have no nested loops, and the one loop that
     loads nothing (zeroing the gradient of a masked row) is left out.
     """
     loops = []
-    for index, (address, opcode, operands) in enumerate(instructions):
-        if not opcode.startswith("BRA"):
+    for index, instruction in enumerate(instructions):
+        start = _branch_target(instruction)
+        if start is None or start >= instruction.address:
             continue
-        target = re.search(r"0x([0-9a-f]+)", operands)
-        if target is None or int(target.group(1), 16) >= address:
-            continue
-        start = int(target.group(1), 16)
-        body = [entry for entry in instructions[: index + 1] if entry[0] >= start]
-        if any(op.startswith("LDG") for _, op, _ in body):
+        body = [entry for entry in instructions[: index + 1] if entry.address >= start]
+        if any(entry.opcode.startswith("LDG") for entry in body):
             loops.append(body)
-    return sorted(loops, key=lambda body: body[0][0])
+    return sorted(loops, key=lambda body: body[0].address)
+
+
+def common_path(body: list[Instruction]) -> list[Instruction]:
+    """The instructions one trip through a loop body executes on its cheapest path.
+
+    A body may branch forward: a tile loop that reads the label is written twice, and only the tile
+    holding the label's column takes the longer copy (`codegen.KernelGenerator.tile_body`). The
+    cheapest path is the one every other tile takes, so it is the per-element cost at scale.
+    """
+    position = {entry.address: index for index, entry in enumerate(body)}
+    best: list[list[Instruction]] = [[] for _ in range(len(body) + 1)]
+    for index in range(len(body) - 1, -1, -1):
+        entry = body[index]
+        target = _branch_target(entry)
+        if index == len(body) - 1 or target is None or target not in position or target < entry.address:
+            onward = best[index + 1] if index < len(body) - 1 else []
+        elif entry.predicated:
+            onward = min(best[index + 1], best[position[target]], key=len)
+        else:
+            onward = best[position[target]]
+        best[index] = [entry, *onward]
+    return best[0]
 
 
 def occupancy(registers: int, warps: int, shared_bytes: int) -> float:
@@ -176,7 +213,7 @@ def report(spec: KernelSpec, phase: str = "single", vocab: int = 128256, dtype: 
     per_thread = block / (32 * warps)
     passes = []
     for body in tile_loops(sass_instructions(cuobjdump_output(cubin, "-sass"))):
-        opcodes = [opcode for _, opcode, _ in body]
+        opcodes = [entry.opcode for entry in common_path(body)]
         passes.append(
             PassCost(
                 instructions=round(len(opcodes) / per_thread, 2),

@@ -22,6 +22,7 @@ class CrossEntropyLoss(TargetLoss):
 
 class CrossEntropyFragments(LossFragments):
     name = "cross_entropy"
+    streams_in_bits = True
 
     def formulas(self, term):
         if isinstance(term.target, KLabels):
@@ -43,7 +44,8 @@ class CrossEntropyFragments(LossFragments):
 
     def streamed_value(self, k, t, term):
         p = k.p(term.target, term.slot)
-        return f"tl.where({p} > 0, -{p} * {k.log_q(term.slot)}, 0.0)"
+        # -p_j log2 q_j, in bits (streams_in_bits); 0 where p_j = 0 (and log q_j may be -inf)
+        return f"{p} * tl.where({p} > 0, -{k.log2_q(term.slot)}, 0.0)"
 
     def gradient(self, k, t, term):
         q = k.q(term.slot)

@@ -21,6 +21,7 @@ class ForwardKLLoss(TargetLoss):
 
 class ForwardKLFragments(LossFragments):
     name = "forward_kl"
+    streams_in_bits = True
 
     def formulas(self, term):
         return {
@@ -35,8 +36,9 @@ class ForwardKLFragments(LossFragments):
 
     def streamed_value(self, k, t, term):
         s = term.slot
-        p, log_p = k.p(term.target, s), k.log_p(term.target, s)
-        return f"tl.where({p} > 0, {p} * ({log_p} - {k.log_q(s)}), 0.0)"
+        p, log2_p = k.p(term.target, s), k.log2_p(term.target, s)
+        # p_j (log2 p_j - log2 q_j), one FMA into the sum; 0 where p_j = 0 (and log p_j may be -inf)
+        return f"{p} * tl.where({p} > 0, {log2_p} - {k.log2_q(s)}, 0.0)"
 
     def gradient(self, k, t, term):
         return f"({k.q(term.slot)} - {k.p(term.target, term.slot)})"

@@ -32,10 +32,13 @@ class KDense(TargetFragments):
         return self.teacher
 
     def p(self, k, slot):
-        return k.cached(f"p_t{self.teacher}_{slot}", f"fast_exp({self.log_p(k, slot)})")
+        return k.cached(f"p_t{self.teacher}_{slot}", f"tl.exp2({self.log2_p(k, slot)})")
 
     def log_p(self, k, slot):
         return k.teacher_log_p(self.teacher, slot)
+
+    def log2_p(self, k, slot):
+        return k.teacher_log2_p(self.teacher, slot)
 
 
 @dataclass(frozen=True)
