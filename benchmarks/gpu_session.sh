@@ -7,6 +7,7 @@
 # 2. the whole test suite on the GPU (no interpreter), every failure with a short traceback,
 #    in parallel where pytest-xdist is installed, within TESTS_S seconds;                   $OUT/tests.log
 # 3. examples/distributed_train.py under torchrun, one process on one GPU (NCCL);          $OUT/example.txt
+#    and the host time of one call (benchmarks/host_overhead.py);                           $OUT/host.txt
 # 4. lossgraph bench, each case in a process of its own with a share of the time left (a case that runs
 #    out keeps the columns it measured: torch.compile, the slowest to build, goes last);
 #    $OUT/bench.json (every case, merged) and $OUT/bench.txt (the tables and the docs' summary table).
@@ -60,6 +61,8 @@ timeout -k 5 90 "$PYTHON" -m torch.distributed.run --nproc-per-node 1 examples/d
     >"$OUT/example.txt" 2>&1
 echo "example: exit $? after ${SECONDS}s" | tee -a "$OUT/example.txt"
 grep "^step" "$OUT/example.txt"
+timeout -k 5 60 "$PYTHON" benchmarks/host_overhead.py --json "$OUT/host.json" >"$OUT/host.txt" 2>&1
+echo "host overhead: exit $? after ${SECONDS}s" | tee -a "$OUT/host.txt"
 
 # 4. the benchmark, one process per case, the time left shared among the cases left
 parts="$(mktemp -d)"

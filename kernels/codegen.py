@@ -105,6 +105,7 @@ class KernelGenerator:
                 raise ValueError("a top-k term with tail 'bucket' needs a temperature slot fixed at 1")
         self.src = _Source()
         self._tile_cache: dict[str, str] = {}
+        self._reads = 0  # tile loops written so far (each read of the row is one)
         self._reads_label = False  # the tile body being written called onehot()
         self._label_elsewhere = False  # ... and is the copy for tiles without the label (tile_body)
         self._tail_factors: set[int] = set()  # bucket terms whose tail gradient is q_j * gt{t}
@@ -161,6 +162,7 @@ class KernelGenerator:
         args += [f"inv_t{s}" for s in range(len(spec.slot_is_one))]
         if phase in ("single", "apply"):
             args += [f"w{t}" for t, term in enumerate(spec.terms) if term.active]
+            args += [f"vs{t}" for t in range(len(spec.terms))] + [f"lw{t}" for t in range(len(spec.terms))]
         args.append("V")
         if self.sliced:
             args += ["vocab_start", "V_total"]
@@ -349,9 +351,15 @@ class KernelGenerator:
 
     @contextmanager
     def tile_loop(self) -> Iterator[None]:
+        """A read of the row, tile by tile. Reads alternate direction: the tiles a read ends with are the
+        ones still in L2 when the next read starts with them."""
         constants = {k: v for k, v in self._tile_cache.items() if k.startswith("const:")}
-        with self.src.block("for start in range(0, V, BLOCK_V):"):
+        reverse = self._reads % 2 == 1
+        self._reads += 1
+        with self.src.block("for back in range(0, tiles):" if reverse else "for start in range(0, V, BLOCK_V):"):
             self._tile_cache = dict(constants)
+            if reverse:
+                self.src("start = (tiles - 1 - back) * BLOCK_V")
             self.src("offs = start + cols", "in_v = offs < V")
             if self.spec.softcap is None:
                 self.src(f"x = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)")
@@ -397,6 +405,7 @@ class KernelGenerator:
             "row_scale = tl.load(row_scale_ptr + row)",
             "z_row = z_ptr + row * stride_z",
             "cols = tl.arange(0, BLOCK_V)",
+            "tiles = tl.cdiv(V, BLOCK_V)",
             "VT = V_total" if self.sliced else "VT = V",
             "Vf = VT.to(tl.float32)",
         )
@@ -439,8 +448,8 @@ class KernelGenerator:
             with src.block("for start in range(0, V, BLOCK_V):"):
                 src("offs = start + cols")
                 src("tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < V)")
-        for t in range(len(self.spec.terms)):
-            src(f"tl.store(loss_ptr + row * {len(self.spec.terms)} + {t}, 0.0)")
+        for column in range(len(self.spec.terms) + 1):
+            src(f"tl.store(loss_ptr + row * {len(self.spec.terms) + 1} + {column}, 0.0)")
         if self.phase == "single":
             src("tl.store(pred_ptr + row, 0)")
             for i in range(len(self.spec.dense)):
@@ -477,12 +486,21 @@ class KernelGenerator:
         return checks
 
     def store_values(self) -> None:
-        count = len(self.spec.terms)
+        """Each term's value at the row times its value scale (T^2 where asked), then the row's share of
+        the head's loss, sum_t lw_t x value_t over the terms whose loss weight is not 0 (a weight-0
+        term's value may be infinite, and 0 x inf would be NaN)."""
+        count = len(self.spec.terms) + 1
+        self.src("row_loss = 0.0")
         for t, term in enumerate(self.spec.terms):
             checks = self.teacher_checks(term)
             if checks:
                 self.src(f'loss{t} = tl.where({" & ".join(checks)}, loss{t}, float("nan"))')
-            self.src(f"tl.store(loss_ptr + row * {count} + {t}, loss{t})")
+            self.src(
+                f"loss{t} = loss{t} * vs{t}",
+                f"tl.store(loss_ptr + row * {count} + {t}, loss{t})",
+                f"row_loss += tl.where(lw{t} != 0.0, lw{t} * loss{t}, 0.0)",
+            )
+        self.src(f"tl.store(loss_ptr + row * {count} + {count - 1}, row_loss)")
 
     def stats_row(self) -> None:
         """Vocab parallel, phase 1: this slice's statistics, its share of the label logit and of the
@@ -564,7 +582,9 @@ class KernelGenerator:
         states = [f"s{s}" for s in layout.student_slots] + [f"t{i}_{s}" for i, s in layout.teacher_states]
         maxima = [f"m_{state}" for state in states] + [f"tail_m{i}" for i in layout.tail_sources]
         sums = [f"sum_{state}" for state in states] + [f"tail_sum{i}" for i in layout.tail_sources]
-        streamed = [f"moment_s{s}" for s in layout.moment_slots] + [names.cross_moment(s, i) for s, i in layout.cross_moments]
+        streamed = [f"moment_s{s}" for s in layout.moment_slots] + [
+            names.cross_moment(s, i) for s, i in layout.cross_moments
+        ]
         for name in maxima:
             src(f"{name}_lanes = tl.full({lane_count}, {NEG_INF}, tl.float32)")
         self.open_lanes(sums + streamed)

@@ -136,14 +136,26 @@ def _arguments(spec: KernelSpec, inputs: Inputs) -> dict[str, object]:
     return arguments
 
 
-def _gradient_arguments(spec: KernelSpec, grad: torch.Tensor | None, weights: list[float]) -> dict[str, object]:
-    """The gradient buffer and each active term's weight; none of them when the spec writes no gradient."""
+class TermNumbers(NamedTuple):
+    """The run-time numbers of a launch's terms (each a list over the launch's terms, in order)."""
+
+    gradient: list[float]  # per active term only: weight x head weight x scale / T, what multiplies dl/ds
+    value_scale: list[float]  # what each term's per-row value is reported times (T^2 where asked, else 1)
+    loss: list[float]  # each term's weight in the head's loss; 0 leaves it out, even when not finite
+
+
+def _term_arguments(spec: KernelSpec, grad: torch.Tensor | None, numbers: TermNumbers) -> dict[str, object]:
+    """The gradient buffer and each active term's weight (none of them when the spec writes no
+    gradient), and every term's value scale and loss weight."""
+    arguments: dict[str, object] = {f"vs{t}": float(v) for t, v in enumerate(numbers.value_scale)}
+    arguments.update({f"lw{t}": float(w) for t, w in enumerate(numbers.loss)})
     if not spec.gradient:
-        return {}
+        return arguments
     if grad is None:
         raise ValueError("a kernel that writes the gradient needs a gradient buffer")
     active = [t for t, term in enumerate(spec.terms) if term.active]
-    return {"grad_ptr": grad, "stride_grad": grad.stride(0), **{f"w{t}": float(w) for t, w in zip(active, weights)}}
+    arguments.update({f"w{t}": float(w) for t, w in zip(active, numbers.gradient)})
+    return {"grad_ptr": grad, "stride_grad": grad.stride(0), **arguments}
 
 
 def _run(spec: KernelSpec, phase: str, inputs: Inputs, arguments: dict[str, object]) -> None:
@@ -155,23 +167,24 @@ def _run(spec: KernelSpec, phase: str, inputs: Inputs, arguments: dict[str, obje
 
 
 def launch(
-    spec: KernelSpec, inputs: Inputs, *, grad: torch.Tensor | None, weights: list[float]
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    spec: KernelSpec, inputs: Inputs, *, grad: torch.Tensor | None, numbers: TermNumbers
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run one fused launch over the rows of `inputs.logits` [N, V]; the gradient goes into `grad`.
 
-    Returns (per-row term values [N, terms] float32, student argmax [N], teacher argmaxes [N] each).
-    `weights` has one entry per active term; `grad` may be the logits themselves (in-place). A spec
-    with `gradient=False` takes no `grad` (None) and ignores `weights`.
+    Returns (per-row values [N, terms + 1] float32: each term's value times its value scale, then the
+    row's weighted loss; student argmax [N]; teacher argmaxes [teachers, N]). `grad` may be the logits
+    themselves (in-place). A spec with `gradient=False` takes no `grad` (None) and ignores
+    `numbers.gradient`.
     """
     rows = inputs.logits.shape[0]
     device = inputs.logits.device
-    values = torch.empty((rows, len(spec.terms)), dtype=torch.float32, device=device)
+    values = torch.empty((rows, len(spec.terms) + 1), dtype=torch.float32, device=device)
     prediction = torch.empty(rows, dtype=torch.int64, device=device)
-    teacher_predictions = [torch.empty(rows, dtype=torch.int64, device=device) for _ in inputs.dense]
+    teacher_predictions = torch.empty((len(inputs.dense), rows), dtype=torch.int64, device=device)
     arguments = _arguments(spec, inputs)
     arguments.update({"loss_ptr": values, "pred_ptr": prediction})
-    arguments.update({f"tpred{i}_ptr": p for i, p in enumerate(teacher_predictions)})
-    arguments.update(_gradient_arguments(spec, grad, weights))
+    arguments.update({f"tpred{i}_ptr": teacher_predictions[i] for i in range(len(inputs.dense))})
+    arguments.update(_term_arguments(spec, grad, numbers))
     _run(spec, "single", inputs, arguments)
     return values, prediction, teacher_predictions
 
@@ -223,21 +236,24 @@ def launch_apply(
     inputs: Inputs,
     *,
     grad: torch.Tensor | None,
-    weights: list[float],
+    numbers: TermNumbers,
     floats: torch.Tensor,
     topk_logits: list[torch.Tensor],
     reductions: torch.Tensor | None,
     vocab_start: int,
     vocab_total: int,
 ) -> torch.Tensor:
-    """Vocab parallel, last phase: term values [N, terms] (streamed ones partial) and the local gradient."""
-    values = torch.empty((inputs.logits.shape[0], len(spec.terms)), dtype=torch.float32, device=inputs.logits.device)
+    """Vocab parallel, last phase: values [N, terms + 1] as `launch` gives them (streamed ones, and so the
+    row's loss, partial) and the local gradient."""
+    values = torch.empty(
+        (inputs.logits.shape[0], len(spec.terms) + 1), dtype=torch.float32, device=inputs.logits.device
+    )
     arguments = _arguments(spec, inputs)
     arguments.update({"loss_ptr": values, "statf_ptr": floats})
     arguments.update({f"topz{i}_ptr": z for i, z in enumerate(topk_logits)})
     if reductions is not None:
         arguments["red_ptr"] = reductions
     arguments.update({"vocab_start": vocab_start, "V_total": vocab_total})
-    arguments.update(_gradient_arguments(spec, grad, weights))
+    arguments.update(_term_arguments(spec, grad, numbers))
     _run(spec, "apply", inputs, arguments)
     return values

@@ -20,7 +20,6 @@ def fast_exp(x):
     return tl.exp2(x * LOG2E)
 
 
-
 # Pass 1 keeps every running statistic per lane. A tile of BLOCK_V columns is seen as BLOCK_V // VEC
 # lanes of VEC contiguous columns, VEC being one 16-byte load of the logits: each lane lives in one
 # thread, so reducing within a lane costs VEC - 1 register operations and no shuffle or barrier. The

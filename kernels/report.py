@@ -4,8 +4,8 @@
 machine; `cuobjdump` (in Triton's wheel too) prints its SASS and resource usage. From them, per launch:
 registers, spills, theoretical occupancy, and for each pass over the row (each tile loop that loads the
 logits) the SASS instructions, MUFU operations (exp, log) and barriers per tile on the path most tiles
-take (`common_path`), divided by the elements each thread handles per tile. These numbers are deterministic, so tests can hold budgets on them; the
-GPU's timings stay the final word.
+take (`common_path`), divided by the elements each thread handles per tile. These numbers are
+deterministic, so tests can hold budgets on them; the GPU's timings stay the final word.
 
 Compiling needs Triton's real JIT: run this where TRITON_INTERPRET is not set (the tests use a child
 process).
@@ -90,7 +90,7 @@ def argument_types(arg_names: list[str], pointer: str) -> dict[str, str]:
             types[name] = "*fp32"
         elif name in ("label_ptr", "pred_ptr", "stati_ptr") or re.fullmatch(r"(tpred\d+|k\d+_index)_ptr", name):
             types[name] = "*i64"
-        elif re.fullmatch(r"inv_t\d+|w\d+", name):
+        elif re.fullmatch(r"inv_t\d+|w\d+|vs\d+|lw\d+", name):
             types[name] = "fp32"
         elif name in ("V", "vocab_start", "V_total") or re.fullmatch(r"stride_\w+|vocab_t\d+", name):
             types[name] = "i32"

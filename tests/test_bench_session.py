@@ -4,6 +4,7 @@ torch.compile measured last, per-case JSON files merged into the docs' table, a 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,42 @@ def test_the_session_script_parses():
         ["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_host_overhead_proxy_runs_on_the_cpu(tmp_path):
+    """benchmarks/host_overhead.py, as CI can run it: the CPU proxy with the kernel launches stubbed."""
+    out = tmp_path / "host.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "host_overhead.py"),
+            "--device",
+            "cpu",
+            "--calls",
+            "5",
+            "--rounds",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "host time per call" in result.stdout and "CPU proxy, kernel launches stubbed" in result.stdout
+    numbers = json.loads(out.read_text())
+    assert numbers["vocab"] == 1024 and len(numbers["medians_ms"]) == 2
+    assert all(0 < median < 1000 for median in numbers["medians_ms"])
+
+
+def test_the_host_overhead_benchmark_refuses_a_cpu_run_through_compiled_kernels():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"},
+    )
+    assert result.returncode == 2 and "TRITON_INTERPRET=1" in result.stdout

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 
-@torch.library.custom_op("lossgraph::scale_", mutates_args=("buffer",))
-def scale_(buffer: torch.Tensor, scale: torch.Tensor) -> None:
+def _scale(buffer: torch.Tensor, scale: torch.Tensor) -> None:
     """buffer *= scale, computed in float32 whatever the buffer's dtype; no host synchronization.
 
     On a GPU a Triton kernel reads the scale on the device (and skips the work when it is 1); on the
@@ -22,9 +21,22 @@ def scale_(buffer: torch.Tensor, scale: torch.Tensor) -> None:
             buffer.copy_(buffer.to(torch.float32).mul_(factor))
 
 
-@scale_.register_fake
+# opaque to torch.compile; eager calls skip the custom op's dispatch, which costs more host time than
+# the launch it wraps
+_scale_op = torch.library.custom_op("lossgraph::scale_", _scale, mutates_args=("buffer",))
+
+
+@_scale_op.register_fake
 def _scale_fake(buffer, scale):
     return None
+
+
+def scale_(buffer: torch.Tensor, scale: torch.Tensor) -> None:
+    """buffer *= scale (see `_scale`): the custom op inside torch.compile, the function itself in eager."""
+    if torch.compiler.is_compiling():
+        _scale_op(buffer, scale)
+    else:
+        _scale(buffer, scale)
 
 
 class PrecomputedGradient(torch.autograd.Function):

@@ -66,6 +66,7 @@ class ChunkResult(NamedTuple):
     in_place: bool = False  # `grad` is the logits' own storage
     grad_scale: torch.Tensor | None = None  # a factor left out of `grad`, for backward to apply
     per_token: torch.Tensor | None = None  # [rows, terms] each term's value at each row x scale (detached)
+    loss: torch.Tensor | None = None  # sum_t weight_t x values[t] (weight 0 left out), where the backend has it
 
 
 # `evaluate_rows(chunk, gradient)`: a chunk's terms, with the logits gradient when `gradient`

@@ -213,16 +213,14 @@ class CompiledGraph(torch.nn.Module):
             steps = [term_step(term, step) for term in head.terms]
             result = backend.evaluate(head, batch, steps)
             total = result.loss if total is None else total + result.loss
-            for index, (term, s) in enumerate(zip(head.terms, steps)):
-                values[term.key] = result.values[index]
+            positions = _positions(logits[head.name])
+            rows = result.per_token.to(torch.float32).unbind(1)
+            for term, s, value, row in zip(head.terms, steps, result.values.unbind(0), rows):
+                values[term.key] = value
                 # a weight-0 term adds exactly 0 (its value may be infinite: 0 x inf would be NaN)
-                terms[term.key] = (
-                    result.values[index] * s.weight if s.weight != 0.0 else torch.zeros_like(result.values[index])
-                )
+                terms[term.key] = value * s.weight if s.weight != 0.0 else torch.zeros_like(value)
                 weights[term.key] = s.weight
-                per_token[term.key] = (
-                    result.per_token[:, index].to(torch.float32).reshape(_positions(logits[head.name]))
-                )
+                per_token[term.key] = row.reshape(positions)
             metrics[head.name] = _metrics(head, batch, result)
         return GraphOutput(total, terms, values, weights, metrics, per_token)
 

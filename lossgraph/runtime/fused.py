@@ -31,6 +31,7 @@ from ..errors import BackendError
 from ..kernels.launcher import (
     Inputs,
     KernelCacheError,
+    TermNumbers,
     launch,
     launch_apply,
     launch_reduce,
@@ -40,7 +41,7 @@ from ..kernels.launcher import (
 from ..kernels.layout import kernel_layout
 from ..kernels.signature import KernelSpec
 from .autograd import PrecomputedGradient
-from .backend import BackendOptions, ChunkResult, HeadBackend, HeadResult, TermStep, weighted_sum
+from .backend import BackendOptions, ChunkResult, HeadBackend, HeadResult, TermStep
 from .inputs import HeadBatch
 from .linear import linear_head
 from .parallel import VocabShard, all_reduce, combine_statistics
@@ -67,6 +68,14 @@ class HeadKernels:
     terms: int
     dense: int
     slots: int  # temperature slots of every launch of the head
+
+    @property
+    def identity(self) -> bool:
+        """One launch whose terms and teachers are the head's, in the head's order."""
+        if len(self.launches) != 1:
+            return False
+        (binding,) = self.launches
+        return binding.terms == tuple(range(self.terms)) and binding.dense == tuple(range(self.dense))
 
 
 @dataclass(frozen=True)
@@ -241,7 +250,7 @@ class FusedBackend:
         rows = fused_rows(
             self.token, fused_head, batch, steps, inplace=self.options.inplace_grad, fold=fold, gradient=gradient
         )
-        loss = weighted_sum(rows.values, steps)
+        loss = rows.loss
         if rows.grad is not None:
             loss = PrecomputedGradient.apply(batch.logits, loss, rows.grad, rows.in_place, rows.grad_scale)
         return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions, rows.per_token)
@@ -283,31 +292,54 @@ def _run_launches(
     """Every launch of the head's kernels `key`; `grad` is None for kernels that write no gradient."""
     kernels = _kernels(key)
     # a CPU tensor: reading it is no device synchronization
-    inverse_temperatures = scalars[: kernels.slots].tolist()
-    weights = scalars[kernels.slots :].tolist()
+    numbers = scalars.tolist()
+    inverse_temperatures, per_term = numbers[: kernels.slots], numbers[kernels.slots :]
+    terms = kernels.terms
+    head_numbers = TermNumbers(per_term[:terms], per_term[terms : 2 * terms], per_term[2 * terms :])
+    arguments = (logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures)
+    if kernels.identity:  # one launch holding every term and teacher in the head's order: its outputs are the head's
+        return _launch(kernels.launches[0], *arguments, head_numbers, shard)
     rows = logits.shape[0]
-    values = torch.zeros((rows, kernels.terms), dtype=torch.float32, device=logits.device)
+    values = torch.zeros((rows, terms + 1), dtype=torch.float32, device=logits.device)
     prediction = torch.zeros(rows, dtype=torch.int64, device=logits.device)
     teacher_predictions = torch.zeros((len(dense), rows), dtype=torch.int64, device=logits.device)
     for binding in kernels.launches:
-        inputs = _launch_inputs(
-            binding, logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures
-        )
-        launch_weights = [weights[t] for t, term in zip(binding.terms, binding.spec.terms) if term.active]
-        if shard is None:
-            launch_values, launch_prediction, launch_teachers = launch(
-                binding.spec, inputs, grad=grad, weights=launch_weights
-            )
-        else:
-            launch_values, launch_prediction, launch_teachers = _sliced_launch(
-                binding.spec, inputs, grad, launch_weights, shard
-            )
+        launch_values, launch_prediction, launch_teachers = _launch(binding, *arguments, head_numbers, shard)
         for column, term in enumerate(binding.terms):  # slices: a list index would sync with the GPU
             values[:, term] = launch_values[:, column]
+        values[:, terms] += launch_values[:, len(binding.terms)]  # each launch's share of the row's loss
         prediction = launch_prediction
         for local, head_index in enumerate(binding.dense):
             teacher_predictions[head_index] = launch_teachers[local]
     return values, prediction, teacher_predictions
+
+
+def _launch(
+    binding: LaunchBinding,
+    logits: torch.Tensor,
+    grad: Optional[torch.Tensor],
+    row_scale: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    dense: list[torch.Tensor],
+    topk_indices: list[torch.Tensor],
+    topk_logprobs: list[torch.Tensor],
+    inverse_temperatures: list[float],
+    head_numbers: TermNumbers,
+    shard: VocabShard | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch of a head: its values [N, launch terms + 1] (the last column its share of each row's
+    loss), the student argmax [N] and its teachers' argmaxes [launch teachers, N]."""
+    inputs = _launch_inputs(
+        binding, logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures
+    )
+    numbers = TermNumbers(
+        [head_numbers.gradient[t] for t, term in zip(binding.terms, binding.spec.terms) if term.active],
+        [head_numbers.value_scale[t] for t in binding.terms],
+        [head_numbers.loss[t] for t in binding.terms],
+    )
+    if shard is None:
+        return launch(binding.spec, inputs, grad=grad, numbers=numbers)
+    return _sliced_launch(binding.spec, inputs, grad, numbers, shard)
 
 
 def _launch_inputs(
@@ -324,7 +356,7 @@ def _launch_inputs(
 
 
 def _sliced_launch(
-    spec: KernelSpec, inputs: Inputs, grad: Optional[torch.Tensor], weights: list[float], shard: VocabShard
+    spec: KernelSpec, inputs: Inputs, grad: Optional[torch.Tensor], numbers: TermNumbers, shard: VocabShard
 ):
     """One launch under vocab parallel: statistics of this slice, combined across ranks, then the
     terms and this slice's gradient. The same results as one launch over the whole vocab."""
@@ -339,7 +371,7 @@ def _sliced_launch(
         spec,
         inputs,
         grad=grad,
-        weights=weights,
+        numbers=numbers,
         floats=statistics.floats,
         topk_logits=statistics.topk_logits,
         reductions=reductions,
@@ -350,11 +382,21 @@ def _sliced_launch(
         totals = all_reduce(torch.stack([values[:, t] for t in streamed], 1), dist.ReduceOp.SUM, shard.group)
         for column, term in enumerate(streamed):
             values[:, term] = totals[:, column]
-    return values, statistics.ints[:, 0], list(statistics.ints[:, 1:].unbind(1))
+        # the row's loss again, from the totals: the kernel took it over this rank's partial sums
+        row_loss = torch.zeros_like(values[:, 0])
+        for t, weight in enumerate(numbers.loss):
+            if weight != 0.0:
+                row_loss += weight * values[:, t]
+        values[:, len(numbers.loss)] = row_loss
+    return values, statistics.ints[:, 0], statistics.ints[:, 1:].t()
 
 
-@torch.library.custom_op("lossgraph::fused_head", mutates_args=())
-def fused_head(
+# The three ops below are the fused backend as torch.compile sees it: opaque, so that the compiler
+# neither breaks the graph nor traces into Triton. Eager calls skip them (`_dispatch`): a custom op's
+# dispatch costs more host time than the launches it wraps.
+
+
+def _head(
     key: str,
     logits: torch.Tensor,
     row_scale: torch.Tensor,
@@ -364,11 +406,12 @@ def fused_head(
     topk_logprobs: list[torch.Tensor],
     scalars: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All launches of a head: (gradient [N, V] in the logits dtype, per-row term values [N, terms],
-    student argmax [N], teacher argmaxes [dense teachers, N]).
+    """All launches of a head: (gradient [N, V] in the logits dtype, per-row values [N, terms + 1] (each
+    term's value times its value scale, then the row's weighted loss), student argmax [N], teacher
+    argmaxes [dense teachers, N]).
 
     `scalars` is a CPU float64 tensor: each temperature slot's 1/T (the slots of every launch, in order),
-    then each term's gradient weight.
+    then each term's gradient weight, value scale and loss weight (`TermNumbers`, term after term).
     A tensor rather than floats, so that a compiled graph does not specialize on their values.
     """
     grad = torch.empty_like(logits)
@@ -378,11 +421,45 @@ def fused_head(
     return grad, values, prediction, teachers
 
 
+def _head_inplace(
+    key: str,
+    logits: torch.Tensor,
+    row_scale: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    dense: list[torch.Tensor],
+    topk_indices: list[torch.Tensor],
+    topk_logprobs: list[torch.Tensor],
+    scalars: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like `_head`, but the gradient overwrites the logits (one N x V buffer saved)."""
+    return _run_launches(key, logits, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars)
+
+
+def _head_values(
+    key: str,
+    logits: torch.Tensor,
+    row_scale: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    dense: list[torch.Tensor],
+    topk_indices: list[torch.Tensor],
+    topk_logprobs: list[torch.Tensor],
+    scalars: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like `_head` for kernels that write no gradient (`key` from kernel_key(..., gradient=False)):
+    the values and argmaxes only, and nothing N x V allocated or written."""
+    return _run_launches(key, logits, None, row_scale, labels, dense, topk_indices, topk_logprobs, scalars)
+
+
+fused_head = torch.library.custom_op("lossgraph::fused_head", _head, mutates_args=())
+fused_head_inplace = torch.library.custom_op("lossgraph::fused_head_inplace", _head_inplace, mutates_args=("logits",))
+fused_head_values = torch.library.custom_op("lossgraph::fused_head_values", _head_values, mutates_args=())
+
+
 def _fake_results(key: str, logits: torch.Tensor, dense: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Shapes of (values, student argmax, teacher argmaxes), for torch.compile's tracing."""
     rows = logits.shape[0]
     return (
-        logits.new_empty((rows, _kernels(key).terms), dtype=torch.float32),
+        logits.new_empty((rows, _kernels(key).terms + 1), dtype=torch.float32),
         logits.new_empty((rows,), dtype=torch.int64),
         logits.new_empty((len(dense), rows), dtype=torch.int64),
     )
@@ -393,45 +470,22 @@ def _fused_head_fake(key, logits, row_scale, labels, dense, topk_indices, topk_l
     return (torch.empty_like(logits), *_fake_results(key, logits, dense))
 
 
-@torch.library.custom_op("lossgraph::fused_head_inplace", mutates_args=("logits",))
-def fused_head_inplace(
-    key: str,
-    logits: torch.Tensor,
-    row_scale: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    dense: list[torch.Tensor],
-    topk_indices: list[torch.Tensor],
-    topk_logprobs: list[torch.Tensor],
-    scalars: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Like `fused_head`, but the gradient overwrites the logits (one N x V buffer saved)."""
-    return _run_launches(key, logits, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars)
-
-
 @fused_head_inplace.register_fake
 def _fused_head_inplace_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
     return _fake_results(key, logits, dense)
 
 
-@torch.library.custom_op("lossgraph::fused_head_values", mutates_args=())
-def fused_head_values(
-    key: str,
-    logits: torch.Tensor,
-    row_scale: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    dense: list[torch.Tensor],
-    topk_indices: list[torch.Tensor],
-    topk_logprobs: list[torch.Tensor],
-    scalars: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Like `fused_head` for kernels that write no gradient (`key` from kernel_key(..., gradient=False)):
-    the values and argmaxes only, and nothing N x V allocated or written."""
-    return _run_launches(key, logits, None, row_scale, labels, dense, topk_indices, topk_logprobs, scalars)
-
-
 @fused_head_values.register_fake
 def _fused_head_values_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
     return _fake_results(key, logits, dense)
+
+
+_EAGER = {fused_head: _head, fused_head_inplace: _head_inplace, fused_head_values: _head_values}
+
+
+def _dispatch(op, *arguments):
+    """`op` inside torch.compile; its implementation, called directly, in eager mode."""
+    return op(*arguments) if torch.compiler.is_compiling() else _EAGER[op](*arguments)
 
 
 def _active_terms(steps) -> tuple[bool, ...]:
@@ -473,11 +527,17 @@ def fused_rows(
     None) and the logits are left as they are."""
     logits = batch.logits
     key = kernel_key(token, head.plan.name, _active_terms(steps), gradient)
-    # what the kernel multiplies dl/ds by: weight x scale x ds/dz (= 1/T)
-    weights = [step.weight * step.scale / step.temperature for step in steps]
-    scalars = torch.tensor([*head.inverse_temperatures(steps), *weights], dtype=torch.float64)
+    # what the kernel multiplies dl/ds by: weight x scale x ds/dz (= 1/T); each value's scale; each
+    # term's weight in the loss
+    numbers = [
+        *head.inverse_temperatures(steps),
+        *(step.weight * step.scale / step.temperature for step in steps),
+        *(step.scale for step in steps),
+        *(step.weight for step in steps),
+    ]
+    scalars = torch.tensor(numbers, dtype=torch.float64)
     row_weight = batch.row_weight()  # the mask, times per-position weights where given
-    inverse_normalizer = 1.0 / batch.normalizer
+    inverse_normalizer = batch.normalizer.reciprocal()
     row_scale = row_weight if fold else row_weight * inverse_normalizer
     topk = [batch.topk[name] for name in head.topk]
     arguments = (
@@ -504,21 +564,20 @@ def fused_rows(
             grad = rows if in_place else torch.empty_like(rows)
         values, prediction, teacher_predictions = _run_launches(key, rows, grad, *arguments, shard=batch.shard)
     elif not gradient:
-        values, prediction, teacher_predictions = fused_head_values(key, rows, *arguments)
+        values, prediction, teacher_predictions = _dispatch(fused_head_values, key, rows, *arguments)
     elif in_place:
         grad = rows
-        values, prediction, teacher_predictions = fused_head_inplace(key, grad, *arguments)
+        values, prediction, teacher_predictions = _dispatch(fused_head_inplace, key, grad, *arguments)
     else:
-        grad, values, prediction, teacher_predictions = fused_head(key, rows, *arguments)
-    sums = (values * row_weight[:, None]).sum(0) * inverse_normalizer
-    scaled = torch.stack([sums[t] * step.scale for t, step in enumerate(steps)])
-    per_token = values  # the kernels write 0 for masked rows
-    if any(step.scale != 1.0 for step in steps):
-        per_token = torch.stack([values[:, t] * step.scale for t, step in enumerate(steps)], dim=1)
+        grad, values, prediction, teacher_predictions = _dispatch(fused_head, key, rows, *arguments)
+    # each term's rows and the rows' loss, weighted and divided by the normalizer, in one product (the
+    # kernels write 0 for masked rows)
+    sums = row_scale @ values if not fold else (row_weight @ values) * inverse_normalizer
+    scaled, loss, per_token = sums[:-1], sums[-1], values[:, :-1]
     teachers = {name: teacher_predictions[index] for index, name in enumerate(head.dense)}
     for name, value in zip(head.topk, topk):
         best = value.logprobs.argmax(-1, keepdim=True)
         teachers[name] = value.indices.gather(1, best).squeeze(1).long()
     return ChunkResult(
-        grad, scaled, prediction, teachers, in_place, inverse_normalizer if fold else None, per_token.detach()
+        grad, scaled, prediction, teachers, in_place, inverse_normalizer if fold else None, per_token.detach(), loss
     )

@@ -250,7 +250,7 @@ def _normalizer(
     if plan.normalization == "batch":
         return torch.full((), float(max(positions, 1)), dtype=torch.float32, device=count.device)
     if num_items is None:  # the token total; 1 when it is 0 (every term is then 0 anyway)
-        return torch.where(count > 0, count, 1.0).to(torch.float32)
+        return count.clamp(min=1).to(torch.float32)
     value = num_items
     if isinstance(num_items, Mapping):
         bound = [h.name for h in plan.heads if h.terms]
@@ -451,17 +451,22 @@ def prepare_batches(
                 f"head {head.name!r} has offset {head.offset}: its labels are shifted along the sequence, "
                 "so pass [B, S, V] logits and [B, S] labels"
             )
-        valid = torch.ones(layout.lead, dtype=torch.bool, device=layout.device)
+        conditions = []  # what a position needs to take loss; each a [B, S] or [N] bool tensor
         if sequence and head.offset > 1:
-            valid = _shift(valid, head.offset, False)
+            conditions.append(
+                _shift(torch.ones(layout.lead, dtype=torch.bool, device=layout.device), head.offset, False)
+            )
             if document_ids is not None:
-                valid &= _shift(document_ids, head.offset, 0) == document_ids
+                conditions.append(_shift(document_ids, head.offset, 0) == document_ids)
         head_labels = None
         if labels is not None:
             head_labels = _shift(labels, head.offset, plan.labels.ignore_index) if sequence else labels
-            valid &= head_labels != plan.labels.ignore_index
+            conditions.append(head_labels != plan.labels.ignore_index)
         if loss_mask is not None:
-            valid &= _shift(loss_mask, head.offset, False) if sequence else loss_mask
+            conditions.append(_shift(loss_mask, head.offset, False) if sequence else loss_mask)
+        valid = conditions[0] if conditions else torch.ones(layout.lead, dtype=torch.bool, device=layout.device)
+        for condition in conditions[1:]:
+            valid = valid & condition
         mask = valid.reshape(-1)
         head_weight = None
         if weights is not None:
