@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from . import names
-from .fragments import FIRST_READ, STREAMED, TargetFragments, Vectors
+from .fragments import FIRST_READ, STREAMED, LinearGradient, TargetFragments, Vectors
 from .layout import effective, kernel_layout
 from .signature import KernelSpec, KernelTerm, KTopK, dense_teachers
 
@@ -920,11 +920,21 @@ class KernelGenerator:
                 src(f"{names.value(t)} = {names.value(t)} * LN2  # summed in bits")
 
     def terms_in_last_pass(self) -> None:
+        linear: dict[str, list[str]] = {}  # vector -> its coefficients over the terms, times their weights
+        at_label: list[str] = []
         for t, term in enumerate(self.spec.terms):
-            self.term_in_last_pass(t, term)
+            self.term_in_last_pass(t, term, linear, at_label)
+        if linear or at_label:
+            self.comment("the terms' gradients that are sums of vectors, each vector's coefficients added up")
+        for vector, coefficients in linear.items():
+            self.src(f"g += ({' + '.join(coefficients)}) * {vector}")
+        label = self.onehot() if at_label else "False"
+        if label != "False":
+            self.src(f"g += tl.where({label}, {' + '.join(at_label)}, 0.0)")
 
-    def term_in_last_pass(self, t: int, term: KernelTerm) -> None:
-        """The term's streamed value (if it streams) and its gradient (if it is active)."""
+    def term_in_last_pass(self, t: int, term: KernelTerm, linear: dict[str, list[str]], at_label: list[str]) -> None:
+        """The term's streamed value (if it streams) and its gradient (if it is active); a gradient that
+        is a `LinearGradient` goes into `linear` and `at_label` (see `terms_in_last_pass`)."""
         src = self.src
         weight = names.gradient_weight(t)
         if isinstance(term.target, KTopK):
@@ -937,9 +947,17 @@ class KernelGenerator:
             self.term_header(t, term, *(["value"] if streams else []), *(["gradient"] if term.active else []))
         if streams:
             self.add_to_lanes(names.value(t), term.loss.streamed_value(self, t, term))
-        if term.active:
+        if not term.active:
+            return
+        gradient = term.loss.gradient(self, t, term)
+        if isinstance(gradient, LinearGradient):
+            for coefficient, vector in gradient.parts:
+                linear.setdefault(vector, []).append(f"{weight} * {coefficient}")
+            if gradient.at_label is not None:
+                at_label.append(f"{weight} * {gradient.at_label}")
+        else:
             # the gradient is a product or parenthesized: the weight's factors fold into one per row
-            src(f"g += {weight} * {term.loss.gradient(self, t, term)}")
+            src(f"g += {weight} * {gradient}")
 
     def scatter_topk(self) -> None:
         src = self.src

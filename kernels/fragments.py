@@ -116,6 +116,20 @@ class BucketForm:
     tail_factor: str = ""
 
 
+@dataclass(frozen=True)
+class LinearGradient:
+    """dl/ds_j as a sum of per-row scalars times tile vectors, for `LossFragments.gradient`.
+
+    `parts` are (coefficient, vector) pairs: dl/ds_j = sum coefficient x vector_j. `at_label` is a
+    coefficient added at the label's column only. The generator adds up the coefficients of one vector
+    over every term of the launch (CE, forward KL and z-loss all share the student's q), so each
+    distinct vector costs one multiply-add per element, and the label's part is paid on one tile only.
+    """
+
+    parts: tuple[tuple[str, str], ...]
+    at_label: str | None = None
+
+
 class LossFragments:
     """Kernel code of one loss kind. Subclass it and override what the kind needs; the defaults
     describe a kind with no kernel form, so that a missing piece fails at generation with the kind's
@@ -169,8 +183,8 @@ class LossFragments:
         """STREAMED: the per-element summand of the term's value, summed in the last read."""
         raise NotImplementedError(f"{self.name}: no streamed value")
 
-    def gradient(self, k: TileWriter, t: int, term: KernelTerm) -> str:
-        """dl/ds_j at the tile's columns."""
+    def gradient(self, k: TileWriter, t: int, term: KernelTerm) -> str | LinearGradient:
+        """dl/ds_j at the tile's columns: an expression, or a `LinearGradient` where it is one."""
         raise NotImplementedError(f"{self.name}: no gradient on a dense target")
 
     # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ...kernels import names
-from ...kernels.fragments import FIRST_READ, STREAMED, BucketForm, LossFragments, Vectors
+from ...kernels.fragments import FIRST_READ, STREAMED, BucketForm, LinearGradient, LossFragments, Vectors
 from ...spec.nodes import TargetLoss
 from ..loss import LossKind
 from ..math import soft_cross_entropy
@@ -50,8 +50,8 @@ class CrossEntropyFragments(LossFragments):
     def gradient(self, k, t, term):
         q = k.q(term.slot)
         if isinstance(term.target, KLabels):
-            return f"({q} - tl.where({k.onehot()}, 1.0, 0.0))"
-        return f"({q} - {k.p(term.target, term.slot)})"
+            return LinearGradient((("1.0", q),), at_label="-1.0")
+        return LinearGradient((("1.0", q), ("-1.0", k.p(term.target, term.slot))))
 
     def vector(self, k, t, term, v: Vectors):
         k.emit(f"val{t} = tl.sum(tl.where({v.p} > 0, -{v.p} * {v.log_q}, 0.0), 0)")

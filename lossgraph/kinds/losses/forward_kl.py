@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ...kernels.fragments import STREAMED, BucketForm, LossFragments, Vectors
+from ...kernels.fragments import STREAMED, BucketForm, LinearGradient, LossFragments, Vectors
 from ...spec.nodes import TargetLoss
 from ..loss import LossKind
 from ..math import relative_entropy
@@ -41,7 +41,7 @@ class ForwardKLFragments(LossFragments):
         return f"{p} * tl.where({p} > 0, {log2_p} - {k.log2_q(s)}, 0.0)"
 
     def gradient(self, k, t, term):
-        return f"({k.q(term.slot)} - {k.p(term.target, term.slot)})"
+        return LinearGradient((("1.0", k.q(term.slot)), ("-1.0", k.p(term.target, term.slot))))
 
     def vector(self, k, t, term, v: Vectors):
         k.emit(f"val{t} = tl.sum(tl.where({v.p} > 0, {v.p} * ({v.log_p} - {v.log_q}), 0.0), 0)")

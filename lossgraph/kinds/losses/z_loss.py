@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ...kernels import names
-from ...kernels.fragments import FIRST_READ, LossFragments
+from ...kernels.fragments import FIRST_READ, LinearGradient, LossFragments
 from ...spec.nodes import LossNode
 from ..loss import LossKind
 
@@ -33,7 +33,7 @@ class ZLossFragments(LossFragments):
         return f"{lse} * {lse}"
 
     def gradient(self, k, t, term):
-        return f"2.0 * {names.student_lse(term.slot)} * {k.q(term.slot)}"
+        return LinearGradient(((f"2.0 * {names.student_lse(term.slot)}", k.q(term.slot)),))
 
 
 class ZLossKind(LossKind):
