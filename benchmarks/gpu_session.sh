@@ -7,10 +7,12 @@
 # 2. the whole test suite on the GPU (no interpreter), every failure with a short traceback,
 #    in parallel where pytest-xdist is installed, within TESTS_S seconds;                   $OUT/tests.log
 # 3. examples/distributed_train.py under torchrun, one process on one GPU (NCCL);          $OUT/example.txt
-#    and the host time of one call (benchmarks/host_overhead.py);                           $OUT/host.txt
+#    the host time of one call (benchmarks/host_overhead.py);                               $OUT/host.txt
 # 4. lossgraph bench, each case in a process of its own with a share of the time left (a case that runs
 #    out keeps the columns it measured: torch.compile, the slowest to build, goes last);
-#    $OUT/bench.json (every case, merged) and $OUT/bench.txt (the tables and the docs' summary table).
+#    $OUT/bench.json (every case, merged) and $OUT/bench.txt (the tables and the docs' summary table);
+# 5. where case e's time goes, phase by phase and per chunk size (benchmarks/linear_breakdown.py), in the
+#    LINEAR_S seconds (default 45) the benchmark leaves;                                   $OUT/linear.txt
 #
 # Everything is bounded by BUDGET_S (default 530 s), inside the call's limit. Knobs for a dry run on a
 # CPU (no GPU needed): INSTALL=0 PYTHON=.venv/bin/python TEST_ARGS="tests/test_bench.py" CASES="a e"
@@ -20,6 +22,7 @@ OUT="${OUT:-bench-results}"
 PYTHON="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-530}"
 TESTS_S="${TESTS_S:-210}"
+LINEAR_S="${LINEAR_S:-45}"
 TEST_ARGS="${TEST_ARGS:-tests}"
 CASES="${CASES:-a b c d e}"
 BENCH_ARGS="${BENCH_ARGS:---repeats 10 --warmup 1}"
@@ -69,7 +72,7 @@ parts="$(mktemp -d)"
 set -- $CASES
 : >"$OUT/bench.txt"
 while [ $# -gt 0 ]; do
-    slot=$(( ($(left) - 15) / $# ))
+    slot=$(( ($(left) - 15 - LINEAR_S) / $# ))
     if [ "$slot" -lt 20 ]; then
         echo "case $1: skipped, ${slot}s left for it" | tee -a "$OUT/bench.txt"
     else
@@ -81,4 +84,13 @@ while [ $# -gt 0 ]; do
     shift
 done
 "$PYTHON" benchmarks/merge_bench.py "$OUT/bench.json" "$parts"/*.json | tee -a "$OUT/bench.txt"
+
+# 5. where case e's time goes, in the time the benchmark left (LINEAR_S of it reserved)
+if [ "$(left)" -gt 30 ]; then
+    timeout -k 5 $(( $(left) - 10 )) "$PYTHON" benchmarks/linear_breakdown.py --json "$OUT/linear.json" \
+        >"$OUT/linear.txt" 2>&1
+    echo "linear breakdown: exit $? after ${SECONDS}s" | tee -a "$OUT/linear.txt"
+else
+    echo "linear breakdown: skipped, $(left)s left" | tee "$OUT/linear.txt"
+fi
 echo "session: ${SECONDS}s"

@@ -128,3 +128,26 @@ def test_the_host_overhead_benchmark_refuses_a_cpu_run_through_compiled_kernels(
         env={key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"},
     )
     assert result.returncode == 2 and "TRITON_INTERPRET=1" in result.stdout
+
+
+def test_the_fused_linear_breakdown_runs_on_the_cpu(tmp_path):
+    """benchmarks/linear_breakdown.py's plumbing on tiny sizes (the reference loss; no GPU numbers)."""
+    out = tmp_path / "linear.json"
+    arguments = "--device cpu --tokens 64 --vocab 256 --hidden 32 --repeats 1 --chunks 16,64".split()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "linear_breakdown.py"), *arguments, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["phases_ms"]) == {
+        "student logits (matmul)",
+        "teacher logits (matmul)",
+        "loss kernel (loss + logits gradient)",
+        "hidden gradient (matmul)",
+        "weight gradient (addmm into V x H)",
+    }
+    assert [entry["chunk"] for entry in report["sweep"]] == [16, 64]
+    assert "sum of the phases" in result.stdout and "chunk rows" in result.stdout
