@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import lossgraph
+from lossgraph.apps.bench import time_step
 from lossgraph.compiler.fusion import chunk_rows
 from lossgraph.runtime.inputs import Linear
 
@@ -44,29 +42,6 @@ def graph_text(vocab: int, head: str) -> str:
         "losses: {lm: {type: cross_entropy, heads: [next], target: labels},\n"
         "         kd: {type: forward_kl, heads: [next], target: teacher}}\n"
     )
-
-
-def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of `step()` over `repeats` runs, after one warm-up run."""
-
-    def median(step: Callable[[], object]) -> float:
-        step()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                stop.record()
-                stop.synchronize()
-                times.append(start.elapsed_time(stop))
-            else:
-                begin = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - begin) * 1e3)
-        return statistics.median(times)
-
-    return median
 
 
 def main() -> int:
@@ -94,7 +69,11 @@ def main() -> int:
     states, weight = tensor(tokens, hidden), tensor(vocab, hidden, scale=hidden**-0.5)
     teacher_states, teacher_weight = tensor(tokens, hidden), tensor(vocab, hidden, scale=hidden**-0.5)
     labels = torch.randint(0, vocab, (tokens,), generator=generator).to(device)
-    median = timer(device, args.repeats)
+
+    def median(step) -> float:
+        """Median milliseconds of `step()` over --repeats runs, after one warm-up run."""
+        return time_step(step, device, repeats=args.repeats, warmup=1)[0]
+
     chunk = min(tokens, chunk_rows(vocab, [vocab], states.element_size()))
     starts = range(0, tokens, chunk)
     report: dict[str, object] = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "chunk": chunk}

@@ -20,7 +20,7 @@ import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -296,15 +296,15 @@ def _run_launches(
     inverse_temperatures, per_term = numbers[: kernels.slots], numbers[kernels.slots :]
     terms = kernels.terms
     head_numbers = TermNumbers(per_term[:terms], per_term[terms : 2 * terms], per_term[2 * terms :])
-    arguments = (logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures)
+    head = _HeadInputs(logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures)
     if kernels.identity:  # one launch holding every term and teacher in the head's order: its outputs are the head's
-        return _launch(kernels.launches[0], *arguments, head_numbers, shard)
+        return _launch(kernels.launches[0], head, grad, head_numbers, shard)
     rows = logits.shape[0]
     values = torch.zeros((rows, terms + 1), dtype=torch.float32, device=logits.device)
     prediction = torch.zeros(rows, dtype=torch.int64, device=logits.device)
     teacher_predictions = torch.zeros((len(dense), rows), dtype=torch.int64, device=logits.device)
     for binding in kernels.launches:
-        launch_values, launch_prediction, launch_teachers = _launch(binding, *arguments, head_numbers, shard)
+        launch_values, launch_prediction, launch_teachers = _launch(binding, head, grad, head_numbers, shard)
         for column, term in enumerate(binding.terms):  # slices: a list index would sync with the GPU
             values[:, term] = launch_values[:, column]
         values[:, terms] += launch_values[:, len(binding.terms)]  # each launch's share of the row's loss
@@ -314,23 +314,34 @@ def _run_launches(
     return values, prediction, teacher_predictions
 
 
+class _HeadInputs(NamedTuple):
+    """What the fused op received for a head, for its launches to take their parts of."""
+
+    logits: torch.Tensor
+    row_scale: torch.Tensor
+    labels: Optional[torch.Tensor]
+    dense: list[torch.Tensor]
+    topk_indices: list[torch.Tensor]
+    topk_logprobs: list[torch.Tensor]
+    inverse_temperatures: list[float]
+
+
 def _launch(
     binding: LaunchBinding,
-    logits: torch.Tensor,
+    head: _HeadInputs,
     grad: Optional[torch.Tensor],
-    row_scale: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    dense: list[torch.Tensor],
-    topk_indices: list[torch.Tensor],
-    topk_logprobs: list[torch.Tensor],
-    inverse_temperatures: list[float],
     head_numbers: TermNumbers,
     shard: VocabShard | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch of a head: its values [N, launch terms + 1] (the last column its share of each row's
     loss), the student argmax [N] and its teachers' argmaxes [launch teachers, N]."""
-    inputs = _launch_inputs(
-        binding, logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures
+    inputs = Inputs(
+        head.logits,
+        head.row_scale,
+        head.labels,
+        [head.dense[i] for i in binding.dense],
+        [(head.topk_indices[i], head.topk_logprobs[i]) for i in binding.topk],
+        head.inverse_temperatures[binding.slots[0] : binding.slots[1]],
     )
     numbers = TermNumbers(
         [head_numbers.gradient[t] for t, term in zip(binding.terms, binding.spec.terms) if term.active],
@@ -340,19 +351,6 @@ def _launch(
     if shard is None:
         return launch(binding.spec, inputs, grad=grad, numbers=numbers)
     return _sliced_launch(binding.spec, inputs, grad, numbers, shard)
-
-
-def _launch_inputs(
-    binding: LaunchBinding, logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures
-) -> Inputs:
-    return Inputs(
-        logits,
-        row_scale,
-        labels,
-        [dense[i] for i in binding.dense],
-        [(topk_indices[i], topk_logprobs[i]) for i in binding.topk],
-        inverse_temperatures[binding.slots[0] : binding.slots[1]],
-    )
 
 
 def _sliced_launch(
