@@ -669,7 +669,9 @@ class KernelGenerator:
             )
         for s, i in layout.cross_moments:
             cross = names.cross_moment(s, i)
-            src(f"{cross} = tl.sum({cross}_lanes * m_s{s}_weights, 0)")
+            # a lane whose weight underflows to 0 holds no mass in float32, even if its sum is infinite
+            # (a banned teacher token): it adds nothing, as an underflowed element adds nothing in a lane
+            src(f"{cross} = tl.sum(tl.where(m_s{s}_weights > 0, {cross}_lanes * m_s{s}_weights, 0.0), 0)")
         offset = " + vocab_start" if self.sliced else ""
         src("best_value, best_index = row_argmax(best_value_lanes, best_start_lanes, z_row, V, BLOCK_V, VEC)")
         if offset:

@@ -41,6 +41,7 @@ class PassCost:
     mufu: float
     barriers_per_tile: int
     shuffles_per_tile: int
+    branches: int  # forward branches inside the loop: 2 where the body is written twice (the test, the jump over)
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,10 @@ def common_path(body: list[Instruction]) -> list[Instruction]:
     """The instructions one trip through a loop body executes on its cheapest path.
 
     A body may branch forward: a tile loop that reads the label is written twice, and only the tile
-    holding the label's column takes the longer copy (`codegen.KernelGenerator.tile_body`). The
-    cheapest path is the one every other tile takes, so it is the per-element cost at scale.
+    holding the label's column takes the longer copy (`codegen.KernelGenerator.tile_body`). That is the
+    only branch the generator writes inside a loop, so the cheapest path is the one every other tile
+    takes, the per-element cost at scale. (A body with other branches would be counted on its
+    cheapest path too, which would under-count it: `PassCost.branches` says how many there are.)
     """
     position = {entry.address: index for index, entry in enumerate(body)}
     best: list[list[Instruction]] = [[] for _ in range(len(body) + 1)]
@@ -220,6 +223,9 @@ def report(spec: KernelSpec, phase: str = "single", vocab: int = 128256, dtype: 
                 mufu=round(sum(op.startswith("MUFU") for op in opcodes) / per_thread, 2),
                 barriers_per_tile=sum(op.startswith("BAR") for op in opcodes),
                 shuffles_per_tile=sum(op.startswith("SHFL") for op in opcodes),
+                branches=sum(
+                    entry.opcode.startswith("BRA") and (_branch_target(entry) or 0) > entry.address for entry in body
+                ),
             )
         )
     return KernelReport(block, warps, registers, spills, shared, occupancy(registers, warps, shared), tuple(passes))

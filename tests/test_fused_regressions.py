@@ -156,3 +156,27 @@ losses: {{kd: {{type: {kind}, heads: [next], target: cached}}}}
     bound = 4e-7 * alpha[:, None] * q[:, stored_columns] / 4
     error = (grad[:, stored_columns].double() - expected[:, stored_columns]).abs()
     assert bool((error <= bound + 1e-6 * scale).all()), float((error - bound).max())
+
+
+def test_reverse_kl_of_a_banned_token_far_below_the_max_is_not_nan():
+    """A teacher that bans a token (logit -inf) where the student's probability underflows in float32:
+    the token holds no student mass the kernel can represent, so it adds nothing, as an underflowed
+    element does within a lane. Before, the lane holding it had an infinite cross sum and a weight that
+    underflowed to 0, and 0 x inf made the reverse KL, the loss and the gradient NaN."""
+    vocab = 128
+    text = (
+        f"version: 1\nvocab_size: {vocab}\nheads: {{next: {{offset: 1}}}}\n"
+        "sources: {labels: {type: labels}, teacher: {type: teacher}}\n"
+        "losses: {lm: {type: cross_entropy, heads: [next], target: labels},\n"
+        "         r: {type: reverse_kl, heads: [next], target: teacher, weight: 0.5}}\n"
+    )
+    logits = torch.zeros(2, vocab, device=DEVICE)
+    logits[:, 0] = 120.0  # one lane holds the max; every other lane's weight exp(-120) is 0 in float32
+    logits.requires_grad_()
+    teacher = torch.zeros(2, vocab, device=DEVICE)
+    teacher[:, 50] = float("-inf")  # banned, in another lane
+    graph = lossgraph.compile(lossgraph.loads(text), backend="triton", check_inputs=False)
+    out = graph({"next": logits}, labels=torch.zeros(2, dtype=torch.long, device=DEVICE), teachers={"teacher": teacher})
+    out.loss.backward()
+    assert not torch.isnan(out.values["r/next"]) and not torch.isnan(out.loss)
+    assert not torch.isnan(logits.grad).any()

@@ -97,6 +97,9 @@ def test_kernel_cost_stays_within_budget(standard_report, launch):
     instructions, mufu, barriers = BUDGETS[launch]
     assert entry["spill_bytes"] == 0, f"{launch} spills {entry['spill_bytes']} bytes per thread"
     assert entry["passes"], f"{launch}: no pass over the row found in the SASS"
+    # a loop branches only on the label's tile (its two copies); any other branch would be counted on its
+    # cheaper side (`common_path`), so it must not pass unnoticed
+    assert all(p["branches"] in (0, 2) for p in entry["passes"]), (launch, entry["passes"])
     assert entry["instructions_per_element"] <= instructions, (launch, entry["instructions_per_element"])
     assert entry["mufu_per_element"] <= mufu, (launch, entry["mufu_per_element"])
     assert sum(p["barriers_per_tile"] for p in entry["passes"]) <= barriers, (launch, entry["passes"])

@@ -71,10 +71,14 @@ def test_per_token_values_add_up_to_the_terms(weighted):
         assert_close(value, expected, rtol=1e-6, atol=1e-7, what=key)
 
 
-def test_weighted_cross_entropy_is_the_weighted_mean_of_the_token_losses():
+@pytest.mark.parametrize("total", [None, 0.5], ids=["weights", "weights-summing-to-half"])
+def test_weighted_cross_entropy_is_the_weighted_mean_of_the_token_losses(total):
+    """Also when the weights add up to less than 1: the mean divides by their sum, whatever it is."""
     spec = lossgraph.loads(graph_yaml("lm: {type: cross_entropy, heads: [next], target: labels}", vocab=VOCAB))
     inputs = make_inputs(spec, (4, 5), seed=2)
     weights = weights_like(inputs.labels)
+    if total is not None:
+        weights = weights * (total / float((weights * (inputs.labels != -100)).sum()))
     inputs.loss_mask = weights
     logits = inputs.logits["next"].clone().requires_grad_()
     out = lossgraph.compile(spec, backend="torch")({"next": logits}, labels=inputs.labels, loss_mask=weights)

@@ -568,9 +568,11 @@ def fused_rows(
         values, prediction, teacher_predictions = _dispatch(fused_head_inplace, key, grad, *arguments)
     else:
         grad, values, prediction, teacher_predictions = _dispatch(fused_head, key, rows, *arguments)
-    # each term's rows and the rows' loss, weighted and divided by the normalizer, in one product (the
-    # kernels write 0 for masked rows)
-    sums = row_scale @ values if not fold else (row_weight @ values) * inverse_normalizer
+    # each term's rows and the rows' loss, weighted and divided by the normalizer (the kernels write 0 for
+    # masked rows); a product and a sum rather than a matrix product, which TF32 settings would round
+    sums = (values * row_scale[:, None]).sum(0)
+    if fold:
+        sums = sums * inverse_normalizer
     scaled, loss, per_token = sums[:-1], sums[-1], values[:, :-1]
     teachers = {name: teacher_predictions[index] for index, name in enumerate(head.dense)}
     for name, value in zip(head.topk, topk):

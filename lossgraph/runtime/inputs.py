@@ -250,7 +250,7 @@ def _normalizer(
     if plan.normalization == "batch":
         return torch.full((), float(max(positions, 1)), dtype=torch.float32, device=count.device)
     if num_items is None:  # the token total; 1 when it is 0 (every term is then 0 anyway)
-        return count.clamp(min=1).to(torch.float32)
+        return torch.where(count > 0, count, 1.0).to(torch.float32)
     value = num_items
     if isinstance(num_items, Mapping):
         bound = [h.name for h in plan.heads if h.terms]
