@@ -211,9 +211,6 @@ class KernelGenerator:
     def topk_width(self, i: int) -> int:
         return next_power_of_two(self.spec.topk[i])
 
-    def global_offs(self) -> str:
-        return "(vocab_start + offs)" if self.sliced else "offs"
-
     # ----------------------------------------------------------------------------------------------
     # Tile expressions (cached per loop body).
     # ----------------------------------------------------------------------------------------------
