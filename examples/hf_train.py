@@ -67,8 +67,11 @@ def student_model(seed: int = 0) -> LlamaForCausalLM:
 
 def online_teacher(seed: int = 1) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=LENGTH)
-    config.bos_token_id = config.eos_token_id = 0
+    # GPT-2's default bos and eos ids (50256) lie outside this vocab, and the config checks them as it is
+    # built (a warning each): give ids inside it here, not after
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=LENGTH, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config)
 
 
