@@ -10,6 +10,8 @@ command line end to end and the edges of each limit.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -40,6 +42,10 @@ HOSTILE_FILES = {
     "dedented_key.yaml": (14, 4, "YAML syntax error: this line is indented 3 spaces, but line 13 above"),
     "dedented_schedule_key.yaml": (17, 6, "YAML syntax error: this line is indented 5 spaces, but line 16 above"),
 }
+
+# What `lossgraph validate` may take on a hostile file, start-up included (it needs about 0.4 s and 60 MB).
+CLI_SECONDS = 2.0
+CLI_ADDRESS_SPACE = 200 * 1024 * 1024
 
 HEADER = "version: 1\nvocab_size: 32000\nheads: {next: {offset: 1}}\n"
 Z_LOSS = "losses: {z: {type: z_loss, heads: [next]}}\n"
@@ -74,6 +80,29 @@ def test_validate_reports_the_located_problem(cli, name: str):
     assert result.exit_code == 1, result.output
     assert result.stdout.splitlines()[0].startswith(f"{path}:{line}:{column}: {message}"), result.output
     assert TRACEBACK not in result.output
+
+
+def validate_bounded(path: str | Path) -> subprocess.CompletedProcess:
+    """`lossgraph validate PATH` in a real process whose address space is capped at 200 MB (past it,
+    Python raises MemoryError: a traceback); checks the time it took and that it printed no traceback."""
+
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (CLI_ADDRESS_SPACE, CLI_ADDRESS_SPACE))
+
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "lossgraph", "validate", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,  # a file that blocks fails here, not in the CI job's own limit
+        preexec_fn=cap_memory,
+    )
+    seconds = time.perf_counter() - started
+    assert TRACEBACK not in result.stdout + result.stderr, result.stderr
+    assert seconds < CLI_SECONDS, f"{seconds:.2f} s"
+    return result
 
 
 def test_validate_in_a_real_process_prints_no_traceback():
@@ -221,10 +250,46 @@ def test_invalid_utf8_is_unreadable_with_its_position(cli, tmp_path: Path):
     assert TRACEBACK not in result.output
 
 
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda tmp: Path("/dev/zero"), "a character device"),
+        (lambda tmp: Path("/dev/urandom"), "a character device"),
+        (lambda tmp: (tmp / "fifo.yaml", os.mkfifo(tmp / "fifo.yaml"))[0], "a FIFO (named pipe)"),
+    ],
+    ids=["dev-zero", "dev-urandom", "fifo-without-writer"],
+)
+def test_special_files_are_refused_before_they_are_read(tmp_path: Path, make, kind: str):
+    # /dev/zero used to grow to 1.9 GB and end in MemoryError; a FIFO without a writer blocked forever.
+    path = make(tmp_path)
+    result = validate_bounded(path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: {path}: is {kind}, not a regular file; give the path of a loss-graph YAML file\n"
+
+
+def test_a_huge_sparse_file_is_refused_without_being_read_whole(tmp_path: Path):
+    # 1 GiB of NUL bytes that take no disk: reading it whole took 1.08 GB.
+    path = tmp_path / "sparse.yaml"
+    with path.open("wb") as file:
+        file.truncate(1 << 30)
+    result = validate_bounded(path)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith(f"{path}:1:1: the document has more than the 262144 characters"), result.stdout
+
+
+def test_a_file_is_read_up_to_the_character_limit_whatever_its_characters(tmp_path: Path):
+    path = tmp_path / "wide.yaml"
+    wide = "\U0001f600"  # 4 bytes of UTF-8, the most a character takes
+    path.write_text(wide * loader.MAX_DOCUMENT_CHARS, encoding="utf-8")
+    assert loader.read_text(path) == wide * loader.MAX_DOCUMENT_CHARS  # within the limit: read whole
+    path.write_text("x" + wide * loader.MAX_DOCUMENT_CHARS, encoding="utf-8")  # cut inside a character
+    assert len(loader.read_text(path)) == loader.MAX_DOCUMENT_CHARS + 1  # enough for parse_yaml to refuse
+
+
 def test_documents_larger_than_the_limit_are_refused():
     text = HEADER + Z_LOSS + "# padding\n" * (loader.MAX_DOCUMENT_CHARS // 10)
     diagnostic = only_error(text)
-    assert diagnostic.message.startswith(f"the document has {len(text)} characters, more than the 262144")
+    assert diagnostic.message.startswith("the document has more than the 262144 characters a loss graph may have")
     assert diagnostic.line == text.count("\n", 0, loader.MAX_DOCUMENT_CHARS) + 1
 
 

@@ -12,8 +12,11 @@ and every failure of PyYAML (bad characters, bad tags, bad scalars) becomes a lo
 
 from __future__ import annotations
 
+import codecs
 import itertools
+import os
 import re
+import stat
 import types
 import typing
 from collections import Counter
@@ -39,6 +42,9 @@ MAX_ALIAS_VALUES = 10_000
 MAX_NUMBER_CHARS = 100
 # A loss graph is a few kilobytes; pure-Python parsing takes about a second per 100 KB on a slow core.
 MAX_DOCUMENT_CHARS = 256 * 1024
+# A character takes at most 4 bytes of UTF-8, so this many bytes of a longer file decode to more than
+# MAX_DOCUMENT_CHARS characters even when the last one is cut: `read_text` reads no more.
+_MAX_READ_BYTES = 4 * (MAX_DOCUMENT_CHARS + 1)
 # Values (scalars, lists and mappings) in a document as written. A loss graph has a few hundred; composing
 # takes about 80 microseconds per value, so the bound keeps any document well under a second.
 MAX_NODES = 10_000
@@ -279,7 +285,8 @@ def parse_yaml(text: str, file: str | None = None) -> ParsedDocument:
     source_map = SourceMap(file=file)
     if len(text) > MAX_DOCUMENT_CHARS:
         line = text.count("\n", 0, MAX_DOCUMENT_CHARS) + 1
-        message = f"the document has {len(text)} characters, more than the {MAX_DOCUMENT_CHARS} a loss graph may have"
+        # No count: a file is read only up to the limit (see `read_text`), so its length is not known.
+        message = f"the document has more than the {MAX_DOCUMENT_CHARS} characters a loss graph may have"
         raise ConfigError([Diagnostic("error", "", f"{message} (the limit is crossed on this line)", file, line, 1)])
     loader: _YamlLoader | None = None
     try:
@@ -515,14 +522,34 @@ def _sibling(lines: list[str], number: int, indent: int) -> int | None:
 
 
 def read_text(path: str | FilePath) -> str:
-    """Read a loss-graph file, turning OS and encoding failures into `SourceFileError`."""
+    """Read a loss-graph file, turning OS and encoding failures into `SourceFileError`.
+
+    Only a regular file is read, and only as much of it as can hold `MAX_DOCUMENT_CHARS` characters
+    and one more: a device (/dev/zero), a FIFO without a writer or a huge sparse file must neither
+    block nor fill the memory. A longer file comes back cut, still too long, for `parse_yaml` to refuse.
+    """
     try:
-        data = FilePath(path).read_bytes()
-        return data.decode("utf-8")
+        # Non-blocking, so that opening a FIFO without a writer returns at once (to be refused below);
+        # reads of a regular file are not affected.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise SourceFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SourceFileError(f"{path}: is a directory, not a loss-graph file") from None
+    except OSError as exc:
+        raise SourceFileError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISREG(mode):
+            with os.fdopen(descriptor, "rb", closefd=False) as handle:
+                data = handle.read(_MAX_READ_BYTES)
+    except OSError as exc:
+        raise SourceFileError(f"{path}: cannot be read ({exc.strerror})") from None
+    finally:
+        os.close(descriptor)
+    if not stat.S_ISREG(mode):
+        raise SourceFileError(_not_a_regular_file(path, mode))
+    try:
+        # Strict, but a character cut at the end of a cut file is left out rather than an error.
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=len(data) < _MAX_READ_BYTES)
     except UnicodeDecodeError as exc:
         line_start = data.rfind(b"\n", 0, exc.start) + 1
         line = data.count(b"\n", 0, exc.start) + 1
@@ -530,8 +557,20 @@ def read_text(path: str | FilePath) -> str:
         raise SourceFileError(
             f"{path}:{line}:{column}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
         ) from None
-    except OSError as exc:
-        raise SourceFileError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def _not_a_regular_file(path: str | FilePath, mode: int) -> str:
+    """Why a directory, a device, a FIFO or a socket is not read, in words."""
+    if stat.S_ISDIR(mode):
+        return f"{path}: is a directory, not a loss-graph file"
+    kinds = {
+        stat.S_ISFIFO: "a FIFO (named pipe)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
+    return f"{path}: is {kind}, not a regular file; give the path of a loss-graph YAML file"
 
 
 # --------------------------------------------------------------------------------------------------
