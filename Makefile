@@ -1,14 +1,17 @@
 # Everything installs into .venv from nothing: `make demo` (the main job), `make test`, `make lint`.
+# It installs the versions the suite last passed with: constraints.txt (held by hand) and
+# constraints-lock.txt (every other package, written by `make lock`).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EXTRAS := .[dev,demo,transformers]
 
-.PHONY: demo test test-floor lint schema fuzz clean
+.PHONY: demo test test-floor test-latest lock lint schema fuzz clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt constraints-lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,demo,transformers]'
+	$(BIN)/pip install -q -c constraints.txt -c constraints-lock.txt -e '$(EXTRAS)'
 	touch $(STAMP)
 
 # DEMO_ARGS passes options through, e.g. make demo DEMO_ARGS="--steps 50 --out /tmp/demo"
@@ -35,6 +38,30 @@ $(FLOOR_STAMP): pyproject.toml constraints-floor.txt
 test-floor: $(FLOOR_STAMP)
 	TRITON_INTERPRET=1 $(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" $(FLOOR_TESTS) -k "$(FLOOR_SELECT)"
 
+# The newest release of every package but those constraints.txt holds, in .venv-latest, as a user's fresh
+# install gets them: a weekly job (not in .ci/run), so that a new release that breaks lossgraph shows up
+# here before a user meets it.
+LATEST_VENV ?= .venv-latest
+
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --no-cache-dir -c constraints.txt -e '$(EXTRAS)'
+	TRITON_INTERPRET=1 $(LATEST_VENV)/bin/python -m pytest -q
+	touch $(LATEST_VENV)/.passed
+
+# After test-latest passed: pin what it installed, so `make test` and CI install exactly that.
+lock: $(LATEST_VENV)/.passed
+	{ echo "# Written by \`make lock\` after \`make test-latest\` passed on Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $$(date -u +%Y-%m-%d)."; \
+	  echo "# \`make test\` and CI install these versions; constraints.txt holds torch, triton and numpy by hand."; \
+	  echo "# The marker leaves Python 3.10 free: most of these releases need 3.11 or newer."; \
+	  $(LATEST_VENV)/bin/pip freeze --exclude-editable | grep -viE '^(torch|triton|numpy)==' \
+	    | sed 's/$$/; python_version >= "3.11"/'; } > constraints-lock.txt
+
+$(LATEST_VENV)/.passed:
+	@echo "make lock pins what make test-latest installed once its suite passed: run make test-latest first" >&2
+	@exit 1
+
 lint: $(STAMP)
 	$(BIN)/ruff check lossgraph kernels tests benchmarks examples
 	$(BIN)/ruff format --check lossgraph kernels tests benchmarks examples
@@ -52,4 +79,4 @@ fuzz: $(STAMP)
 	GRAPH_FUZZ_EXAMPLES=$(GRAPH_FUZZ_EXAMPLES) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_fuzz_graphs.py
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) $(LATEST_VENV) *.egg-info .pytest_cache .ruff_cache
