@@ -7,6 +7,7 @@ as a top-level package whenever the repository root is on `sys.path`, as under `
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import subprocess
@@ -69,3 +70,18 @@ def test_transformers_imports_from_the_repository_root():
     assert found.returncode == 0, found.stderr
     # Hugging Face's package where transformers imported it, never this folder
     assert found.stdout.strip() != str(ROOT / "kernels" / "__init__.py")
+
+
+def test_no_code_of_the_project_imports_the_top_level_name():
+    importers = []
+    for folder in ("lossgraph", "kernels", "tests", "benchmarks", "examples"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                if any(name == "kernels" or name.startswith("kernels.") for name in names):
+                    importers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not importers, f"import lossgraph.kernels instead of kernels: {importers}"
