@@ -6,8 +6,10 @@
   the weights, `values` before them), and metrics.csv holds every one of them.
 - A run shorter than the display's refresh still shows the latest loss of every node; the verdict's
   sign is the sign of the change.
-- Bad graphs fail cleanly (exit 1, a located message, no traceback); a graph without teachers trains
-  one student and no baseline; `without_teachers` strips exactly the teacher's nodes and sources.
+- Bad graphs fail cleanly (exit 1, a located message, no traceback); the tutorial's graph without a
+  teacher trains one student, no baseline, and nothing the demo prints or writes (tables, metrics,
+  summary, plots) calls it distilled or names a teacher; `without_teachers` strips exactly the
+  teacher's nodes and sources.
 - The demo's packaged graph is examples/mtp_distill.yaml, byte for byte.
 - The tutorial's ```python blocks run in order in one namespace, in a directory holding the files its
   ```bash blocks create and the demo's output; the tutorial and docs/cli.md name every summary field.
@@ -55,6 +57,53 @@ def graph_variant(tmp_path: Path, name: str, source: Path, old: str, new: str) -
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def tutorial_file(tmp_path: Path, name: str) -> Path:
+    """The file `name` as docs/tutorial.md's `cat > NAME <<'EOF'` heredoc writes it, in `tmp_path`."""
+    match = re.search(
+        rf"^cat > {re.escape(name)} <<'EOF'\n(.*?)^EOF$", TUTORIAL.read_text(encoding="utf-8"), re.M | re.S
+    )
+    assert match, f"docs/tutorial.md no longer writes {name}; update this test"
+    path = tmp_path / name
+    path.write_text(match.group(1), encoding="utf-8")
+    return path
+
+
+def figure_texts(figure) -> list[str]:
+    """Every text drawn in a figure: titles, labels, legend entries, tick labels."""
+    from matplotlib.text import Text
+
+    return [text.get_text() for text in figure.findobj(Text) if text.get_visible() and text.get_text()]
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> dict[str, dict]:
+    """Each figure saved while the test runs, by file name: its texts."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    saved: dict[str, dict] = {}
+    savefig = Figure.savefig
+
+    def record(figure, path, *args, **kwargs):
+        saved[Path(path).name] = {"texts": figure_texts(figure)}
+        return savefig(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return saved
+
+
+def logs_of(rows: list[dict]) -> list:
+    """metrics.jsonl's rows as the demo's RunLogs, phase by phase, for redrawing its plots."""
+    from lossgraph.apps import demo
+
+    logs = []
+    for phase in dict.fromkeys(row["phase"] for row in rows):
+        log = demo.RunLog(phase, [row for row in rows if row["phase"] == phase])
+        log.held_out = [(row["step"] + 1, row["held_out_loss"]) for row in log.rows if "held_out_loss" in row]
+        logs.append(log)
+    return logs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,12 +222,8 @@ def test_demo_plots_compare_terms_before_their_weights(demo_run, monkeypatch):
     from lossgraph.apps import demo
 
     _, out, _ = demo_run
-    rows = read_jsonl(out / "metrics.jsonl")
-    logs = []
-    for phase in PHASES:
-        log = demo.RunLog(phase, [row for row in rows if row["phase"] == phase])
-        log.held_out = [(row["step"] + 1, row["held_out_loss"]) for row in log.rows if "held_out_loss" in row]
-        logs.append(log)
+    logs = logs_of(read_jsonl(out / "metrics.jsonl"))
+    assert [log.phase for log in logs] == PHASES
     drawn: dict[str, dict[str, list]] = {}
     savefig = plt.Figure.savefig
 
@@ -227,7 +272,7 @@ def test_verdict_says_lower_with_a_minus_sign():
     def verdict(student: float, baseline: float) -> str:
         console = Console(record=True, width=200)
         summary = {"student_held_out_loss": student, "baseline_held_out_loss": baseline, "seconds": 1.0}
-        _report(console, summary, [])
+        _report(console, [], summary, [])
         return next(line for line in console.export_text().splitlines() if line.startswith("the teacher"))
 
     assert verdict(1.8216, 1.8959) == (
@@ -274,18 +319,36 @@ def test_demo_needs_byte_vocab(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_graph_without_teachers_has_no_baseline(tmp_path):
+def test_demo_graph_without_teachers_trains_one_student_and_calls_it_so(tmp_path, saved_figures):
+    """The tutorial's lm.yaml: one phase, `student`, everywhere; no "distilled", no teacher, no baseline
+    in what the demo prints or writes."""
     pytest.importorskip("torch")
-    lm = graph_variant(tmp_path, "lm.yaml", ROOT / "examples" / "lm.yaml", "vocab_size: 32000", "vocab_size: 256")
+    lm = tutorial_file(tmp_path, "lm.yaml")
     out = tmp_path / "out"
-    result = invoke("demo", "--graph", lm, "--steps", 5, "--out", out)
+    result = invoke("demo", "--graph", lm, "--steps", 3, "--out", out)
     assert result.exit_code == 0, result.output
+    printed = result.output
+    results = printed[printed.index("held-out next-token loss") :]
+    assert re.search(r"^│ student +│ \d+\.\d{4} │", results, re.MULTILINE), results
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert math.isfinite(summary["student_held_out_loss"])
     assert "baseline_held_out_loss" not in summary and "teacher_held_out_loss" not in summary
     assert list(summary["training_loss"]) == ["student"]
     assert {row["phase"] for row in read_jsonl(out / "metrics.jsonl")} == {"student"}
-    assert "labels only" not in result.output  # no baseline row in the results table
+    with (out / "metrics.csv").open(newline="", encoding="utf-8") as file:
+        assert {row["phase"] for row in csv.DictReader(file)} == {"student"}
+    assert set(saved_figures) == {"loss_lm.png", "loss_z.png", "held_out.png"}
+    plots = {name: " | ".join(figure["texts"]) for name, figure in saved_figures.items()}
+    assert "student" in plots["held_out.png"]
+    written = {
+        "printed": printed,
+        **{name: (out / name).read_text(encoding="utf-8") for name in ("metrics.jsonl", "metrics.csv", "summary.json")},
+        **plots,
+    }
+    for name, text in written.items():
+        text = text.replace(str(tmp_path), "TMP")  # the folder is named after this test, not by the demo
+        for word in ("distill", "teacher", "labels only", "baseline"):
+            assert word not in text.lower(), f"{name} says {word!r} of a graph without a teacher:\n{text}"
 
 
 def test_without_teachers_removes_the_distillation_node_and_the_teacher():

@@ -36,6 +36,12 @@ from ..spec.models import LossGraphSpec
 
 VOCAB = 256  # bytes
 
+# The phases, as every output names them (progress bars, tables, metrics, summary.json, plots).
+TEACHER_PHASE = "teacher"
+DISTILLED_PHASE = "student (distilled)"
+STUDENT_PHASE = "student"  # a graph without a teacher source: nothing is distilled
+BASELINE_PHASE = "student (no teacher)"
+
 
 @dataclass
 class DemoConfig:
@@ -414,13 +420,13 @@ def run_demo(config: DemoConfig, console: Console | None = None, started: float 
     )
 
     teacher = None
-    student_phase = "student (distilled)" if graph.plan.teachers else "student"
+    student_phase = DISTILLED_PHASE if graph.plan.teachers else STUDENT_PHASE
     phases = [(student_phase, config.steps)]
     if graph.plan.teachers:
-        phases.insert(0, ("teacher", config.steps))
+        phases.insert(0, (TEACHER_PHASE, config.steps))
     compare = baseline_spec is not None and bool(graph.plan.teachers)
     if compare:
-        phases.append(("student (no teacher)", config.steps))
+        phases.append((BASELINE_PHASE, config.steps))
     display = _Display(console, phases)
     logs: list[RunLog] = []
     summary: dict = {"graph": str(config.graph or "examples/mtp_distill.yaml"), "steps": config.steps}
@@ -428,7 +434,7 @@ def run_demo(config: DemoConfig, console: Console | None = None, started: float 
         if graph.plan.teachers:
             teacher = TinyLM({"next": 1}, dim=128, layers=3, context=config.context).to(device)
             teacher_graph = compile(loads(_TEACHER_GRAPH, "teacher.yaml"))
-            logs.append(train("teacher", teacher, teacher_graph, windows, config, device, None, display.update))
+            logs.append(train(TEACHER_PHASE, teacher, teacher_graph, windows, config, device, None, display.update))
             teacher.eval().requires_grad_(False)
             summary["teacher_held_out_loss"] = logs[-1].held_out[-1][1]
         # both students start from the same weights and see the same batches: only the teacher differs
@@ -438,9 +444,7 @@ def run_demo(config: DemoConfig, console: Console | None = None, started: float 
         if compare:
             plain = _fresh_student(heads, config, device, windows)
             logs.append(
-                train(
-                    "student (no teacher)", plain, compile(baseline_spec), windows, config, device, None, display.update
-                )
+                train(BASELINE_PHASE, plain, compile(baseline_spec), windows, config, device, None, display.update)
             )
             summary["baseline_held_out_loss"] = logs[-1].held_out[-1][1]
     first = {log.phase: log.rows[0]["loss"] for log in logs}
@@ -449,7 +453,7 @@ def run_demo(config: DemoConfig, console: Console | None = None, started: float 
     summary["seconds"] = time.perf_counter() - started
     written = _write_outputs(config.out, logs, summary)
     console.print()
-    _report(console, summary, written)
+    _report(console, logs, summary, written)
     return summary
 
 
@@ -462,18 +466,15 @@ losses: {lm: {type: cross_entropy, heads: [next], target: labels}}
 """
 
 
-def _report(console: Console, summary: dict, written: list[Path]) -> None:
+def _report(console: Console, logs: list[RunLog], summary: dict, written: list[Path]) -> None:
+    """Each phase's model by its phase's name, with its last held-out loss; what the teacher bought."""
     table = Table(title="held-out next-token loss (nats per byte; lower is better)", title_justify="left")
     table.add_column("model")
     table.add_column("loss", justify="right")
     table.add_column("bits per byte", justify="right")
-    for label, key in (
-        ("teacher", "teacher_held_out_loss"),
-        ("student, distilled", "student_held_out_loss"),
-        ("student, labels only", "baseline_held_out_loss"),
-    ):
-        if key in summary:
-            table.add_row(label, f"{summary[key]:.4f}", f"{summary[key] / math.log(2):.3f}")
+    for log in logs:
+        loss = log.held_out[-1][1]
+        table.add_row(log.phase, f"{loss:.4f}", f"{loss / math.log(2):.3f}")
     console.print(table)
     if "baseline_held_out_loss" in summary:
         change = summary["student_held_out_loss"] - summary["baseline_held_out_loss"]
