@@ -6,6 +6,7 @@
   the weights, `values` before them), and metrics.csv holds every one of them.
 - A run shorter than the display's refresh still shows the latest loss of every node; the verdict's
   sign is the sign of the change.
+- Every figure the demo writes shows its whole title, axis labels, tick labels and legend.
 - Bad graphs fail cleanly (exit 1, a located message, no traceback); the tutorial's graph without a
   teacher trains one student, no baseline, and nothing the demo prints or writes (tables, metrics,
   summary, plots) calls it distilled or names a teacher; `without_teachers` strips exactly the
@@ -70,6 +71,29 @@ def tutorial_file(tmp_path: Path, name: str) -> Path:
     return path
 
 
+def outside_the_figure(figure) -> list[str]:
+    """What of a figure, once drawn, does not lie wholly inside it: its titles, each panel's title, axis
+    labels and legend, and each panel with the tick labels it draws."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    texts = [
+        *figure.texts,
+        *(text for axis in figure.axes for text in (axis.title, axis.xaxis.label, axis.yaxis.label)),
+    ]
+    boxes = [(f"{text.get_text()!r}", text.get_window_extent(renderer)) for text in texts if text.get_text()]
+    for axis in figure.axes:
+        if axis.get_legend() is not None:
+            boxes.append((f"the legend of {axis.get_title()!r}", axis.get_legend().get_window_extent(renderer)))
+        boxes.append((f"panel {axis.get_title()!r} with its tick labels", axis.get_tightbbox(renderer)))
+    frame = figure.bbox
+    size = f"{frame.width:.0f}x{frame.height:.0f}"
+    return [
+        f"{name} spans x {box.x0:.0f}..{box.x1:.0f}, y {box.y0:.0f}..{box.y1:.0f} of the figure's {size}"
+        for name, box in boxes
+        if box.x0 < frame.x0 or box.y0 < frame.y0 or box.x1 > frame.x1 or box.y1 > frame.y1
+    ]
+
+
 def figure_texts(figure) -> list[str]:
     """Every text drawn in a figure: titles, labels, legend entries, tick labels."""
     from matplotlib.text import Text
@@ -79,7 +103,7 @@ def figure_texts(figure) -> list[str]:
 
 @pytest.fixture
 def saved_figures(monkeypatch) -> dict[str, dict]:
-    """Each figure saved while the test runs, by file name: its texts."""
+    """Each figure saved while the test runs, by file name: its texts and what of it lies outside it."""
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
@@ -87,7 +111,7 @@ def saved_figures(monkeypatch) -> dict[str, dict]:
     savefig = Figure.savefig
 
     def record(figure, path, *args, **kwargs):
-        saved[Path(path).name] = {"texts": figure_texts(figure)}
+        saved[Path(path).name] = {"texts": figure_texts(figure), "outside": outside_the_figure(figure)}
         return savefig(figure, path, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", record)
@@ -250,6 +274,35 @@ def test_demo_plots_compare_terms_before_their_weights(demo_run, monkeypatch):
 
 
 @pytest.mark.slow
+def test_demo_figures_show_their_whole_titles_and_legends(demo_run, saved_figures):
+    """The default graph's figures: loss_distill.png's title, wider than its one panel, was cut at both
+    edges."""
+    from lossgraph.apps import demo
+
+    _, out, _ = demo_run
+    written = {path.name for path in demo._plots(out, logs_of(read_jsonl(out / "metrics.jsonl")))}
+    assert written == set(saved_figures) == {"loss_lm.png", "loss_distill.png", "loss_z.png", "held_out.png"}
+    for name, figure in saved_figures.items():
+        assert not figure["outside"], f"{name}: " + "; ".join(figure["outside"])
+
+
+def test_plots_fit_long_names_in_their_figures(tmp_path, saved_figures):
+    """A node with a long name, on one head and on three: the title wraps inside the figure."""
+    pytest.importorskip("torch")
+    from lossgraph.apps import demo
+
+    node = "distillation_from_the_ensemble"
+    heads = {1: ["next"], 3: ["next", "mtp2", "mtp3"]}
+    for count, names in heads.items():
+        rows = [{"step": step, "values": {f"{node}/{head}": 1 / (step + 1) for head in names}} for step in range(20)]
+        log = demo.RunLog("student (distilled)", rows, [(20, 1.0)])
+        demo._plots(tmp_path, [log])
+        figure = saved_figures[f"loss_{node}.png"]
+        assert not figure["outside"], f"{count} head(s): " + "; ".join(figure["outside"])
+    assert not saved_figures["held_out.png"]["outside"]
+
+
+@pytest.mark.slow
 def test_demo_with_few_steps_shows_the_latest_loss_of_every_node(tmp_path):
     """The live table is drawn from the last step, even in a run shorter than its refresh interval."""
     pytest.importorskip("torch")
@@ -321,7 +374,7 @@ def test_demo_needs_byte_vocab(tmp_path):
 @pytest.mark.slow
 def test_demo_graph_without_teachers_trains_one_student_and_calls_it_so(tmp_path, saved_figures):
     """The tutorial's lm.yaml: one phase, `student`, everywhere; no "distilled", no teacher, no baseline
-    in what the demo prints or writes."""
+    in what the demo prints or writes; its figures fit too."""
     pytest.importorskip("torch")
     lm = tutorial_file(tmp_path, "lm.yaml")
     out = tmp_path / "out"
@@ -349,6 +402,8 @@ def test_demo_graph_without_teachers_trains_one_student_and_calls_it_so(tmp_path
         text = text.replace(str(tmp_path), "TMP")  # the folder is named after this test, not by the demo
         for word in ("distill", "teacher", "labels only", "baseline"):
             assert word not in text.lower(), f"{name} says {word!r} of a graph without a teacher:\n{text}"
+    for name, figure in saved_figures.items():
+        assert not figure["outside"], f"{name}: " + "; ".join(figure["outside"])
 
 
 def test_without_teachers_removes_the_distillation_node_and_the_teacher():

@@ -340,7 +340,9 @@ def _plots(out: Path, logs: list[RunLog]) -> list[Path]:
     nodes = list(dict.fromkeys(key.split("/", 1)[0] for key in keys))
     for node in nodes:
         heads = list(dict.fromkeys(key.split("/", 1)[1] for key in keys if key.split("/", 1)[0] == node))
-        figure, axes = plt.subplots(1, len(heads), figsize=(4.5 * len(heads) + 1.5, 3.5), squeeze=False)
+        figure, axes = plt.subplots(
+            1, len(heads), figsize=(4.5 * len(heads) + 1.5, 3.5), squeeze=False, layout="constrained"
+        )
         for axis, head in zip(axes[0], heads):
             key = f"{node}/{head}"
             for color, log in enumerate(logs):  # one colour per phase in every plot
@@ -352,13 +354,14 @@ def _plots(out: Path, logs: list[RunLog]) -> list[Path]:
             axis.set_xlabel("step")
             axis.set_ylabel("value before weights")
             axis.legend(fontsize="small")
-        figure.suptitle(f"loss node {node!r}: each head's term before its weights (smoothed over 10 steps)")
-        figure.tight_layout()
+        terms = "each head's term" if len(heads) > 1 else "its term"
+        # wrapped at the figure's edges: a one-panel figure is narrower than the sentence
+        figure.suptitle(f"loss node {node!r}: {terms} before its weights, smoothed over 10 steps", wrap=True)
         path = out / f"loss_{node}.png"
         figure.savefig(path, dpi=100)
         plt.close(figure)
         written.append(path)
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = plt.subplots(figsize=(6, 3.5), layout="constrained")
     for color, log in enumerate(logs):
         if log.held_out:
             steps, values = zip(*log.held_out)
@@ -367,7 +370,6 @@ def _plots(out: Path, logs: list[RunLog]) -> list[Path]:
     axis.set_xlabel("step")
     axis.set_ylabel("nats per byte")
     axis.legend(fontsize="small")
-    figure.tight_layout()
     path = out / "held_out.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
