@@ -22,7 +22,7 @@ from ..spec.models import LossGraphSpec
 from ..spec.schedules import evaluate
 from .backend import BACKENDS, BackendOptions, HeadBackend, HeadResult, TermStep
 from .fused import FusedBackend
-from .inputs import HeadBatch, Linear, NumItems, TeacherValue, prepare_batches
+from .inputs import HeadBatch, LabelAlignment, Linear, NumItems, TeacherValue, prepare_batches
 from .parallel import global_counts, group_size
 from .reference_backend import ReferenceBackend
 
@@ -168,15 +168,29 @@ class CompiledGraph(torch.nn.Module):
         loss_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         num_items: NumItems = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        label_alignment: LabelAlignment = "next_token",
     ) -> GraphOutput:
         """Evaluate every head's terms.
 
-        logits: {head: [B, S, V] or [N, V]}; labels: next-token ids [B, S] (or [N]); teachers:
-        {source: logits tensor, TopK, or a zero-argument callable, called once}; step: the training
-        step for schedules; loss_mask: [B, S], nonzero where a label counts (shifted like labels), or
-        float per-position weights (the loss is then their weighted mean);
-        document_ids: [B, S], masks MTP targets across document boundaries; num_items: the token
-        count to divide by (one number, or one per head) for gradient accumulation or data parallel.
+        logits: {head: [B, S, V] or [N, V]}, position s of every head being input position s.
+        labels: token ids [B, S] (or [N]) in the `label_alignment`:
+          - "next_token" (default): labels[b, s] is the token after position s (input_ids[b, s + 1]);
+            a head of offset d reads labels[b, s + d - 1];
+          - "input": labels[b, s] is the token at position s, aligned with input_ids as Hugging Face
+            gives them (only [B, S]); a head of offset d reads labels[b, s + d], so it has no target at
+            its last d positions.
+        teachers: {source: logits tensor, TopK, or a zero-argument callable, called once}, aligned with
+        the logits' positions in either alignment. step: the training step for schedules.
+        loss_mask: aligned like the labels (in the same label_alignment), nonzero where a label counts,
+        or float per-position weights (the loss is then their weighted mean).
+        document_ids: [B, S], the document of each input position: a head never predicts a token of
+        another document; under "next_token", mask the next-token head's cross-document labels yourself.
+        num_items: the token count to divide by (one number, or one per head) for gradient
+        accumulation or data parallel.
+        input_ids: [B, S] (or [N]), the tokens the logits were computed from; only read by the value
+        checks (`check_inputs`), which refuse labels that match them in the other alignment.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InputError(f"step must be a Python int >= 0, got {step!r}")
@@ -193,6 +207,8 @@ class CompiledGraph(torch.nn.Module):
             num_items,
             options.check_inputs,
             options.vocab_parallel_group,
+            input_ids=input_ids,
+            label_alignment=label_alignment,
         )
         if options.normalize_across is not None and self.plan.normalization == "tokens":
             totals = global_counts([batch.total() for batch in batches.values()], options.normalize_across)

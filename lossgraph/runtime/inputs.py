@@ -3,7 +3,14 @@
 Every backend receives, for each head, the same `HeadBatch`: logits as `[N, V]`, the head's shifted
 labels and token mask, its teachers as `[N, V_teacher]` (or top-k pairs) and the normalizer. Checks
 that only read shapes, dtypes and devices always run; checks that read tensor values (labels in
-range, top-k indices unique) cost a device synchronization on a GPU and run when `check_values`.
+range, top-k indices unique, labels given in the wrong `label_alignment`) cost a device
+synchronization on a GPU and run when `check_values`.
+
+Labels come in one of two alignments (`LabelAlignment`), and `loss_mask` always shares theirs:
+- "next_token" (the default): `labels[b, s]` is the token after position s (`input_ids[b, s + 1]`);
+  a head of offset d reads `labels[b, s + d - 1]`.
+- "input": `labels[b, s]` is the token at position s, aligned with `input_ids` as Hugging Face gives
+  them; a head of offset d reads `labels[b, s + d]`. They are turned into the first form here, once.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import torch
 
@@ -39,6 +46,9 @@ class Linear(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor | None = None
 
+
+LabelAlignment = Literal["next_token", "input"]
+LABEL_ALIGNMENTS: tuple[LabelAlignment, ...] = ("next_token", "input")
 
 TeacherValue = Union[torch.Tensor, TopK, Linear, Callable[[], Union[torch.Tensor, TopK, Linear]]]
 NumItems = Union[int, float, torch.Tensor, Mapping[str, Union[int, float, torch.Tensor]], None]
@@ -393,33 +403,105 @@ def _check_topk_logprobs(name: str, logprobs: torch.Tensor, mask: torch.Tensor) 
         )
 
 
-def prepare_batches(
+class PositionInputs(NamedTuple):
+    """The per-position inputs of a call besides logits and teachers, checked, in the "next_token"
+    alignment (index s holds what position s's next-token prediction is compared with); each head
+    shifts them further by its offset."""
+
+    labels: torch.Tensor | None  # int64 [B, S] or [N]
+    loss_mask: torch.Tensor | None  # bool: the label at this index may take loss
+    weights: torch.Tensor | None  # float32 per-index weights (a float loss_mask)
+    document_ids: torch.Tensor | None  # [B, S]
+    sequence: bool  # [B, S] positions (else flat [N])
+
+
+def _check_alignment(label_alignment: Any) -> None:
+    if label_alignment not in LABEL_ALIGNMENTS:
+        raise InputError(
+            f"label_alignment must be 'next_token' (labels[b, s] is the token after position s, the default) "
+            f"or 'input' (labels aligned with input_ids, as Hugging Face gives them), got {label_alignment!r}"
+        )
+
+
+def _check_label_alignment(
+    labels: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor | None,
+    ignore_index: int,
+    label_alignment: LabelAlignment,
+) -> None:
+    """Refuse labels that match input_ids in the other alignment at every position that takes loss,
+    and not in the one given: they were passed in the wrong one. Labels that match both (a run of one
+    repeated token) or neither are left alone. One device synchronization."""
+    rows = labels.reshape(-1, labels.shape[-1])  # flat [N] labels are one row
+    ids = input_ids.reshape(rows.shape)
+    used = rows != ignore_index
+    if loss_mask is not None:
+        used = used & loss_mask.reshape(rows.shape)
+    unshifted = (rows == ids) | ~used  # labels[s] == input_ids[s]
+    shifted = (rows[:, :-1] == ids[:, 1:]) | ~used[:, :-1]  # labels[s] == input_ids[s + 1]
+    flags = torch.stack([used.any(), unshifted.all(), used[:, :-1].any(), shifted.all()]).tolist()
+    any_used, all_unshifted, any_comparable, all_shifted = flags
+    if label_alignment == "next_token" and any_used and all_unshifted and not all_shifted:
+        raise InputError(
+            "labels look unshifted: at every position that takes loss they equal input_ids at the same "
+            "position (labels[b, s] == input_ids[b, s]), as Hugging Face labels do, but label_alignment="
+            "'next_token' (the default) reads labels[b, s] as the token after position s (input_ids[b, s + 1]). "
+            "Pass label_alignment='input' to have lossgraph shift them (loss_mask is then aligned with "
+            f"input_ids too), or pass labels[:, 1:] padded at the end with ignore_index ({ignore_index})"
+        )
+    if label_alignment == "input" and any_comparable and all_shifted and not all_unshifted:
+        raise InputError(
+            "labels look already shifted: at every position that takes loss they equal the next input token "
+            "(labels[b, s] == input_ids[b, s + 1]), but label_alignment='input' reads labels aligned with "
+            "input_ids (labels[b, s] is the token at position s, as Hugging Face gives them). Pass "
+            "label_alignment='next_token' (the default) for labels that are already shifted, or the unshifted labels"
+        )
+
+
+def _input_to_next_token(inputs: PositionInputs, layout: _Layout, plan: Plan) -> PositionInputs:
+    """From the "input" alignment (index s: the token at s) to "next_token" (index s: the token at s + 1):
+    one step to the left. The last position has no target left; with document_ids, neither has a
+    position whose next token starts another document (every head then stays inside its document)."""
+    given = inputs.loss_mask
+    if given is None:
+        given = torch.ones(layout.lead, dtype=torch.bool, device=layout.device)
+    loss_mask = _shift(given, 2, False)
+    if inputs.document_ids is not None:
+        loss_mask = loss_mask & (_shift(inputs.document_ids, 2, 0) == inputs.document_ids)
+    return PositionInputs(
+        labels=None if inputs.labels is None else _shift(inputs.labels, 2, plan.labels.ignore_index),
+        loss_mask=loss_mask,
+        weights=None if inputs.weights is None else _shift(inputs.weights, 2, 0.0),
+        document_ids=inputs.document_ids,
+        sequence=inputs.sequence,
+    )
+
+
+def _position_inputs(
     plan: Plan,
-    logits: Mapping[str, torch.Tensor],
+    layout: _Layout,
     labels: torch.Tensor | None,
-    teachers: Mapping[str, TeacherValue] | None,
     loss_mask: torch.Tensor | None,
     document_ids: torch.Tensor | None,
-    num_items: NumItems,
-    check_values: bool | None,
-    vocab_group=None,
-) -> dict[str, HeadBatch]:
-    """Check the inputs and lay them out per head (only heads with terms get a batch).
-
-    Callable teachers are called here, once each, after the logits have been checked.
-    """
-    if not isinstance(logits, Mapping):
-        raise InputError("logits must be a dict {head name: tensor}")
-    bound = [head.name for head in plan.heads if head.terms]
-    unbound = [head.name for head in plan.heads if not head.terms]
-    _check_names(logits, bound, unbound, "head", "pass logits={head name: [B, S, V] or [N, V] tensor}")
-    shards = 1 if vocab_group is None else group_size(vocab_group)
-    layout = _layout(plan, logits, shards)
+    input_ids: torch.Tensor | None,
+    label_alignment: LabelAlignment,
+    check_values: bool,
+) -> PositionInputs:
+    """Check labels, loss_mask, document_ids and input_ids against the positions, and bring labels and
+    loss_mask to the "next_token" alignment."""
+    _check_alignment(label_alignment)
     sequence = len(layout.lead) == 2
-    resolved = resolve_teachers(plan, teachers)
+    if label_alignment == "input" and not sequence:
+        raise InputError(
+            "label_alignment='input' shifts labels along the sequence: pass [B, S, V] logits and [B, S] labels"
+        )
     if plan.labels is not None:
         if labels is None:
-            raise InputError(f"the graph has the labels source {plan.labels.name!r}: pass labels=[B, S] token ids")
+            raise InputError(
+                f"the graph has the labels source {plan.labels.name!r}: pass labels=[B, S] token ids "
+                "(label_alignment='next_token', the default: labels[b, s] is the token after position s)"
+            )
         labels = _positional(labels, layout, "labels", integer=True).long()
     elif labels is not None:
         raise InputError("labels given, but the graph has no labels source; declare one or drop the argument")
@@ -433,48 +515,100 @@ def prepare_batches(
         if not sequence:
             raise InputError("document_ids need [B, S] logits to know where sequences are")
         document_ids = _positional(document_ids, layout, "document_ids", integer=True)
+    if input_ids is not None:
+        input_ids = _positional(input_ids, layout, "input_ids", integer=True)
+    if check_values:
+        if weights is not None and not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+            raise InputError(
+                "loss_mask holds per-position weights (a float tensor): each must be finite and >= 0; "
+                "pass 0 where a position takes no loss"
+            )
+        if labels is not None and input_ids is not None:
+            _check_label_alignment(labels, input_ids, loss_mask, plan.labels.ignore_index, label_alignment)
+    inputs = PositionInputs(labels, loss_mask, weights, document_ids, sequence)
+    return _input_to_next_token(inputs, layout, plan) if label_alignment == "input" else inputs
+
+
+def _head_inputs(
+    plan: Plan, head: HeadPlan, inputs: PositionInputs, lead: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A head's (mask [N] bool, labels [N] int64 (0 where masked) or None, weights [N] float32 or None)."""
+    sequence = inputs.sequence
+    if head.offset > 1 and not sequence:
+        raise InputError(
+            f"head {head.name!r} has offset {head.offset}: its labels are shifted along the sequence, "
+            "so pass [B, S, V] logits and [B, S] labels"
+        )
+    conditions = []  # what a position needs to take loss; each a [B, S] or [N] bool tensor
+    if sequence and head.offset > 1:
+        conditions.append(_shift(torch.ones(lead, dtype=torch.bool, device=device), head.offset, False))
+        if inputs.document_ids is not None:
+            conditions.append(_shift(inputs.document_ids, head.offset, 0) == inputs.document_ids)
+    labels = None
+    if inputs.labels is not None:
+        labels = _shift(inputs.labels, head.offset, plan.labels.ignore_index) if sequence else inputs.labels
+        conditions.append(labels != plan.labels.ignore_index)
+    if inputs.loss_mask is not None:
+        conditions.append(_shift(inputs.loss_mask, head.offset, False) if sequence else inputs.loss_mask)
+    valid = conditions[0] if conditions else torch.ones(lead, dtype=torch.bool, device=device)
+    for condition in conditions[1:]:
+        valid = valid & condition
+    mask = valid.reshape(-1)
+    weights = None
+    if inputs.weights is not None:
+        weights = (_shift(inputs.weights, head.offset, 0.0) if sequence else inputs.weights).reshape(-1)
+    if labels is not None:
+        labels = torch.where(mask, labels.reshape(-1), 0)
+    return mask, labels, weights
+
+
+def _target_total(mask: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """A head's target count (int64), or the sum of its weights (float32) under a float loss_mask."""
+    return mask.sum() if weights is None else torch.where(mask, weights, 0.0).sum()
+
+
+def _resolve_check_values(check_values: bool | None, device: torch.device) -> bool:
     if check_values is None:
         # free on the CPU; on an accelerator, and inside torch.compile, they would cost a synchronization
-        check_values = layout.device.type == "cpu" and not torch.compiler.is_compiling()
-    if weights is not None and check_values and not bool((torch.isfinite(weights) & (weights >= 0)).all()):
-        raise InputError(
-            "loss_mask holds per-position weights (a float tensor): each must be finite and >= 0; "
-            "pass 0 where a position takes no loss"
-        )
+        return device.type == "cpu" and not torch.compiler.is_compiling()
+    return check_values
+
+
+def prepare_batches(
+    plan: Plan,
+    logits: Mapping[str, torch.Tensor],
+    labels: torch.Tensor | None,
+    teachers: Mapping[str, TeacherValue] | None,
+    loss_mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    num_items: NumItems,
+    check_values: bool | None,
+    vocab_group=None,
+    *,
+    input_ids: torch.Tensor | None = None,
+    label_alignment: LabelAlignment = "next_token",
+) -> dict[str, HeadBatch]:
+    """Check the inputs and lay them out per head (only heads with terms get a batch).
+
+    Callable teachers are called here, once each, after the logits, labels and masks have been checked.
+    """
+    if not isinstance(logits, Mapping):
+        raise InputError("logits must be a dict {head name: tensor}")
+    bound = [head.name for head in plan.heads if head.terms]
+    unbound = [head.name for head in plan.heads if not head.terms]
+    _check_names(logits, bound, unbound, "head", "pass logits={head name: [B, S, V] or [N, V] tensor}")
+    shards = 1 if vocab_group is None else group_size(vocab_group)
+    layout = _layout(plan, logits, shards)
+    check_values = _resolve_check_values(check_values, layout.device)
+    inputs = _position_inputs(plan, layout, labels, loss_mask, document_ids, input_ids, label_alignment, check_values)
+    resolved = resolve_teachers(plan, teachers)
 
     batches: dict[str, HeadBatch] = {}
     for head in plan.heads:
         if not head.terms:
             continue
-        if head.offset > 1 and not sequence:
-            raise InputError(
-                f"head {head.name!r} has offset {head.offset}: its labels are shifted along the sequence, "
-                "so pass [B, S, V] logits and [B, S] labels"
-            )
-        conditions = []  # what a position needs to take loss; each a [B, S] or [N] bool tensor
-        if sequence and head.offset > 1:
-            conditions.append(
-                _shift(torch.ones(layout.lead, dtype=torch.bool, device=layout.device), head.offset, False)
-            )
-            if document_ids is not None:
-                conditions.append(_shift(document_ids, head.offset, 0) == document_ids)
-        head_labels = None
-        if labels is not None:
-            head_labels = _shift(labels, head.offset, plan.labels.ignore_index) if sequence else labels
-            conditions.append(head_labels != plan.labels.ignore_index)
-        if loss_mask is not None:
-            conditions.append(_shift(loss_mask, head.offset, False) if sequence else loss_mask)
-        valid = conditions[0] if conditions else torch.ones(layout.lead, dtype=torch.bool, device=layout.device)
-        for condition in conditions[1:]:
-            valid = valid & condition
-        mask = valid.reshape(-1)
-        head_weight = None
-        if weights is not None:
-            head_weight = (_shift(weights, head.offset, 0.0) if sequence else weights).reshape(-1)
-        if head_labels is not None:
-            head_labels = torch.where(mask, head_labels.reshape(-1), 0)
+        mask, head_labels, head_weight = _head_inputs(plan, head, inputs, layout.lead, layout.device)
         count = mask.sum()
-        total = count if head_weight is None else torch.where(mask, head_weight, 0.0).sum()
         linear = None
         if head.hidden_input:
             given = logits[head.name]
@@ -486,7 +620,7 @@ def prepare_batches(
             teachers={},
             topk={},
             count=count,
-            normalizer=_normalizer(plan, head, total, mask.numel(), num_items, check_values),
+            normalizer=_normalizer(plan, head, _target_total(mask, head_weight), mask.numel(), num_items, check_values),
             linear=linear,
             shard=None if vocab_group is None else VocabShard(head.vocab_size, vocab_group),
             weight=head_weight,
