@@ -3,8 +3,9 @@ default) and "input" (labels aligned with input_ids, as Hugging Face gives them)
 
 The same batch given in either form gives the same loss, values, per-token values, metrics and
 gradients on both backends (the fused one through Triton's interpreter on a CPU), with MTP heads of
-offsets 1 to 3, document_ids, bool and float loss masks and a graph without labels. The value checks
-refuse labels given in the wrong alignment when `input_ids` are passed along.
+offsets 1 to 3, document_ids, bool and float loss masks and a graph without labels. `tokens_per_head`
+counts what the graph divides by in both forms, and the value checks refuse labels given in the wrong
+alignment when `input_ids` are passed along.
 """
 
 from __future__ import annotations
@@ -213,6 +214,47 @@ def test_both_alignments_agree_without_labels(backend, mask):
 
 
 # --------------------------------------------------------------------------------------------------
+# tokens_per_head: what the graph divides by, in either form.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"], ids=["no-mask", "bool-mask", "float-mask"])
+def test_tokens_per_head_is_what_the_graph_divides_by(mask):
+    graph = compiled(MTP)
+    given = batch(documents=True, mask=mask)
+    labels, loss_mask, document_ids = given["labels"], given["loss_mask"], given["document_ids"]
+    counts = graph.tokens_per_head(labels, loss_mask, document_ids, label_alignment="input")
+    next_labels, next_mask = as_next_token(labels, loss_mask, document_ids)
+    assert graph.tokens_per_head(next_labels, next_mask, document_ids).keys() == counts.keys()
+    for head, count in graph.tokens_per_head(next_labels, next_mask, document_ids).items():
+        assert torch.equal(count, counts[head]), head
+    out, _ = run(
+        graph, ("next", "mtp2", "mtp3"), {"labels": next_labels, "loss_mask": next_mask, "document_ids": document_ids}
+    )
+    if mask != "float":
+        assert {h: int(c) for h, c in counts.items()} == {h: int(m["tokens"]) for h, m in out.metrics.items()}
+        assert counts["next"].dtype == torch.int64
+    # dividing by the counts explicitly is what the graph does on its own
+    given_counts, _ = run(
+        graph,
+        ("next", "mtp2", "mtp3"),
+        {"labels": next_labels, "loss_mask": next_mask, "document_ids": document_ids},
+        num_items=counts,
+    )
+    assert_close(given_counts.loss, out.loss)
+
+
+def test_tokens_per_head_of_a_graph_without_labels_reads_the_positions_from_input_ids():
+    graph = compiled(DISTILL)
+    input_ids = torch.zeros(3, 5, dtype=torch.long)
+    assert {h: int(c) for h, c in graph.tokens_per_head(input_ids=input_ids).items()} == {"next": 15, "mtp2": 12}
+    counts = graph.tokens_per_head(input_ids=input_ids, label_alignment="input")
+    assert {h: int(c) for h, c in counts.items()} == {"next": 12, "mtp2": 9}
+    with pytest.raises(lossgraph.InputError, match="give labels, loss_mask, document_ids or input_ids"):
+        graph.tokens_per_head()
+
+
+# --------------------------------------------------------------------------------------------------
 # Labels in the wrong alignment, and other mistakes.
 # --------------------------------------------------------------------------------------------------
 
@@ -254,6 +296,8 @@ def test_shifted_labels_given_as_input_are_refused():
     with pytest.raises(lossgraph.InputError, match="labels look already shifted") as error:
         lm_call(compiled(LM), shifted, tokens, label_alignment="input")
     assert "label_alignment='next_token'" in str(error.value)
+    with pytest.raises(lossgraph.InputError, match="labels look already shifted"):
+        compiled(LM).tokens_per_head(shifted, input_ids=tokens, label_alignment="input")
 
 
 def test_labels_that_fit_both_alignments_or_neither_are_left_alone():

@@ -18,7 +18,7 @@ from lossgraph.integrations.transformers import (  # noqa: E402
     attach_mtp_heads,
     compute_loss,
     head_logits,
-    next_token_labels,
+    tokens_per_head,
 )
 
 GRAPH = f"""
@@ -105,9 +105,21 @@ def test_compute_loss_equals_the_reference_on_the_same_logits(graph):
     assert_close(out.loss, ce_next + ce_mtp2 + 0.5 * kd, dtype=torch.float32, what="loss")
 
 
-def test_next_token_labels_shift_and_pad():
-    labels = torch.tensor([[5, 6, 7, -100]])
-    assert next_token_labels(labels).tolist() == [[6, 7, -100, -100]]
+def test_already_shifted_labels_in_a_batch_are_refused(graph):
+    """The integration passes input_ids along, so the core's value checks see labels that were shifted
+    by the data pipeline already (transformers' labels are not), before the teacher runs."""
+    student = attach_mtp_heads(tiny_llama(0), graph)
+    batch = batch_of()
+    shifted = torch.cat([batch["input_ids"][:, 1:], torch.full_like(batch["input_ids"][:, :1], -100)], 1)
+    wrong = {**batch, "labels": shifted}
+
+    def teacher(batch):
+        raise AssertionError("the teacher ran before the labels were checked")
+
+    with pytest.raises(lossgraph.InputError, match="labels look already shifted"):
+        compute_loss(student, wrong, graph, teachers={"teacher": teacher})
+    with pytest.raises(lossgraph.InputError, match="labels look already shifted"):
+        tokens_per_head(graph, wrong)
 
 
 def test_topk_teacher_comes_from_the_batch():

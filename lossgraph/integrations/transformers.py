@@ -8,12 +8,13 @@
                                loss_graph=graph, teachers={"teacher": teacher_model})
     trainer.train()
 
-Batches follow the transformers convention: `labels` aligned with `input_ids`, -100 where no loss is
-taken; they are shifted to next-token labels here, and lossgraph shifts them further for each head's
-offset. Optional columns: `loss_mask` (aligned with `input_ids` like `labels`: nonzero where the token
-counts as a target; float values weigh it), `position_ids` (packed sequences: a document starts where
-they do not count up by one) or `document_ids`, and `<source>_indices` / `<source>_logprobs` [S, k] for
-each top-k teacher source. Padding (`attention_mask` 0) is never a target. The guide is
+Batches follow the transformers convention: `labels` aligned with `input_ids` (labels[b, s] is the
+token at position s), -100 where no loss is taken. The graph is called with
+`label_alignment="input"`, so lossgraph shifts them to each head's target (offset d reads the token
+at s + d). Optional columns: `loss_mask` (aligned with `input_ids` like `labels`: nonzero where the
+token counts as a target; float values weigh it), `position_ids` (packed sequences: a document starts
+where they do not count up by one) or `document_ids`, and `<source>_indices` / `<source>_logprobs`
+[S, k] for each top-k teacher source. Padding (`attention_mask` 0) is never a target. The guide is
 docs/transformers.md. Needs `pip install lossgraph[transformers]`.
 """
 
@@ -25,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
 from ..compiler.plan import TopKTarget
@@ -74,7 +74,6 @@ __all__ = [
     "load_mtp_heads",
     "logit_processing",
     "mtp_heads",
-    "next_token_labels",
     "tokens_per_head",
     "topk_teacher_columns",
 ]
@@ -103,16 +102,6 @@ _NOT_MODEL_INPUTS = frozenset(
 # --------------------------------------------------------------------------------------------------
 
 
-def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """transformers' labels (aligned with input_ids) -> next-token labels (position s holds token s+1)."""
-    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-
-
-def _shift_left(values: torch.Tensor, fill: float | int) -> torch.Tensor:
-    """Aligned with input_ids -> aligned with next-token labels (position s reads s + 1)."""
-    return F.pad(values[:, 1:], (0, 1), value=fill)
-
-
 def graph_columns(graph: CompiledGraph) -> list[str]:
     """The batch columns lossgraph reads besides the model's inputs (the Trainer must keep them)."""
     columns = ["labels", "loss_mask", "document_ids", "position_ids", "attention_mask"]
@@ -133,58 +122,36 @@ def _documents(batch: Mapping[str, Any]) -> torch.Tensor | None:
 
 
 def _graph_inputs(graph: CompiledGraph, batch: Mapping[str, Any]):
-    """(labels, loss_mask, document_ids) as the graph takes them, from a transformers batch."""
+    """(labels, loss_mask, document_ids) from a transformers batch, all aligned with input_ids: the graph
+    takes them with label_alignment="input"."""
     if "input_ids" not in batch:
         raise InputError(f"the batch has no 'input_ids' (it has {', '.join(batch) or 'nothing'})")
-    documents = _documents(batch)
     labels = None
     if graph.plan.labels is not None:
-        if batch.get("labels") is None:
+        labels = batch.get("labels")
+        if labels is None:
             raise InputError(
                 f"the batch has no 'labels'; the graph's labels source {graph.plan.labels.name!r} needs them "
                 "(transformers' convention: aligned with input_ids, -100 where no loss is taken)"
             )
-        ignore = graph.plan.labels.ignore_index
-        labels = next_token_labels(batch["labels"], ignore)
-        if documents is not None:  # the next-token head never predicts across a document boundary
-            labels = labels.masked_fill(_shift_left(documents, -1) != documents, ignore)
     mask = batch.get("loss_mask")
-    if mask is not None:
-        mask = _shift_left(mask, 0)
     attention = batch.get("attention_mask")
-    if isinstance(attention, torch.Tensor) and attention.dim() == 2 and not bool(attention.all()):
-        padding = _shift_left(attention, 0) != 0  # a padding token is never a target
+    if isinstance(attention, torch.Tensor) and attention.dim() == 2:
+        padding = attention != 0  # a padding token is never a target
         mask = padding if mask is None else (mask * padding if mask.is_floating_point() else (mask != 0) & padding)
-    return labels, mask, documents
+    return labels, mask, _documents(batch)
 
 
 def tokens_per_head(graph: CompiledGraph, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """What each head of the graph divides by on this batch (`normalization: tokens`): its target count.
+    """What each head of the graph divides by on this batch (`normalization: tokens`): its target count,
+    `graph.tokens_per_head` for a transformers batch.
 
     Sum it over the micro-batches of an optimizer step (and over data-parallel ranks) and pass the sum
     as `compute_loss(..., num_items=...)`: the accumulated gradient then equals one big batch's.
     A float `loss_mask` counts its weights.
     """
     labels, mask, documents = _graph_inputs(graph, batch)
-    input_ids = batch["input_ids"]
-    counts = {}
-    for head in graph.plan.heads:
-        if not head.terms:
-            continue
-        d = head.offset
-        length = input_ids.shape[1] - d + 1
-        valid = torch.ones(input_ids.shape[0], max(length, 0), dtype=torch.bool, device=input_ids.device)
-        if labels is not None:
-            valid &= labels[:, d - 1 :] != graph.plan.labels.ignore_index
-        if documents is not None and d > 1:
-            valid &= documents[:, d - 1 :] == documents[:, :length]
-        weight = None
-        if mask is not None:
-            if mask.is_floating_point():
-                weight = mask[:, d - 1 :].to(torch.float32)
-            valid &= mask[:, d - 1 :] != 0
-        counts[head.name] = valid.sum() if weight is None else torch.where(valid, weight, 0.0).sum()
-    return counts
+    return graph.tokens_per_head(labels, mask, documents, input_ids=batch["input_ids"], label_alignment="input")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,8 +325,10 @@ def _run(
         teachers=_teacher_values(graph, teachers or {}, batch, batch["input_ids"].device),
         step=step,
         loss_mask=loss_mask,
-        document_ids=documents if any(head.offset > 1 for head in graph.plan.heads if head.terms) else None,
+        document_ids=documents,
         num_items=_num_items(graph, num_items),
+        input_ids=batch["input_ids"],
+        label_alignment="input",
     )
     return out, outputs
 
@@ -374,6 +343,10 @@ def compute_loss(
 ) -> GraphOutput:
     """Run `graph` on one transformers batch; the model may be wrapped (DDP, FSDP, DeepSpeed, PEFT).
 
+    batch: `input_ids`, and `labels` aligned with them as transformers gives them (labels[b, s] is the
+    token at position s, -100 where no loss is taken; not shifted): the graph runs with
+    `label_alignment="input"`, and `loss_mask` is aligned the same way. With the value checks
+    (`check_inputs`), labels that are already shifted are refused.
     teachers: for each dense teacher source of the graph, a model (moved to the batch's device once,
     then called with the batch's `input_ids`, `attention_mask` and `position_ids` under no_grad, once per
     step) or a callable taking the batch. Top-k teacher sources are read from the batch as
@@ -425,6 +398,9 @@ def topk_teacher_columns(
 
 class LossGraphTrainer(Trainer):
     """`transformers.Trainer` whose loss is a lossgraph graph.
+
+    Batches are transformers batches: `labels` aligned with `input_ids` (not shifted), as `compute_loss`
+    takes them.
 
     - Training logs every term as `lossgraph/<node>/<head>`, averaged like `loss` over the steps since
       the last log (all micro-batches of gradient accumulation), so the terms sum to the logged loss.

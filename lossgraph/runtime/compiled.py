@@ -22,7 +22,7 @@ from ..spec.models import LossGraphSpec
 from ..spec.schedules import evaluate
 from .backend import BACKENDS, BackendOptions, HeadBackend, HeadResult, TermStep
 from .fused import FusedBackend
-from .inputs import HeadBatch, LabelAlignment, Linear, NumItems, TeacherValue, prepare_batches
+from .inputs import HeadBatch, LabelAlignment, Linear, NumItems, TeacherValue, count_targets, prepare_batches
 from .parallel import global_counts, group_size
 from .reference_backend import ReferenceBackend
 
@@ -188,7 +188,7 @@ class CompiledGraph(torch.nn.Module):
         document_ids: [B, S], the document of each input position: a head never predicts a token of
         another document; under "next_token", mask the next-token head's cross-document labels yourself.
         num_items: the token count to divide by (one number, or one per head) for gradient
-        accumulation or data parallel.
+        accumulation or data parallel (see `tokens_per_head`).
         input_ids: [B, S] (or [N]), the tokens the logits were computed from; only read by the value
         checks (`check_inputs`), which refuse labels that match them in the other alignment.
         """
@@ -239,6 +239,28 @@ class CompiledGraph(torch.nn.Module):
                 per_token[term.key] = row.reshape(positions)
             metrics[head.name] = _metrics(head, batch, result)
         return GraphOutput(total, terms, values, weights, metrics, per_token)
+
+    def tokens_per_head(
+        self,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        label_alignment: LabelAlignment = "next_token",
+    ) -> dict[str, torch.Tensor]:
+        """Each head's target count on a batch: {head: 0-d tensor} for every head with terms.
+
+        What `normalization: tokens` divides a head's terms by when no num_items is given (int64; under
+        a float loss_mask, the float32 sum of its weights). Sum it over the micro-batches of an
+        optimizer step (and all-reduce it over data-parallel ranks) and pass the sum as `num_items`.
+        The arguments mean what they mean in a call (labels in the `label_alignment`); the first one
+        given says where the positions are, so a graph without labels needs one of the others.
+        Runs no device synchronization unless `check_inputs` asks for value checks.
+        """
+        return count_targets(
+            self.plan, labels, loss_mask, document_ids, input_ids, label_alignment, self.options.check_inputs
+        )
 
 
 def _positions(given: torch.Tensor | Linear) -> tuple[int, ...]:

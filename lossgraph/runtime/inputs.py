@@ -574,6 +574,35 @@ def _resolve_check_values(check_values: bool | None, device: torch.device) -> bo
     return check_values
 
 
+def count_targets(
+    plan: Plan,
+    labels: torch.Tensor | None,
+    loss_mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    input_ids: torch.Tensor | None,
+    label_alignment: LabelAlignment,
+    check_values: bool | None,
+) -> dict[str, torch.Tensor]:
+    """Each head's target count (the sum of its weights under a float loss_mask) for these inputs: what
+    `normalization: tokens` divides the head's terms by when no num_items is given. Heads with terms only."""
+    given = {"labels": labels, "loss_mask": loss_mask, "document_ids": document_ids, "input_ids": input_ids}
+    what = next((name for name, value in given.items() if value is not None), None)
+    if what is None:
+        raise InputError("give labels, loss_mask, document_ids or input_ids: they say where the batch's positions are")
+    first = _tensor(given[what], what)
+    if first.dim() not in (1, 2):
+        raise InputError(f"{what} must be [B, S] or [N], got shape {tuple(first.shape)}")
+    layout = _Layout(tuple(first.shape), first.device, 1)
+    check_values = _resolve_check_values(check_values, layout.device)
+    inputs = _position_inputs(plan, layout, labels, loss_mask, document_ids, input_ids, label_alignment, check_values)
+    counts = {}
+    for head in plan.heads:
+        if head.terms:
+            mask, _, weights = _head_inputs(plan, head, inputs, layout.lead, layout.device)
+            counts[head.name] = _target_total(mask, weights)
+    return counts
+
+
 def prepare_batches(
     plan: Plan,
     logits: Mapping[str, torch.Tensor],
