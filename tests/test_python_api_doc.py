@@ -23,7 +23,7 @@ def test_doc_has_python_blocks():
 
 
 def test_doc_examples_run_and_loss_decreases(monkeypatch, capsys):
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     monkeypatch.chdir(ROOT)
     namespace: dict = {"__name__": "python_api_doc"}
     for index, block in enumerate(python_blocks(DOC.read_text(encoding="utf-8"))):
@@ -37,7 +37,7 @@ def test_doc_examples_run_and_loss_decreases(monkeypatch, capsys):
     assert "lm/next" in printed and "distill/next" in printed  # the loop logs out.terms
     assert "did you mean 'next'" in printed  # the errors block shows real messages
     assert "did you mean 'labels'" in printed
-    # the doc's tokens_per_head helper counts what the graph divides by
+    # graph.tokens_per_head counts what the graph divides by
     ns = namespace
     full = ns["graph"](
         logits=ns["student"](ns["inputs"]),
@@ -46,6 +46,10 @@ def test_doc_examples_run_and_loss_decreases(monkeypatch, capsys):
         loss_mask=ns["loss_mask"],
         document_ids=ns["document_ids"],
     )
-    assert ns["num_items"] == {head: int(metrics["tokens"]) for head, metrics in full.metrics.items()}
-    assert ns["num_items"]["mtp2"] < ns["num_items"]["next"]
+    counts = {head: int(count) for head, count in ns["num_items"].items()}
+    assert counts == {head: int(metrics["tokens"]) for head, metrics in full.metrics.items()}
+    assert counts["mtp2"] < counts["next"]
+    # the Hugging Face form of the batch gives what the shifted one gives, and the wrong one is refused
+    assert torch.equal(ns["unshifted"].loss, ns["shifted"].loss)
+    assert "labels look unshifted" in printed
     assert namespace["out"].weights["distill/next"] == pytest.approx(0.5)
