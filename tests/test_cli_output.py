@@ -1,5 +1,6 @@
 """What the commands print, beyond exit codes: help without Python types, `plan` at 80 columns and its
-notes, `viz` labels and layout, the `init` template.
+notes, tables and trees unwrapped in a pipe (COLUMNS honoured), `viz` labels and layout, the `init`
+template.
 
 Each test says what must appear and what must not; the exit codes are in test_cli.py, the documented
 outputs in test_docs.py.
@@ -10,9 +11,11 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,10 @@ def wide(monkeypatch):
 def narrow(monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setenv("NO_COLOR", "1")
+
+
+def table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line[:1] in "┏┃┡│└"]
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -140,12 +147,72 @@ def test_missing_argument_names_the_metavar(cli):
 
 
 # --------------------------------------------------------------------------------------------------
-# plan
+# Width of the output
 # --------------------------------------------------------------------------------------------------
 
+# A graph whose `show` tree has a line of 102 columns (the tutorial's scheduled distillation).
+SCHEDULED = """\
+version: 1
+vocab_size: 256
+heads:
+  next: {offset: 1}
+sources:
+  labels: {type: labels}
+  teacher: {type: teacher}
+losses:
+  distill:
+    type: forward_kl
+    heads: [next]
+    target: teacher
+    temperature: 2.0
+    temperature_scaling: true
+    weight: {schedule: cosine, start: 0.0, end: 0.5, steps: 200, warmup: 20}
+"""
+SCHEDULED_LINE = (
+    "│       └── distill: forward_kl <- teacher, weight cosine 0 -> 0.5 over 200 steps after 20, T 2, x T^2"
+)
 
-def table_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line[:1] in "┏┃┡│└"]
+
+def piped(*args: str | Path, **env: str) -> str:
+    """What `lossgraph ARGS` writes into a pipe, run in its own process as from a script or CI, without
+    COLUMNS or forced colours unless `env` sets them; styles (bold headers) taken out."""
+    inherited = {name: value for name, value in os.environ.items() if name not in ("COLUMNS", "FORCE_COLOR")}
+    result = subprocess.run(
+        [sys.executable, "-m", "lossgraph", *map(str, args)],
+        cwd=ROOT,
+        env={**inherited, "NO_COLOR": "1", **env},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+
+
+@pytest.mark.parametrize("env", [{}, {"FORCE_COLOR": "1"}], ids=["plain", "FORCE_COLOR"])
+def test_piped_tables_and_trees_keep_their_whole_width(tmp_path, env):
+    """rich wraps at 80 columns without a terminal (FORCE_COLOR makes it think it has one): the plan's
+    first row split in two, the tree's line broke."""
+    plan = piped("plan", EVERY_LOSS, "--tokens", "4096", **env)
+    rows = table_lines(plan)
+    assert "│ next │ lm, z, fkl, rkl, tvd, entropy │      2 │" in plan, plan
+    assert len(rows) == 6 and {len(row) for row in rows} == {81}, plan  # one line per launch, none ragged
+    tree = piped("show", write(tmp_path, "scheduled.yaml", SCHEDULED), **env)
+    assert SCHEDULED_LINE in tree.splitlines(), tree
+
+
+def test_columns_sets_the_width_of_piped_output(tmp_path):
+    plan = piped("plan", EVERY_LOSS, "--tokens", "4096", COLUMNS="80")
+    rows = table_lines(plan)
+    assert {len(row) for row in rows} == {80} and re.search(r"^│ +│ entropy +│", plan, re.MULTILINE), plan
+    tree = piped("show", write(tmp_path, "scheduled.yaml", SCHEDULED), COLUMNS="80")
+    assert SCHEDULED_LINE not in tree.splitlines() and max(len(line) for line in tree.splitlines()) <= 80, tree
+
+
+# --------------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.stem)

@@ -13,7 +13,8 @@
   teacher's nodes and sources.
 - The demo's packaged graph is examples/mtp_distill.yaml, byte for byte.
 - The tutorial's ```python blocks run in order in one namespace, in a directory holding the files its
-  ```bash blocks create and the demo's output; the tutorial and docs/cli.md name every summary field.
+  ```bash blocks create and the demo's output; the tutorial and docs/cli.md name every summary field and
+  show the results table and verdict as the demo prints them for their numbers.
 """
 
 from __future__ import annotations
@@ -497,6 +498,27 @@ def test_pages_state_one_demo_duration():
     for page in (ROOT / "README.md", TUTORIAL, CLI_PAGE):
         text = page.read_text(encoding="utf-8")
         assert "about a minute" not in text and "166 s" not in text, f"{page.name} keeps the old time"
+
+
+@pytest.mark.parametrize("page", [TUTORIAL, CLI_PAGE], ids=lambda page: page.name)
+def test_pages_show_the_results_as_the_demo_prints_them(page: Path):
+    """The results table and verdict of a page's sample run are what the demo prints for its numbers: the
+    rows' names, the bits per byte, the change, the layout."""
+    pytest.importorskip("torch")
+    from lossgraph.apps.demo import RunLog, _report
+    from lossgraph.cli.app import out
+
+    sample = next(block for block in fenced(page.read_text(encoding="utf-8"), "console") if "held-out" in block)
+    shown = sample[sample.index("held-out next-token loss") : sample.index("finished in")]
+    rows = re.findall(r"^│ (\S.*?) +│ +(\d+\.\d+) │", shown, re.MULTILINE)
+    assert [phase for phase, _ in rows] == PHASES, shown
+    logs = [RunLog(phase, held_out=[(300, float(loss))]) for phase, loss in rows]
+    losses = dict(zip(("teacher", "student", "baseline"), (float(loss) for _, loss in rows)))
+    summary = {f"{key}_held_out_loss": loss for key, loss in losses.items()} | {"seconds": 0.0}
+    with out.capture() as captured:  # the command's own console, writing to a pipe
+        _report(out, logs, summary, [])
+    printed = re.sub(r"\x1b\[[0-9;]*m", "", captured.get())
+    assert printed[: printed.index("finished in")] == shown
 
 
 @pytest.mark.parametrize("page", [TUTORIAL, CLI_PAGE], ids=lambda page: page.name)

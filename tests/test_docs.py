@@ -6,7 +6,7 @@
 - docs/cli.md has a `## lossgraph <name>` section for every command, naming each of its options.
 - The `lossgraph ...` lines of ```bash blocks run (in a scratch directory holding a copy of examples/)
   with the exit code the page states (`# exit code N`, else 0); when a ```text (or json, mermaid, dot)
-  block follows, it is the exact output.
+  block follows, it is the exact output, at the width a user gets in a pipe or a file (COLUMNS unset).
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def test_page_commands_run_as_shown(page: Path, tmp_path: Path, monkeypatch: pyt
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "200")  # rich crops `show` lines at the terminal width
+    monkeypatch.delenv("COLUMNS", raising=False)  # the pages show the output as `lossgraph ... > FILE` writes it
     blocks = fenced_blocks(page)
     ran = 0
     for block, after in zip(blocks, [*blocks[1:], None], strict=True):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
@@ -78,7 +78,23 @@ app = typer.Typer(
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 
-out = Console(highlight=False, soft_wrap=True)
+
+class _StandardOutput(Console):
+    """Standard output. In a terminal, tables and trees fit its width; COLUMNS, when set, overrides it.
+    Written to a pipe or a file (colours forced or not) they keep their whole width, as the docs show
+    them: rich would wrap them at 80 columns there, splitting table cells and tree lines."""
+
+    UNWRAPPED = 10_000  # columns: wider than any table or tree; nothing printed pads lines to the width
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.file.isatty() or os.environ.get("COLUMNS", "").isdigit():
+            return size
+        return ConsoleDimensions(self.UNWRAPPED, size.height)
+
+
+out = _StandardOutput(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
