@@ -11,6 +11,30 @@ from typing import Literal
 
 Severity = Literal["error", "warning"]
 
+# The most characters of a document's text that a message repeats. Names and values take a few dozen;
+# a 200,000-character name would otherwise be printed whole, once for every mention.
+MAX_SHOWN_CHARS = 60
+
+
+def shorten(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`text` cut to `limit` characters, the cut marked with `...`."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quote(value: object) -> str:
+    """A value from a document as every message shows it: its repr (quoted, with escapes for line
+    breaks, U+202E and other characters that do not print), cut to a readable length."""
+    return repr(shorten(value)) if isinstance(value, str) else shorten(repr(value))
+
+
+def printable(text: str) -> str:
+    """`text` with each character that does not print (line breaks, tabs, bidirectional controls such
+    as U+202E, lone surrogates) written as its escape, so that one message stays one line, reads in
+    the order it was written and can be encoded."""
+    if text.isprintable():
+        return text
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in text)
+
 
 @dataclass(frozen=True)
 class Diagnostic:
@@ -24,7 +48,8 @@ class Diagnostic:
     column: int | None = None
 
     def format(self) -> str:
-        """`FILE:LINE:COL: path: message` (missing parts left out), the form editors can jump to."""
+        """`FILE:LINE:COL: path: message` (missing parts left out), the form editors can jump to; on one
+        line whatever the document's names hold (see `printable`)."""
         where = self.file or "<string>"
         if self.line is not None:
             where += f":{self.line}"
@@ -32,7 +57,7 @@ class Diagnostic:
                 where += f":{self.column}"
         kind = "" if self.severity == "error" else f"{self.severity}: "
         path = f"{self.path}: " if self.path else ""
-        return f"{where}: {kind}{path}{self.message}"
+        return printable(f"{where}: {kind}{path}{self.message}")
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -82,16 +82,16 @@ def test_validate_reports_the_located_problem(cli, name: str):
     assert TRACEBACK not in result.output
 
 
-def validate_bounded(path: str | Path) -> subprocess.CompletedProcess:
-    """`lossgraph validate PATH` in a real process whose address space is capped at 200 MB (past it,
-    Python raises MemoryError: a traceback); checks the time it took and that it printed no traceback."""
+def run_bounded(*args: str | Path) -> subprocess.CompletedProcess:
+    """`lossgraph ARGS...` in a real process whose address space is capped at 200 MB (past it, Python
+    raises MemoryError: a traceback); checks the time it took and that it printed no traceback."""
 
     def cap_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (CLI_ADDRESS_SPACE, CLI_ADDRESS_SPACE))
 
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "lossgraph", "validate", str(path)],
+        [sys.executable, "-m", "lossgraph", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -262,7 +262,7 @@ def test_invalid_utf8_is_unreadable_with_its_position(cli, tmp_path: Path):
 def test_special_files_are_refused_before_they_are_read(tmp_path: Path, make, kind: str):
     # /dev/zero used to grow to 1.9 GB and end in MemoryError; a FIFO without a writer blocked forever.
     path = make(tmp_path)
-    result = validate_bounded(path)
+    result = run_bounded("validate", path)
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"error: {path}: is {kind}, not a regular file; give the path of a loss-graph YAML file\n"
 
@@ -272,7 +272,7 @@ def test_a_huge_sparse_file_is_refused_without_being_read_whole(tmp_path: Path):
     path = tmp_path / "sparse.yaml"
     with path.open("wb") as file:
         file.truncate(1 << 30)
-    result = validate_bounded(path)
+    result = run_bounded("validate", path)
     assert result.returncode == 1, result.stderr
     assert result.stdout.startswith(f"{path}:1:1: the document has more than the 262144 characters"), result.stdout
 
@@ -307,6 +307,63 @@ def test_documents_within_the_value_limit_are_read():
     values = loader.MAX_NODES - 100
     text = HEADER + Z_LOSS + "description: [" + ", ".join(["1"] * values) + "]\n"
     assert "more than" not in "\n".join(d.message for d in check_text(text).diagnostics)
+
+
+def test_characters_that_do_not_print_are_escaped_in_every_diagnostic(tmp_path: Path):
+    # A line break or U+202E (right-to-left override) in a key was printed raw inside the dotted path:
+    # one diagnostic split across lines, or read backwards on screen.
+    path = tmp_path / "keys.yaml"
+    path.write_text(HEADER + "losses:\n  z: {type: z_loss, heads: [next]}\n" + '  "a\\nb": 1\n  "x\\u202ey": 2\n')
+    result = run_bounded("validate", path)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{path}:6:3: losses.a\\nb: 'a\\nb' is not a valid name: use letters, digits and underscores, "
+        "not starting with a digit",
+        f"{path}:6:11: losses.a\\nb: expected a mapping, got int 1",
+        f"{path}:7:3: losses.x\\u202ey: 'x\\u202ey' is not a valid name: use letters, digits and underscores, "
+        "not starting with a digit",
+        f"{path}:7:15: losses.x\\u202ey: expected a mapping, got int 2",
+        f"{path}: invalid (4 error(s), 0 warning(s))",
+    ]
+
+
+def test_show_escapes_descriptions(cli, tmp_path: Path):
+    # Escapes in quoted strings may write any character: ESC would drive the terminal, U+202E reorder the line.
+    path = tmp_path / "described.yaml"
+    path.write_text(HEADER.replace("{offset: 1}", '{offset: 1, description: "a\\e[2J\\u202eb\\nc"}') + Z_LOSS)
+    result = cli("show", path)
+    assert result.exit_code == 0, result.output
+    assert "next  predicts t+1, vocab 32000  a\\x1b[2J\\u202eb\\nc" in result.stdout
+    assert not any(character in result.stdout for character in "\x1b\u202e")
+
+
+def test_huge_names_are_cut_in_messages(tmp_path: Path):
+    # A 200,000-character unknown source was repeated whole: 200 KB of output for one error.
+    path = tmp_path / "huge.yaml"
+    losses = f"losses: {{lm: {{type: cross_entropy, heads: [next], target: {'a' * 200_000}}}}}\n"
+    path.write_text(HEADER + "sources: {labels: {type: labels}}\n" + losses)
+    result = run_bounded("validate", path)
+    assert result.returncode == 1, result.stderr
+    shown = "a" * 57 + "..."
+    assert f"{path}:5:59: losses.lm.target: unknown source '{shown}' (declared sources: labels)\n" in result.stdout
+    assert len(result.stdout) < 1000, result.stdout[:2000]
+    # the dotted path too (YAML keys end at 1024 characters; values do not)
+    diagnostic = only_error(HEADER + Z_LOSS.replace("heads: [next]", f"heads: [next], {'k' * 1000}: 1"))
+    assert diagnostic.format() == (
+        f"h.yaml:4:43: losses.z.{'k' * 57}...: unknown key '{'k' * 57}...'; "
+        "allowed keys: description, head_weights, heads, type, weight"
+    )
+
+
+def test_messages_list_a_few_declared_names_each_cut(tmp_path: Path):
+    sources = "".join(f"  s{i}_{'x' * 100}: {{type: teacher}}\n" for i in range(30))
+    text = HEADER + "sources:\n" + sources + "losses: {d: {type: forward_kl, heads: [next], target: nope}}\n"
+    (found,) = [d for d in errors(text) if d.path == "losses.d.target"]
+    assert found.message.endswith(
+        f"(declared sources: s0_{'x' * 54}..., "
+        + "..., ".join(f"s{i}_{'x' * (54 if i < 10 else 53)}" for i in range(1, 12))
+        + "... and 18 more)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

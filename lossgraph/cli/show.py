@@ -6,6 +6,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from ..errors import printable
 from ..spec.describe import loss_summary, source_summary
 from ..spec.models import LossGraphSpec
 
@@ -16,13 +17,13 @@ def graph_tree(spec: LossGraphSpec, title: str) -> Tree:
     if spec.vocab_size is not None:
         header += f", vocab {spec.vocab_size}"
     if spec.description:
-        header += f"\n[dim]{escape(spec.description)}[/]"
+        header += f"\n[dim]{_text(spec.description)}[/]"
     tree = Tree(header)
     heads = tree.add("[bold]heads[/]")
     for head_name, head in spec.heads.items():
         label = f"[green]{escape(head_name)}[/]  predicts t+{head.offset}, vocab {spec.head_vocab(head_name)}"
         if head.description:
-            label += f"  [dim]{escape(head.description)}[/]"
+            label += f"  [dim]{_text(head.description)}[/]"
         branch = heads.add(label)
         bound = [(name, loss.heads.index(head_name)) for name, loss in spec.losses.items() if head_name in loss.heads]
         if not bound:
@@ -30,16 +31,22 @@ def graph_tree(spec: LossGraphSpec, title: str) -> Tree:
         for loss_name, index in bound:
             label = f"[cyan]{escape(loss_name)}[/]: {escape(loss_summary(spec, loss_name, index))}"
             if spec.losses[loss_name].description:
-                label += f"  [dim]{escape(spec.losses[loss_name].description)}[/]"
+                label += f"  [dim]{_text(spec.losses[loss_name].description)}[/]"
             branch.add(label)
     if spec.sources:
         sources = tree.add("[bold]sources[/]")
         for name, source in spec.sources.items():
             label = f"[blue]{escape(name)}[/]: {escape(source_summary(spec, name))}"
             if source.description:
-                label += f"  [dim]{escape(source.description)}[/]"
+                label += f"  [dim]{_text(source.description)}[/]"
             sources.add(label)
     return tree
+
+
+def _text(description: str) -> str:
+    """A description as the tree shows it: no rich markup, and no character that would move the cursor
+    or reorder the line (an escape written in a quoted YAML string can hold any)."""
+    return escape(printable(description))
 
 
 def byte_size(count: float) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..errors import Diagnostic
+from ..errors import Diagnostic, quote, shorten
 from ..kinds import TargetFacts, loss_kind, source_kind
 from ..spec.models import (
     MAX_MIXTURE_PARTS,
@@ -21,7 +21,7 @@ from ..spec.models import (
     LossGraphSpec,
 )
 from ..spec.schedules import fixed_at_one
-from ..spec.sourcemap import Path, SourceMap
+from ..spec.sourcemap import Path, SourceMap, dotted
 from ..spec.suggest import did_you_mean
 from .graph import SourceGraph
 
@@ -52,8 +52,19 @@ class CompileContext:
         return [d for d in self.diagnostics if d.severity == "warning"]
 
 
+# A message lists at most this many declared names (a file may declare thousands).
+_MAX_LISTED_NAMES = 12
+
+
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _names(names: list[str]) -> str:
+    """Declared names as a message lists them: the first few, each cut to a readable length."""
+    listed = ", ".join(shorten(name) for name in names[:_MAX_LISTED_NAMES]) or "none"
+    more = len(names) - _MAX_LISTED_NAMES
+    return f"{listed} and {more} more" if more > 0 else listed
 
 
 def _line(ctx: CompileContext, path: Path) -> int:
@@ -78,7 +89,7 @@ def check_names(ctx: CompileContext) -> None:
             other_kind, other_path = owners[name]
             ctx.error(
                 path,
-                f"name {name!r} is already used by the {other_kind} at {'.'.join(other_path)}; "
+                f"name {quote(name)} is already used by the {other_kind} at {dotted(other_path)}; "
                 "heads, sources and losses need distinct names",
                 key=True,
             )
@@ -91,11 +102,11 @@ def _reference(ctx: CompileContext, path: Path, name: str, wanted: str, section:
     if name in getattr(ctx.spec, section):
         return True
     if name in others:
-        ctx.error(path, f"{name!r} is a {others[name]}, not a {wanted}")
+        ctx.error(path, f"{quote(name)} is a {others[name]}, not a {wanted}")
         return False
-    hint = did_you_mean(name, getattr(ctx.spec, section))
-    declared = ", ".join(getattr(ctx.spec, section)) or "none"
-    ctx.error(path, f"unknown {wanted} {name!r}{hint} (declared {section}: {declared})")
+    declared = list(getattr(ctx.spec, section))
+    hint = did_you_mean(name, declared)
+    ctx.error(path, f"unknown {wanted} {quote(name)}{hint} (declared {section}: {_names(declared)})")
     return False
 
 
@@ -121,7 +132,7 @@ def build_graph(ctx: CompileContext) -> None:
         for index, head in enumerate(loss.heads):
             path = ("losses", name, "heads", index)
             if head in seen:
-                ctx.error(path, f"head {head!r} is listed twice; list each head once")
+                ctx.error(path, f"head {quote(head)} is listed twice; list each head once")
                 continue
             seen.add(head)
             _reference(ctx, path, head, "head", "heads", not_heads)
@@ -142,7 +153,7 @@ def _graph(ctx: CompileContext) -> SourceGraph:
 def check_source_cycles(ctx: CompileContext) -> None:
     """Derived sources (label_smoothing, mixture) must form a DAG; one cycle is reported per knot."""
     for names in _graph(ctx).cycles(first=lambda name: _line(ctx, ("sources", name))):
-        cycle = " -> ".join([*names, names[0]])
+        cycle = " -> ".join(shorten(name) for name in [*names, names[0]])
         message = f"sources form a cycle: {cycle}; a derived source cannot depend on itself"
         ctx.error(("sources", names[0]), message, key=True)
 
@@ -165,7 +176,8 @@ def check_source_kinds(ctx: CompileContext) -> None:
     for extra in sorted(labels, key=lambda n: _line(ctx, ("sources", n)))[1:]:
         ctx.error(
             ("sources", extra),
-            f"a graph reads one labels tensor, and {labels[0]!r} already declares it; refer to that source instead",
+            f"a graph reads one labels tensor, and {quote(labels[0])} already declares it; "
+            "refer to that source instead",
             key=True,
         )
     for name, source in spec.sources.items():
@@ -178,7 +190,7 @@ def check_source_kinds(ctx: CompileContext) -> None:
         if parts[name] > MAX_MIXTURE_PARTS and all(count <= MAX_MIXTURE_PARTS for count in inner):
             ctx.error(
                 ("sources", name, "sources"),
-                f"mixture {name!r} expands to {parts[name]} teacher and label distributions through the "
+                f"mixture {quote(name)} expands to {parts[name]} teacher and label distributions through the "
                 f"mixtures it contains; at most {MAX_MIXTURE_PARTS}: mix fewer sources, or mix the teachers directly",
             )
 
@@ -240,10 +252,10 @@ def check_offsets(ctx: CompileContext) -> None:
         for leaf, parent in graph.leaf_inputs(target):
             source = spec.sources[leaf]
             if source_kind(source.type).is_teacher and source.offset != head_offset:
-                where = f" (through {parent!r})" if parent else ""
+                where = f" (through {quote(parent)})" if parent else ""
                 ctx.error(
                     ("losses", name, "heads", index),
-                    f"head {head!r} predicts token t+{head_offset}, but teacher {leaf!r}{where} predicts "
+                    f"head {quote(head)} predicts token t+{head_offset}, but teacher {quote(leaf)}{where} predicts "
                     f"t+{source.offset}; bind this loss to heads of offset {source.offset}, or declare a "
                     f"teacher with offset: {head_offset}",
                 )
@@ -273,14 +285,14 @@ def check_vocab_sizes(ctx: CompileContext) -> None:
             if source.vocab_map is None:
                 ctx.error(
                     path,
-                    f"head {head!r} has vocab {head_vocab} but {leaf!r} has vocab {teacher_vocab}; "
-                    f"set vocab_map: {fix} on source {leaf!r} or make the sizes agree",
+                    f"head {quote(head)} has vocab {head_vocab} but {quote(leaf)} has vocab {teacher_vocab}; "
+                    f"set vocab_map: {fix} on source {quote(leaf)} or make the sizes agree",
                 )
             elif source.vocab_map != fix:
                 ctx.error(
                     path,
-                    f"{leaf!r} uses vocab_map: {source.vocab_map}, but its vocab ({teacher_vocab}) is "
-                    f"{'larger' if fix == 'truncate' else 'smaller'} than head {head!r}'s ({head_vocab}); "
+                    f"{quote(leaf)} uses vocab_map: {source.vocab_map}, but its vocab ({teacher_vocab}) is "
+                    f"{'larger' if fix == 'truncate' else 'smaller'} than head {quote(head)}'s ({head_vocab}); "
                     f"use vocab_map: {fix}",
                 )
 
@@ -365,8 +377,8 @@ def warn_unused(ctx: CompileContext) -> None:
     used = {source for name in spec.losses for source in graph.loss_sources(name)}
     for name in spec.sources:
         if name not in used:
-            ctx.warn(("sources", name), f"source {name!r} is not used by any loss", key=True)
+            ctx.warn(("sources", name), f"source {quote(name)} is not used by any loss", key=True)
     bound = {head for loss in spec.losses.values() for head in loss.heads}
     for name in spec.heads:
         if name not in bound:
-            ctx.warn(("heads", name), f"head {name!r} has no loss bound to it; its logits are not used", key=True)
+            ctx.warn(("heads", name), f"head {quote(name)} has no loss bound to it; its logits are not used", key=True)

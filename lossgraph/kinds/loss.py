@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from ..errors import quote
 from ..kernels.fragments import LossFragments
 from ..spec.nodes import LossNode
 
@@ -109,7 +110,7 @@ class LossKind:
             problems.append(
                 (
                     "target",
-                    f"{self.name} compares two distributions, but {target.name!r} holds hard labels; "
+                    f"{self.name} compares two distributions, but {quote(target.name)} holds hard labels; "
                     f"{self.hard_labels_fix}",
                 )
             )

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..errors import ConfigError, Diagnostic, SourceFileError
+from ..errors import ConfigError, Diagnostic, SourceFileError, quote, shorten
 from .models import BOUND_REASONS, LossGraphSpec
 from .sourcemap import Path, SourceMap, dotted
 from .suggest import did_you_mean
@@ -169,10 +169,6 @@ class ParsedDocument:
     source_map: SourceMap
 
 
-def _shorten(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 class _Composer:
     """Turns a composed YAML node tree into plain data, recording positions and duplicate keys."""
 
@@ -203,18 +199,19 @@ class _Composer:
         noun = _SCALAR_NOUNS[node.tag]
         if node.tag in (_INT_TAG, _FLOAT_TAG) and len(node.value) > MAX_NUMBER_CHARS:
             return None, (
-                f"{_shorten(node.value)!r} is read as {noun} of {len(node.value)} characters; "
+                f"{quote(node.value)} is read as {noun} of {len(node.value)} characters; "
                 f"numbers have at most {MAX_NUMBER_CHARS}"
             )
         try:
             # The constructor itself, not construct_object: a failure must not leave its state half-set.
-            return self.loader.yaml_constructors[node.tag](self.loader, node), None
+            value = self.loader.yaml_constructors[node.tag](self.loader, node)
         except (ValueError, LookupError):  # e.g. `!!float ''`, `!!int abc`, `!!bool maybe`, `._`
-            shown = repr(_shorten(node.value))
+            shown = quote(node.value)
             if self.loader.resolve(yaml.ScalarNode, node.value, (True, False)) != node.tag:
                 tag = node.tag.rsplit(":", 1)[-1]
                 return None, f"{shown} cannot be read as {noun}; remove the `!!{tag}` tag or fix the value"
             return None, f"{shown} looks like {noun} but is not one; fix it, or quote it to make it text"
+        return value, None
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any]:
         if node.tag != _MAP_TAG:
@@ -230,7 +227,8 @@ class _Composer:
             if key in first_seen:
                 self._error(
                     (*path, key),
-                    f"duplicate key {key!r} (first defined at line {first_seen[key]}); remove one of them or rename it",
+                    f"duplicate key {quote(key)} (first defined at line {first_seen[key]}); "
+                    "remove one of them or rename it",
                     key_node.start_mark,
                 )
             else:
@@ -269,9 +267,13 @@ class _Composer:
 
 
 def _unsupported_tag(tag: str, what: str) -> str:
-    return f"unsupported YAML tag {tag!r} on {what}; remove it: a loss graph holds plain mappings, lists and values"
+    return (
+        f"unsupported YAML tag {quote(tag)} on {what}; remove it: a loss graph holds plain mappings, lists and values"
+    )
 
 
+# PyYAML's own phrases ("found undefined alias", "while scanning an anchor") with a name of a readable length.
+_MAX_YAML_PHRASE_CHARS = 160
 # Hints for PyYAML's terse syntax messages, keyed by a fragment of the problem.
 _SYNTAX_HINTS = {
     "'\\t'": "indent with spaces (YAML does not allow tabs)",
@@ -312,7 +314,8 @@ def parse_yaml(text: str, file: str | None = None) -> ParsedDocument:
     except yaml.MarkedYAMLError as exc:
         raise ConfigError([_syntax_diagnostic(text, exc, file)]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([Diagnostic("error", "", f"YAML error: {exc}", file, 1, 1)]) from None
+        message = f"YAML error: {shorten(str(exc), _MAX_YAML_PHRASE_CHARS)}"
+        raise ConfigError([Diagnostic("error", "", message, file, 1, 1)]) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -355,7 +358,8 @@ def _syntax_diagnostic(text: str, exc: yaml.MarkedYAMLError, file: str | None) -
     context = exc.context
     if context and context.startswith("while") and exc.context_mark and mark and exc.context_mark.line != mark.line:
         context += f" (started at line {exc.context_mark.line + 1})"  # where an unclosed `[` or `{` opened
-    problem = " ".join(part for part in (context, exc.problem) if part)
+    # PyYAML's phrases are short; what can make one long is a name it repeats (an undefined alias, a tag).
+    problem = " ".join(shorten(part, _MAX_YAML_PHRASE_CHARS) for part in (context, exc.problem) if part)
     problem += "".join(f"; {hint}" for fragment, hint in _SYNTAX_HINTS.items() if fragment in problem)
     line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
     return Diagnostic("error", "", f"YAML syntax error: {problem}", file, line, column)
@@ -600,8 +604,8 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, str):
-        return f"the string {_shorten(repr(value), 60)}"
-    return f"{type(value).__name__} {value!r}"
+        return f"the string {quote(value)}"
+    return f"{type(value).__name__} {quote(value)}"
 
 
 def _number(value: Any) -> str:
@@ -717,26 +721,26 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
     ctx = error.get("ctx") or {}
     value = error.get("input")
     if kind == "missing":
-        return f"missing required key {loc[-1]!r}"
+        return f"missing required key {quote(loc[-1])}"
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])
         allowed = sorted(model.model_fields) if model else []
         hint = did_you_mean(str(loc[-1]), allowed)
         if not hint and allowed:
             hint = f"; allowed keys: {', '.join(allowed)}"
-        return f"unknown key {loc[-1]!r}{hint}"
+        return f"unknown key {quote(loc[-1])}{hint}"
     if kind == "union_tag_invalid":
         expected = [tag.strip().strip("'") for tag in str(ctx.get("expected_tags", "")).split(",")]
         hint = did_you_mean(str(ctx.get("tag")), expected)
         name = str(ctx.get("discriminator", "type")).strip("'")
-        return f"unknown {name} {ctx.get('tag')!r}{hint} (one of: {', '.join(expected)})"
+        return f"unknown {name} {quote(ctx.get('tag'))}{hint} (one of: {', '.join(expected)})"
     if kind == "union_tag_not_found":
         name = str(ctx.get("discriminator", "type")).strip("'")
-        return f"missing required key {name!r}, which picks the kind"
+        return f"missing required key {quote(name)}, which picks the kind"
     if kind == "string_pattern_mismatch":
-        return f"{value!r} is not a valid name: use letters, digits and underscores, not starting with a digit"
+        return f"{quote(value)} is not a valid name: use letters, digits and underscores, not starting with a digit"
     if kind == "literal_error" and loc == ("version",):
-        return f"version {value!r} is not supported; this lossgraph reads version 1 files"
+        return f"version {quote(value)} is not supported; this lossgraph reads version 1 files"
     if kind == "literal_error":
         expected = str(ctx.get("expected", ""))
         choices = [c.strip().strip("'") for c in re.split(r",| or ", expected) if c.strip()]

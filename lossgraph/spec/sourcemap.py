@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import Diagnostic, Severity
+from ..errors import Diagnostic, Severity, shorten
 
 PathPart = str | int
 Path = tuple[PathPart, ...]
 
 
 def dotted(path: Path) -> str:
-    """`("losses", "lm", "heads", 0)` -> `losses.lm.heads[0]`."""
+    """`("losses", "lm", "heads", 0)` -> `losses.lm.heads[0]`; each name cut to a readable length."""
     text = ""
     for part in path:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            text += f".{shorten(part)}" if text else shorten(part)
     return text
 
 

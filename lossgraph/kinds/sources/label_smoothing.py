@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...errors import quote
 from ...kernels.fragments import TargetFragments
 from ...spec.nodes import Name, SourceNode
 from ..registry import source_kind
@@ -84,7 +85,7 @@ class LabelSmoothing(SourceKind):
     def check(self, name, source, spec):
         inner = spec.sources.get(source.source)
         if inner is not None and not source_kind(inner.type).provides_labels:
-            message = f"label_smoothing smooths a labels source, but {source.source!r} is a {inner.type} source"
+            message = f"label_smoothing smooths a labels source, but {quote(source.source)} is a {inner.type} source"
             return [(("source",), message)]
         return []
 

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from ...errors import quote
 from ...kernels.fragments import TargetFragments
 from ...spec.nodes import MAX_INDEX, MIN_INDEX, SourceNode
 from ..source import LABELS, SourceKind, Target
@@ -70,7 +71,7 @@ class Labels(SourceKind):
         return f"labels (ignore_index {source.ignore_index})"
 
     def zero_mass_reason(self, name, source, member_reasons, spec):
-        return f"{name!r} holds hard labels"
+        return f"{quote(name)} holds hard labels"
 
     def resolve(self, spec, name, source, inputs):
         return LabelsTarget(name, source.ignore_index)

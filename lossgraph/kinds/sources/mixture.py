@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...errors import quote
 from ...kernels.fragments import TargetFragments
 from ...spec.nodes import MAX_MIXTURE_PARTS, Name, Probability, SourceNode
 from ..registry import source_kind
@@ -147,10 +148,10 @@ class Mixture(SourceKind):
             return None
         # A nested mixture is named, not spelled out, so that the message stays short.
         parts = [
-            f"mixture {member!r} does" if spec.sources[member].type == self.name else member_reasons[member]
+            f"mixture {quote(member)} does" if spec.sources[member].type == self.name else member_reasons[member]
             for member in dict.fromkeys(weighted)
         ]
-        return f"every part of mixture {name!r} does ({'; '.join(parts)})"
+        return f"every part of mixture {quote(name)} does ({'; '.join(parts)})"
 
     def resolve(self, spec, name, source, inputs):
         return MixtureTarget(name, tuple((weight, part) for weight, part in inputs if weight is not None))

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...errors import quote
 from ...kernels.fragments import TargetFragments
 from ...spec.nodes import TeacherNode
 from ..math import map_vocab
@@ -81,7 +82,7 @@ class Teacher(SourceKind):
         return teacher_summary(spec, name, source, [])
 
     def zero_mass_reason(self, name, source, member_reasons, spec):
-        return f"teacher {name!r} pads its vocab with zero mass" if source.vocab_map == "pad" else None
+        return f"teacher {quote(name)} pads its vocab with zero mass" if source.vocab_map == "pad" else None
 
     def resolve(self, spec, name, source, inputs):
         return DenseTarget(name, spec.source_vocab(name), source.vocab_map)

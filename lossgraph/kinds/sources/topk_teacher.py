@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from ...errors import quote
 from ...kernels.signature import KTopK
 from ...spec.nodes import MAX_TOPK, TeacherNode
 from ...spec.schedules import fixed_at_one
@@ -80,7 +81,7 @@ class TopKTeacher(SourceKind):
 
     def mixture_member_problem(self, name):
         return (
-            f"a mixture cannot contain the top-k teacher {name!r}: its distribution is known on k tokens only; "
+            f"a mixture cannot contain the top-k teacher {quote(name)}: its distribution is known on k tokens only; "
             "give it a loss node of its own"
         )
 
@@ -89,7 +90,7 @@ class TopKTeacher(SourceKind):
             return [
                 (
                     "temperature",
-                    f"top-k teacher {name!r} uses tail: bucket, whose tail mass cannot be re-tempered; "
+                    f"top-k teacher {quote(name)} uses tail: bucket, whose tail mass cannot be re-tempered; "
                     "use temperature 1, or tail: renormalize",
                 )
             ]
