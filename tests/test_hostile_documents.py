@@ -41,6 +41,7 @@ HOSTILE_FILES = {
     "numbers_out_of_range.yaml": (12, 13, "vocab_size: 1000000000000000000000000000000 is too large"),
     "dedented_key.yaml": (14, 4, "YAML syntax error: this line is indented 3 spaces, but line 13 above"),
     "dedented_schedule_key.yaml": (17, 6, "YAML syntax error: this line is indented 5 spaces, but line 16 above"),
+    "lone_surrogate.yaml": (8, 65, "losses.z.description: '\\ud800' holds U+D800, half of a UTF-16 surrogate pair"),
 }
 
 # What `lossgraph validate` may take on a hostile file, start-up included (it needs about 0.4 s and 60 MB).
@@ -307,6 +308,20 @@ def test_documents_within_the_value_limit_are_read():
     values = loader.MAX_NODES - 100
     text = HEADER + Z_LOSS + "description: [" + ", ".join(["1"] * values) + "]\n"
     assert "more than" not in "\n".join(d.message for d in check_text(text).diagnostics)
+
+
+def test_a_lone_surrogate_is_refused_so_that_show_cannot_fail_to_print_it():
+    # It used to validate; `lossgraph show` then died with UnicodeEncodeError, and model_dump_json() raised.
+    path = INVALID / "lone_surrogate.yaml"
+    for command in ("validate", "show"):
+        result = run_bounded(command, path)
+        assert result.returncode == 1, result.stderr
+        output = result.stdout if command == "validate" else result.stderr
+        assert output.startswith(f"{path}:8:65: losses.z.description: '\\ud800' holds U+D800"), output
+    # a key too, and both halves of a pair written as two escapes
+    diagnostic = only_error(HEADER + Z_LOSS + '"k\\ud83d\\ude00": 1\n')
+    assert (diagnostic.line, diagnostic.column) == (5, 1)
+    assert "holds U+D83D" in diagnostic.message and "\\U0001F600, not \\ud83d\\ude00" in diagnostic.message
 
 
 def test_characters_that_do_not_print_are_escaped_in_every_diagnostic(tmp_path: Path):

@@ -448,7 +448,10 @@ def _document_limits() -> str:
             f"Numbers: at most {loader.MAX_NUMBER_CHARS} characters.",
             f"Size: at most {loader.MAX_DOCUMENT_CHARS} characters (a loss graph has a few thousand).",
             "Characters: NUL and other control characters (except tab, line feed and carriage return) are not "
-            "allowed anywhere in the file.",
+            "allowed anywhere in the file, nor is half of a UTF-16 surrogate pair written as an escape "
+            '(`"\\ud800"`).',
+            "Files: only regular files are read (not a FIFO or a device such as `/dev/zero`), and only as far as "
+            "the size limit.",
         ]
     )
 

@@ -64,6 +64,8 @@ _SCALAR_NOUNS = {
     _FLOAT_TAG: "a number",
     _STR_TAG: "text",
 }
+# Half of a UTF-16 surrogate pair: no character, though an escape (`"\\ud800"`) can write one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Implicit types of YAML 1.1 that a loss graph never means: `2024-13-45` read as a date (which can
 # fail), a lone `=` read as a "value" key. Without them such scalars are plain text.
 _DROPPED_IMPLICIT_TAGS = {"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value", "tag:yaml.org,2002:yaml"}
@@ -211,7 +213,8 @@ class _Composer:
                 tag = node.tag.rsplit(":", 1)[-1]
                 return None, f"{shown} cannot be read as {noun}; remove the `!!{tag}` tag or fix the value"
             return None, f"{shown} looks like {noun} but is not one; fix it, or quote it to make it text"
-        return value, None
+        problem = _lone_surrogate(value) if isinstance(value, str) else None
+        return (None, problem) if problem else (value, None)
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any]:
         if node.tag != _MAP_TAG:
@@ -264,6 +267,19 @@ class _Composer:
         self.diagnostics.append(
             Diagnostic("error", dotted(path), message, self.source_map.file, mark.line + 1, mark.column + 1)
         )
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """Why a string holding half of a UTF-16 surrogate pair is refused (the reader refuses one written as
+    a character; an escape in a double-quoted string, `"\\ud800"`, makes one)."""
+    surrogate = _SURROGATE.search(text)
+    if surrogate is None:
+        return None
+    return (
+        f"{quote(text)} holds U+{ord(surrogate[0]):04X}, half of a UTF-16 surrogate pair, which is no character "
+        "(it cannot be printed or saved as UTF-8); write the character itself, or one \\U escape for it "
+        "(\\U0001F600, not \\ud83d\\ude00)"
+    )
 
 
 def _unsupported_tag(tag: str, what: str) -> str:
