@@ -42,6 +42,7 @@ HOSTILE_FILES = {
     "dedented_key.yaml": (14, 4, "YAML syntax error: this line is indented 3 spaces, but line 13 above"),
     "dedented_schedule_key.yaml": (17, 6, "YAML syntax error: this line is indented 5 spaces, but line 16 above"),
     "lone_surrogate.yaml": (8, 65, "losses.z.description: '\\ud800' holds U+D800, half of a UTF-16 surrogate pair"),
+    "yaml11_numbers.yaml": (12, 73, "losses.lm.weight: '1:30' is read as the number 90 by YAML 1.1 but as text"),
 }
 
 # What `lossgraph validate` may take on a hostile file, start-up included (it needs about 0.4 s and 60 MB).
@@ -379,6 +380,44 @@ def test_messages_list_a_few_declared_names_each_cut(tmp_path: Path):
         + "..., ".join(f"s{i}_{'x' * (54 if i < 10 else 53)}" for i in range(1, 12))
         + "... and 18 more)"
     )
+
+
+def test_yaml11_only_numbers_are_refused_in_a_real_process():
+    # `weight: 1:30` was read as 90 without a word.
+    path = INVALID / "yaml11_numbers.yaml"
+    result = run_bounded("validate", path)
+    assert result.returncode == 1, result.stderr
+    assert f"{path}:12:73: losses.lm.weight: '1:30' is read as the number 90 by YAML 1.1" in result.stdout
+    assert "write 90, or quote it to make it text" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "read"),
+    [("0x1F", 31), ("1.", 1.0), (".5", 0.5), ("1e-4", 1e-4), ("-3", -3), ("007", 7), ("!!str 1:30", "1:30")],
+)
+def test_numbers_yaml_1_1_and_1_2_read_alike_are_kept(value: str, read: object):
+    assert loader.parse_yaml(f"x: {value}\n").data == {"x": read}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1:30:00", "'1:30:00' is read as the number 5400 by YAML 1.1 but as text by YAML 1.2"),
+        ("1:30.5", "write 90.5, or quote it to make it text"),
+        ("1_000", "'1_000' is read as the number 1000 by YAML 1.1"),
+        ("1_0e5", "write 1000000, or quote it"),
+        ("+0x1F", "'+0x1F' is read as the number 31"),
+        ("-017", "'-017' is read as -15 by YAML 1.1 (a leading zero means octal) but as -17 by YAML 1.2"),
+    ],
+)
+def test_numbers_only_yaml_1_1_reads_are_refused(value: str, message: str):
+    diagnostic = only_error(f"x: {value}\n")
+    assert (diagnostic.path, diagnostic.line, diagnostic.column) == ("x", 1, 4)
+    assert message in diagnostic.message
+
+
+def test_numbers_only_yaml_1_2_reads_stay_text():
+    assert loader.parse_yaml("a: 0o17\nb: -.5\n").data == {"a": "0o17", "b": "-.5"}
 
 
 # --------------------------------------------------------------------------------------------------

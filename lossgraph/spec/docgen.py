@@ -412,6 +412,10 @@ server complete and check keys; write the schema next to the file with
 - Numbers must be finite (`.inf` and `.nan` are rejected) and inside the range of their key, shown in
   the Type column; [Limits](#limits) says why each range is what it is.
 - Both `1e-4` and `1.0e-4` are read as numbers. Dates are not: `2024-01-01` is text.
+- Numbers mean what YAML 1.2 says, as in editors that check the file against its schema. A number only
+  YAML 1.1 reads as one is an error that names the number to write: base 60 (`1:30`, which YAML 1.1
+  reads as 90), binary (`0b101`), digits grouped with `_` (`1_000`), and an integer with a leading zero
+  (`017`, octal in YAML 1.1, 17 in YAML 1.2). Quote such a value to make it text.
 - A key written twice in one mapping is an error. Anchors, aliases and merge keys (`<<: *defaults`)
   work, within the [limits](#limits). Explicit tags other than the plain ones (`!!str`, `!!int`,
   `!!float`, `!!bool`, `!!null`, `!!map`, `!!seq`), such as `!!python/object` or `!!timestamp`, are

@@ -66,6 +66,17 @@ _SCALAR_NOUNS = {
 }
 # Half of a UTF-16 surrogate pair: no character, though an escape (`"\\ud800"`) can write one.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Numbers as the YAML 1.2 core schema reads them. PyYAML reads YAML 1.1, whose numbers also include
+# base 60 (`1:30` is 90), binary (`0b101`), digits grouped by `_` (`1_000`), signed hexadecimal and
+# octal with a leading zero (`017` is 15): YAML 1.2, and so editors checking the file against its schema,
+# read those as text, or `017` as 17. The loader refuses them, naming the number to write, rather than
+# let a file mean one thing here and another there. Forms both read alike are kept (`10`, `0x1F`,
+# `1e-4`, `.inf`, `.nan`); forms only YAML 1.2 reads as numbers (`0o17`, `-.5`) stay text, which a
+# key that wants a number refuses by type.
+_CORE_INT = re.compile(r"[-+]?[0-9]+|0x[0-9a-fA-F]+")
+_CORE_FLOAT = re.compile(
+    r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+)
 # Implicit types of YAML 1.1 that a loss graph never means: `2024-13-45` read as a date (which can
 # fail), a lone `=` read as a "value" key. Without them such scalars are plain text.
 _DROPPED_IMPLICIT_TAGS = {"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value", "tag:yaml.org,2002:yaml"}
@@ -213,7 +224,12 @@ class _Composer:
                 tag = node.tag.rsplit(":", 1)[-1]
                 return None, f"{shown} cannot be read as {noun}; remove the `!!{tag}` tag or fix the value"
             return None, f"{shown} looks like {noun} but is not one; fix it, or quote it to make it text"
-        problem = _lone_surrogate(value) if isinstance(value, str) else None
+        if isinstance(value, str):
+            problem = _lone_surrogate(value)
+        elif node.tag in (_INT_TAG, _FLOAT_TAG):
+            problem = _yaml11_only_number(node.value, value)
+        else:
+            problem = None
         return (None, problem) if problem else (value, None)
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any]:
@@ -279,6 +295,30 @@ def _lone_surrogate(text: str) -> str | None:
         f"{quote(text)} holds U+{ord(surrogate[0]):04X}, half of a UTF-16 surrogate pair, which is no character "
         "(it cannot be printed or saved as UTF-8); write the character itself, or one \\U escape for it "
         "(\\U0001F600, not \\ud83d\\ude00)"
+    )
+
+
+def _yaml11_only_number(text: str, value: int | float) -> str | None:
+    """Why a number that PyYAML reads the YAML 1.1 way is refused: YAML 1.2 reads it otherwise."""
+    if isinstance(value, float):
+        if _CORE_FLOAT.fullmatch(text):
+            return None
+        other = None
+    elif _CORE_INT.fullmatch(text):
+        other = int(text, 16) if text.startswith("0x") else int(text)
+        if other == value:
+            return None
+    else:
+        other = None
+    number = _number(value)
+    if other is None:
+        return (
+            f"{quote(text)} is read as the number {number} by YAML 1.1 but as text by YAML 1.2 (and by editors "
+            f"that check the file against its schema); write {number}, or quote it to make it text"
+        )
+    return (
+        f"{quote(text)} is read as {number} by YAML 1.1 (a leading zero means octal) but as {other} by YAML 1.2; "
+        f"write {number} or {other}, without the leading zero"
     )
 
 
