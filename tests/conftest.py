@@ -21,3 +21,11 @@ def cli() -> Callable[..., Result]:
         return runner.invoke(app, [str(arg) for arg in args])
 
     return invoke
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """Name the order the tests ran in also under `-q` (which hides pytest-randomly's header), so that a
+    failure that depends on it can be repeated."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if config.pluginmanager.has_plugin("randomly") and isinstance(seed, int):
+        terminalreporter.write_line(f"test order: pytest-randomly, repeat it with --randomly-seed={seed}")
