@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .codegen import KernelGenerator, next_power_of_two
+from .interpreter_lock import launch_guard
 from .signature import KernelSpec
 
 _MODULES: dict[tuple[str, str], tuple[ModuleType, KernelGenerator]] = {}
@@ -163,7 +164,8 @@ def _run(spec: KernelSpec, phase: str, inputs: Inputs, arguments: dict[str, obje
     if rows:
         tile = tile_shape(vocab, spec.tile_streams, inputs.logits.element_size())
         kernel = kernel_module(spec, phase).fused_head_kernel
-        kernel[(rows,)](**arguments, BLOCK_V=tile.block, VEC=tile.vec, num_warps=tile.warps)
+        with launch_guard(kernel):
+            kernel[(rows,)](**arguments, BLOCK_V=tile.block, VEC=tile.vec, num_warps=tile.warps)
 
 
 def launch(

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .interpreter_lock import launch_guard
+
 BLOCK = 4096
 PROGRAMS_PER_MULTIPROCESSOR = 4
 
@@ -51,5 +53,6 @@ def scale_in_place(buffer: torch.Tensor, scale: torch.Tensor, programs: int | No
     if elements:
         cap = programs or PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(buffer.device)
         grid = (min(triton.cdiv(elements, BLOCK), cap),)
-        scale_in_place_kernel[grid](buffer, scale, elements, BLOCK=BLOCK)
+        with launch_guard(scale_in_place_kernel):
+            scale_in_place_kernel[grid](buffer, scale, elements, BLOCK=BLOCK)
     return buffer
