@@ -13,7 +13,7 @@ from pathlib import Path
 from .compiler import pipeline
 from .compiler.passes import CompileContext
 from .errors import ConfigError, Diagnostic, LossGraphWarning, sort_diagnostics
-from .spec.loader import parse_yaml, read_text, validate_schema
+from .spec.loader import check_schema, parse_yaml, read_text
 from .spec.models import LossGraphSpec
 
 # where a spec keeps its analysed context: an attribute outside the model's fields, which dumps and the
@@ -60,12 +60,19 @@ class Report:
 
 
 def check_text(text: str, file: str | None = None) -> Report:
-    """Parse, schema-check and run every validation pass; never raises for a bad document."""
+    """Parse, schema-check and run every validation pass; never raises for a bad document.
+
+    A document whose keys, types or ranges are wrong stops at those problems: the passes need its shape.
+    A document that breaks only node rules (a negative weight) has that shape, so the passes run too.
+    """
     report = Report(file=file)
     try:
-        spec = validate_schema(parse_yaml(text, file))
+        spec, broken_rules = check_schema(parse_yaml(text, file))
     except ConfigError as exc:
         report.diagnostics = exc.diagnostics
+        return report
+    if broken_rules:  # the spec is not valid: its analysis is not kept with it, and it is not returned
+        report.diagnostics = sort_diagnostics(pipeline.analyze(spec, broken_rules).diagnostics)
         return report
     return check_spec(spec, report)
 

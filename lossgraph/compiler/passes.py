@@ -15,8 +15,6 @@ from ..errors import Diagnostic, quote, shorten
 from ..kinds import TargetFacts, loss_kind, source_kind
 from ..spec.models import (
     MAX_MIXTURE_PARTS,
-    MAX_TEMPERATURE,
-    MIN_TEMPERATURE,
     ConstantSchedule,
     LossGraphSpec,
 )
@@ -54,10 +52,6 @@ class CompileContext:
 
 # A message lists at most this many declared names (a file may declare thousands).
 _MAX_LISTED_NAMES = 12
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _names(names: list[str]) -> str:
@@ -302,15 +296,6 @@ def check_vocab_sizes(ctx: CompileContext) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _schedule_values(value: object) -> list[tuple[str, float]]:
-    if isinstance(value, (int, float)):
-        return [("", float(value))]
-    values = [("start", value.start)]
-    if not isinstance(value, ConstantSchedule):
-        values.append(("end", value.end))
-    return values
-
-
 def check_loss_fields(ctx: CompileContext) -> None:
     """Each loss node's own fields against each other (its kind's rules: jsd's beta at 0 or 1)."""
     for name, loss in ctx.spec.losses.items():
@@ -318,38 +303,12 @@ def check_loss_fields(ctx: CompileContext) -> None:
             ctx.error(("losses", name, field_name), message)
 
 
-def check_weights(ctx: CompileContext) -> None:
-    """head_weights match heads; weights are not negative (except entropy); temperatures are in range."""
+def warn_temperature_scaling(ctx: CompileContext) -> None:
+    """temperature_scaling at temperature 1 multiplies by 1: probably not what was meant. (The rules of
+    a node's weight, head_weights and temperature are its fields' validators, in lossgraph.spec.nodes.)"""
     for name, loss in ctx.spec.losses.items():
-        base: Path = ("losses", name)
-        if loss.head_weights is not None:
-            if len(loss.head_weights) != len(loss.heads):
-                ctx.error(
-                    (*base, "head_weights"),
-                    f"{len(loss.head_weights)} head_weights for {_count(len(loss.heads), 'head')}; give one per head",
-                )
-        if not loss_kind(loss.type).allows_negative_weight:
-            for part, value in _schedule_values(loss.weight):
-                if value < 0:
-                    path = (*base, "weight", part) if part else (*base, "weight")
-                    ctx.error(
-                        path,
-                        f"weight {value:g} is negative, which would maximize the {loss.type} loss; use a value >= 0",
-                    )
-        temperature = getattr(loss, "temperature", None)
-        if temperature is not None:
-            for part, value in _schedule_values(temperature):
-                path = (*base, "temperature", part) if part else (*base, "temperature")
-                if value <= 0:
-                    ctx.error(path, f"temperature must be > 0, got {value:g}")
-                elif not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
-                    # A fixed temperature is range-checked by the schema; a schedule's values only here.
-                    ctx.error(
-                        path,
-                        f"temperature must be between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, got {value:g}",
-                    )
-            if getattr(loss, "temperature_scaling", False) and fixed_at_one(temperature):
-                ctx.warn((*base, "temperature_scaling"), "temperature_scaling has no effect at temperature 1")
+        if getattr(loss, "temperature_scaling", False) and fixed_at_one(loss.temperature):
+            ctx.warn(("losses", name, "temperature_scaling"), "temperature_scaling has no effect at temperature 1")
 
 
 def check_schedules(ctx: CompileContext) -> None:

@@ -6,8 +6,9 @@ list the terms of each head and fuse them into kernels) run only on a graph with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from ..errors import Diagnostic
 from ..spec.models import LossGraphSpec
 from . import passes
 from .fusion import plan_fusion
@@ -39,7 +40,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("check_offsets", passes.check_offsets),
     ("check_vocab_sizes", passes.check_vocab_sizes),
     ("check_loss_fields", passes.check_loss_fields),
-    ("check_weights", passes.check_weights),
+    ("warn_temperature_scaling", passes.warn_temperature_scaling),
     ("check_schedules", passes.check_schedules),
     ("warn_unused", passes.warn_unused),
     ("plan_terms", plan_terms),
@@ -47,9 +48,14 @@ PASSES: tuple[tuple[str, Pass], ...] = (
 )
 
 
-def analyze(spec: LossGraphSpec, pass_list: tuple[tuple[str, Pass], ...] = PASSES) -> CompileContext:
-    """Run the passes on `spec` in order; the context holds the graph, the diagnostics and the plan."""
-    ctx = CompileContext(spec=spec, source_map=spec.source_map)
+def analyze(
+    spec: LossGraphSpec, found: Sequence[Diagnostic] = (), pass_list: tuple[tuple[str, Pass], ...] = PASSES
+) -> CompileContext:
+    """Run the passes on `spec` in order; the context holds the graph, the diagnostics and the plan.
+
+    `found` are problems the loader already found (broken node rules): the passes add theirs, and with
+    errors among them nothing is planned."""
+    ctx = CompileContext(spec=spec, source_map=spec.source_map, diagnostics=list(found))
     for _, run in pass_list:
         run(ctx)
     return ctx

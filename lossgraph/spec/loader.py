@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError, Diagnostic, SourceFileError, quote, shorten
 from .models import BOUND_REASONS, LossGraphSpec
+from .nodes import NODE_RULE, WITHOUT_NODE_RULES
 from .sourcemap import Path, SourceMap, dotted
 from .suggest import did_you_mean
 
@@ -808,6 +809,8 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
         return f"expected {_TYPE_NAMES[kind]}, got {_kind(value)}"
     if kind in _RANGE_ERRORS and isinstance(value, (int, float)) and not isinstance(value, bool):
         return _range_message(kind, ctx, value, loc)
+    if kind == NODE_RULE:
+        return ctx["message"]
     if kind == "too_short":
         minimum = ctx.get("min_length", 1)
         return f"needs at least {minimum} entr{'y' if minimum == 1 else 'ies'}"
@@ -818,25 +821,43 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
 
 def validate_schema(document: ParsedDocument) -> LossGraphSpec:
     """Validate parsed data against the spec; raise `ConfigError` with every located problem."""
+    spec, broken_rules = check_schema(document)
+    if broken_rules:
+        raise ConfigError(broken_rules)
+    return spec
+
+
+def check_schema(document: ParsedDocument) -> tuple[LossGraphSpec, list[Diagnostic]]:
+    """Validate parsed data against the spec. Raise `ConfigError` with every located problem when the
+    document's shape is wrong (keys, types, ranges); when only node rules are broken (a negative weight,
+    see `lossgraph.spec.nodes.NODE_RULE`), return the spec validated without them and those problems,
+    so that the checks across the graph can run as well. The spec is valid only without problems."""
     try:
         spec = LossGraphSpec.model_validate(document.data)
+        broken_rules: list[Diagnostic] = []
     except ValidationError as exc:
-        diagnostics = []
-        for error in exc.errors():
-            loc = tuple(error["loc"])
-            path = _document_path(document.data, loc)
-            if error["type"] == "missing":
-                diagnostics.append(document.source_map.diagnostic(path, _message(error, loc)))
-                continue
-            if error["type"] == "union_tag_invalid":  # point at the `type:` (or `schedule:`) value itself
-                path = (*path, str(error["ctx"]["discriminator"]).strip("'"))
-            is_key = error["type"] == "extra_forbidden" or (loc and loc[-1] == "[key]")
-            if error["type"] == "extra_forbidden" and path[-1:] != (loc[-1],):
-                path = (*path, loc[-1])
-            diagnostics.append(document.source_map.diagnostic(path, _message(error, loc), key=bool(is_key)))
-        raise ConfigError(_unique(diagnostics)) from None
+        errors = exc.errors()
+        diagnostics = _unique([_diagnostic(document, error) for error in errors])
+        if any(error["type"] != NODE_RULE for error in errors):
+            raise ConfigError(diagnostics) from None
+        spec = LossGraphSpec.model_validate(document.data, context=WITHOUT_NODE_RULES)
+        broken_rules = diagnostics
     spec._source_map = document.source_map
-    return spec
+    return spec, broken_rules
+
+
+def _diagnostic(document: ParsedDocument, error: dict[str, Any]) -> Diagnostic:
+    """One pydantic error, located in the document."""
+    loc = tuple(error["loc"])
+    path = _document_path(document.data, loc)
+    if error["type"] == "missing":
+        return document.source_map.diagnostic(path, _message(error, loc))
+    if error["type"] == "union_tag_invalid":  # point at the `type:` (or `schedule:`) value itself
+        path = (*path, str(error["ctx"]["discriminator"]).strip("'"))
+    is_key = error["type"] == "extra_forbidden" or (loc and loc[-1] == "[key]")
+    if error["type"] == "extra_forbidden" and path[-1:] != (loc[-1],):
+        path = (*path, loc[-1])
+    return document.source_map.diagnostic(path, _message(error, loc), key=bool(is_key))
 
 
 def _unique(diagnostics: list[Diagnostic]) -> list[Diagnostic]:

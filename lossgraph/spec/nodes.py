@@ -7,19 +7,22 @@ contain: the loader validates documents against it, `lossgraph schema` exports i
 `docs/yaml-reference.md` is generated from it. It imports no torch: validating a file must stay
 cheap and must work on machines without a GPU stack.
 
-Only the *shape* of a document is checked here (types, ranges, unknown keys). Every number has a
-range that the kernels and float32 arithmetic honour, so a file that validates cannot overflow at run
-time; the ranges appear in the JSON Schema and in docs/yaml-reference.md. Everything that relates
-one part of the graph to another (references, vocab agreement, offsets, cycles, mixture weights,
-schedules that make sense) is checked by the compiler passes in `lossgraph.compiler.passes`, which report every
-problem of a file at once with its line and dotted path.
+The *shape* of a document is checked here (types, ranges, unknown keys), and so are the rules of a
+loss node that look at one of its fields (a negative weight, the number of head_weights, a
+temperature schedule's ends): pydantic reports them all together. Every number has a range that the
+kernels and float32 arithmetic honour, so a file that validates cannot overflow at run time; the
+ranges appear in the JSON Schema and in docs/yaml-reference.md. Everything that relates one part of
+the graph to another (references, vocab agreement, offsets, cycles, mixture weights, schedules that
+make sense) is checked by the compiler passes in `lossgraph.compiler.passes`, once the shape is right.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+import typing
+from typing import Annotated, Any, Literal, NoReturn, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -152,6 +155,17 @@ def _number_or_schedule(value: Any) -> str:
     return "scheduled" if isinstance(value, (dict, BaseModel)) else "fixed"
 
 
+def schedule_values(value: float | BaseModel) -> list[tuple[str, float]]:
+    """The values a number or a schedule takes at its ends, with the key of each: `[("", 0.5)]` for a
+    number, `[("start", 0.0), ("end", 1.0)]` for a ramp (a constant schedule has a start only)."""
+    if isinstance(value, (int, float)):
+        return [("", float(value))]
+    values = [("start", value.start)]
+    if not isinstance(value, ConstantSchedule):
+        values.append(("end", value.end))
+    return values
+
+
 ScheduledWeight = Annotated[
     Union[Annotated[Weight, Tag("fixed")], Annotated[Schedule, Tag("scheduled")]],
     Discriminator(_number_or_schedule),
@@ -229,6 +243,40 @@ class TeacherNode(SourceNode):
 # --------------------------------------------------------------------------------------------------
 
 
+# The rules of a loss node that look at one of its fields (and the fields before it) run as that field's
+# validator: pydantic then reports them with every other key and type error of the document, where a
+# compiler pass would wait until the whole document validates.
+NODE_RULE = "node_rule"
+# Validation context that leaves those rules out. A document whose only problems are node rules has the
+# right shape: validated again without them, it gives a spec that the compiler passes can check too.
+WITHOUT_NODE_RULES = {"node_rules": False}
+
+
+def _rules_apply(info: ValidationInfo) -> bool:
+    return info.context != WITHOUT_NODE_RULES
+
+
+def _refuse(value: Any, problems: list[tuple[str, str]]) -> NoReturn:
+    """Fail a field's validator with every problem at once, each at its key inside the field ("" for
+    the field itself: `weight`, or `start` and `end` of its schedule)."""
+    raise ValidationError.from_exception_data(
+        "loss node",
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(NODE_RULE, "{message}", {"message": message}),
+                loc=(key,) if key else (),
+                input=value,
+            )
+            for key, message in problems
+        ],
+    )
+
+
+def _kind_name(model: type[BaseModel]) -> str:
+    """The `type:` of a kind's model (the value of its `type: Literal[...]`)."""
+    return typing.get_args(model.model_fields["type"].annotation)[0]
+
+
 class LossNode(SpecModel):
     """Fields every loss node has; each loss kind's model (under lossgraph/kinds/) extends it."""
 
@@ -245,6 +293,34 @@ class LossNode(SpecModel):
     )
     description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
 
+    @field_validator("weight")
+    @classmethod
+    def _weight_not_negative(cls, weight: Any, info: ValidationInfo) -> Any:
+        from ..kinds.registry import loss_kind  # here: the kinds import this module
+
+        kind = _kind_name(cls)
+        if not _rules_apply(info) or loss_kind(kind).allows_negative_weight:
+            return weight
+        problems = [
+            (key, f"weight {value:g} is negative, which would maximize the {kind} loss; use a value >= 0")
+            for key, value in schedule_values(weight)
+            if value < 0
+        ]
+        if problems:
+            _refuse(weight, problems)
+        return weight
+
+    @field_validator("head_weights")
+    @classmethod
+    def _one_weight_per_head(cls, head_weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        heads = info.data.get("heads")  # absent when `heads` itself is invalid
+        if not _rules_apply(info) or head_weights is None or heads is None:
+            return head_weights
+        if len(head_weights) != len(heads):
+            count = f"{len(heads)} head{'' if len(heads) == 1 else 's'}"
+            _refuse(head_weights, [("", f"{len(head_weights)} head_weights for {count}; give one per head")])
+        return head_weights
+
 
 class TemperedLoss(LossNode):
     """A loss read at a softmax temperature."""
@@ -253,6 +329,24 @@ class TemperedLoss(LossNode):
         1.0,
         description="Softmax temperature applied to the student logits and the target (a number or a schedule).",
     )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_in_range(cls, temperature: Any, info: ValidationInfo) -> Any:
+        if not _rules_apply(info):
+            return temperature
+        # A fixed temperature is range-checked by its type; a schedule's ends only here.
+        problems = []
+        for key, value in schedule_values(temperature):
+            if value <= 0:
+                problems.append((key, f"temperature must be > 0, got {value:g}"))
+            elif not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+                problems.append(
+                    (key, f"temperature must be between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, got {value:g}")
+                )
+        if problems:
+            _refuse(temperature, problems)
+        return temperature
 
 
 class TargetLoss(TemperedLoss):
