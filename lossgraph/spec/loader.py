@@ -28,8 +28,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError, Diagnostic, SourceFileError, quote, shorten
+from ..kinds import loss_kinds, source_kinds
 from .models import BOUND_REASONS, LossGraphSpec
-from .nodes import NODE_RULE, WITHOUT_NODE_RULES
+from .nodes import NODE_RULE, WITHOUT_NODE_RULES, Head
 from .sourcemap import Path, SourceMap, dotted
 from .suggest import did_you_mean
 
@@ -773,6 +774,22 @@ def _document_path(data: Any, loc: tuple[Any, ...]) -> Path:
     return tuple(path)
 
 
+def _section_of(value: Any) -> tuple[str, str] | None:
+    """(section, why) when `value` looks like an entry of `losses`, `sources` or `heads`: its `type:`
+    is a loss kind or a source kind, or it has only keys of a head (such as `offset`)."""
+    if not isinstance(value, dict) or not value:
+        return None
+    kind = value.get("type")
+    kind = kind if isinstance(kind, str) else None  # a list or a mapping there is no kind's name
+    if kind in {loss.name for loss in loss_kinds()}:
+        return "losses", f"`type: {kind}` is a loss kind"
+    if kind in {source.name for source in source_kinds()}:
+        return "sources", f"`type: {kind}` is a source kind"
+    if set(value) <= set(Head.model_fields):
+        return "heads", f"with {', '.join(f'`{key}`' for key in value)} it looks like a head"
+    return None
+
+
 def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
@@ -782,7 +799,11 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])
         allowed = sorted(model.model_fields) if model else []
-        hint = did_you_mean(str(loc[-1]), allowed)
+        section = _section_of(value) if model is LossGraphSpec else None
+        if section:  # a loss node, source or head written at the top level (indented too little)
+            hint = f"; {section[1]}, so it belongs under `{section[0]}:` (indent it there)"
+        else:
+            hint = did_you_mean(str(loc[-1]), allowed)
         if not hint and allowed:
             hint = f"; allowed keys: {', '.join(allowed)}"
         return f"unknown key {quote(loc[-1])}{hint}"
@@ -790,6 +811,9 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
         expected = [tag.strip().strip("'") for tag in str(ctx.get("expected_tags", "")).split(",")]
         hint = did_you_mean(str(ctx.get("tag")), expected)
         name = str(ctx.get("discriminator", "type")).strip("'")
+        section = _section_of({"type": ctx.get("tag")}) if name == "type" else None
+        if section and section[0] != loc[0]:  # a loss node under `sources`, or a source under `losses`
+            hint = f"; {section[1]}: move this entry under `{section[0]}:`"
         return f"unknown {name} {quote(ctx.get('tag'))}{hint} (one of: {', '.join(expected)})"
     if kind == "union_tag_not_found":
         name = str(ctx.get("discriminator", "type")).strip("'")
