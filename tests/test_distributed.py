@@ -120,6 +120,10 @@ def _vocab_parallel_worker(rank: int, world: int, port: int, backend: str, group
         torch.save(_on(result, torch.device("cpu")), Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # The results are on disk. Left to end normally, a rank ran through the fused backend aborted now and
+    # then in its teardown ("terminate called without an active exception", SIGABRT, after both ranks had
+    # saved: about 1 run in 150 on a loaded 2-core CPU), which failed the test though every number agreed.
+    os._exit(0)
 
 
 # (lossgraph backend, process-group backend)
