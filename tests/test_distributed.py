@@ -178,6 +178,7 @@ def _data_parallel_worker(rank: int, world: int, port: int, folder: str, normali
         )
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # as in _vocab_parallel_worker: no interpreter teardown once the results are saved
 
 
 def _dp_inputs():

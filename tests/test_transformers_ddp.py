@@ -19,14 +19,22 @@ import torch  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
+# The Trainer leaves the process group to the interpreter's teardown, where gloo's worker threads then
+# and again aborted the rank ("terminate called without an active exception", SIGABRT) after its work
+# was done; the worker destroys the group itself and leaves without the teardown, as a training script
+# should (docs/transformers.md).
 WORKER = """
-import json, sys
+import json, os, sys
 import torch
+import torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from test_transformers_ddp import run
 result = run(sys.argv[1], batch_size=2, accumulation=2, ddp=True)
 if result is not None:
     print("RESULT " + json.dumps(result))
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
 """
 
 
