@@ -101,7 +101,8 @@ class KernelGenerator:
         for term in spec.terms:
             if term.loss.fixed_temperature_one and not spec.slot_is_one[term.slot]:
                 raise ValueError(f"{term.loss.name} needs a temperature slot fixed at 1")
-            if isinstance(term.target, KTopK) and term.target.tail == "bucket" and not spec.slot_is_one[term.slot]:
+            bucket = isinstance(term.target, KTopK) and term.target.tail == "bucket"
+            if bucket and not (spec.slot_is_one[term.slot] and spec.slot_is_one[term.target_slot]):
                 raise ValueError("a top-k term with tail 'bucket' needs a temperature slot fixed at 1")
         self.src = _Source()
         self._tile_cache: dict[str, str] = {}
@@ -188,7 +189,7 @@ class KernelGenerator:
         entries += [(names.moment(s), "moment", ("s", s)) for s in self.layout.moment_slots]
         for i in self.layout.tail_sources:
             entries += [(f"tail_m{i}", "max", ("tail", i)), (f"tail_sum{i}", "sum_exp", ("tail", i))]
-        entries += [(names.cross_moment(s, i), "scaled", ("s", s)) for s, i in self.layout.cross_moments]
+        entries += [(names.cross_moment(s, i, u), "scaled", ("s", s)) for s, i, u in self.layout.cross_moments]
         for i, s in self.layout.teacher_states:
             entries += [(f"m_t{i}_{s}", "max", ("t", i, s)), (f"sum_t{i}_{s}", "sum_exp", ("t", i, s))]
         entries.append(("best_value", "argmax", ()))
@@ -580,7 +581,7 @@ class KernelGenerator:
         maxima = [f"m_{state}" for state in states] + [f"tail_m{i}" for i in layout.tail_sources]
         sums = [f"sum_{state}" for state in states] + [f"tail_sum{i}" for i in layout.tail_sources]
         streamed = [f"moment_s{s}" for s in layout.moment_slots] + [
-            names.cross_moment(s, i) for s, i in layout.cross_moments
+            names.cross_moment(s, i, u) for s, i, u in layout.cross_moments
         ]
         for name in maxima:
             src(f"{name}_lanes = tl.full({lane_count}, {NEG_INF}, tl.float32)")
@@ -634,11 +635,11 @@ class KernelGenerator:
                         f"moment_s{s}_lanes = lane_centered_moment("
                         f"moment_s{s}_lanes, m_old{s}, m_s{s}_lanes, sum_old{s}, rescale{s}, e{s}, {xs}, VEC)"
                     )
-                for slot, i in layout.cross_moments:
+                for slot, i, teacher_slot in layout.cross_moments:
                     if slot == s:
                         # against one teacher: sum_j q_j (s_j - u_j) streams like sum-exp
-                        u = self.scaled_teacher(i, s)
-                        cross = names.cross_moment(s, i)
+                        u = self.scaled_teacher(i, teacher_slot)
+                        cross = names.cross_moment(s, i, teacher_slot)
                         src(
                             f"{cross}_lanes = {cross}_lanes * rescale{s} + tl.sum(tl.where("
                             f"e{s} > 0, e{s} * lanes_of({xs} - {u}, VEC), 0.0), 1)"
@@ -664,8 +665,8 @@ class KernelGenerator:
                 f"moment_s{s} = row_centered_moment("
                 f"moment_s{s}_lanes, sum_s{s}_lanes, m_s{s}_lanes, m_s{s}, m_s{s}_weights)"
             )
-        for s, i in layout.cross_moments:
-            cross = names.cross_moment(s, i)
+        for s, i, u in layout.cross_moments:
+            cross = names.cross_moment(s, i, u)
             # a lane whose weight underflows to 0 holds no mass in float32, even if its sum is infinite
             # (a banned teacher token): it adds nothing, as an underflowed element adds nothing in a lane
             src(f"{cross} = tl.sum(tl.where(m_s{s}_weights > 0, {cross}_lanes * m_s{s}_weights, 0.0), 0)")
@@ -792,12 +793,15 @@ class KernelGenerator:
         i = term.target.source
         s = term.slot
         inv = "" if self.spec.slot_is_one[s] else f" * inv_t{s}"
+        # the stored log-probs at the teacher's temperature: softmax(log p / T_teacher) over the stored tokens
+        u = term.target_slot
+        teacher_inv = "" if self.spec.slot_is_one[u] else f" * inv_t{u}"
         src(
             "# top-k, renormalize: q' and p' are softmaxes over the k stored tokens only",
             f"a{t} = tl.where(in_vocab{i}, z_top{i}{inv}, {NEG_INF})",
             f"lq{t} = a{t} - log_sum_exp(a{t})",
             f"qv{t} = fast_exp(lq{t})",
-            f"b{t} = tl.where(in_vocab{i}, stored_lp{i}{inv}, {NEG_INF})",
+            f"b{t} = tl.where(in_vocab{i}, stored_lp{i}{teacher_inv}, {NEG_INF})",
             f"lp{t} = b{t} - log_sum_exp(b{t})",
             f"pv{t} = fast_exp(lp{t})",
             f"usable{t} = tl.max(in_vocab{i}.to(tl.int32), 0) > 0",

@@ -11,8 +11,10 @@ Every method receives the generator as `k` (a `TileWriter`: `k.q(slot)`, `k.log_
 `k.p(target, slot)`, `k.log_p(target, slot)`, `k.onehot()`, `k.log_mixture(...)`, `k.emit(...)`),
 the term's index `t` and the `KernelTerm`; generated variable names come from `names`. Expressions
 are Triton source text. Notation: s = z / T (T the term's temperature), q = softmax(s), p the target
-at T, and every gradient is dl/ds_j; the generator multiplies it by the term's run-time weight (which
-carries the 1/T of ds/dz) and the row's scale.
+at its own slot (`KernelTerm.target_slot`: the teacher temperature where one is given, else T; a
+target is read with `k.p(term.target, term.target_slot)`), and every gradient is dl/ds_j; the
+generator multiplies it by the term's run-time weight (which carries the 1/T of ds/dz) and the row's
+scale.
 
 A fragment says which of the shared row statistics it needs (`first_pass_statistics`); where its
 value is known (after the first read, from row sums of a second read, or streamed in the last read);
@@ -255,10 +257,18 @@ class KernelTerm:
     slot: int  # temperature slot; terms with equal temperatures share one student softmax
     constants: tuple[tuple[str, float], ...] = ()  # the kind's constants of the spec (jsd: beta)
     active: bool = True  # takes part in the gradient (its weight is not 0 at this step)
+    teacher_slot: int | None = None  # slot of the target's teacher logits when not `slot` (teacher_temperature)
+
+    @property
+    def target_slot(self) -> int:
+        """The slot the target is read at: p = softmax(teacher logits / T_teacher). Labels and smoothed
+        labels ignore it (they have no temperature)."""
+        return self.slot if self.teacher_slot is None else self.teacher_slot
 
     def describe(self) -> str:
         """One line for the generated kernel's header."""
         constants = "".join(f", {name} {value!r}" for name, value in self.constants)
         target = "no target" if self.target is None else f"target {self.target!r}"
         gradient = "" if self.active else ", value only"
-        return f"{self.loss.name}, {target}, slot {self.slot}{constants}{gradient}"
+        teacher = "" if self.teacher_slot is None else f", teacher slot {self.teacher_slot}"
+        return f"{self.loss.name}, {target}, slot {self.slot}{teacher}{constants}{gradient}"

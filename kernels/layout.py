@@ -17,7 +17,7 @@ class KernelLayout:
     student_slots: tuple[int, ...]  # slots with a student softmax state over the whole row
     teacher_states: tuple[tuple[int, int], ...]  # (dense teacher, slot) softmax states
     moment_slots: tuple[int, ...]  # slots whose centered moment pass 1 keeps (fragments.MOMENT)
-    cross_moments: tuple[tuple[int, int], ...]  # (slot, dense teacher) cross moments (CROSS_MOMENT)
+    cross_moments: tuple[tuple[int, int, int], ...]  # (slot, dense teacher, its slot) cross moments (CROSS_MOMENT)
     tail_sources: tuple[int, ...]  # top-k sources with a bucket term: pass 1 keeps their tail's state
     topk_sources: tuple[int, ...]  # top-k sources some term reads
     topk_terms: tuple[int, ...]  # terms on a top-k target
@@ -66,12 +66,12 @@ def kernel_layout(spec: KernelSpec) -> KernelLayout:
         student_slots=tuple(
             sorted({t.slot for t in terms if not (isinstance(t.target, KTopK) and t.target.tail == "renormalize")})
         ),
-        teacher_states=tuple(sorted({(i, term.slot) for term in terms for i in dense_teachers(term.target)})),
+        teacher_states=tuple(sorted({(i, term.target_slot) for term in terms for i in dense_teachers(term.target)})),
         moment_slots=tuple(sorted({terms[t].slot for t, _ in dense_terms if MOMENT in statistics[t]})),
         cross_moments=tuple(
             sorted(
                 {
-                    (terms[t].slot, terms[t].target.single_teacher())
+                    (terms[t].slot, terms[t].target.single_teacher(), terms[t].target_slot)
                     for t, _ in dense_terms
                     if CROSS_MOMENT in statistics[t]
                 }

@@ -52,9 +52,11 @@ def moment(slot: int) -> str:
     return f"moment_s{slot}"
 
 
-def cross_moment(slot: int, teacher: int) -> str:
-    """sum_j exp(s_j - max) (s_j - u_j) against dense teacher u at the same slot."""
-    return f"cross_s{slot}_t{teacher}"
+def cross_moment(slot: int, teacher: int, teacher_slot: int | None = None) -> str:
+    """sum_j exp(s_j - max) (s_j - u_j) against dense teacher u, read at `teacher_slot` (default: the
+    same slot as the student)."""
+    suffix = "" if teacher_slot is None or teacher_slot == slot else f"_{teacher_slot}"
+    return f"cross_s{slot}_t{teacher}{suffix}"
 
 
 def teacher_max(teacher: int, slot: int) -> str:

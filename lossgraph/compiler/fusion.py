@@ -2,7 +2,8 @@
 
 All terms bound to one head read the same logits, so they form one fused group, run as one launch.
 Within a launch, terms with equal temperatures share one student softmax state ("slot"), and each
-dense teacher keeps one state per temperature it is read at. A head is split into several launches
+dense teacher keeps one state per temperature it is read at (a term's own, or its
+`teacher_temperature`, which gets a slot of its own when no term's temperature equals it). A head is split into several launches
 only when it reads more dense teachers than one launch streams (MAX_TEACHERS_PER_LAUNCH); the plan
 says so, and later launches add to the gradient of the first. Pure Python: no torch.
 """
@@ -54,6 +55,15 @@ def _uses_fixed_one(term: Term) -> bool:
     return term.target is not None and term.target.form == TOPK and term.target.tail == "bucket"
 
 
+def _teacher_temperature(term: Term) -> object | None:
+    """The temperature the term's target teachers are read at, where it differs from the student's
+    (the loss node's `teacher_temperature`); None when the target is read at the term's own slot."""
+    teacher = term.teacher_temperature
+    if teacher is None or _uses_fixed_one(term) or temperature_key(teacher) == temperature_key(term.temperature):
+        return None
+    return teacher
+
+
 @dataclass(frozen=True)
 class SoftmaxState:
     """One online-softmax state of a launch: a tensor at a temperature."""
@@ -93,8 +103,9 @@ class Launch:
                 slot=keys.index(ONE if _uses_fixed_one(term) else temperature_key(term.temperature)),
                 constants=term.constants,
                 active=is_active,
+                teacher_slot=None if teacher is None else keys.index(temperature_key(teacher)),
             )
-            for term, is_active in zip(self.terms, active)
+            for term, is_active, teacher in zip(self.terms, active, map(_teacher_temperature, self.terms))
         )
         dense = tuple(
             DenseTeacher("same" if t.vocab_size == self.vocab_size else t.vocab_map or "same") for t in self.dense
@@ -241,6 +252,12 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
     for term in terms:
         value = 1.0 if _uses_fixed_one(term) else term.temperature
         if temperature_key(value) not in keys:
+            keys.append(temperature_key(value))
+            slots.append(value)
+    # the temperatures only a target's teachers are read at (teacher_temperature), after the students'
+    for term in terms:
+        value = _teacher_temperature(term)
+        if value is not None and temperature_key(value) not in keys:
             keys.append(temperature_key(value))
             slots.append(value)
     dense: dict[str, DenseTarget] = {}

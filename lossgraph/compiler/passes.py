@@ -229,6 +229,16 @@ def check_target_kinds(ctx: CompileContext) -> None:
             continue
         for field_name, message in source_kind(source.type).check_loss(target, source, loss):
             ctx.error(("losses", name, field_name), message)
+        if getattr(loss, "teacher_temperature", None) is not None:
+            reads_teacher = any(
+                source_kind(spec.sources[leaf].type).is_teacher for leaf, _ in _graph(ctx).leaf_inputs(target)
+            )
+            if not reads_teacher:
+                ctx.error(
+                    ("losses", name, "teacher_temperature"),
+                    f"target {quote(target)} reads no teacher (labels and label smoothing have no temperature), "
+                    "so teacher_temperature has nothing to scale; remove it, or target a teacher",
+                )
         hard_labels = source_kind(source.type).provides_labels
         facts = TargetFacts(target, hard_labels, zero_mass_reason(_graph(ctx), target))
         for field_name, message in loss_kind(loss.type).check_target(facts, loss):
@@ -314,7 +324,7 @@ def warn_temperature_scaling(ctx: CompileContext) -> None:
 def check_schedules(ctx: CompileContext) -> None:
     """A schedule that never changes is probably a typo."""
     for name, loss in ctx.spec.losses.items():
-        for field_name in ("weight", "temperature"):
+        for field_name in ("weight", "temperature", "teacher_temperature"):
             value = getattr(loss, field_name, None)
             if value is None or isinstance(value, (int, float, ConstantSchedule)):
                 continue

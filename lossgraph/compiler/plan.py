@@ -59,6 +59,7 @@ class Term:
     temperature: object  # a number or a schedule model; 1.0 for kinds without temperature
     temperature_scaling: bool
     constants: tuple[tuple[str, float], ...] = ()  # the kind's constants (LossKind.constants), e.g. jsd's beta
+    teacher_temperature: object = None  # the target's teacher logits' temperature; None: `temperature`
 
     @property
     def key(self) -> str:
@@ -146,6 +147,7 @@ def build_plan(spec: LossGraphSpec) -> Plan:
                     temperature=getattr(loss, "temperature", 1.0),
                     temperature_scaling=getattr(loss, "temperature_scaling", False),
                     constants=loss_kind(loss.type).constants(loss),
+                    teacher_temperature=getattr(loss, "teacher_temperature", None),
                 )
             )
         heads.append(

@@ -39,11 +39,18 @@ class BackendOptions:
 
 
 class TermStep(NamedTuple):
-    """A term's settings at one step: weight x head weight, temperature, and the T^2 factor (or 1)."""
+    """A term's settings at one step: weight x head weight, temperature, and the T^2 factor (or 1); the
+    teacher temperature where the loss node gives one (None: the target is read at `temperature`)."""
 
     weight: float
     temperature: float
     scale: float
+    teacher_temperature: float | None = None
+
+    @property
+    def target_temperature(self) -> float:
+        """The temperature the target's teachers are read at."""
+        return self.temperature if self.teacher_temperature is None else self.teacher_temperature
 
 
 class HeadResult(NamedTuple):

@@ -63,16 +63,20 @@ def term_step(term: Term, step: int) -> TermStep:
     """Evaluate a term's weight and temperature schedules at `step`."""
     weight = evaluate(term.weight, step) * term.head_weight
     temperature = evaluate(term.temperature, step)
+    teacher = None if term.teacher_temperature is None else evaluate(term.teacher_temperature, step)
     if torch.compiler.is_compiling():
         # a validated spec keeps schedules finite and temperatures positive; the checks below would
         # only add guards on the step to a compiled graph
-        return TermStep(weight, temperature, temperature * temperature if term.temperature_scaling else 1.0)
+        return TermStep(weight, temperature, temperature * temperature if term.temperature_scaling else 1.0, teacher)
     if not math.isfinite(weight):
         raise InputError(f"loss {term.node!r} has a non-finite weight ({weight}) at step {step}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise InputError(f"loss {term.node!r} has temperature {temperature} at step {step}; it must be > 0")
+    if teacher is not None and not (math.isfinite(teacher) and teacher > 0):
+        raise InputError(f"loss {term.node!r} has teacher_temperature {teacher} at step {step}; it must be > 0")
+    # temperature_scaling multiplies by the student's T^2 (the gradient's 1/T is the student's)
     scale = temperature * temperature if term.temperature_scaling else 1.0
-    return TermStep(weight, temperature, scale)
+    return TermStep(weight, temperature, scale, teacher)
 
 
 def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult) -> dict[str, torch.Tensor]:

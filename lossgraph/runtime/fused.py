@@ -92,16 +92,21 @@ class FusedHead:
     slot_terms: tuple[int | None, ...]  # per slot: a head term whose temperature it holds; None: fixed at 1
     dense: tuple[str, ...]  # dense teachers in the order the op takes them
     topk: tuple[str, ...]
+    slot_teachers: tuple[bool, ...] = ()  # per slot: it holds that term's teacher_temperature (no term's own)
 
     @staticmethod
     def of(head: HeadPlan, launches: Sequence[Launch]) -> FusedHead:
         keys = [term.key for term in head.terms]
-        terms, slot_terms = [], []
+        terms, slot_terms, slot_teachers = [], [], []
         for planned in launches:
             indices = tuple(keys.index(term.key) for term in planned.terms)
             spec = planned.kernel_spec()
             for slot, fixed_one in enumerate(spec.slot_is_one):
                 held = [indices[t] for t, term in enumerate(spec.terms) if term.slot == slot]
+                # a slot only a target's teachers are read at holds a term's teacher_temperature
+                teachers = [indices[t] for t, term in enumerate(spec.terms) if term.teacher_slot == slot]
+                slot_teachers.append(not fixed_one and not held and bool(teachers))
+                held = held or teachers
                 slot_terms.append(None if fixed_one or not held else held[0])
             terms.append(indices)
         return FusedHead(
@@ -111,11 +116,15 @@ class FusedHead:
             slot_terms=tuple(slot_terms),
             dense=tuple(t.name for t in head.teachers if isinstance(t, DenseTarget)),
             topk=tuple(t.name for t in head.teachers if isinstance(t, TopKTarget)),
+            slot_teachers=tuple(slot_teachers),
         )
 
     def inverse_temperatures(self, steps: Sequence[TermStep]) -> list[float]:
-        """1/T of every slot at this step."""
-        return [1.0 if term is None else 1.0 / steps[term].temperature for term in self.slot_terms]
+        """1/T of every slot at this step (a teacher-only slot: 1 / the term's teacher temperature)."""
+        return [
+            1.0 if term is None else 1.0 / (steps[term].target_temperature if teacher else steps[term].temperature)
+            for term, teacher in zip(self.slot_terms, self.slot_teachers)
+        ]
 
     def kernels(self, active: tuple[bool, ...], gradient: bool) -> HeadKernels:
         """The launches' kernels for one set of gradient-active terms (values only without `gradient`)."""

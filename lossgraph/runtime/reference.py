@@ -8,7 +8,8 @@ logits, one-hot labels, padded vocab) stay exact; wherever a probability is zero
 excluded with `torch.where` on *both* the value and what feeds it, so that no 0 * inf reaches the
 forward value or the gradient.
 
-Notation per position: z = student logits / T, log q = log_softmax(z), p = target distribution at T.
+Notation per position: z = student logits / T, log q = log_softmax(z), p = target distribution at T,
+or at the loss node's teacher_temperature where it gives one (the teachers' logits / T_teacher).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def topk_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p, log q, usable) over the top-k buckets, plus a tail bucket for `tail: bucket`.
 
-    renormalize: p = softmax(teacher log-probs / T) over the k stored tokens, q = softmax(z) over the
-    same tokens. bucket (T = 1): p_i and q_i at the k tokens, and one more bucket each holding the
+    renormalize: p = softmax(teacher log-probs / T) over the k stored tokens (T: the teacher's
+    temperature), q = softmax(z) over the same tokens (z: the student's logits at its own). bucket (T = 1): p_i and q_i at the k tokens, and one more bucket each holding the
     remaining mass (for the student, the log-sum-exp of the other tokens). Stored tokens outside the
     head's vocab (vocab_map: truncate) are dropped; in bucket mode their teacher mass joins the tail.
     `usable` [N] is False where renormalize finds no stored token inside the head's vocab (the
@@ -91,19 +92,30 @@ class TermRows:
     """What a kind's reference reads for one term at every position of a head (`kinds.loss.ReferenceRow`):
     the masked logits, the student's log q at the term's temperature, and the target's log p (on demand)."""
 
-    def __init__(self, term: Term, batch: HeadBatch, logits: torch.Tensor, z: torch.Tensor, temperature: float):
+    def __init__(
+        self,
+        term: Term,
+        batch: HeadBatch,
+        logits: torch.Tensor,
+        z: torch.Tensor,
+        temperature: float,
+        teacher_temperature: float | None = None,
+    ):
         self.term = term
         self.batch = batch
         self.logits = logits  # [N, V] at temperature 1, zero on masked rows
         self.z = z  # logits / T
         self.temperature = temperature
+        # the target's teachers are read at this one (the loss node's teacher_temperature, else T)
+        self.teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
         self.log_q = torch.log_softmax(z, dim=-1)
         self.labels = batch.labels
         self.hard_labels = term.target is not None and term.target.form == LABELS
 
     def log_p(self) -> torch.Tensor:
-        """log p [N, V] of the term's dense target at its temperature (the target kind's own math)."""
-        return self.term.target.log_probs(self.batch, self.logits.shape[-1], self.temperature, self.z.dtype)
+        """log p [N, V] of the term's dense target at the teacher temperature (the target kind's own math;
+        labels and smoothed labels have no temperature)."""
+        return self.term.target.log_probs(self.batch, self.logits.shape[-1], self.teacher_temperature, self.z.dtype)
 
     def at_labels(self, values: torch.Tensor) -> torch.Tensor:
         return at_labels(values, self.labels)
@@ -114,9 +126,17 @@ def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-def term_per_position(term: Term, batch: HeadBatch, temperature: float, softcap: float | None = None) -> torch.Tensor:
+def term_per_position(
+    term: Term,
+    batch: HeadBatch,
+    temperature: float,
+    softcap: float | None = None,
+    teacher_temperature: float | None = None,
+) -> torch.Tensor:
     """The unweighted loss of `term` at every position, [N] (zero where masked), on the head's logits
-    soft-capped at `softcap` (when the head caps them)."""
+    soft-capped at `softcap` (when the head caps them); the student read at `temperature`, the target's
+    teachers at `teacher_temperature` (None: at `temperature`)."""
+    teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
     kind = loss_kind(term.kind)
     dtype = compute_dtype(batch.logits)
     mask = batch.mask
@@ -129,24 +149,31 @@ def term_per_position(term: Term, batch: HeadBatch, temperature: float, softcap:
         # a broken teacher row gives a NaN value and a NaN gradient, never a finite value that hides it
         z = z * torch.where(broken, math.nan, 1.0)[:, None].to(dtype)  # exact on the other rows
     if target is not None and target.form == TOPK:
-        log_p, log_q, usable = topk_log_probs(target, batch.topk[target.name], z, mask, temperature)
+        log_p, log_q, usable = topk_log_probs(target, batch.topk[target.name], z, mask, teacher_temperature)
         value = torch.where(usable, kind.divergence(log_p, log_q, term), 0.0)
     else:
-        value = kind.reference(TermRows(term, batch, logits, z, temperature), term)
+        value = kind.reference(TermRows(term, batch, logits, z, temperature, teacher_temperature), term)
     if broken is not None:
         value = torch.where(broken, z.sum(-1), value)  # NaN, with a NaN gradient through z
     return torch.where(mask, value, 0.0)
 
 
 def reference_terms(
-    terms: tuple[Term, ...], batch: HeadBatch, temperatures: list[float], softcap: float | None = None
+    terms: tuple[Term, ...],
+    batch: HeadBatch,
+    temperatures: list[float],
+    softcap: float | None = None,
+    teacher_temperatures: list[float | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each term's normalized sum (a differentiable scalar) and its value at every position ([N], 0
-    where masked), before weights and T^2 scaling. Positions count with their weight (a float loss_mask)."""
+    where masked), before weights and T^2 scaling. Positions count with their weight (a float loss_mask).
+    `teacher_temperatures`: each term's teacher temperature (None: its temperature)."""
     dtype = compute_dtype(batch.logits)
     weight = batch.row_weight().to(dtype)
+    teacher_temperatures = teacher_temperatures or [None] * len(terms)
     per_position = [
-        term_per_position(term, batch, temperature, softcap) for term, temperature in zip(terms, temperatures)
+        term_per_position(term, batch, temperature, softcap, teacher)
+        for term, temperature, teacher in zip(terms, temperatures, teacher_temperatures)
     ]
     sums = [(value * weight).sum() / batch.normalizer.to(dtype) for value in per_position]
     return sums, per_position

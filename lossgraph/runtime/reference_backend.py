@@ -33,7 +33,9 @@ def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[st
 
 def reference_head(head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
     """The reference math on full logits rows."""
-    raw, per_position = reference_terms(head.terms, batch, [s.temperature for s in steps], head.softcap)
+    raw, per_position = reference_terms(
+        head.terms, batch, [s.temperature for s in steps], head.softcap, [s.teacher_temperature for s in steps]
+    )
     # a weight-0 term is reported but takes no part in the gradient: detached, so that a value it
     # cannot define (a broken teacher) does not reach the gradient as 0 x NaN
     values = torch.stack([(value if s.weight != 0.0 else value.detach()) * s.scale for value, s in zip(raw, steps)])

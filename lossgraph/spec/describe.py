@@ -27,7 +27,8 @@ def source_summary(spec: LossGraphSpec, name: str) -> str:
 
 
 def loss_summary(spec: LossGraphSpec, name: str, head_index: int | None = None) -> str:
-    """`forward_kl <- teacher, weight 0.5, T 2 (x T^2)` for a loss node (optionally one of its heads)."""
+    """`forward_kl <- teacher, weight 0.5, T 2, teacher T 1, x T^2` for a loss node (optionally one of
+    its heads)."""
     loss = spec.losses[name]
     text = loss.type
     target = getattr(loss, "target", None)
@@ -39,6 +40,9 @@ def loss_summary(spec: LossGraphSpec, name: str, head_index: int | None = None) 
     temperature = getattr(loss, "temperature", 1.0)
     if temperature != 1.0:
         details.append(f"T {scheduled(temperature)}")
+    teacher_temperature = getattr(loss, "teacher_temperature", None)
+    if teacher_temperature is not None:
+        details.append(f"teacher T {scheduled(teacher_temperature)}")
     if getattr(loss, "temperature_scaling", False):
         details.append("x T^2")
     details += loss_kind(loss.type).details(loss)

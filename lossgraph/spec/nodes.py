@@ -72,6 +72,7 @@ BOUND_REASONS: dict[str, str] = {
     "head_weights": "so that weight x head weight x T^2 stays below 1e18 and float32 sums of the terms cannot overflow",
     "weights": "mixture weights are probabilities",
     "temperature": "logits are divided by it in float32, and temperature_scaling multiplies by its square",
+    "teacher_temperature": "teacher logits are divided by it in float32",
     "softcap": "caps in use are 30 to 50; far above any logit, a cap changes nothing",
     "start": "a schedule gives a weight or a temperature, and weights are at most 1e6 in size",
     "end": "a schedule gives a weight or a temperature, and weights are at most 1e6 in size",
@@ -335,18 +336,23 @@ class TemperedLoss(LossNode):
     def _temperature_in_range(cls, temperature: Any, info: ValidationInfo) -> Any:
         if not _rules_apply(info):
             return temperature
-        # A fixed temperature is range-checked by its type; a schedule's ends only here.
-        problems = []
-        for key, value in schedule_values(temperature):
-            if value <= 0:
-                problems.append((key, f"temperature must be > 0, got {value:g}"))
-            elif not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
-                problems.append(
-                    (key, f"temperature must be between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, got {value:g}")
-                )
-        if problems:
-            _refuse(temperature, problems)
+        _check_temperature_range(temperature, "temperature")
         return temperature
+
+
+def _check_temperature_range(temperature: Any, field: str) -> None:
+    """Refuse a temperature schedule whose ends leave [MIN_TEMPERATURE, MAX_TEMPERATURE] (a fixed
+    temperature is range-checked by its type; a schedule's ends only here)."""
+    problems = []
+    for key, value in schedule_values(temperature):
+        if value <= 0:
+            problems.append((key, f"{field} must be > 0, got {value:g}"))
+        elif not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+            problems.append(
+                (key, f"{field} must be between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, got {value:g}")
+            )
+    if problems:
+        _refuse(temperature, problems)
 
 
 class TargetLoss(TemperedLoss):
@@ -354,5 +360,25 @@ class TargetLoss(TemperedLoss):
 
     target: Name = Field(description="Name of the source the student is compared with.")
     temperature_scaling: bool = Field(
-        False, description="Multiply the loss by temperature squared (Hinton's convention)."
+        False,
+        description=(
+            "Multiply the loss by temperature squared (Hinton's convention); always the student's "
+            "`temperature`, also when `teacher_temperature` differs."
+        ),
     )
+    teacher_temperature: ScheduledTemperature | None = Field(
+        None,
+        description=(
+            "Softmax temperature of the target's teacher logits alone (a number or a schedule): the "
+            "student is read at `temperature`, the teacher at this one (Fast-LLM's "
+            "`teacher_softmax_temperature`). Defaults to `temperature`. Only for targets that read a "
+            "teacher; labels and label smoothing have no temperature."
+        ),
+    )
+
+    @field_validator("teacher_temperature")
+    @classmethod
+    def _teacher_temperature_in_range(cls, temperature: Any, info: ValidationInfo) -> Any:
+        if temperature is not None and _rules_apply(info):
+            _check_temperature_range(temperature, "teacher_temperature")
+        return temperature

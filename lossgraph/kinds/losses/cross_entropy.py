@@ -43,7 +43,7 @@ class CrossEntropyFragments(LossFragments):
         return f"({names.student_max(s)} - {k.scaled_label_logit(s)}) + {names.student_log_sum(s)}"
 
     def streamed_value(self, k, t, term):
-        p = k.p(term.target, term.slot)
+        p = k.p(term.target, term.target_slot)
         # -p_j log2 q_j, in bits (streams_in_bits); 0 where p_j = 0 (and log q_j may be -inf)
         return f"{p} * tl.where({p} > 0, -{k.log2_q(term.slot)}, 0.0)"
 
@@ -51,7 +51,7 @@ class CrossEntropyFragments(LossFragments):
         q = k.q(term.slot)
         if isinstance(term.target, KLabels):
             return LinearGradient((("1.0", q),), at_label="-1.0")
-        return LinearGradient((("1.0", q), ("-1.0", k.p(term.target, term.slot))))
+        return LinearGradient((("1.0", q), ("-1.0", k.p(term.target, term.target_slot))))
 
     def vector(self, k, t, term, v: Vectors):
         k.emit(f"val{t} = tl.sum(tl.where({v.p} > 0, -{v.p} * {v.log_q}, 0.0), 0)")

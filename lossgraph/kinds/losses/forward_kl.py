@@ -36,12 +36,12 @@ class ForwardKLFragments(LossFragments):
 
     def streamed_value(self, k, t, term):
         s = term.slot
-        p, log2_p = k.p(term.target, s), k.log2_p(term.target, s)
+        p, log2_p = k.p(term.target, term.target_slot), k.log2_p(term.target, term.target_slot)
         # p_j (log2 p_j - log2 q_j), one FMA into the sum; 0 where p_j = 0 (and log p_j may be -inf)
         return f"{p} * tl.where({p} > 0, {log2_p} - {k.log2_q(s)}, 0.0)"
 
     def gradient(self, k, t, term):
-        return LinearGradient((("1.0", k.q(term.slot)), ("-1.0", k.p(term.target, term.slot))))
+        return LinearGradient((("1.0", k.q(term.slot)), ("-1.0", k.p(term.target, term.target_slot))))
 
     def vector(self, k, t, term, v: Vectors):
         k.emit(f"val{t} = tl.sum(tl.where({v.p} > 0, {v.p} * ({v.log_p} - {v.log_q}), 0.0), 0)")

@@ -80,7 +80,7 @@ class JSDFragments(LossFragments):
     def row_sums(self, k, t, term):
         s = term.slot
         q, log_q = k.q(s), k.log_q(s)
-        p, log_p = k.p(term.target, s), k.log_p(term.target, s)
+        p, log_p = k.p(term.target, term.target_slot), k.log_p(term.target, term.target_slot)
         lm = self.log_m(k, t, term, log_p, log_q)
         return (f"tl.where({p} > 0, {p} * ({log_p} - {lm}), 0.0)", f"tl.where({q} > 0, {q} * ({log_q} - {lm}), 0.0)")
 
@@ -91,7 +91,7 @@ class JSDFragments(LossFragments):
     def gradient(self, k, t, term):
         s = term.slot
         q, log_q = k.q(s), k.log_q(s)
-        lm = self.log_m(k, t, term, k.log_p(term.target, s), log_q)
+        lm = self.log_m(k, t, term, k.log_p(term.target, term.target_slot), log_q)
         _, _, on_q = self.factors(term)
         return f"{on_q} * tl.where({q} > 0, {q} * ({log_q} - {lm} - {names.row_sum('kq', t)}), 0.0)"
 

@@ -54,10 +54,10 @@ class ReverseKLFragments(LossFragments):
         s = term.slot
         log_sum, total = names.student_log_sum(s), names.student_sum(s)
         if isinstance(term.target, KDense):
-            i = term.target.teacher
+            i, u = term.target.teacher, term.target_slot
             return (
-                f"{names.cross_moment(s, i)} / {total} - ({names.student_max(s)} - {names.teacher_max(i, s)}) "
-                f"- {log_sum} + {names.teacher_log_sum(i, s)}"
+                f"{names.cross_moment(s, i, u)} / {total} - ({names.student_max(s)} - {names.teacher_max(i, u)}) "
+                f"- {log_sum} + {names.teacher_log_sum(i, u)}"
             )
         eps, vocab = repr(term.target.epsilon), names.VOCAB_FLOAT
         k.emit(
@@ -74,7 +74,7 @@ class ReverseKLFragments(LossFragments):
 
     def row_sums(self, k, t, term):
         s = term.slot
-        q, log_q, log_p = k.q(s), k.log_q(s), k.log_p(term.target, s)
+        q, log_q, log_p = k.q(s), k.log_q(s), k.log_p(term.target, term.target_slot)
         return (f"tl.where({q} > 0, {q} * ({log_q} - {log_p}), 0.0)",)
 
     def value_from_row_sums(self, k, t, term):
@@ -82,7 +82,7 @@ class ReverseKLFragments(LossFragments):
 
     def gradient(self, k, t, term):
         s = term.slot
-        q, log_q, log_p = k.q(s), k.log_q(s), k.log_p(term.target, s)
+        q, log_q, log_p = k.q(s), k.log_q(s), k.log_p(term.target, term.target_slot)
         return f"tl.where({q} > 0, {q} * ({log_q} - {log_p} - {names.value(t)}), 0.0)"
 
     def vector(self, k, t, term, v: Vectors):

@@ -38,14 +38,14 @@ class TVDFragments(LossFragments):
         return ("tv", "tc")
 
     def row_sums(self, k, t, term):
-        q, p = k.q(term.slot), k.p(term.target, term.slot)
+        q, p = k.q(term.slot), k.p(term.target, term.target_slot)
         return (f"0.5 * tl.abs({p} - {q})", f"0.5 * {q} * sign_of_difference({q}, {p})")
 
     def value_from_row_sums(self, k, t, term):
         return names.row_sum("tv", t)
 
     def gradient(self, k, t, term):
-        q, p = k.q(term.slot), k.p(term.target, term.slot)
+        q, p = k.q(term.slot), k.p(term.target, term.target_slot)
         return f"{q} * (0.5 * sign_of_difference({q}, {p}) - {names.row_sum('tc', t)})"
 
     def vector(self, k, t, term, v: Vectors):

@@ -56,7 +56,8 @@ class TopKTeacher(SourceKind):
     checks = (
         "`k` may not exceed the teacher's vocabulary size.",
         "`offset` and `vocab_map` follow the same rules as for `teacher`.",
-        "With `tail: bucket`, a loss that targets it must use temperature 1: the tail mass cannot be re-tempered.",
+        "With `tail: bucket`, a loss that targets it must use temperature 1 (and teacher_temperature 1, if "
+        "given): the tail mass cannot be re-tempered.",
         "A top-k teacher cannot be part of a `mixture` (its distribution is known on k tokens only); give it "
         "a loss node of its own.",
     )
@@ -86,15 +87,20 @@ class TopKTeacher(SourceKind):
         )
 
     def check_loss(self, name, source, loss):
-        if source.tail == "bucket" and not fixed_at_one(getattr(loss, "temperature", 1.0)):
-            return [
-                (
-                    "temperature",
-                    f"top-k teacher {quote(name)} uses tail: bucket, whose tail mass cannot be re-tempered; "
-                    "use temperature 1, or tail: renormalize",
+        if source.tail != "bucket":
+            return []
+        problems = []
+        for field in ("temperature", "teacher_temperature"):
+            value = getattr(loss, field, None)
+            if value is not None and not fixed_at_one(value):
+                problems.append(
+                    (
+                        field,
+                        f"top-k teacher {quote(name)} uses tail: bucket, whose tail mass cannot be re-tempered; "
+                        f"use {field} 1, or tail: renormalize",
+                    )
                 )
-            ]
-        return []
+        return problems
 
     def resolve(self, spec, name, source, inputs):
         return TopKTarget(name, source.k, source.tail, spec.source_vocab(name))
