@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fused_cases import (
+    DEVICE,
     FUSED_TOLERANCES,
     call,
     graph_yaml,
@@ -30,10 +31,10 @@ from fused_cases import (
     upcast,
 )
 from helpers import assert_close, random_labels, random_logits
+from lossgraph.kernels.codegen import generate
 
 import lossgraph
 from lossgraph.document import check_text
-from lossgraph.kernels.codegen import generate
 
 pytestmark = interpreter_warnings
 
@@ -373,6 +374,37 @@ def test_constant_teacher_schedule_warns():
     assert "losses.d.teacher_temperature" in warnings
 
 
+@pytest.mark.parametrize(("backend", "dtype"), BACKENDS)
+def test_hidden_input_head(backend, dtype):
+    """A head given as hidden states (chunked) reads its teacher at the teacher temperature too."""
+    text = graph("reverse_kl", "dense", scaling=True).replace("next: {offset: 1}", "next: {offset: 1, input: hidden}")
+    generator = torch.Generator().manual_seed(31)
+    hidden = torch.randn(6, 8, generator=generator, dtype=torch.float64)
+    weight = torch.randn(VOCAB, 8, generator=generator, dtype=torch.float64) * 0.5
+    teacher = torch.randn(6, VOCAB, generator=generator, dtype=torch.float64) * 3.0
+    device = torch.device("cpu") if backend == "torch" else DEVICE
+    leaves = [x.to(device=device, dtype=dtype).requires_grad_() for x in (hidden, weight)]
+    out = lossgraph.compile(lossgraph.loads(text), backend=backend, chunk_size=4)(
+        {"next": lossgraph.Linear(*leaves)},
+        teachers={"teacher": teacher.to(device=device, dtype=dtype)},
+        loss_mask=torch.ones(6, dtype=torch.int64, device=device),
+    )
+    out.loss.backward()
+    h, w = (x.detach().double().cpu().requires_grad_() for x in leaves)
+    seen = SimpleNamespace(
+        logits={"next": h @ w.T},
+        labels=None,
+        loss_mask=torch.ones(6, dtype=torch.int64),
+        teachers={"teacher": teacher.to(dtype).double()},
+    )
+    expected = formula("reverse_kl", "dense", seen, student=T, teacher=TT, scaling=True)
+    expected.backward()
+    tol = FUSED_TOLERANCES.get(dtype)
+    rtol = 1e-10 if tol is None else 1e-5
+    assert_close(out.loss.detach().double().cpu(), expected.detach(), rtol=rtol, atol=rtol, what="loss")
+    assert_close(leaves[1].grad.double().cpu(), w.grad, rtol=rtol * 10, atol=rtol * 10, what="weight gradient")
+
+
 # --------------------------------------------------------------------------------------------------
 # Vocab parallel: the teacher's states at its own temperature, combined across ranks.
 # --------------------------------------------------------------------------------------------------
@@ -411,10 +443,12 @@ def _parallel_worker(rank: int, world: int, port: int, backend: str, folder: str
         width = VOCAB // world
         columns = slice(rank * width, (rank + 1) * width)
         logits = data["logits"][..., columns].clone().requires_grad_()
-        graph = lossgraph.compile(lossgraph.loads(PARALLEL_GRAPH), backend=backend, vocab_parallel_group=dist.group.WORLD)
+        spec = lossgraph.loads(PARALLEL_GRAPH)
+        graph = lossgraph.compile(spec, backend=backend, vocab_parallel_group=dist.group.WORLD)
         out = graph({"next": logits}, labels=data["labels"], teachers={"teacher": data["teacher"][..., columns]})
         out.loss.backward()
-        torch.save({"loss": out.loss.detach(), "values": out.values, "grad": logits.grad}, Path(folder) / f"rank{rank}.pt")
+        result = {"loss": out.loss.detach(), "values": out.values, "grad": logits.grad}
+        torch.save(result, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
     os._exit(0)  # as in tests/test_distributed.py: no interpreter teardown once the results are saved
@@ -448,4 +482,5 @@ def test_vocab_parallel_two_ranks(backend, tmp_path):
     )
     for key, kind, teacher, scaling in [("fkl", "forward_kl", 0.7, True), ("rkl", "reverse_kl", 1.5, False)]:
         expected = formula(kind, "dense", flat, student=2.0, teacher=teacher, scaling=scaling)
-        assert_close(out.values[f"{key}/next"].double(), expected, rtol=1e-5, atol=1e-6, what=f"{key} against the formula")
+        value = out.values[f"{key}/next"].double()
+        assert_close(value, expected, rtol=1e-5, atol=1e-6, what=f"{key} against the formula")

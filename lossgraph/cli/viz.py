@@ -66,6 +66,9 @@ def loss_label(spec: LossGraphSpec, name: str) -> list[str]:
     temperature = getattr(loss, "temperature", 1.0)
     if temperature != 1.0:
         details.append(f"T {scheduled(temperature)}")
+    teacher_temperature = getattr(loss, "teacher_temperature", None)
+    if teacher_temperature is not None:
+        details.append(f"teacher T {scheduled(teacher_temperature)}")
     if getattr(loss, "temperature_scaling", False):
         details.append("×T²")
     details += loss_kind(loss.type).details(loss)

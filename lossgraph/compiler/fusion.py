@@ -3,9 +3,10 @@
 All terms bound to one head read the same logits, so they form one fused group, run as one launch.
 Within a launch, terms with equal temperatures share one student softmax state ("slot"), and each
 dense teacher keeps one state per temperature it is read at (a term's own, or its
-`teacher_temperature`, which gets a slot of its own when no term's temperature equals it). A head is split into several launches
-only when it reads more dense teachers than one launch streams (MAX_TEACHERS_PER_LAUNCH); the plan
-says so, and later launches add to the gradient of the first. Pure Python: no torch.
+`teacher_temperature`, which gets a slot of its own when no term's temperature equals it). A head is
+split into several launches only when it reads more dense teachers than one launch streams
+(MAX_TEACHERS_PER_LAUNCH); the plan says so, and later launches add to the gradient of the first.
+Pure Python: no torch.
 """
 
 from __future__ import annotations

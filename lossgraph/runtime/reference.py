@@ -47,9 +47,10 @@ def topk_log_probs(
     """(log p, log q, usable) over the top-k buckets, plus a tail bucket for `tail: bucket`.
 
     renormalize: p = softmax(teacher log-probs / T) over the k stored tokens (T: the teacher's
-    temperature), q = softmax(z) over the same tokens (z: the student's logits at its own). bucket (T = 1): p_i and q_i at the k tokens, and one more bucket each holding the
-    remaining mass (for the student, the log-sum-exp of the other tokens). Stored tokens outside the
-    head's vocab (vocab_map: truncate) are dropped; in bucket mode their teacher mass joins the tail.
+    temperature), q = softmax(z) over the same tokens (z: the student's logits at its own).
+    bucket (T = 1): p_i and q_i at the k tokens, and one more bucket each holding the remaining mass
+    (for the student, the log-sum-exp of the other tokens). Stored tokens outside the head's vocab
+    (vocab_map: truncate) are dropped; in bucket mode their teacher mass joins the tail.
     `usable` [N] is False where renormalize finds no stored token inside the head's vocab (the
     position then contributes 0).
     """

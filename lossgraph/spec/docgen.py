@@ -158,7 +158,10 @@ LOSS_COMMON_CHECKS = [
     "`weight` may not be negative (except for `entropy`); for a schedule, `start` and `end` are checked.",
     "`temperature` must be in [0.001, 1000]; for a schedule, `start` and `end` are checked.",
     "`temperature_scaling: true` at temperature 1 gives a warning (it has no effect).",
-    "A loss whose target is a top-k teacher with `tail: bucket` must use temperature 1.",
+    "A loss whose target is a top-k teacher with `tail: bucket` must use temperature 1 (and "
+    "teacher_temperature 1, if given).",
+    "`teacher_temperature` is in the same range as `temperature`, and only for a target that reads a teacher "
+    "(not labels or label smoothing alone).",
     "A schedule whose `start` equals its `end` gives a warning: write the number instead.",
 ]
 
@@ -471,7 +474,7 @@ def _number_limits() -> str:
     for name, reason in spec.BOUND_REASONS.items():
         rows.append(f"| `{name}` | {_cell(ranges[name])} | {_cell(reason)} |")
     rows.append(
-        f"| `temperature` schedule | `start` and `end` in [{_number(spec.MIN_TEMPERATURE)}, "
+        f"| `temperature` and `teacher_temperature` schedules | `start` and `end` in [{_number(spec.MIN_TEMPERATURE)}, "
         f"{_number(spec.MAX_TEMPERATURE)}] | as for a fixed temperature |"
     )
     return "\n".join(rows)
@@ -526,8 +529,9 @@ The `losses` mapping names loss nodes; `type` picks the kind. A node adds one te
 
 where each head's term is normalized as the top-level `normalization` says. In the formulas below,
 z is the student's logits row of one position, q = softmax(z / T) the student's distribution and
-p the target distribution, both at the node's temperature T. With `temperature_scaling: true` the
-term is multiplied by T².
+p the target distribution, both at the node's temperature T (the target's teachers at
+`teacher_temperature` instead, where a node gives one). With `temperature_scaling: true` the term is
+multiplied by the student's T².
 
 @KINDS@
 
