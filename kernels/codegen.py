@@ -73,6 +73,7 @@ PRIMITIVES = (
     "lanes_of",
     "log_add_exp",
     "log_sum_exp",
+    "round_to",
     "row_argmax",
     "row_centered_moment",
     "sign_of_difference",
@@ -912,7 +913,7 @@ class KernelGenerator:
                     src(f"g = g * {self.cap_derivative('x')}")
                 if spec.accumulate:
                     src("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
-                src("tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)")
+                src("tl.store(g_row + offs, round_to(g, grad_ptr.dtype.element_ty), mask=in_v)")
         self.close_lanes([names.value(t) for t in streamed], "+=")
         for t in streamed:
             if self.spec.terms[t].loss.streams_in_bits:
@@ -966,7 +967,7 @@ class KernelGenerator:
                 "tl.debug_barrier()",
                 f"old{i} = tl.load(g_row + safe{i}, mask=held{i}, other=0.0).to(tl.float32)",
                 f"new{i} = old{i} + delta{i} * grad_scale{self.cap_factor(f'z_top{i}')}",
-                f"new{i} = new{i}.to(grad_ptr.dtype.element_ty)",
+                f"new{i} = round_to(new{i}, grad_ptr.dtype.element_ty)",
                 f"tl.store(g_row + safe{i}, new{i}, mask=held{i})",
             )
 

@@ -14,6 +14,7 @@ Notation per position: z = student logits / T, log q = log_softmax(z), p = targe
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -144,6 +145,10 @@ def reference_terms(
     """Each term's normalized sum (a differentiable scalar) and its value at every position ([N], 0
     where masked), before weights and T^2 scaling. Positions count with their weight (a float loss_mask)."""
     dtype = compute_dtype(batch.logits)
+    # the logits in the compute dtype once for all terms: autograd sums the terms' gradients there and
+    # rounds the head's gradient to the logits' dtype once (bfloat16 terms rounded one by one and added
+    # in bfloat16 would be a step or more off)
+    batch = replace(batch, logits=batch.logits.to(dtype))
     weight = batch.row_weight().to(dtype)
     per_position = [
         term_per_position(term, batch, temperature, softcap) for term, temperature in zip(terms, temperatures)
