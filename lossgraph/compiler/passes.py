@@ -331,11 +331,13 @@ def check_schedules(ctx: CompileContext) -> None:
 
 
 def warn_unused(ctx: CompileContext) -> None:
-    """Sources no loss reads and heads no loss binds are probably mistakes (warnings)."""
+    """Sources no loss reads and heads no loss binds are probably mistakes (warnings). A `labels` source
+    is always used: the positions whose label is its ignore_index take no loss, on every head (JSD against
+    a teacher, masked where there is no label, reads the labels only so)."""
     spec, graph = ctx.spec, _graph(ctx)
     used = {source for name in spec.losses for source in graph.loss_sources(name)}
-    for name in spec.sources:
-        if name not in used:
+    for name, source in spec.sources.items():
+        if name not in used and source.type != "labels":
             ctx.warn(("sources", name), f"source {quote(name)} is not used by any loss", key=True)
     bound = {head for loss in spec.losses.values() for head in loss.heads}
     for name in spec.heads:
