@@ -728,9 +728,7 @@ class KernelGenerator:
             if spec.grouped:
                 self.group_grad_scales()
             else:
-                checks = sorted(
-                    {check for term in spec.terms if term.active for check in self.teacher_checks(term)}
-                )
+                checks = sorted({check for term in spec.terms if term.active for check in self.teacher_checks(term)})
                 if checks:
                     src(f'grad_scale = tl.where({" & ".join(checks)}, row_scale, float("nan"))')
                 else:

@@ -324,6 +324,11 @@ def plan_head(head: HeadPlan) -> list[Launch]:
             for t in launch.layout.reduction_terms
         ]
         notes += _renormalized_notes(launch)
+        notes += [
+            f"positions: {term.key} takes {term.position_note} (row scale {term.group + 1} of {len(head.groups)})"
+            for term in launch.terms
+            if term.position_note
+        ]
         launches.append(replace(launch, notes=tuple(notes)))
     return launches
 

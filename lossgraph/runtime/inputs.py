@@ -94,9 +94,7 @@ class HeadBatch:
         if index == 0:
             return self
         own = self.groups[index - 1]
-        return replace(
-            self, mask=own.mask, weight=own.weight, count=own.count, normalizer=own.normalizer, groups=()
-        )
+        return replace(self, mask=own.mask, weight=own.weight, count=own.count, normalizer=own.normalizer, groups=())
 
     def row_scales(self, fold: bool = False) -> torch.Tensor:
         """[N, groups] float32: each group's row weight over its normalizer; with `fold`, over group 0's
