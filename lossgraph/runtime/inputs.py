@@ -630,8 +630,8 @@ def _check_masks(plan: Plan, masks: Masks | None, layout: _Layout, check_values:
         hint = did_you_mean(str(unknown[0]), expected)
         used = ", ".join(repr(name) for name in expected) or "none"
         raise InputError(
-            f"unknown mask {unknown[0]!r}{hint}: no loss takes positions: {{mask: {unknown[0]}}}; the graph's "
-            f"masks are {used}"
+            f"unknown mask {unknown[0]!r}{hint}; no loss takes positions: {{mask: {unknown[0]}}} (the graph's "
+            f"masks: {used})"
         )
     missing = [name for name in expected if name not in masks]
     if missing:
