@@ -398,9 +398,16 @@ class KernelGenerator:
                 src(f"{argument},")
         src("):")
         src.depth += 1
+        src("row = tl.program_id(0).to(tl.int64)")
+        if self.spec.grouped:
+            # each term group's row scale (its positions' weight / its normalizer), row_scale [N, groups]
+            groups = self.spec.row_groups
+            src(*[f"row_scale{g} = tl.load(row_scale_ptr + row * {groups} + {g})" for g in range(groups)])
+            skip = " & ".join(f"(row_scale{g} == 0.0)" for g in range(groups))
+        else:
+            src("row_scale = tl.load(row_scale_ptr + row)")
+            skip = "row_scale == 0.0"
         src(
-            "row = tl.program_id(0).to(tl.int64)",
-            "row_scale = tl.load(row_scale_ptr + row)",
             "z_row = z_ptr + row * stride_z",
             "cols = tl.arange(0, BLOCK_V)",
             "tiles = tl.cdiv(V, BLOCK_V)",
@@ -411,7 +418,7 @@ class KernelGenerator:
             src("g_row = grad_ptr + row * stride_grad")
         for i in range(len(self.spec.dense)):
             src(f"t{i}_row = t{i}_ptr + row * stride_t{i}")
-        with src.block("if row_scale == 0.0:"):
+        with src.block(f"if {skip}:"):
             self.masked_row()
         with src.block("else:"):
             {"single": self.live_row, "stats": self.stats_row, "reduce": self.reduce_row, "apply": self.apply_row}[
@@ -493,6 +500,16 @@ class KernelGenerator:
             checks = self.teacher_checks(term)
             if checks:
                 self.src(f'loss{t} = tl.where({" & ".join(checks)}, loss{t}, float("nan"))')
+            if self.spec.grouped:
+                # the term's value where its group takes the row, 0 elsewhere; the row's loss takes each
+                # term times its own group's row scale (the host does not scale this column again)
+                g = self.spec.group_of(t)
+                self.src(
+                    f"loss{t} = tl.where(row_scale{g} != 0.0, loss{t} * vs{t}, 0.0)",
+                    f"tl.store(loss_ptr + row * {count} + {t}, loss{t})",
+                    f"row_loss += tl.where(lw{t} != 0.0, lw{t} * loss{t} * row_scale{g}, 0.0)",
+                )
+                continue
             self.src(
                 f"loss{t} = loss{t} * vs{t}",
                 f"tl.store(loss_ptr + row * {count} + {t}, loss{t})",
@@ -709,11 +726,14 @@ class KernelGenerator:
             # a row whose teacher is not a distribution gets a NaN gradient, as its loss is NaN: a
             # finite loss never hides a broken teacher, and a NaN loss never comes with a finite gradient.
             # Only teachers of terms in the gradient count: a weight-0 term is reported, not applied.
-            checks = sorted({check for term in spec.terms if term.active for check in self.teacher_checks(term)})
-            if checks:
-                src(f'grad_scale = tl.where({" & ".join(checks)}, row_scale, float("nan"))')
+            if spec.grouped:
+                self.group_grad_scales()
             else:
-                src("grad_scale = row_scale")
+                checks = sorted({check for term in spec.terms if term.active for check in self.teacher_checks(term)})
+                if checks:
+                    src(f'grad_scale = tl.where({" & ".join(checks)}, row_scale, float("nan"))')
+                else:
+                    src("grad_scale = row_scale")
         if spec.uses_labels:
             # an out-of-range label (unchecked input) gives a NaN loss instead of an out-of-bounds read
             src("label_ok = (y >= 0) & (y < VT)")
@@ -733,6 +753,26 @@ class KernelGenerator:
                 self.src(f"{names.value(t)} = {term.loss.value_after_first_pass(self, t, term)}")
             elif stage == STREAMED:
                 self.src(f"{names.value(t)} = 0.0  # term {t}: streamed in the last pass")
+
+    def group_grad_scales(self) -> None:
+        """Each term group's gradient scale: its row scale, NaN where a teacher that an active term of the
+        group reads is no distribution (and the group takes the row)."""
+        spec = self.spec
+        for g in range(spec.row_groups):
+            terms = [term for t, term in enumerate(spec.terms) if term.active and spec.group_of(t) == g]
+            checks = sorted({check for term in terms for check in self.teacher_checks(term)})
+            if checks:
+                ok = " & ".join(checks)
+                self.src(f'grad_scale{g} = tl.where(({ok}) | (row_scale{g} == 0.0), row_scale{g}, float("nan"))')
+            else:
+                self.src(f"grad_scale{g} = row_scale{g}")
+
+    def sparse_weight(self, t: int) -> str:
+        """What a top-k term's sparse gradient entries are multiplied by before the scatter: its weight,
+        and with term groups its group's gradient scale (the scatter then applies none)."""
+        if self.spec.grouped:
+            return f"w{t} * grad_scale{self.spec.group_of(t)}"
+        return f"w{t}"
 
     def term_header(self, t: int, term: KernelTerm, *what: str) -> None:
         """A comment naming the term whose code follows, with the kind's formulas for `what`."""
@@ -807,7 +847,7 @@ class KernelGenerator:
         value, gradient = term.loss.vector(self, t, term, Vectors(f"qv{t}", f"pv{t}", f"lq{t}", f"lp{t}"))
         src(f"loss{t} = tl.where(usable{t}, {value}, 0.0)")
         if term.active:
-            src(f"delta{i} += tl.where(in_vocab{i} & usable{t}, w{t} * ({gradient}), 0.0)")
+            src(f"delta{i} += tl.where(in_vocab{i} & usable{t}, {self.sparse_weight(t)} * ({gradient}), 0.0)")
 
     def topk_bucket(self, t: int, term: KernelTerm) -> None:
         """k stored buckets plus one tail bucket; T = 1.
@@ -845,7 +885,7 @@ class KernelGenerator:
             src(f"gt{t} = {form.tail_factor}")
             self._tail_factors.add(t)
         if term.active:
-            src(f"delta{i} += tl.where(in_vocab{i}, w{t} * sparse{t}, 0.0)")
+            src(f"delta{i} += tl.where(in_vocab{i}, {self.sparse_weight(t)} * sparse{t}, 0.0)")
 
     def bucket_tail_gradient(self, t: int, term: KernelTerm) -> str:
         """q_j G'_tail of a bucket term at the tile's columns; 0 at the stored ones (they get `sparse`)."""
@@ -902,7 +942,9 @@ class KernelGenerator:
         else:
             # each term's weight times the row's scale, once per row rather than once per element
             for t, term in enumerate(spec.terms):
-                if term.active:
+                if term.active and spec.grouped:
+                    src(f"{names.gradient_weight(t)} = w{t} * grad_scale{spec.group_of(t)}")
+                elif term.active:
                     src(f"{names.gradient_weight(t)} = w{t} * grad_scale")
             src("# last pass: streamed values and the summed gradient, written once")
             with self.tile_loop():
@@ -966,7 +1008,8 @@ class KernelGenerator:
             src(
                 "tl.debug_barrier()",
                 f"old{i} = tl.load(g_row + safe{i}, mask=held{i}, other=0.0).to(tl.float32)",
-                f"new{i} = old{i} + delta{i} * grad_scale{self.cap_factor(f'z_top{i}')}",
+                f"new{i} = old{i} + delta{i}{'' if self.spec.grouped else ' * grad_scale'}"
+                f"{self.cap_factor(f'z_top{i}')}",
                 f"new{i} = round_to(new{i}, grad_ptr.dtype.element_ty)",
                 f"tl.store(g_row + safe{i}, new{i}, mask=held{i})",
             )

@@ -77,6 +77,7 @@ class Launch:
     notes: tuple[str, ...]
     softcap: float | None = None  # the head's logit soft-cap, applied inside the kernel
     layout: KernelLayout | None = None  # of the launch's kernel with every term active (set by _launch)
+    row_groups: int = 1  # the head's term groups (positions and normalizer): row-scale columns
 
     def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
         """The KernelSpec for this launch; `active[t]` False leaves term t out of the gradient."""
@@ -106,6 +107,11 @@ class Launch:
             topk=tuple(t.k for t in self.topk),
             accumulate=self.accumulate,
             softcap=self.softcap,
+            **(
+                {"row_groups": self.row_groups, "term_groups": tuple(term.group for term in self.terms)}
+                if self.row_groups > 1
+                else {}
+            ),
         )
 
     @property
@@ -262,6 +268,7 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         accumulate=index > 0,
         notes=tuple(notes),
         softcap=head.softcap,
+        row_groups=len(head.groups),
     )
     return replace(launch, layout=kernel_layout(launch.kernel_spec()))
 
@@ -317,6 +324,11 @@ def plan_head(head: HeadPlan) -> list[Launch]:
             for t in launch.layout.reduction_terms
         ]
         notes += _renormalized_notes(launch)
+        notes += [
+            f"positions: {term.key} takes {term.position_note} (row scale {term.group + 1} of {len(head.groups)})"
+            for term in launch.terms
+            if term.position_note
+        ]
         launches.append(replace(launch, notes=tuple(notes)))
     return launches
 

@@ -235,6 +235,27 @@ def check_target_kinds(ctx: CompileContext) -> None:
             ctx.error(("losses", name, field_name), message)
 
 
+def reads_labels(graph: SourceGraph, target: str) -> bool:
+    """The source reads the labels (a labels source, label smoothing, a mixture with either)."""
+    spec = graph.spec
+    return any(source_kind(spec.sources[leaf].type).provides_labels for leaf, _ in graph.leaf_inputs(target))
+
+
+def check_positions(ctx: CompileContext) -> None:
+    """`positions: all` takes positions without a label: a loss whose target reads labels cannot."""
+    for name, loss in ctx.spec.losses.items():
+        target = getattr(loss, "target", None)
+        if loss.positions != "all" or target is None or target not in ctx.spec.sources:
+            continue
+        if reads_labels(_graph(ctx), target):
+            ctx.error(
+                ("losses", name, "positions"),
+                f"positions: all takes every position, but target {quote(target)} reads the labels, which "
+                "only the head's targets have; use positions: targets (the default), or a named mask "
+                "(positions: {mask: NAME}), which keeps the positions that have a label",
+            )
+
+
 def check_offsets(ctx: CompileContext) -> None:
     """A teacher predicts one offset; it can only target heads of that offset."""
     spec, graph = ctx.spec, _graph(ctx)

@@ -143,15 +143,24 @@ def reference_terms(
     terms: tuple[Term, ...], batch: HeadBatch, temperatures: list[float], softcap: float | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each term's normalized sum (a differentiable scalar) and its value at every position ([N], 0
-    where masked), before weights and T^2 scaling. Positions count with their weight (a float loss_mask)."""
+    where masked), before weights and T^2 scaling. Positions count with their weight (a float loss_mask).
+    Each term takes the positions and normalizer of its group (`Term.group`, `HeadBatch.group`)."""
     dtype = compute_dtype(batch.logits)
     # the logits in the compute dtype once for all terms: autograd sums the terms' gradients there and
     # rounds the head's gradient to the logits' dtype once (bfloat16 terms rounded one by one and added
     # in bfloat16 would be a step or more off)
     batch = replace(batch, logits=batch.logits.to(dtype))
-    weight = batch.row_weight().to(dtype)
-    per_position = [
-        term_per_position(term, batch, temperature, softcap) for term, temperature in zip(terms, temperatures)
-    ]
-    sums = [(value * weight).sum() / batch.normalizer.to(dtype) for value in per_position]
+    if not batch.groups:
+        weight = batch.row_weight().to(dtype)
+        per_position = [
+            term_per_position(term, batch, temperature, softcap) for term, temperature in zip(terms, temperatures)
+        ]
+        sums = [(value * weight).sum() / batch.normalizer.to(dtype) for value in per_position]
+        return sums, per_position
+    sums, per_position = [], []
+    for term, temperature in zip(terms, temperatures):
+        own = batch.group(term.group)  # the term's mask (the unmasked rows of `positions: all`) and normalizer
+        value = term_per_position(term, own, temperature, softcap)
+        per_position.append(value)
+        sums.append((value * own.row_weight().to(dtype)).sum() / own.normalizer.to(dtype))
     return sums, per_position

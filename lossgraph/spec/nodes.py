@@ -277,6 +277,32 @@ def _kind_name(model: type[BaseModel]) -> str:
     return typing.get_args(model.model_fields["type"].annotation)[0]
 
 
+class NamedMask(SpecModel):
+    """Positions given at run time: a mask passed to the graph call as `masks={NAME: tensor}`."""
+
+    mask: Name = Field(
+        description=(
+            "Name of the run-time mask: the call's `masks={NAME: [B, S] tensor}` (or [N]), indexed like the "
+            "logits (position s of every head), bool or float (float: per-position weights >= 0). Not shifted "
+            "by a head's offset nor by `label_alignment`."
+        )
+    )
+
+
+def _positions_form(value: Any) -> str:
+    return "named" if isinstance(value, (dict, BaseModel)) else "keyword"
+
+
+# Which positions a loss node's terms take (see docs/concepts.md, "Positions and normalizers per term").
+Positions = Annotated[
+    Union[Annotated[Literal["targets", "all"], Tag("keyword")], Annotated[NamedMask, Tag("named")]],
+    Discriminator(_positions_form),
+]
+
+# What a term's sum is divided by, besides the graph's `normalization`.
+TermNormalizer = Literal["positions", "targets"]
+
+
 class LossNode(SpecModel):
     """Fields every loss node has; each loss kind's model (under lossgraph/kinds/) extends it."""
 
@@ -290,6 +316,26 @@ class LossNode(SpecModel):
     )
     head_weights: list[HeadWeight] | None = Field(
         None, description="Optional multiplier per head, same length and order as `heads` (default 1 for each)."
+    )
+    positions: Positions = Field(
+        "targets",
+        description=(
+            "Which positions of each head the terms take. `targets` (default): the head's targets, the "
+            "positions with a label that loss_mask, document boundaries and the head's offset let through. "
+            "`all`: every position of the head's logits, whatever the labels, loss_mask and document_ids say "
+            "(only for losses whose target needs no label: z_loss, entropy, teachers). `{mask: NAME}`: the "
+            "positions of the run-time mask `masks={NAME: tensor}` (a loss against labels keeps only those "
+            "that are also targets)."
+        ),
+    )
+    normalizer: TermNormalizer = Field(
+        "positions",
+        description=(
+            "What the terms' sums are divided by under `normalization: tokens`. `positions` (default): the "
+            "count (or weight sum) of the term's own positions, so `positions: all` divides by every position "
+            "of the head. `targets`: the head's target count (or `num_items`), whatever the positions are. "
+            "Under `sum` and `batch` both divide alike (by 1, by the number of positions)."
+        ),
     )
     description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
 
