@@ -31,6 +31,7 @@ class KernelSpec:
     accumulate: bool = False  # add to the gradient buffer (a later launch of a split head)
     gradient: bool = True  # write dl/dz; False (under torch.no_grad) writes nothing N x V
     softcap: float | None = None  # the terms see softcap * tanh(z / softcap); dz'/dz is applied to dl/dz'
+    logits_scale: float | None = None  # the terms see a * z (capped after, if softcap); a is folded into the gradient
 
     @property
     def tile_streams(self) -> int:
@@ -57,6 +58,9 @@ class KernelSpec:
             lines.append("adds to the gradient of an earlier launch")
         if not self.gradient:
             lines.append("values only (no gradient)")
+        if self.logits_scale is not None:
+            before = " before the cap" if self.softcap is not None else ""
+            lines.append(f"logits scaled by {self.logits_scale!r}{before}")
         if self.softcap is not None:
             lines.append(f"logits soft-capped at {self.softcap!r}")
         return lines

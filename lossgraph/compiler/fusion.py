@@ -76,6 +76,7 @@ class Launch:
     accumulate: bool
     notes: tuple[str, ...]
     softcap: float | None = None  # the head's logit soft-cap, applied inside the kernel
+    logits_scale: float | None = None  # the head's logits scale factor, applied inside the kernel (before the cap)
     layout: KernelLayout | None = None  # of the launch's kernel with every term active (set by _launch)
 
     def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
@@ -106,6 +107,7 @@ class Launch:
             topk=tuple(t.k for t in self.topk),
             accumulate=self.accumulate,
             softcap=self.softcap,
+            logits_scale=self.logits_scale,
         )
 
     @property
@@ -262,6 +264,7 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         accumulate=index > 0,
         notes=tuple(notes),
         softcap=head.softcap,
+        logits_scale=head.logits_scale,
     )
     return replace(launch, layout=kernel_layout(launch.kernel_spec()))
 

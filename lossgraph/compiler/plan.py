@@ -76,6 +76,7 @@ class HeadPlan:
     terms: tuple[Term, ...]
     hidden_input: bool = False  # receives lossgraph.Linear(hidden, weight, bias), chunked
     softcap: float | None = None  # the losses see softcap * tanh(z / softcap)
+    logits_scale: float | None = None  # the losses see a * z (before the cap); None: no scaling
 
     @property
     def teachers(self) -> list[DenseTarget | TopKTarget]:
@@ -156,6 +157,8 @@ def build_plan(spec: LossGraphSpec) -> Plan:
                 tuple(terms),
                 hidden_input=head.input == "hidden",
                 softcap=head.softcap,
+                # a scale of 1 is no scale: the same kernels as a head without one
+                logits_scale=None if head.logits_scale in (None, 1.0) else head.logits_scale,
             )
         )
     labels = next(
