@@ -246,7 +246,20 @@ def test_the_kernel_multiplies_the_loads_and_folds_the_scale_into_the_row():
     assert len(scaled) == 5 + source.count("for back in range") + source.count("for start in range") - 1, scaled
 
 
-@pytest.mark.parametrize("scale", ["0", "-1.0", "inf", ".nan", "20000.0"])
+def test_show_and_plan_mention_the_scale(cli, tmp_path):
+    path = tmp_path / "scaled.yaml"
+    path.write_text(scaled_graph(cap=30.0))
+    shown = cli("show", path)
+    assert shown.exit_code == 0, shown.output
+    assert "next  predicts t+1, vocab 40, logits x 2.5, softcap 30" in shown.stdout
+    planned = cli("plan", path)
+    assert planned.exit_code == 0, planned.output
+    assert "the terms of head 'next' see 30 tanh(2.5 z / 30)" in " ".join(planned.stdout.split())
+    path.write_text(scaled_graph(cap=None))
+    assert "see 2.5 z, scaled in float32" in " ".join(cli("plan", path).stdout.split())
+
+
+@pytest.mark.parametrize("scale", ["0", "-1.0", ".inf", "-.inf", ".nan", "inf", "20000.0"])
 def test_the_scale_is_a_positive_finite_number_in_range(scale):
     with pytest.raises(lossgraph.ConfigError, match="heads.next.logits_scale"):
         lossgraph.loads(scaled_graph(scale=scale))
@@ -365,3 +378,27 @@ def test_vocab_parallel_scales_every_slice(backend, tmp_path):
         local = expected["grad"][..., rank * width : (rank + 1) * width]
         assert_close(got["grad"], local, rtol=1e-5, atol=1e-7, what=f"rank {rank} gradient")
         assert torch.equal(got["metrics"]["next"]["accuracy"], expected["metrics"]["next"]["accuracy"])
+
+
+def test_the_transformers_integration_passes_the_models_logits_and_the_head_scales_them():
+    """The head's scale multiplies the logits the model returns (its own post-processing included)."""
+    pytest.importorskip("transformers")
+    from tiny_models import VOCAB as MODEL_VOCAB
+    from tiny_models import tiny_llama
+
+    from lossgraph.integrations.transformers import compute_loss, head_logits
+
+    text = (
+        f"version: 1\nvocab_size: {MODEL_VOCAB}\nheads: {{next: {{offset: 1, logits_scale: 0.5}}}}\n"
+        "sources: {labels: {type: labels}}\nlosses: {lm: {type: cross_entropy, heads: [next], target: labels}}\n"
+    )
+    graph = lossgraph.compile(lossgraph.loads(text), backend="torch")
+    model = tiny_llama()
+    input_ids = torch.randint(0, MODEL_VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        torch.testing.assert_close(head_logits(model, graph, input_ids)["next"], logits)
+        out = compute_loss(model, batch, graph)
+    expected = F.cross_entropy((0.5 * logits[:, :-1]).reshape(-1, MODEL_VOCAB), input_ids[:, 1:].reshape(-1))
+    assert_close(out.values["lm/next"], expected, rtol=1e-5, atol=1e-6, what="scaled cross-entropy")

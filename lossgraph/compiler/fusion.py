@@ -313,6 +313,16 @@ def plan_head(head: HeadPlan) -> list[Launch]:
             )
         if len(teachers[index]) > MAX_TEACHERS_PER_LAUNCH:
             notes.append(f"one term reads {len(teachers[index])} teachers at once; its tiles are narrower")
+        if head.logits_scale is not None:
+            seen = (
+                f"{head.logits_scale:g} z"
+                if head.softcap is None
+                else f"{head.softcap:g} tanh({head.logits_scale:g} z / {head.softcap:g})"
+            )
+            notes.append(
+                f"logits_scale: the terms of head {head.name!r} see {seen}, scaled in float32 as the kernel reads "
+                "the logits; the gradient takes the factor once per row"
+            )
         launch = _launch(head, index, group, notes)
         notes += [
             f"extra pass: {launch.terms[t].key} ({launch.terms[t].kind}) needs a row sum over p and q before its "
