@@ -210,8 +210,8 @@ class Head(SpecModel):
         None,
         description=(
             "Logits scale factor a (muP output multiplier, Fast-LLM's logits_scale_factor): every loss of "
-            "the head, z-loss included, sees a * z instead of the logits z it is given, computed in "
-            "float32 inside the loss (no scaled copy of the logits); with `softcap` the cap applies to the "
+            "the head, z-loss included, sees a * z instead of the logits z it is given, computed in the "
+            "loss's precision (float32 for bf16 logits; no scaled copy of them); with `softcap` the cap applies to the "
             "scaled logits, softcap * tanh(a * z / softcap). The gradient flows through the scale "
             "(dl/dz = a * dl/d(a z)); the argmax, and so the accuracy, is unchanged. Not set (or 1): no scaling."
         ),
