@@ -73,6 +73,7 @@ PRIMITIVES = (
     "lanes_of",
     "log_add_exp",
     "log_sum_exp",
+    "round_to",
     "row_argmax",
     "row_centered_moment",
     "sign_of_difference",
@@ -112,9 +113,17 @@ class KernelGenerator:
         self._tail_factors: set[int] = set()  # bucket terms whose tail gradient is q_j * gt{t}
 
     def capped(self, logits: str) -> str:
-        """The logits as the terms see them: soft-capped when the head caps them."""
-        cap = self.spec.softcap
+        """The logits as the terms see them: times the head's scale a, then soft-capped, when the head
+        scales or caps them. dz'/dz carries a factor a, which the row's grad_scale holds."""
+        scale, cap = self.spec.logits_scale, self.spec.softcap
+        if scale is not None:
+            logits = f"{logits} * {scale!r}"
         return logits if cap is None else f"soft_cap({logits}, {cap!r})"
+
+    @property
+    def transformed(self) -> bool:
+        """The terms see other logits than the raw ones (a scale or a cap)."""
+        return self.spec.softcap is not None or self.spec.logits_scale is not None
 
     def cap_derivative(self, capped: str) -> str:
         """dz'/dz = 1 - (z' / c)^2 at a capped logit z' (0 at -inf, where there is no gradient)."""
@@ -359,8 +368,14 @@ class KernelGenerator:
             if reverse:
                 self.src("start = (tiles - 1 - back) * BLOCK_V")
             self.src("offs = start + cols", "in_v = offs < V")
-            if self.spec.softcap is None:
+            if not self.transformed:
                 self.src(f"x = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)")
+            elif self.spec.softcap is None:
+                # every term sees a z (padded lanes stay -inf, a > 0); the argmax reads the raw logits
+                self.src(
+                    f"z_raw = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)",
+                    f"x = {self.capped('z_raw')}",
+                )
             else:
                 # every term sees the capped logits (padded lanes stay -inf); the argmax reads the raw
                 # ones, which rank the same without the ties of saturated caps
@@ -398,9 +413,16 @@ class KernelGenerator:
                 src(f"{argument},")
         src("):")
         src.depth += 1
+        src("row = tl.program_id(0).to(tl.int64)")
+        if self.spec.grouped:
+            # each term group's row scale (its positions' weight / its normalizer), row_scale [N, groups]
+            groups = self.spec.row_groups
+            src(*[f"row_scale{g} = tl.load(row_scale_ptr + row * {groups} + {g})" for g in range(groups)])
+            skip = " & ".join(f"(row_scale{g} == 0.0)" for g in range(groups))
+        else:
+            src("row_scale = tl.load(row_scale_ptr + row)")
+            skip = "row_scale == 0.0"
         src(
-            "row = tl.program_id(0).to(tl.int64)",
-            "row_scale = tl.load(row_scale_ptr + row)",
             "z_row = z_ptr + row * stride_z",
             "cols = tl.arange(0, BLOCK_V)",
             "tiles = tl.cdiv(V, BLOCK_V)",
@@ -411,7 +433,7 @@ class KernelGenerator:
             src("g_row = grad_ptr + row * stride_grad")
         for i in range(len(self.spec.dense)):
             src(f"t{i}_row = t{i}_ptr + row * stride_t{i}")
-        with src.block("if row_scale == 0.0:"):
+        with src.block(f"if {skip}:"):
             self.masked_row()
         with src.block("else:"):
             {"single": self.live_row, "stats": self.stats_row, "reduce": self.reduce_row, "apply": self.apply_row}[
@@ -493,6 +515,16 @@ class KernelGenerator:
             checks = self.teacher_checks(term)
             if checks:
                 self.src(f'loss{t} = tl.where({" & ".join(checks)}, loss{t}, float("nan"))')
+            if self.spec.grouped:
+                # the term's value where its group takes the row, 0 elsewhere; the row's loss takes each
+                # term times its own group's row scale (the host does not scale this column again)
+                g = self.spec.group_of(t)
+                self.src(
+                    f"loss{t} = tl.where(row_scale{g} != 0.0, loss{t} * vs{t}, 0.0)",
+                    f"tl.store(loss_ptr + row * {count} + {t}, loss{t})",
+                    f"row_loss += tl.where(lw{t} != 0.0, lw{t} * loss{t} * row_scale{g}, 0.0)",
+                )
+                continue
             self.src(
                 f"loss{t} = loss{t} * vs{t}",
                 f"tl.store(loss_ptr + row * {count} + {t}, loss{t})",
@@ -514,7 +546,7 @@ class KernelGenerator:
                 "held = (y >= vocab_start) & (y < vocab_start + V)",
                 "z_label = tl.load(z_row + tl.where(held, y - vocab_start, 0), mask=held, other=0.0).to(tl.float32)",
             )
-            if self.spec.softcap is not None:
+            if self.transformed:
                 src(f"z_label = tl.where(held, {self.capped('z_label')}, 0.0)")
         for i in self.layout.topk_sources:
             src(f"tl.store(topz{i}_ptr + row * {self.topk_width(i)} + kk{i}, tl.where(held{i}, z_top{i}, 0.0))")
@@ -592,10 +624,13 @@ class KernelGenerator:
                 f"best_start{suffix}_lanes = tl.zeros({lane_count}, dtype=tl.int32)",
             )
         with self.tile_loop():
-            raw = "x" if self.spec.softcap is None else "z_raw"
+            raw = "z_raw" if self.transformed else "x"
             src(f"{raw}_max = lane_max({raw}, VEC)")
             if self.spec.softcap is not None:
                 src("x_max = lane_max(x, VEC)")
+            elif self.spec.logits_scale is not None:
+                # a > 0 and rounding keep the order: max_j(a z_j) = a max_j(z_j), one product per lane
+                src(f"x_max = {self.capped('z_raw_max')}")
             src(
                 "best_value_lanes, best_start_lanes = lane_argmax_update("
                 f"best_value_lanes, best_start_lanes, {raw}_max, start)"
@@ -709,11 +744,16 @@ class KernelGenerator:
             # a row whose teacher is not a distribution gets a NaN gradient, as its loss is NaN: a
             # finite loss never hides a broken teacher, and a NaN loss never comes with a finite gradient.
             # Only teachers of terms in the gradient count: a weight-0 term is reported, not applied.
-            checks = sorted({check for term in spec.terms if term.active for check in self.teacher_checks(term)})
-            if checks:
-                src(f'grad_scale = tl.where({" & ".join(checks)}, row_scale, float("nan"))')
+            # a scaled head: dl/dz = a dl/dz' with z' = a z, the factor a taken once per row here
+            factor = "" if spec.logits_scale is None else f" * {spec.logits_scale!r}"
+            if spec.grouped:
+                self.group_grad_scales(factor)
             else:
-                src("grad_scale = row_scale")
+                checks = sorted({check for term in spec.terms if term.active for check in self.teacher_checks(term)})
+                if checks:
+                    src(f'grad_scale = tl.where({" & ".join(checks)}, row_scale{factor}, float("nan"))')
+                else:
+                    src(f"grad_scale = row_scale{factor}")
         if spec.uses_labels:
             # an out-of-range label (unchecked input) gives a NaN loss instead of an out-of-bounds read
             src("label_ok = (y >= 0) & (y < VT)")
@@ -733,6 +773,28 @@ class KernelGenerator:
                 self.src(f"{names.value(t)} = {term.loss.value_after_first_pass(self, t, term)}")
             elif stage == STREAMED:
                 self.src(f"{names.value(t)} = 0.0  # term {t}: streamed in the last pass")
+
+    def group_grad_scales(self, factor: str) -> None:
+        """Each term group's gradient scale: its row scale (times a scaled head's `factor`), NaN where a
+        teacher that an active term of the group reads is no distribution (and the group takes the row)."""
+        spec = self.spec
+        for g in range(spec.row_groups):
+            terms = [term for t, term in enumerate(spec.terms) if term.active and spec.group_of(t) == g]
+            checks = sorted({check for term in terms for check in self.teacher_checks(term)})
+            if checks:
+                ok = " & ".join(checks)
+                self.src(
+                    f'grad_scale{g} = tl.where(({ok}) | (row_scale{g} == 0.0), row_scale{g}{factor}, float("nan"))'
+                )
+            else:
+                self.src(f"grad_scale{g} = row_scale{g}{factor}")
+
+    def sparse_weight(self, t: int) -> str:
+        """What a top-k term's sparse gradient entries are multiplied by before the scatter: its weight,
+        and with term groups its group's gradient scale (the scatter then applies none)."""
+        if self.spec.grouped:
+            return f"w{t} * grad_scale{self.spec.group_of(t)}"
+        return f"w{t}"
 
     def term_header(self, t: int, term: KernelTerm, *what: str) -> None:
         """A comment naming the term whose code follows, with the kind's formulas for `what`."""
@@ -785,7 +847,7 @@ class KernelGenerator:
             self.src(f"held{i} = in_vocab{i}", f"safe{i} = tl.where(in_vocab{i}, index{i}, 0)")
         if self.phase in ("single", "stats"):
             self.src(f"z_top{i} = tl.load(z_row + safe{i}, mask=held{i}, other={NEG_INF}).to(tl.float32)")
-            if self.spec.softcap is not None:
+            if self.transformed:
                 self.src(f"z_top{i} = tl.where(held{i}, {self.capped(f'z_top{i}')}, {NEG_INF})")
 
     def topk_renormalized(self, t: int, term: KernelTerm) -> None:
@@ -810,7 +872,7 @@ class KernelGenerator:
         value, gradient = term.loss.vector(self, t, term, Vectors(f"qv{t}", f"pv{t}", f"lq{t}", f"lp{t}"))
         src(f"loss{t} = tl.where(usable{t}, {value}, 0.0)")
         if term.active:
-            src(f"delta{i} += tl.where(in_vocab{i} & usable{t}, w{t} * ({gradient}), 0.0)")
+            src(f"delta{i} += tl.where(in_vocab{i} & usable{t}, {self.sparse_weight(t)} * ({gradient}), 0.0)")
 
     def topk_bucket(self, t: int, term: KernelTerm) -> None:
         """k stored buckets plus one tail bucket; T = 1.
@@ -848,7 +910,7 @@ class KernelGenerator:
             src(f"gt{t} = {form.tail_factor}")
             self._tail_factors.add(t)
         if term.active:
-            src(f"delta{i} += tl.where(in_vocab{i}, w{t} * sparse{t}, 0.0)")
+            src(f"delta{i} += tl.where(in_vocab{i}, {self.sparse_weight(t)} * sparse{t}, 0.0)")
 
     def bucket_tail_gradient(self, t: int, term: KernelTerm) -> str:
         """q_j G'_tail of a bucket term at the tile's columns; 0 at the stored ones (they get `sparse`)."""
@@ -905,7 +967,9 @@ class KernelGenerator:
         else:
             # each term's weight times the row's scale, once per row rather than once per element
             for t, term in enumerate(spec.terms):
-                if term.active:
+                if term.active and spec.grouped:
+                    src(f"{names.gradient_weight(t)} = w{t} * grad_scale{spec.group_of(t)}")
+                elif term.active:
                     src(f"{names.gradient_weight(t)} = w{t} * grad_scale")
             src("# last pass: streamed values and the summed gradient, written once")
             with self.tile_loop():
@@ -916,7 +980,7 @@ class KernelGenerator:
                     src(f"g = g * {self.cap_derivative('x')}")
                 if spec.accumulate:
                     src("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
-                src("tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)")
+                src("tl.store(g_row + offs, round_to(g, grad_ptr.dtype.element_ty), mask=in_v)")
         self.close_lanes([names.value(t) for t in streamed], "+=")
         for t in streamed:
             if self.spec.terms[t].loss.streams_in_bits:
@@ -969,8 +1033,9 @@ class KernelGenerator:
             src(
                 "tl.debug_barrier()",
                 f"old{i} = tl.load(g_row + safe{i}, mask=held{i}, other=0.0).to(tl.float32)",
-                f"new{i} = old{i} + delta{i} * grad_scale{self.cap_factor(f'z_top{i}')}",
-                f"new{i} = new{i}.to(grad_ptr.dtype.element_ty)",
+                f"new{i} = old{i} + delta{i}{'' if self.spec.grouped else ' * grad_scale'}"
+                f"{self.cap_factor(f'z_top{i}')}",
+                f"new{i} = round_to(new{i}, grad_ptr.dtype.element_ty)",
                 f"tl.store(g_row + safe{i}, new{i}, mask=held{i})",
             )
 

@@ -152,3 +152,29 @@ def soft_cap(x, cap):
     small = a * (1.0 - a * a * (0.3333333333333333 - a * a * 0.13333333333333333))
     t = tl.where(a < 0.0625, small, large)
     return cap * tl.where(u < 0, -t, t)
+
+
+# Whether this module's kernels run in Triton's interpreter (TRITON_INTERPRET=1 when triton.jit decorated
+# them): the interpreter has no rounding conversion to bfloat16 (below).
+INTERPRETED = tl.constexpr(not isinstance(fast_exp, triton.runtime.jit.JITFunction))
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """float32 x in `dtype`, rounded to nearest with ties to even: every value a kernel writes below
+    float32 (a gradient in bfloat16 or float16) is rounded once, by this.
+
+    A GPU converts with the rounding named (cvt.rn). Triton's interpreter truncates to bfloat16 whatever
+    rounding is named, so there it is written out on the bits: add half a bfloat16 step minus one, plus
+    the kept bit (ties go to even), and keep the upper 16 bits; a NaN stays a NaN, where a payload in its
+    low bits alone would round into infinity. The interpreter's float16 conversion rounds to nearest even.
+    """
+    if dtype == tl.float32:
+        return x
+    elif INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, 0x7FC00000, rounded)
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype, fp_downcast_rounding="rtne")

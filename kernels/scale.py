@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .interpreter_lock import launch_guard
+from .primitives import round_to
 
 BLOCK = 4096
 PROGRAMS_PER_MULTIPROCESSOR = 4
@@ -34,7 +35,7 @@ def scale_in_place_kernel(buffer_ptr, scale_ptr, elements, BLOCK: tl.constexpr):
             offsets = start + tl.arange(0, BLOCK)
             inside = offsets < elements
             values = tl.load(buffer_ptr + offsets, mask=inside).to(tl.float32)
-            tl.store(buffer_ptr + offsets, (values * scale).to(buffer_ptr.dtype.element_ty), mask=inside)
+            tl.store(buffer_ptr + offsets, round_to(values * scale, buffer_ptr.dtype.element_ty), mask=inside)
 
 
 @functools.cache

@@ -31,6 +31,21 @@ class KernelSpec:
     accumulate: bool = False  # add to the gradient buffer (a later launch of a split head)
     gradient: bool = True  # write dl/dz; False (under torch.no_grad) writes nothing N x V
     softcap: float | None = None  # the terms see softcap * tanh(z / softcap); dz'/dz is applied to dl/dz'
+    # Row scales per term group: with more than 1, row_scale is [N, row_groups] and term t reads column
+    # term_groups[t] (its own positions and normalizer); a row is skipped only where every column is 0.
+    row_groups: int = 1
+    term_groups: tuple[int, ...] = ()
+
+    @property
+    def grouped(self) -> bool:
+        """The terms take row scales of their own (row_scale is [N, row_groups])."""
+        return self.row_groups > 1
+
+    def group_of(self, t: int) -> int:
+        """The row-scale column of term t."""
+        return self.term_groups[t] if self.grouped else 0
+
+    logits_scale: float | None = None  # the terms see a * z (capped after, if softcap); a is folded into the gradient
 
     @property
     def tile_streams(self) -> int:
@@ -57,8 +72,14 @@ class KernelSpec:
             lines.append("adds to the gradient of an earlier launch")
         if not self.gradient:
             lines.append("values only (no gradient)")
+        if self.logits_scale is not None:
+            before = " before the cap" if self.softcap is not None else ""
+            lines.append(f"logits scaled by {self.logits_scale!r}{before}")
         if self.softcap is not None:
             lines.append(f"logits soft-capped at {self.softcap!r}")
+        if self.grouped:
+            columns = ", ".join(f"term {t}: {g}" for t, g in enumerate(self.term_groups))
+            lines.append(f"row scales: {self.row_groups} columns (a term's positions / normalizer); {columns}")
         return lines
 
 

@@ -128,8 +128,8 @@ SPEC_MODELS = _models(spec.LossGraphSpec, [])
 
 
 def test_spec_models_are_all_found():
-    # Sanity check of the walk above: the top level, heads, 5 sources, 7 losses, 4 schedules.
-    assert len(SPEC_MODELS) == 1 + 1 + len(source_kinds()) + len(loss_kinds()) + 4
+    # Sanity check of the walk above: the top level, heads, 5 sources, 7 losses, a named mask, 4 schedules.
+    assert len(SPEC_MODELS) == 1 + 1 + len(source_kinds()) + len(loss_kinds()) + 1 + 4
     assert set(SPEC_MODELS) == set(docgen.documented_models())
 
 

@@ -26,9 +26,10 @@ pytestmark = [requires_fused, *interpreter_warnings]
 BACKENDS = ("torch", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# The kernels compute in float32 whatever the logits dtype; the gradient is stored in the logits dtype.
+# The kernels compute in float32 whatever the logits dtype; the gradient is stored in the logits dtype,
+# rounded once to nearest (bf16: at most 2^-8 relative off).
 VALUE_RTOL = 2e-5
-GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float64: 1e-9}
+GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float64: 1e-9}
 
 
 def graph(losses: str, sources: str, vocab: int) -> lossgraph.CompiledGraph:

@@ -105,6 +105,8 @@ def synthetic_specs() -> dict[str, KernelSpec]:
     specs["softcap-labels"] = replace(_target_spec("labels"), softcap=30.0)
     specs["softcap-topk-bucket"] = replace(_target_spec("topk-bucket"), softcap=30.0)
     specs["softcap-accumulate-dense"] = replace(_target_spec("dense", accumulate=True), softcap=30.0)
+    specs["scale-labels"] = replace(_target_spec("labels"), logits_scale=0.25)
+    specs["scale-softcap-topk-bucket"] = replace(_target_spec("topk-bucket"), logits_scale=0.25, softcap=30.0)
     specs["truncate-dense"] = _target_spec("dense", mapping="truncate")
     specs["pad-mixture"] = _target_spec("mixture-two-dense", mapping="pad")
     # the widest launch: four dense teachers at two temperatures, two top-k teachers, labels
@@ -143,9 +145,10 @@ def cases() -> dict[str, tuple[KernelSpec, str, str]]:
     all_cases["widest-fp32"] = (synthetic_specs()["widest"], "*fp32", "single")
     # the vocab-parallel phases of the widest launch and of every example launch that has a pass 2
     split = {"widest": synthetic_specs()["widest"], **example_specs()}
+    split["scale-softcap-topk-bucket"] = synthetic_specs()["scale-softcap-topk-bucket"]
     for name, spec in split.items():
         phases = ["stats", "apply"] + (["reduce"] if kernel_layout(spec).reduction_terms else [])
-        if name != "widest" and "reduce" not in phases:
+        if name not in ("widest", "scale-softcap-topk-bucket") and "reduce" not in phases:
             continue
         for phase in phases:
             all_cases[f"{name}-{phase}"] = (spec, "*bf16", phase)

@@ -129,6 +129,30 @@ def test_loads_warns_and_still_returns_the_spec():
     assert record[0].filename == __file__, "the warning should point at the caller of loads"
 
 
+MASKING_LABELS = """
+version: 1
+vocab_size: 8
+heads: {next: {}}
+sources:
+  labels: {type: labels, ignore_index: -1}
+  teacher: {type: teacher}
+losses:
+  jsd: {type: jsd, heads: [next], target: teacher}
+"""
+
+
+def test_a_labels_source_that_only_masks_is_used():
+    """JSD against a teacher with an ignore index reads the labels only to mask positions: no warning
+    (a teacher no loss reads is still reported)."""
+    report = lossgraph.check_text(MASKING_LABELS, "m.yaml")
+    assert report.ok and not report.warnings, report.warnings
+    spare = MASKING_LABELS.replace(
+        "  teacher: {type: teacher}\n", "  teacher: {type: teacher}\n  spare: {type: teacher}\n"
+    )
+    messages = [w.message for w in lossgraph.check_text(spare, "m.yaml").warnings]
+    assert messages == ["source 'spare' is not used by any loss"]
+
+
 def test_check_text_never_raises():
     report = lossgraph.check_text("version: [", "x.yaml")
     assert not report.ok and report.spec is None

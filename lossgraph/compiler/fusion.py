@@ -87,7 +87,9 @@ class Launch:
     accumulate: bool
     notes: tuple[str, ...]
     softcap: float | None = None  # the head's logit soft-cap, applied inside the kernel
+    logits_scale: float | None = None  # the head's logits scale factor, applied inside the kernel (before the cap)
     layout: KernelLayout | None = None  # of the launch's kernel with every term active (set by _launch)
+    row_groups: int = 1  # the head's term groups (positions and normalizer): row-scale columns
 
     def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
         """The KernelSpec for this launch; `active[t]` False leaves term t out of the gradient."""
@@ -118,6 +120,12 @@ class Launch:
             topk=tuple(t.k for t in self.topk),
             accumulate=self.accumulate,
             softcap=self.softcap,
+            **(
+                {"row_groups": self.row_groups, "term_groups": tuple(term.group for term in self.terms)}
+                if self.row_groups > 1
+                else {}
+            ),
+            logits_scale=self.logits_scale,
         )
 
     @property
@@ -280,6 +288,8 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         accumulate=index > 0,
         notes=tuple(notes),
         softcap=head.softcap,
+        row_groups=len(head.groups),
+        logits_scale=head.logits_scale,
     )
     return replace(launch, layout=kernel_layout(launch.kernel_spec()))
 
@@ -328,6 +338,16 @@ def plan_head(head: HeadPlan) -> list[Launch]:
             )
         if len(teachers[index]) > MAX_TEACHERS_PER_LAUNCH:
             notes.append(f"one term reads {len(teachers[index])} teachers at once; its tiles are narrower")
+        if head.logits_scale is not None:
+            seen = (
+                f"{head.logits_scale:g} z"
+                if head.softcap is None
+                else f"{head.softcap:g} tanh({head.logits_scale:g} z / {head.softcap:g})"
+            )
+            notes.append(
+                f"logits_scale: the terms of head {head.name!r} see {seen}, scaled in float32 as the kernel reads "
+                "the logits; the gradient takes the factor once per row"
+            )
         launch = _launch(head, index, group, notes)
         notes += [
             f"extra pass: {launch.terms[t].key} ({launch.terms[t].kind}) needs a row sum over p and q before its "
@@ -335,6 +355,11 @@ def plan_head(head: HeadPlan) -> list[Launch]:
             for t in launch.layout.reduction_terms
         ]
         notes += _renormalized_notes(launch)
+        notes += [
+            f"positions: {term.key} takes {term.position_note} (row scale {term.group + 1} of {len(head.groups)})"
+            for term in launch.terms
+            if term.position_note
+        ]
         launches.append(replace(launch, notes=tuple(notes)))
     return launches
 

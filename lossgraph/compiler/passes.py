@@ -245,6 +245,27 @@ def check_target_kinds(ctx: CompileContext) -> None:
             ctx.error(("losses", name, field_name), message)
 
 
+def reads_labels(graph: SourceGraph, target: str) -> bool:
+    """The source reads the labels (a labels source, label smoothing, a mixture with either)."""
+    spec = graph.spec
+    return any(source_kind(spec.sources[leaf].type).provides_labels for leaf, _ in graph.leaf_inputs(target))
+
+
+def check_positions(ctx: CompileContext) -> None:
+    """`positions: all` takes positions without a label: a loss whose target reads labels cannot."""
+    for name, loss in ctx.spec.losses.items():
+        target = getattr(loss, "target", None)
+        if loss.positions != "all" or target is None or target not in ctx.spec.sources:
+            continue
+        if reads_labels(_graph(ctx), target):
+            ctx.error(
+                ("losses", name, "positions"),
+                f"positions: all takes every position, but target {quote(target)} reads the labels, which "
+                "only the head's targets have; use positions: targets (the default), or a named mask "
+                "(positions: {mask: NAME}), which keeps the positions that have a label",
+            )
+
+
 def check_offsets(ctx: CompileContext) -> None:
     """A teacher predicts one offset; it can only target heads of that offset."""
     spec, graph = ctx.spec, _graph(ctx)
@@ -341,11 +362,13 @@ def check_schedules(ctx: CompileContext) -> None:
 
 
 def warn_unused(ctx: CompileContext) -> None:
-    """Sources no loss reads and heads no loss binds are probably mistakes (warnings)."""
+    """Sources no loss reads and heads no loss binds are probably mistakes (warnings). A `labels` source
+    is always used: the positions whose label is its ignore_index take no loss, on every head (JSD against
+    a teacher, masked where there is no label, reads the labels only so)."""
     spec, graph = ctx.spec, _graph(ctx)
     used = {source for name in spec.losses for source in graph.loss_sources(name)}
-    for name in spec.sources:
-        if name not in used:
+    for name, source in spec.sources.items():
+        if name not in used and not source_kind(source.type).provides_labels:
             ctx.warn(("sources", name), f"source {quote(name)} is not used by any loss", key=True)
     bound = {head for loss in spec.losses.values() for head in loss.heads}
     for name in spec.heads:

@@ -37,6 +37,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("check_source_kinds", passes.check_source_kinds),
     ("check_source_fields", passes.check_source_fields),
     ("check_target_kinds", passes.check_target_kinds),
+    ("check_positions", passes.check_positions),
     ("check_offsets", passes.check_offsets),
     ("check_vocab_sizes", passes.check_vocab_sizes),
     ("check_loss_fields", passes.check_loss_fields),

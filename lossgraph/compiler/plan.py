@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..kinds import Target, loss_kind, source_kind
-from ..kinds.source import DENSE, TOPK
+from ..kinds.source import DENSE, LABELS, TOPK
 from ..kinds.sources.label_smoothing import SmoothedTarget
 from ..kinds.sources.labels import LabelsTarget
 from ..kinds.sources.mixture import MixtureTarget
@@ -30,6 +30,7 @@ __all__ = [
     "SmoothedTarget",
     "Target",
     "Term",
+    "TermGroup",
     "TopKTarget",
     "build_plan",
     "resolve_target",
@@ -60,11 +61,43 @@ class Term:
     temperature_scaling: bool
     constants: tuple[tuple[str, float], ...] = ()  # the kind's constants (LossKind.constants), e.g. jsd's beta
     teacher_temperature: object = None  # the target's teacher logits' temperature; None: `temperature`
+    positions: str = "targets"  # "targets", "all" or "mask:NAME" (the node's `positions`)
+    normalizer: str = "positions"  # "positions" or "targets" (the node's `normalizer`)
+    group: int = 0  # index of the term's TermGroup in its head's `groups`; 0: the head's targets
 
     @property
     def key(self) -> str:
         """`node/head`, the name of the term in outputs and plans."""
         return f"{self.node}/{self.head}"
+
+    @property
+    def position_note(self) -> str:
+        """The term's non-default positions and normalizer in words ("" for the defaults)."""
+        if self.positions == "targets":
+            return ""
+        where = "all positions" if self.positions == "all" else f"positions of mask {self.positions[5:]!r}"
+        by = "the head's target count" if self.normalizer == "targets" else "their own count"
+        return f"{where}, divided by {by}"
+
+
+@dataclass(frozen=True)
+class TermGroup:
+    """Positions and a normalizer that terms of a head share (one row scale of the fused kernel).
+
+    Group 0 of every head is its targets (`positions: targets`), whatever the normalizer says.
+    """
+
+    positions: str = "targets"  # "targets", "all" or "mask:NAME"
+    normalizer: str = "positions"  # "positions": the group's own count; "targets": the head's normalizer
+    labelled: bool = False  # a named mask kept to the positions that are targets (its terms read labels)
+
+    @property
+    def mask(self) -> str | None:
+        """The run-time mask's name, for a named mask."""
+        return self.positions[5:] if self.positions.startswith("mask:") else None
+
+
+TARGETS = TermGroup()
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,8 @@ class HeadPlan:
     terms: tuple[Term, ...]
     hidden_input: bool = False  # receives lossgraph.Linear(hidden, weight, bias), chunked
     softcap: float | None = None  # the losses see softcap * tanh(z / softcap)
+    groups: tuple[TermGroup, ...] = (TARGETS,)  # the positions its terms take; Term.group indexes it
+    logits_scale: float | None = None  # the losses see a * z (before the cap); None: no scaling
 
     @property
     def teachers(self) -> list[DenseTarget | TopKTarget]:
@@ -106,6 +141,12 @@ class Plan:
     def head(self, name: str) -> HeadPlan:
         return next(head for head in self.heads if head.name == name)
 
+    @property
+    def masks(self) -> list[str]:
+        """Names of the run-time masks the terms take their positions from (`positions: {mask: NAME}`)."""
+        found = {group.mask: None for head in self.heads for group in head.groups if group.mask}
+        return list(found)
+
 
 def resolve_target(
     spec: LossGraphSpec, name: str, graph: SourceGraph | None = None, resolved: dict[str, Target] | None = None
@@ -125,29 +166,46 @@ def resolve_target(
     return resolved[name]
 
 
+def _term_group(loss, target: Target | None) -> TermGroup:
+    """The positions and normalizer a loss node's terms take."""
+    positions = loss.positions if isinstance(loss.positions, str) else f"mask:{loss.positions.mask}"
+    if positions == "targets":
+        return TARGETS
+    labelled = positions != "all" and target is not None and any(leaf.form == LABELS for leaf in target.leaves())
+    return TermGroup(positions, loss.normalizer, labelled)
+
+
 def build_plan(spec: LossGraphSpec) -> Plan:
     """Terms grouped by head, for a spec that passed validation."""
     graph, resolved = SourceGraph(spec), {}
     heads = []
     for head_name, head in spec.heads.items():
         terms = []
+        groups = [TARGETS]
         for node, loss in spec.losses.items():
             if head_name not in loss.heads:
                 continue
             index = loss.heads.index(head_name)
             target_name = getattr(loss, "target", None)
+            target = resolve_target(spec, target_name, graph, resolved) if target_name else None
+            group = _term_group(loss, target)
+            if group not in groups:
+                groups.append(group)
             terms.append(
                 Term(
                     node=node,
                     head=head_name,
                     kind=loss.type,
-                    target=resolve_target(spec, target_name, graph, resolved) if target_name else None,
+                    target=target,
                     weight=loss.weight,
                     head_weight=loss.head_weights[index] if loss.head_weights else 1.0,
                     temperature=getattr(loss, "temperature", 1.0),
                     temperature_scaling=getattr(loss, "temperature_scaling", False),
                     constants=loss_kind(loss.type).constants(loss),
                     teacher_temperature=getattr(loss, "teacher_temperature", None),
+                    positions=group.positions,
+                    normalizer=group.normalizer,
+                    group=groups.index(group),
                 )
             )
         heads.append(
@@ -158,6 +216,9 @@ def build_plan(spec: LossGraphSpec) -> Plan:
                 tuple(terms),
                 hidden_input=head.input == "hidden",
                 softcap=head.softcap,
+                groups=tuple(groups),
+                # a scale of 1 is no scale: the same kernels as a head without one
+                logits_scale=None if head.logits_scale in (None, 1.0) else head.logits_scale,
             )
         )
     labels = next(

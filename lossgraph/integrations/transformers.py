@@ -303,6 +303,27 @@ def _teacher_values(
     return values
 
 
+def _check_term_positions(graph: CompiledGraph) -> None:
+    """What the Trainer cannot do for a term with positions of its own: pass run-time masks, or count
+    a term's own positions over an optimizer step (it counts each head's targets, `tokens_per_head`)."""
+    for head in graph.plan.heads:
+        for term in head.terms:
+            group = head.groups[term.group]
+            if group.mask is not None:
+                raise IntegrationError(
+                    f"loss {term.node!r} takes positions: {{mask: {group.mask}}}, a run-time mask that "
+                    "LossGraphTrainer does not pass; call the graph yourself with masks=... (or lossgraph's "
+                    "compute_loss in a Trainer subclass), or use positions: targets / all"
+                )
+            own_count = group.normalizer == "positions" and graph.plan.normalization == "tokens"
+            if group.positions != "targets" and own_count:
+                raise IntegrationError(
+                    f"loss {term.node!r} takes positions: {group.positions} divided by their own count, but "
+                    "LossGraphTrainer divides every term by its head's target count over the optimizer step "
+                    "(tokens_per_head); set normalizer: targets on it, or normalization: batch or sum"
+                )
+
+
 def _num_items(graph: CompiledGraph, num_items: Any):
     if num_items is None or graph.plan.normalization != "tokens":
         return None
@@ -480,6 +501,7 @@ class LossGraphTrainer(Trainer):
                 f"the graph reads the teacher source(s) {', '.join(map(repr, missing))}: pass "
                 f"teachers={{{missing[0]!r}: teacher_model}} (a model, or a callable taking the batch)"
             )
+        _check_term_positions(graph)
         inner = unwrap_model(self.model)
         needed = [h for h in graph.plan.heads if h.terms and h.offset > 1]
         heads = mtp_heads(inner)

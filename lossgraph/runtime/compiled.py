@@ -175,6 +175,7 @@ class CompiledGraph(torch.nn.Module):
         *,
         input_ids: torch.Tensor | None = None,
         label_alignment: LabelAlignment = "next_token",
+        masks: Mapping[str, torch.Tensor] | None = None,
     ) -> GraphOutput:
         """Evaluate every head's terms.
 
@@ -195,6 +196,9 @@ class CompiledGraph(torch.nn.Module):
         accumulation or data parallel (see `tokens_per_head`).
         input_ids: [B, S] (or [N]), the tokens the logits were computed from; only read by the value
         checks (`check_inputs`), which refuse labels that match them in the other alignment.
+        masks: {name: [B, S] (or [N]) bool or float tensor} for the losses that take `positions: {mask:
+        name}`, indexed like the logits (position s of every head; not shifted by an offset or by the
+        label_alignment); a float mask weights the positions.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InputError(f"step must be a Python int >= 0, got {step!r}")
@@ -213,11 +217,10 @@ class CompiledGraph(torch.nn.Module):
             options.vocab_parallel_group,
             input_ids=input_ids,
             label_alignment=label_alignment,
+            masks=masks,
         )
         if options.normalize_across is not None and self.plan.normalization == "tokens":
-            totals = global_counts([batch.total() for batch in batches.values()], options.normalize_across)
-            for batch, total in zip(batches.values(), totals):
-                batch.normalizer = torch.where(total > 0, total, 1.0)
+            _normalize_across(self.plan, batches, options.normalize_across)
         device = next(iter(batches.values())).mask.device
         backend = self.backend_for(device)
         total = None
@@ -265,6 +268,29 @@ class CompiledGraph(torch.nn.Module):
         return count_targets(
             self.plan, labels, loss_mask, document_ids, input_ids, label_alignment, self.options.check_inputs
         )
+
+
+def _normalize_across(plan: Plan, batches: dict[str, HeadBatch], group) -> None:
+    """Divide by totals summed over the ranks of `group` (one all-reduce): each head's target total, and
+    the total of each term group that divides by its own positions."""
+    totals, owners = [], []
+    for name, batch in batches.items():
+        totals.append(batch.total())
+        owners.append((batch, None))
+        for index, positions in enumerate(plan.head(name).groups[1:]):
+            if positions.normalizer == "positions":
+                totals.append(batch.groups[index].total())
+                owners.append((batch, index))
+    for (batch, index), total in zip(owners, global_counts(totals, group)):
+        normalizer = torch.where(total > 0, total, 1.0)
+        if index is None:
+            batch.normalizer = normalizer
+        else:
+            batch.groups[index].normalizer = normalizer
+    for name, batch in batches.items():  # groups that divide by the head's target count follow it
+        for index, positions in enumerate(plan.head(name).groups[1:]):
+            if positions.normalizer == "targets":
+                batch.groups[index].normalizer = batch.normalizer
 
 
 def _positions(given: torch.Tensor | Linear) -> tuple[int, ...]:

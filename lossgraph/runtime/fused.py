@@ -392,7 +392,9 @@ def _sliced_launch(
         # the row's loss again, from the totals: the kernel took it over this rank's partial sums
         row_loss = torch.zeros_like(values[:, 0])
         for t, weight in enumerate(numbers.loss):
-            if weight != 0.0:
+            if weight != 0.0 and spec.grouped:  # as the kernel: each term times its group's row scale
+                row_loss += weight * values[:, t] * inputs.row_scale[:, spec.group_of(t)]
+            elif weight != 0.0:
                 row_loss += weight * values[:, t]
         values[:, len(numbers.loss)] = row_loss
     return values, statistics.ints[:, 0], statistics.ints[:, 1:].t()
@@ -543,9 +545,13 @@ def fused_rows(
         *(step.weight for step in steps),
     ]
     scalars = torch.tensor(numbers, dtype=torch.float64)
-    row_weight = batch.row_weight()  # the mask, times per-position weights where given
     inverse_normalizer = batch.normalizer.reciprocal()
-    row_scale = row_weight if fold else row_weight * inverse_normalizer
+    grouped = len(head.plan.groups) > 1
+    if grouped:  # [N, groups]: each term group's weights over its normalizer (over group 0's with fold)
+        row_scale = batch.row_scales(fold).contiguous()
+    else:
+        row_weight = batch.row_weight()  # the mask, times per-position weights where given
+        row_scale = row_weight if fold else row_weight * inverse_normalizer
     topk = [batch.topk[name] for name in head.topk]
     arguments = (
         row_scale,
@@ -579,7 +585,12 @@ def fused_rows(
         grad, values, prediction, teacher_predictions = _dispatch(fused_head, key, rows, *arguments)
     # each term's rows and the rows' loss, weighted and divided by the normalizer (the kernels write 0 for
     # masked rows); a product and a sum rather than a matrix product, which TF32 settings would round
-    sums = (values * row_scale[:, None]).sum(0)
+    if grouped:  # each term by its group's scale; the kernels wrote the rows' loss already scaled
+        columns = [row_scale[:, term.group] for term in head.plan.terms]  # slices: a list index would sync
+        scale = torch.stack([*columns, torch.ones_like(columns[0])], 1)
+        sums = (values * scale).sum(0)
+    else:
+        sums = (values * row_scale[:, None]).sum(0)
     if fold:
         sums = sums * inverse_normalizer
     scaled, loss, per_token = sums[:-1], sums[-1], values[:, :-1]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple, Union
 
 import torch
@@ -55,6 +55,24 @@ NumItems = Union[int, float, torch.Tensor, Mapping[str, Union[int, float, torch.
 
 
 @dataclass
+class TermPositions:
+    """The positions of a term group other than the head's targets (`HeadPlan.groups[1:]`)."""
+
+    mask: torch.Tensor  # [N] bool: the position takes the group's terms
+    weight: torch.Tensor | None  # [N] float32 per-position weights (a float named mask); None: 1
+    count: torch.Tensor  # int64 scalar: positions in the mask
+    normalizer: torch.Tensor  # float32 scalar > 0 that each of the group's terms' sums is divided by
+
+    def total(self) -> torch.Tensor:
+        """The float32 total that `tokens` normalization divides the group's terms by (normalizer: positions)."""
+        return _target_total(self.mask, self.weight).to(torch.float32)
+
+    def rows(self, start: int, stop: int) -> TermPositions:
+        weight = None if self.weight is None else self.weight[start:stop]
+        return TermPositions(self.mask[start:stop], weight, self.count, self.normalizer)
+
+
+@dataclass
 class HeadBatch:
     """One head's inputs, flattened over positions."""
 
@@ -68,6 +86,27 @@ class HeadBatch:
     linear: Linear | None = None  # hidden [N, H] and the head's weight, for a hidden-input head
     shard: VocabShard | None = None  # under vocab parallel: which columns of the vocab this rank holds
     weight: torch.Tensor | None = None  # [N] float32 per-position weights (a float loss_mask); None: 1
+    # the positions of the head's other term groups (HeadPlan.groups[1:]); the fields above are group 0's
+    groups: tuple[TermPositions, ...] = ()
+
+    def group(self, index: int) -> HeadBatch:
+        """The batch as the terms of group `index` see it: its mask, weights, count and normalizer."""
+        if index == 0:
+            return self
+        own = self.groups[index - 1]
+        return replace(self, mask=own.mask, weight=own.weight, count=own.count, normalizer=own.normalizer, groups=())
+
+    def row_scales(self, fold: bool = False) -> torch.Tensor:
+        """[N, groups] float32: each group's row weight over its normalizer; with `fold`, over group 0's
+        normalizer only (the fused backend then applies 1 / group 0's normalizer after the kernel)."""
+        scales = []
+        for index in range(len(self.groups) + 1):
+            own = self.group(index)
+            if fold:
+                scales.append(own.row_weight() * (self.normalizer / own.normalizer))
+            else:
+                scales.append(own.row_weight() * own.normalizer.reciprocal())
+        return torch.stack(scales, 1)
 
     def row_weight(self) -> torch.Tensor:
         """[N] float32: what each position's term values count for (0 where masked)."""
@@ -95,6 +134,7 @@ class HeadBatch:
             count=self.count,
             normalizer=self.normalizer,
             weight=None if self.weight is None else self.weight[start:stop],
+            groups=tuple(group.rows(start, stop) for group in self.groups),
         )
 
 
@@ -340,15 +380,28 @@ def _check_values(head: HeadPlan, batch: HeadBatch, plan: Plan) -> None:
             )
     for name, teacher in batch.teachers.items():
         if isinstance(teacher, torch.Tensor):  # a Linear teacher's logits only exist chunk by chunk
-            _check_teacher_logits(name, teacher[batch.mask], batch.mask, sliced=batch.shard is not None)
+            mask = _teacher_mask(head, batch, name)
+            _check_teacher_logits(name, teacher[mask], mask, sliced=batch.shard is not None)
     for name, topk in batch.topk.items():
         vocab = plan.teachers[name].vocab_size
-        indices = topk.indices[batch.mask]
+        mask = _teacher_mask(head, batch, name)
+        indices = topk.indices[mask]
         if bool(((indices < 0) | (indices >= vocab)).any()):
             raise InputError(f"TopK indices of teacher {name!r} fall outside [0, {vocab})")
         if indices.numel() and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
             raise InputError(f"TopK indices of teacher {name!r} repeat a token within a position")
-        _check_topk_logprobs(name, topk.logprobs[batch.mask], batch.mask)
+        _check_topk_logprobs(name, topk.logprobs[mask], mask)
+
+
+def _teacher_mask(head: HeadPlan, batch: HeadBatch, name: str) -> torch.Tensor:
+    """[N] bool: the positions a teacher is read at, those of the term groups whose terms read it."""
+    if not batch.groups:
+        return batch.mask
+    groups = {t.group for t in head.terms if t.target is not None and name in {x.name for x in t.target.leaves()}}
+    mask = torch.zeros_like(batch.mask)
+    for index in sorted(groups):
+        mask = mask | batch.group(index).mask
+    return mask
 
 
 def _position(mask: torch.Tensor, index: int) -> int:
@@ -562,6 +615,82 @@ def _head_inputs(
     return mask, labels, weights
 
 
+Masks = Mapping[str, torch.Tensor]
+
+
+def _check_masks(plan: Plan, masks: Masks | None, layout: _Layout, check_values: bool) -> dict[str, tuple]:
+    """The run-time masks of `positions: {mask: NAME}` terms, each as (bool [N], float32 weights [N] or
+    None), indexed like the logits (not shifted by an offset or a label alignment)."""
+    if masks is not None and not isinstance(masks, Mapping):
+        raise InputError("masks must be a dict {mask name: [B, S] bool or float tensor}")
+    masks = dict(masks or {})
+    expected = plan.masks
+    unknown = [name for name in masks if name not in expected]
+    if unknown:
+        hint = did_you_mean(str(unknown[0]), expected)
+        used = ", ".join(repr(name) for name in expected) or "none"
+        raise InputError(
+            f"unknown mask {unknown[0]!r}{hint}; no loss takes positions: {{mask: {unknown[0]}}} (the graph's "
+            f"masks: {used})"
+        )
+    missing = [name for name in expected if name not in masks]
+    if missing:
+        raise InputError(
+            f"missing mask {', '.join(repr(m) for m in missing)}: a loss takes positions: {{mask: {missing[0]}}}; "
+            f"pass masks={{{missing[0]!r}: [B, S] tensor}}, True (or a weight > 0) where its terms take loss, "
+            "indexed like the logits"
+        )
+    found = {}
+    for name in expected:
+        what = f"masks[{name!r}]"
+        tensor = _positional(masks[name], layout, what, integer=False)
+        if not (_is_float(tensor) or _is_int(tensor) or tensor.dtype == torch.bool):
+            raise InputError(f"{what} must be a bool, integer or float tensor, got {tensor.dtype}")
+        weight = None
+        if tensor.is_floating_point():
+            weight = tensor.reshape(-1).to(torch.float32)
+            if check_values and not bool((torch.isfinite(weight) & (weight >= 0)).all()):
+                raise InputError(
+                    f"{what} holds per-position weights (a float tensor): each must be finite and >= 0; pass 0 "
+                    "where its terms take no loss"
+                )
+        found[name] = ((tensor != 0).reshape(-1), weight)
+    return found
+
+
+def _group_positions(
+    plan: Plan,
+    head: HeadPlan,
+    batch: HeadBatch,
+    masks: dict[str, tuple],
+    num_items: NumItems,
+    check_values: bool,
+) -> tuple[TermPositions, ...]:
+    """The positions and normalizer of each of the head's term groups but the first (its targets)."""
+    groups = []
+    for group in head.groups[1:]:
+        if group.mask is None:  # positions: all
+            mask, weight = torch.ones_like(batch.mask), None
+        else:
+            mask, weight = masks[group.mask]
+            if group.labelled:  # its terms read the labels: only positions that have a target
+                mask = mask & batch.mask
+        count = mask.sum()
+        if group.normalizer == "targets":
+            normalizer = batch.normalizer
+        else:
+            if num_items is not None:
+                node = next(t.node for t in head.terms if head.groups[t.group] == group)
+                raise InputError(
+                    f"num_items gives head {head.name!r}'s target count, but loss {node!r} divides by the count "
+                    f"of its own positions ({'all' if group.mask is None else 'mask ' + repr(group.mask)}); set "
+                    "normalizer: targets on it to divide it by num_items too, or leave num_items out"
+                )
+            normalizer = _normalizer(plan, head, _target_total(mask, weight), mask.numel(), None, check_values)
+        groups.append(TermPositions(mask, weight, count, normalizer))
+    return tuple(groups)
+
+
 def _target_total(mask: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """A head's target count (int64), or the sum of its weights (float32) under a float loss_mask."""
     return mask.sum() if weights is None else torch.where(mask, weights, 0.0).sum()
@@ -616,6 +745,7 @@ def prepare_batches(
     *,
     input_ids: torch.Tensor | None = None,
     label_alignment: LabelAlignment = "next_token",
+    masks: Masks | None = None,
 ) -> dict[str, HeadBatch]:
     """Check the inputs and lay them out per head (only heads with terms get a batch).
 
@@ -630,6 +760,7 @@ def prepare_batches(
     layout = _layout(plan, logits, shards)
     check_values = _resolve_check_values(check_values, layout.device)
     inputs = _position_inputs(plan, layout, labels, loss_mask, document_ids, input_ids, label_alignment, check_values)
+    named = _check_masks(plan, masks, layout, check_values)
     resolved = resolve_teachers(plan, teachers)
 
     batches: dict[str, HeadBatch] = {}
@@ -662,6 +793,8 @@ def prepare_batches(
                 batch.teachers[target.name] = teacher_logits(flat)  # a logits head gets logits
             else:
                 batch.teachers[target.name] = flat
+        if len(head.groups) > 1:
+            batch.groups = _group_positions(plan, head, batch, named, num_items, check_values)
         if check_values:
             _check_values(head, batch, plan)
         batches[head.name] = batch

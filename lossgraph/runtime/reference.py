@@ -15,6 +15,7 @@ or at the loss node's teacher_temperature where it gives one (the teachers' logi
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -127,21 +128,28 @@ def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
+def scale_logits(logits: torch.Tensor, logits_scale: float | None) -> torch.Tensor:
+    """a * logits, the logits a scaled head's losses see (before any cap); the gradient flows through."""
+    return logits if logits_scale is None else logits * logits_scale
+
+
 def term_per_position(
     term: Term,
     batch: HeadBatch,
     temperature: float,
     softcap: float | None = None,
+    logits_scale: float | None = None,
     teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """The unweighted loss of `term` at every position, [N] (zero where masked), on the head's logits
-    soft-capped at `softcap` (when the head caps them); the student read at `temperature`, the target's
-    teachers at `teacher_temperature` (None: at `temperature`)."""
+    times `logits_scale`, then soft-capped at `softcap` (when the head scales or caps them), in the
+    compute dtype; the student read at `temperature`, the target's teachers at `teacher_temperature`
+    (None: at `temperature`)."""
     teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
     kind = loss_kind(term.kind)
     dtype = compute_dtype(batch.logits)
     mask = batch.mask
-    logits = torch.where(mask[:, None], soft_cap(batch.logits.to(dtype), softcap), 0.0)
+    logits = torch.where(mask[:, None], soft_cap(scale_logits(batch.logits.to(dtype), logits_scale), softcap), 0.0)
     z = logits / temperature
     target = term.target
     finite = None if target is None else target.rows_finite(batch, logits.shape[-1])
@@ -164,17 +172,23 @@ def reference_terms(
     batch: HeadBatch,
     temperatures: list[float],
     softcap: float | None = None,
+    logits_scale: float | None = None,
     teacher_temperatures: list[float | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each term's normalized sum (a differentiable scalar) and its value at every position ([N], 0
     where masked), before weights and T^2 scaling. Positions count with their weight (a float loss_mask).
+    Each term takes the positions and normalizer of its group (`Term.group`, `HeadBatch.group`).
     `teacher_temperatures`: each term's teacher temperature (None: its temperature)."""
     dtype = compute_dtype(batch.logits)
-    weight = batch.row_weight().to(dtype)
     teacher_temperatures = teacher_temperatures or [None] * len(terms)
-    per_position = [
-        term_per_position(term, batch, temperature, softcap, teacher)
-        for term, temperature, teacher in zip(terms, temperatures, teacher_temperatures)
-    ]
-    sums = [(value * weight).sum() / batch.normalizer.to(dtype) for value in per_position]
+    # the logits in the compute dtype once for all terms: autograd sums the terms' gradients there and
+    # rounds the head's gradient to the logits' dtype once (bfloat16 terms rounded one by one and added
+    # in bfloat16 would be a step or more off)
+    batch = replace(batch, logits=batch.logits.to(dtype))
+    sums, per_position = [], []
+    for term, temperature, teacher in zip(terms, temperatures, teacher_temperatures):
+        own = batch.group(term.group)  # the term's mask (the unmasked rows of `positions: all`) and normalizer
+        value = term_per_position(term, own, temperature, softcap, logits_scale, teacher)
+        per_position.append(value)
+        sums.append((value * own.row_weight().to(dtype)).sum() / own.normalizer.to(dtype))
     return sums, per_position

@@ -46,4 +46,15 @@ def loss_summary(spec: LossGraphSpec, name: str, head_index: int | None = None) 
     if getattr(loss, "temperature_scaling", False):
         details.append("x T^2")
     details += loss_kind(loss.type).details(loss)
+    details += positions_details(loss)
     return f"{text}, {', '.join(details)}"
+
+
+def positions_details(loss: object) -> list[str]:
+    """A loss node's non-default positions and normalizer: `positions all, / own count`."""
+    positions = loss.positions
+    if positions == "targets":
+        return []
+    where = "all" if positions == "all" else f"mask {positions.mask}"
+    by = "/ head's target count" if loss.normalizer == "targets" else "/ own count"
+    return [f"positions {where}", by]

@@ -53,7 +53,7 @@ def loss_models() -> tuple[type[BaseModel], ...]:
 
 def documented_models() -> tuple[type[BaseModel], ...]:
     """Every model the page documents, in page order."""
-    return (spec.LossGraphSpec, spec.Head, *source_models(), *loss_models(), *SCHEDULE_MODELS)
+    return (spec.LossGraphSpec, spec.Head, *source_models(), *loss_models(), spec.NamedMask, *SCHEDULE_MODELS)
 
 
 def _loss_kind_of(model: type[BaseModel]) -> LossKind | None:
@@ -123,6 +123,7 @@ losses:
 # in its module, `LossKind.example`; see `examples()`).
 EXAMPLES: dict[type[BaseModel], str] = {
     spec.Head: "mtp2: {offset: 2, description: predicts the token after next}",
+    spec.NamedMask: "positions: {mask: answer}",
     spec.ConstantSchedule: "weight: {schedule: constant, start: 0.5}",
     spec.LinearSchedule: "weight: {schedule: linear, start: 0.0, end: 1.0, steps: 1000, warmup: 100}",
     spec.CosineSchedule: "weight: {schedule: cosine, start: 0.0, end: 1.0, steps: 2000, warmup: 500}",
@@ -163,13 +164,15 @@ LOSS_COMMON_CHECKS = [
     "`teacher_temperature` is in the same range as `temperature`, and only for a target that reads a teacher "
     "(not labels or label smoothing alone).",
     "A schedule whose `start` equals its `end` gives a warning: write the number instead.",
+    "`positions: all` is refused for a loss whose target reads the labels (`labels`, `label_smoothing`, or a "
+    "mixture with either): only the head's targets have a label.",
 ]
 
 # --------------------------------------------------------------------------------------------------
 # Types in YAML terms.
 # --------------------------------------------------------------------------------------------------
 
-_MODEL_NOUNS: dict[type[BaseModel], str] = {spec.Head: "[head](#heads)"}
+_MODEL_NOUNS: dict[type[BaseModel], str] = {spec.Head: "[head](#heads)", spec.NamedMask: "[named mask](#named-mask)"}
 _MODEL_NOUNS.update({model: "[schedule](#schedules)" for model in SCHEDULE_MODELS})
 
 
@@ -551,6 +554,7 @@ def yaml_reference() -> str:
     losses_intro = _LOSSES_INTRO.replace("@KINDS@", _kind_list(loss_models()))
     parts.append(losses_intro.replace("@CHECKS@", _bullets(LOSS_COMMON_CHECKS)).rstrip("\n"))
     parts += [model_section(model, f"`{_kind(model)}`") for model in loss_models()]
+    parts.append(model_section(spec.NamedMask, "Named mask"))
     parts.append(_SCHEDULES_INTRO.replace("@EXAMPLE@", SCHEDULE_EXAMPLE).rstrip("\n"))
     parts += [model_section(model, f"`{_kind(model)}`") for model in SCHEDULE_MODELS]
     limits = _LIMITS_INTRO.replace("@DOCUMENT@", _document_limits()).replace("@NUMBERS@", _number_limits())

@@ -52,6 +52,7 @@ MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e3
 # Logit soft-caps in use are 30 (Gemma 2 and 3) to 50; far above any logit, a cap changes nothing.
 MAX_SOFTCAP = 1e4
+MAX_LOGITS_SCALE = 1e4
 # Schedule lengths in training steps: more than any training run.
 MAX_STEPS = 10**9
 # A mixture of mixtures is evaluated as a tree; this bounds its leaves (teacher and label reads), which
@@ -74,6 +75,7 @@ BOUND_REASONS: dict[str, str] = {
     "temperature": "logits are divided by it in float32, and temperature_scaling multiplies by its square",
     "teacher_temperature": "teacher logits are divided by it in float32",
     "softcap": "caps in use are 30 to 50; far above any logit, a cap changes nothing",
+    "logits_scale": "output multipliers in use lie between about 0.01 and 10; the bound keeps a z far from overflow",
     "start": "a schedule gives a weight or a temperature, and weights are at most 1e6 in size",
     "end": "a schedule gives a weight or a temperature, and weights are at most 1e6 in size",
     "steps": "more steps than any training run",
@@ -205,6 +207,16 @@ class Head(SpecModel):
             "instead of the logits z, and the gradient flows through the tanh. Give the head's raw logits."
         ),
     )
+    logits_scale: Annotated[float, Field(allow_inf_nan=False, gt=0.0, le=MAX_LOGITS_SCALE)] | None = Field(
+        None,
+        description=(
+            "Logits scale factor a (muP output multiplier, Fast-LLM's logits_scale_factor): every loss of "
+            "the head, z-loss included, sees a * z instead of the logits z it is given, computed in the "
+            "loss's precision (float32 for bf16 logits; no scaled copy of them); with `softcap` the cap applies to the "
+            "scaled logits, softcap * tanh(a * z / softcap). The gradient flows through the scale "
+            "(dl/dz = a * dl/d(a z)); the argmax, and so the accuracy, is unchanged. Not set (or 1): no scaling."
+        ),
+    )
     description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
 
 
@@ -278,6 +290,32 @@ def _kind_name(model: type[BaseModel]) -> str:
     return typing.get_args(model.model_fields["type"].annotation)[0]
 
 
+class NamedMask(SpecModel):
+    """Positions given at run time: a mask passed to the graph call as `masks={NAME: tensor}`."""
+
+    mask: Name = Field(
+        description=(
+            "Name of the run-time mask: the call's `masks={NAME: [B, S] tensor}` (or [N]), indexed like the "
+            "logits (position s of every head), bool or float (float: per-position weights >= 0). Not shifted "
+            "by a head's offset nor by `label_alignment`."
+        )
+    )
+
+
+def _positions_form(value: Any) -> str:
+    return "named" if isinstance(value, (dict, BaseModel)) else "keyword"
+
+
+# Which positions a loss node's terms take (see docs/concepts.md, "Positions and normalizers per term").
+Positions = Annotated[
+    Union[Annotated[Literal["targets", "all"], Tag("keyword")], Annotated[NamedMask, Tag("named")]],
+    Discriminator(_positions_form),
+]
+
+# What a term's sum is divided by, besides the graph's `normalization`.
+TermNormalizer = Literal["positions", "targets"]
+
+
 class LossNode(SpecModel):
     """Fields every loss node has; each loss kind's model (under lossgraph/kinds/) extends it."""
 
@@ -291,6 +329,26 @@ class LossNode(SpecModel):
     )
     head_weights: list[HeadWeight] | None = Field(
         None, description="Optional multiplier per head, same length and order as `heads` (default 1 for each)."
+    )
+    positions: Positions = Field(
+        "targets",
+        description=(
+            "Which positions of each head the terms take. `targets` (default): the head's targets, the "
+            "positions with a label that loss_mask, document boundaries and the head's offset let through. "
+            "`all`: every position of the head's logits, whatever the labels, loss_mask and document_ids say "
+            "(only for losses whose target needs no label: z_loss, entropy, teachers). `{mask: NAME}`: the "
+            "positions of the run-time mask `masks={NAME: tensor}` (a loss against labels keeps only those "
+            "that are also targets)."
+        ),
+    )
+    normalizer: TermNormalizer = Field(
+        "positions",
+        description=(
+            "What the terms' sums are divided by under `normalization: tokens`. `positions` (default): the "
+            "count (or weight sum) of the term's own positions, so `positions: all` divides by every position "
+            "of the head. `targets`: the head's target count (or `num_items`), whatever the positions are. "
+            "Under `sum` and `batch` both divide alike (by 1, by the number of positions)."
+        ),
     )
     description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
 
