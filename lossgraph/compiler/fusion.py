@@ -78,6 +78,7 @@ class Launch:
     softcap: float | None = None  # the head's logit soft-cap, applied inside the kernel
     layout: KernelLayout | None = None  # of the launch's kernel with every term active (set by _launch)
     row_groups: int = 1  # the head's term groups (positions and normalizer): row-scale columns
+    class_weights: tuple[str, ...] = ()  # the run-time class-weight vectors its terms read (cw{c}_ptr)
 
     def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
         """The KernelSpec for this launch; `active[t]` False leaves term t out of the gradient."""
@@ -87,10 +88,18 @@ class Launch:
             dense={target.name: i for i, target in enumerate(self.dense)},
             topk={target.name: i for i, target in enumerate(self.topk)},
         )
+
+        def target(term: Term):
+            if term.target is None:
+                return None
+            if term.class_weights is not None:
+                return term.target.class_weighted(self.class_weights.index(term.class_weights))
+            return term.target.kernel_target(index)
+
         terms = tuple(
             KernelTerm(
                 loss=loss_kind(term.kind).kernel_fragments(term),
-                target=None if term.target is None else term.target.kernel_target(index),
+                target=target(term),
                 slot=keys.index(ONE if _uses_fixed_one(term) else temperature_key(term.temperature)),
                 constants=term.constants,
                 active=is_active,
@@ -269,6 +278,7 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         notes=tuple(notes),
         softcap=head.softcap,
         row_groups=len(head.groups),
+        class_weights=tuple(dict.fromkeys(t.class_weights for t in terms if t.class_weights is not None)),
     )
     return replace(launch, layout=kernel_layout(launch.kernel_spec()))
 
