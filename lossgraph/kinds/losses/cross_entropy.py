@@ -9,8 +9,7 @@ from pydantic import Field
 from ...errors import quote
 from ...kernels import names
 from ...kernels.fragments import FIRST_READ, STREAMED, BucketForm, LinearGradient, LossFragments, Vectors
-from ...spec.nodes import TargetLoss
-from ...spec.nodes import Name
+from ...spec.nodes import Name, TargetLoss
 from ..class_weights import KWeighted
 from ..loss import LossKind
 from ..math import soft_cross_entropy
