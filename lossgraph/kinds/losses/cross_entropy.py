@@ -123,7 +123,7 @@ class CrossEntropy(LossKind):
     example = "lm: {type: cross_entropy, heads: [next, mtp2], head_weights: [1.0, 0.5], target: labels}"
     note = (
         "`target` may be any source. `class_weights` weighs the classes of a `labels` or `label_smoothing` "
-        "target, as torch's `F.cross_entropy(weight=...)` (see concepts, class weights)."
+        "target, as torch's `F.cross_entropy(weight=...)` (see 'Class weights' in concepts.md)."
     )
 
     def details(self, loss):
