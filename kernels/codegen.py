@@ -112,9 +112,17 @@ class KernelGenerator:
         self._tail_factors: set[int] = set()  # bucket terms whose tail gradient is q_j * gt{t}
 
     def capped(self, logits: str) -> str:
-        """The logits as the terms see them: soft-capped when the head caps them."""
-        cap = self.spec.softcap
+        """The logits as the terms see them: times the head's scale a, then soft-capped, when the head
+        scales or caps them. dz'/dz carries a factor a, which the row's grad_scale holds."""
+        scale, cap = self.spec.logits_scale, self.spec.softcap
+        if scale is not None:
+            logits = f"{logits} * {scale!r}"
         return logits if cap is None else f"soft_cap({logits}, {cap!r})"
+
+    @property
+    def transformed(self) -> bool:
+        """The terms see other logits than the raw ones (a scale or a cap)."""
+        return self.spec.softcap is not None or self.spec.logits_scale is not None
 
     def cap_derivative(self, capped: str) -> str:
         """dz'/dz = 1 - (z' / c)^2 at a capped logit z' (0 at -inf, where there is no gradient)."""
@@ -374,8 +382,14 @@ class KernelGenerator:
             if reverse:
                 self.src("start = (tiles - 1 - back) * BLOCK_V")
             self.src("offs = start + cols", "in_v = offs < V")
-            if self.spec.softcap is None:
+            if not self.transformed:
                 self.src(f"x = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)")
+            elif self.spec.softcap is None:
+                # every term sees a z (padded lanes stay -inf, a > 0); the argmax reads the raw logits
+                self.src(
+                    f"z_raw = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)",
+                    f"x = {self.capped('z_raw')}",
+                )
             else:
                 # every term sees the capped logits (padded lanes stay -inf); the argmax reads the raw
                 # ones, which rank the same without the ties of saturated caps
@@ -546,7 +560,7 @@ class KernelGenerator:
                 "held = (y >= vocab_start) & (y < vocab_start + V)",
                 "z_label = tl.load(z_row + tl.where(held, y - vocab_start, 0), mask=held, other=0.0).to(tl.float32)",
             )
-            if self.spec.softcap is not None:
+            if self.transformed:
                 src(f"z_label = tl.where(held, {self.capped('z_label')}, 0.0)")
         for i in self.layout.topk_sources:
             src(f"tl.store(topz{i}_ptr + row * {self.topk_width(i)} + kk{i}, tl.where(held{i}, z_top{i}, 0.0))")
@@ -624,10 +638,13 @@ class KernelGenerator:
                 f"best_start{suffix}_lanes = tl.zeros({lane_count}, dtype=tl.int32)",
             )
         with self.tile_loop():
-            raw = "x" if self.spec.softcap is None else "z_raw"
+            raw = "z_raw" if self.transformed else "x"
             src(f"{raw}_max = lane_max({raw}, VEC)")
             if self.spec.softcap is not None:
                 src("x_max = lane_max(x, VEC)")
+            elif self.spec.logits_scale is not None:
+                # a > 0 and rounding keep the order: max_j(a z_j) = a max_j(z_j), one product per lane
+                src(f"x_max = {self.capped('z_raw_max')}")
             src(
                 "best_value_lanes, best_start_lanes = lane_argmax_update("
                 f"best_value_lanes, best_start_lanes, {raw}_max, start)"
@@ -741,14 +758,16 @@ class KernelGenerator:
             # a row whose teacher is not a distribution gets a NaN gradient, as its loss is NaN: a
             # finite loss never hides a broken teacher, and a NaN loss never comes with a finite gradient.
             # Only teachers of terms in the gradient count: a weight-0 term is reported, not applied.
+            # a scaled head: dl/dz = a dl/dz' with z' = a z, the factor a taken once per row here
+            factor = "" if spec.logits_scale is None else f" * {spec.logits_scale!r}"
             if spec.grouped:
-                self.group_grad_scales()
+                self.group_grad_scales(factor)
             else:
                 checks = sorted({check for term in spec.terms if term.active for check in self.teacher_checks(term)})
                 if checks:
-                    src(f'grad_scale = tl.where({" & ".join(checks)}, row_scale, float("nan"))')
+                    src(f'grad_scale = tl.where({" & ".join(checks)}, row_scale{factor}, float("nan"))')
                 else:
-                    src("grad_scale = row_scale")
+                    src(f"grad_scale = row_scale{factor}")
         if spec.uses_labels:
             # an out-of-range label (unchecked input) gives a NaN loss instead of an out-of-bounds read
             src("label_ok = (y >= 0) & (y < VT)")
@@ -776,18 +795,20 @@ class KernelGenerator:
             elif stage == STREAMED:
                 self.src(f"{names.value(t)} = 0.0  # term {t}: streamed in the last pass")
 
-    def group_grad_scales(self) -> None:
-        """Each term group's gradient scale: its row scale, NaN where a teacher that an active term of the
-        group reads is no distribution (and the group takes the row)."""
+    def group_grad_scales(self, factor: str) -> None:
+        """Each term group's gradient scale: its row scale (times a scaled head's `factor`), NaN where a
+        teacher that an active term of the group reads is no distribution (and the group takes the row)."""
         spec = self.spec
         for g in range(spec.row_groups):
             terms = [term for t, term in enumerate(spec.terms) if term.active and spec.group_of(t) == g]
             checks = sorted({check for term in terms for check in self.teacher_checks(term)})
             if checks:
                 ok = " & ".join(checks)
-                self.src(f'grad_scale{g} = tl.where(({ok}) | (row_scale{g} == 0.0), row_scale{g}, float("nan"))')
+                self.src(
+                    f'grad_scale{g} = tl.where(({ok}) | (row_scale{g} == 0.0), row_scale{g}{factor}, float("nan"))'
+                )
             else:
-                self.src(f"grad_scale{g} = row_scale{g}")
+                self.src(f"grad_scale{g} = row_scale{g}{factor}")
 
     def sparse_weight(self, t: int) -> str:
         """What a top-k term's sparse gradient entries are multiplied by before the scatter: its weight,
@@ -847,7 +868,7 @@ class KernelGenerator:
             self.src(f"held{i} = in_vocab{i}", f"safe{i} = tl.where(in_vocab{i}, index{i}, 0)")
         if self.phase in ("single", "stats"):
             self.src(f"z_top{i} = tl.load(z_row + safe{i}, mask=held{i}, other={NEG_INF}).to(tl.float32)")
-            if self.spec.softcap is not None:
+            if self.transformed:
                 self.src(f"z_top{i} = tl.where(held{i}, {self.capped(f'z_top{i}')}, {NEG_INF})")
 
     def topk_renormalized(self, t: int, term: KernelTerm) -> None:

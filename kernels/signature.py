@@ -45,6 +45,8 @@ class KernelSpec:
         """The row-scale column of term t."""
         return self.term_groups[t] if self.grouped else 0
 
+    logits_scale: float | None = None  # the terms see a * z (capped after, if softcap); a is folded into the gradient
+
     @property
     def tile_streams(self) -> int:
         """How many N x V streams a tile holds in registers: the student, each dense teacher, and two
@@ -84,6 +86,9 @@ class KernelSpec:
             lines.append("adds to the gradient of an earlier launch")
         if not self.gradient:
             lines.append("values only (no gradient)")
+        if self.logits_scale is not None:
+            before = " before the cap" if self.softcap is not None else ""
+            lines.append(f"logits scaled by {self.logits_scale!r}{before}")
         if self.softcap is not None:
             lines.append(f"logits soft-capped at {self.softcap!r}")
         if self.grouped:

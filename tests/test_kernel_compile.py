@@ -106,6 +106,8 @@ def synthetic_specs() -> dict[str, KernelSpec]:
     specs["softcap-labels"] = replace(_target_spec("labels"), softcap=30.0)
     specs["softcap-topk-bucket"] = replace(_target_spec("topk-bucket"), softcap=30.0)
     specs["softcap-accumulate-dense"] = replace(_target_spec("dense", accumulate=True), softcap=30.0)
+    specs["scale-labels"] = replace(_target_spec("labels"), logits_scale=0.25)
+    specs["scale-softcap-topk-bucket"] = replace(_target_spec("topk-bucket"), logits_scale=0.25, softcap=30.0)
     specs["truncate-dense"] = _target_spec("dense", mapping="truncate")
     specs["pad-mixture"] = _target_spec("mixture-two-dense", mapping="pad")
     # class-weighted cross-entropy (two vectors: smoothed labels at T != 1, plain labels) beside a z-loss
@@ -153,8 +155,8 @@ def cases() -> dict[str, tuple[KernelSpec, str, str]]:
         "single",
     )
     all_cases["widest-fp32"] = (synthetic_specs()["widest"], "*fp32", "single")
-    # the vocab-parallel phases of the widest launch and of every example launch that has a pass 2
-    split = {"widest": synthetic_specs()["widest"], "class-weights": synthetic_specs()["class-weights"]}
+    # the vocab-parallel phases of these synthetic launches and of every example launch that has a pass 2
+    split = {name: synthetic_specs()[name] for name in ("widest", "scale-softcap-topk-bucket", "class-weights")}
     for name, spec in {**split, **example_specs()}.items():
         phases = ["stats", "apply"] + (["reduce"] if kernel_layout(spec).reduction_terms else [])
         if name not in split and "reduce" not in phases:

@@ -22,6 +22,10 @@ def graph_tree(spec: LossGraphSpec, title: str) -> Tree:
     heads = tree.add("[bold]heads[/]")
     for head_name, head in spec.heads.items():
         label = f"[green]{escape(head_name)}[/]  predicts t+{head.offset}, vocab {spec.head_vocab(head_name)}"
+        if head.logits_scale is not None:
+            label += f", logits x {head.logits_scale:g}"
+        if head.softcap is not None:
+            label += f", softcap {head.softcap:g}"
         if head.description:
             label += f"  [dim]{_text(head.description)}[/]"
         branch = heads.add(label)

@@ -76,6 +76,7 @@ class Launch:
     accumulate: bool
     notes: tuple[str, ...]
     softcap: float | None = None  # the head's logit soft-cap, applied inside the kernel
+    logits_scale: float | None = None  # the head's logits scale factor, applied inside the kernel (before the cap)
     layout: KernelLayout | None = None  # of the launch's kernel with every term active (set by _launch)
     row_groups: int = 1  # the head's term groups (positions and normalizer): row-scale columns
     class_weights: tuple[str, ...] = ()  # the run-time class-weight vectors its terms read (cw{c}_ptr)
@@ -121,6 +122,7 @@ class Launch:
                 if self.row_groups > 1
                 else {}
             ),
+            logits_scale=self.logits_scale,
         )
 
     @property
@@ -278,6 +280,7 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         notes=tuple(notes),
         softcap=head.softcap,
         row_groups=len(head.groups),
+        logits_scale=head.logits_scale,
         class_weights=tuple(dict.fromkeys(t.class_weights for t in terms if t.class_weights is not None)),
     )
     return replace(launch, layout=kernel_layout(launch.kernel_spec()))
@@ -327,6 +330,16 @@ def plan_head(head: HeadPlan) -> list[Launch]:
             )
         if len(teachers[index]) > MAX_TEACHERS_PER_LAUNCH:
             notes.append(f"one term reads {len(teachers[index])} teachers at once; its tiles are narrower")
+        if head.logits_scale is not None:
+            seen = (
+                f"{head.logits_scale:g} z"
+                if head.softcap is None
+                else f"{head.softcap:g} tanh({head.logits_scale:g} z / {head.softcap:g})"
+            )
+            notes.append(
+                f"logits_scale: the terms of head {head.name!r} see {seen}, scaled in float32 as the kernel reads "
+                "the logits; the gradient takes the factor once per row"
+            )
         launch = _launch(head, index, group, notes)
         notes += [
             f"extra pass: {launch.terms[t].key} ({launch.terms[t].kind}) needs a row sum over p and q before its "

@@ -360,7 +360,7 @@ def warn_unused(ctx: CompileContext) -> None:
     spec, graph = ctx.spec, _graph(ctx)
     used = {source for name in spec.losses for source in graph.loss_sources(name)}
     for name, source in spec.sources.items():
-        if name not in used and source.type != "labels":
+        if name not in used and not source_kind(source.type).provides_labels:
             ctx.warn(("sources", name), f"source {quote(name)} is not used by any loss", key=True)
     bound = {head for loss in spec.losses.values() for head in loss.heads}
     for name in spec.heads:

@@ -119,6 +119,7 @@ class HeadPlan:
     hidden_input: bool = False  # receives lossgraph.Linear(hidden, weight, bias), chunked
     softcap: float | None = None  # the losses see softcap * tanh(z / softcap)
     groups: tuple[TermGroup, ...] = (TARGETS,)  # the positions its terms take; Term.group indexes it
+    logits_scale: float | None = None  # the losses see a * z (before the cap); None: no scaling
 
     @property
     def teachers(self) -> list[DenseTarget | TopKTarget]:
@@ -238,6 +239,8 @@ def build_plan(spec: LossGraphSpec) -> Plan:
                 hidden_input=head.input == "hidden",
                 softcap=head.softcap,
                 groups=tuple(groups),
+                # a scale of 1 is no scale: the same kernels as a head without one
+                logits_scale=None if head.logits_scale in (None, 1.0) else head.logits_scale,
             )
         )
     labels = next(

@@ -117,13 +117,21 @@ def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-def term_per_position(term: Term, batch: HeadBatch, temperature: float, softcap: float | None = None) -> torch.Tensor:
+def scale_logits(logits: torch.Tensor, logits_scale: float | None) -> torch.Tensor:
+    """a * logits, the logits a scaled head's losses see (before any cap); the gradient flows through."""
+    return logits if logits_scale is None else logits * logits_scale
+
+
+def term_per_position(
+    term: Term, batch: HeadBatch, temperature: float, softcap: float | None = None, logits_scale: float | None = None
+) -> torch.Tensor:
     """The unweighted loss of `term` at every position, [N] (zero where masked), on the head's logits
-    soft-capped at `softcap` (when the head caps them)."""
+    times `logits_scale`, then soft-capped at `softcap` (when the head scales or caps them), in the
+    compute dtype."""
     kind = loss_kind(term.kind)
     dtype = compute_dtype(batch.logits)
     mask = batch.mask
-    logits = torch.where(mask[:, None], soft_cap(batch.logits.to(dtype), softcap), 0.0)
+    logits = torch.where(mask[:, None], soft_cap(scale_logits(batch.logits.to(dtype), logits_scale), softcap), 0.0)
     z = logits / temperature
     target = term.target
     finite = None if target is None else target.rows_finite(batch, logits.shape[-1])
@@ -142,7 +150,11 @@ def term_per_position(term: Term, batch: HeadBatch, temperature: float, softcap:
 
 
 def reference_terms(
-    terms: tuple[Term, ...], batch: HeadBatch, temperatures: list[float], softcap: float | None = None
+    terms: tuple[Term, ...],
+    batch: HeadBatch,
+    temperatures: list[float],
+    softcap: float | None = None,
+    logits_scale: float | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each term's normalized sum (a differentiable scalar) and its value at every position ([N], 0
     where masked), before weights and T^2 scaling. Positions count with their weight (a float loss_mask).
@@ -155,14 +167,15 @@ def reference_terms(
     if not batch.groups:
         weight = batch.row_weight().to(dtype)
         per_position = [
-            term_per_position(term, batch, temperature, softcap) for term, temperature in zip(terms, temperatures)
+            term_per_position(term, batch, temperature, softcap, logits_scale)
+            for term, temperature in zip(terms, temperatures)
         ]
         sums = [(value * weight).sum() / batch.normalizer.to(dtype) for value in per_position]
         return sums, per_position
     sums, per_position = [], []
     for term, temperature in zip(terms, temperatures):
         own = batch.group(term.group)  # the term's mask (the unmasked rows of `positions: all`) and normalizer
-        value = term_per_position(term, own, temperature, softcap)
+        value = term_per_position(term, own, temperature, softcap, logits_scale)
         per_position.append(value)
         sums.append((value * own.row_weight().to(dtype)).sum() / own.normalizer.to(dtype))
     return sums, per_position

@@ -24,7 +24,7 @@ from .reference import compute_dtype, reference_terms
 def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Student argmax and each teacher's argmax over the head's vocab (for the metrics)."""
     with torch.no_grad():
-        student = batch.logits.argmax(-1)  # soft-capping keeps the order (and saturated caps would tie)
+        student = batch.logits.argmax(-1)  # a positive scale and soft-capping keep the order (saturated caps would tie)
         teachers = {name: map_vocab(t, head.vocab_size).argmax(-1) for name, t in batch.teachers.items()}
         for name, topk in batch.topk.items():
             teachers[name] = topk.indices.gather(1, topk.logprobs.argmax(-1, keepdim=True)).squeeze(1).long()
@@ -33,7 +33,9 @@ def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[st
 
 def reference_head(head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
     """The reference math on full logits rows."""
-    raw, per_position = reference_terms(head.terms, batch, [s.temperature for s in steps], head.softcap)
+    raw, per_position = reference_terms(
+        head.terms, batch, [s.temperature for s in steps], head.softcap, head.logits_scale
+    )
     # a weight-0 term is reported but takes no part in the gradient: detached, so that a value it
     # cannot define (a broken teacher) does not reach the gradient as 0 x NaN
     values = torch.stack([(value if s.weight != 0.0 else value.detach()) * s.scale for value, s in zip(raw, steps)])

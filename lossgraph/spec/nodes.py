@@ -52,6 +52,7 @@ MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e3
 # Logit soft-caps in use are 30 (Gemma 2 and 3) to 50; far above any logit, a cap changes nothing.
 MAX_SOFTCAP = 1e4
+MAX_LOGITS_SCALE = 1e4
 # Schedule lengths in training steps: more than any training run.
 MAX_STEPS = 10**9
 # A mixture of mixtures is evaluated as a tree; this bounds its leaves (teacher and label reads), which
@@ -73,6 +74,7 @@ BOUND_REASONS: dict[str, str] = {
     "weights": "mixture weights are probabilities",
     "temperature": "logits are divided by it in float32, and temperature_scaling multiplies by its square",
     "softcap": "caps in use are 30 to 50; far above any logit, a cap changes nothing",
+    "logits_scale": "output multipliers in use lie between about 0.01 and 10; the bound keeps a z far from overflow",
     "start": "a schedule gives a weight or a temperature, and weights are at most 1e6 in size",
     "end": "a schedule gives a weight or a temperature, and weights are at most 1e6 in size",
     "steps": "more steps than any training run",
@@ -202,6 +204,16 @@ class Head(SpecModel):
         description=(
             "Logit soft-capping (Gemma 2 and 3): every loss of the head sees softcap * tanh(z / softcap) "
             "instead of the logits z, and the gradient flows through the tanh. Give the head's raw logits."
+        ),
+    )
+    logits_scale: Annotated[float, Field(allow_inf_nan=False, gt=0.0, le=MAX_LOGITS_SCALE)] | None = Field(
+        None,
+        description=(
+            "Logits scale factor a (muP output multiplier, Fast-LLM's logits_scale_factor): every loss of "
+            "the head, z-loss included, sees a * z instead of the logits z it is given, computed in the "
+            "loss's precision (float32 for bf16 logits; no scaled copy of them); with `softcap` the cap applies to the "
+            "scaled logits, softcap * tanh(a * z / softcap). The gradient flows through the scale "
+            "(dl/dz = a * dl/d(a z)); the argmax, and so the accuracy, is unchanged. Not set (or 1): no scaling."
         ),
     )
     description: str | None = Field(None, description="Free text shown by `lossgraph show`.")
