@@ -446,3 +446,27 @@ def test_kernels_without_class_weights_are_unchanged():
         assert "cw" not in source
         source = KernelGenerator(weighted.fusion.launches[0].kernel_spec(), phase).source()
         assert "cw0_ptr," in source and "cw1_ptr" not in source
+
+
+@requires_fused
+def test_torch_compile_fullgraph_matches_eager():
+    """The fused op takes the class-weight vectors and their sums as one more list of tensors."""
+    torch._dynamo.reset()
+    try:
+        graph = compiled(graph_text(ce("smooth") + Z), "triton")
+        logits, labels, weights = inputs(11)
+        x, y, w = logits.to(DEVICE, torch.float32), labels.to(DEVICE), weights.to(DEVICE, torch.float32)
+
+        def step(z):
+            return graph({"next": z}, y, class_weights={"w": w}).loss
+
+        results = []
+        for function in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+            z = x.clone().requires_grad_()
+            loss = function(z)
+            loss.backward()
+            results.append((loss.detach(), z.grad))
+        (loss, grad), (eager_loss, eager_grad) = results
+        assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
+    finally:
+        torch._dynamo.reset()
