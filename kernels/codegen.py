@@ -155,6 +155,8 @@ class KernelGenerator:
             args.append("pred_ptr")
         if spec.uses_labels:
             args.append("label_ptr")
+        for c in spec.class_weight_vectors:  # [V_total] float32 by global token id, and its sum (0-d)
+            args += [f"cw{c}_ptr", f"cw_sum{c}_ptr"]
         for i in range(len(spec.dense)):
             args += [f"t{i}_ptr", f"stride_t{i}", f"vocab_t{i}"]
             if phase == "single":
@@ -300,6 +302,19 @@ class KernelGenerator:
         if self._label_elsewhere:  # this copy of the body runs on tiles without the label's column
             return "False"
         return self.cached("is_label", "offs == y_col")
+
+    def class_weight_tile(self, vector: int) -> str:
+        """w_j of class-weight vector `vector` at the tile's columns, by global token id (0 past the vocab)."""
+        offset = "vocab_start + offs" if self.sliced else "offs"
+        return self.cached(f"cwt{vector}", f"tl.load(cw{vector}_ptr + {offset}, mask=in_v, other=0.0)")
+
+    def label_class_weight(self, vector: int) -> str:
+        """w_y of class-weight vector `vector` (loaded once per row after the first read)."""
+        return f"cwy{vector}"
+
+    def class_weight_sum(self, vector: int) -> str:
+        """W = sum_j w_j of class-weight vector `vector` (loaded once per row after the first read)."""
+        return f"cws{vector}"
 
     def tile_body(self, body: Callable[[], None]) -> None:
         """Write a tile loop's body. A body that reads the label's column is written twice, under a
@@ -764,6 +779,13 @@ class KernelGenerator:
                     'z_label = tl.load(z_row + tl.where(label_ok, y, 0), mask=label_ok, other=float("nan"))',
                     f"z_label = {self.capped('z_label.to(tl.float32)')}",
                 )
+            if self.phase in ("single", "apply"):
+                for c in spec.class_weight_vectors:
+                    # the label's class weight w_y (NaN for a label outside the vocab) and W = sum_j w_j
+                    src(
+                        f'cwy{c} = tl.load(cw{c}_ptr + tl.where(label_ok, y, 0), mask=label_ok, other=float("nan"))',
+                        f"cws{c} = tl.load(cw_sum{c}_ptr)",
+                    )
         for t, term in enumerate(spec.terms):
             if isinstance(term.target, KTopK):
                 continue

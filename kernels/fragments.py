@@ -73,6 +73,15 @@ class TileWriter(Protocol):
     def onehot(self) -> str:
         """True at the label's column."""
 
+    def class_weight_tile(self, vector: int) -> str:
+        """w_j of class-weight vector `vector` at the tile's columns (0 past the vocab)."""
+
+    def label_class_weight(self, vector: int) -> str:
+        """w_y, the label's class weight (per row)."""
+
+    def class_weight_sum(self, vector: int) -> str:
+        """W = sum_j w_j of the whole vector (per row, the same for every row)."""
+
     def scaled_label_logit(self, slot: int) -> str:
         """s_y, the label's logit at the slot's temperature."""
 
@@ -217,6 +226,10 @@ class TargetFragments:
 
     def dense_teachers(self) -> tuple[int, ...]:
         """The dense teachers (indices into KernelSpec.dense) the form streams, with repeats."""
+        return ()
+
+    def class_weight_vectors(self) -> tuple[int, ...]:
+        """The class-weight vectors (indices of the launch's `cw{c}_ptr`) the form reads."""
         return ()
 
     def single_teacher(self) -> int | None:

@@ -110,6 +110,8 @@ class Inputs(NamedTuple):
     dense: list[torch.Tensor]  # dense teachers [N, V_teacher], unit stride
     topk: list[tuple[torch.Tensor, torch.Tensor]]  # (indices [N, k], log-probs [N, k])
     inverse_temperatures: list[float]
+    # per class-weight vector of the spec (`cw{c}_ptr`): the [V_total] float32 weights and their 0-d sum
+    class_weights: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def _arguments(spec: KernelSpec, inputs: Inputs) -> dict[str, object]:
@@ -122,6 +124,8 @@ def _arguments(spec: KernelSpec, inputs: Inputs) -> dict[str, object]:
     }
     if spec.uses_labels:
         arguments["label_ptr"] = inputs.labels
+    for c, (weights, total) in enumerate(inputs.class_weights):
+        arguments.update({f"cw{c}_ptr": weights, f"cw_sum{c}_ptr": total})
     for i, teacher in enumerate(inputs.dense):
         arguments.update({f"t{i}_ptr": teacher, f"stride_t{i}": teacher.stride(0), f"vocab_t{i}": teacher.shape[1]})
     for i, (indices, logprobs) in enumerate(inputs.topk):

@@ -89,6 +89,8 @@ def argument_types(arg_names: list[str], pointer: str) -> dict[str, str]:
             types[name] = "*fp64"
         elif name in ("loss_ptr", "row_scale_ptr", "red_ptr") or re.fullmatch(r"(k\d+_logp|topz\d+)_ptr", name):
             types[name] = "*fp32"
+        elif re.fullmatch(r"cw(_sum)?\d+_ptr", name):  # class weights [V_total] and their sum
+            types[name] = "*fp32"
         elif name in ("label_ptr", "pred_ptr", "stati_ptr") or re.fullmatch(r"(tpred\d+|k\d+_index)_ptr", name):
             types[name] = "*i64"
         elif re.fullmatch(r"inv_t\d+|w\d+|vs\d+|lw\d+", name):

@@ -55,6 +55,20 @@ class KernelSpec:
         return 1 + len(self.dense) + 2 * len(buckets)
 
     @property
+    def class_weight_vectors(self) -> tuple[int, ...]:
+        """The class-weight vectors the terms read (`cw{c}_ptr` and `cw_sum{c}_ptr`; none by default)."""
+        return tuple(
+            sorted(
+                {
+                    c
+                    for term in self.terms
+                    if isinstance(term.target, TargetFragments)
+                    for c in term.target.class_weight_vectors()
+                }
+            )
+        )
+
+    @property
     def uses_labels(self) -> bool:
         return any(_reads_labels(term.target) for term in self.terms)
 

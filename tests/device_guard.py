@@ -49,7 +49,9 @@ def fused_tensors_on_cuda(request, monkeypatch):
     original = fused._run_launches
     found: list[str] = []
 
-    def guarded(key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, scalars, shard=None):
+    def guarded(
+        key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars, shard=None
+    ):
         arguments = {
             "logits": logits,
             "grad": grad,
@@ -58,6 +60,7 @@ def fused_tensors_on_cuda(request, monkeypatch):
             "dense": dense,
             "topk_indices": topk_indices,
             "topk_logprobs": topk_logprobs,
+            "class_weights": class_weights,
         }
         stray = stray_cpu_tensors(arguments)
         if stray:
@@ -68,7 +71,9 @@ def fused_tensors_on_cuda(request, monkeypatch):
             )
             found.append(message)
             raise AssertionError(message)
-        return original(key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, scalars, shard)
+        return original(
+            key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars, shard
+        )
 
     monkeypatch.setattr(fused, "_run_launches", guarded)
     yield

@@ -367,7 +367,7 @@ def test_huge_names_are_cut_in_messages(tmp_path: Path):
     diagnostic = only_error(HEADER + Z_LOSS.replace("heads: [next]", f"heads: [next], {'k' * 1000}: 1"))
     assert diagnostic.format() == (
         f"h.yaml:4:43: losses.z.{'k' * 57}...: unknown key '{'k' * 57}...'; "
-        "allowed keys: description, head_weights, heads, type, weight"
+        "allowed keys: description, head_weights, heads, normalizer, positions, type, weight"
     )
 
 

@@ -28,6 +28,7 @@ from lossgraph.kernels.signature import DenseTeacher, KernelSpec, KernelTerm, KT
 
 from lossgraph.document import check_file  # noqa: E402
 from lossgraph.kinds import loss_kind, loss_kinds  # noqa: E402
+from lossgraph.kinds.class_weights import KWeighted  # noqa: E402
 from lossgraph.kinds.sources.label_smoothing import KSmoothed  # noqa: E402
 from lossgraph.kinds.sources.labels import KLabels  # noqa: E402
 from lossgraph.kinds.sources.mixture import KMixture  # noqa: E402
@@ -109,6 +110,17 @@ def synthetic_specs() -> dict[str, KernelSpec]:
     specs["scale-softcap-topk-bucket"] = replace(_target_spec("topk-bucket"), logits_scale=0.25, softcap=30.0)
     specs["truncate-dense"] = _target_spec("dense", mapping="truncate")
     specs["pad-mixture"] = _target_spec("mixture-two-dense", mapping="pad")
+    # class-weighted cross-entropy (two vectors: smoothed labels at T != 1, plain labels) beside a z-loss
+    specs["class-weights"] = KernelSpec(
+        terms=(
+            kernel_term("cross_entropy", KWeighted(0.1, 0), 1),
+            kernel_term("cross_entropy", KWeighted(0.0, 1), 0),
+            kernel_term("z_loss", None, 0),
+        ),
+        slot_is_one=(True, False),
+        row_groups=2,
+        term_groups=(1, 1, 0),
+    )
     # the widest launch: four dense teachers at two temperatures, two top-k teachers, labels
     specs["widest"] = KernelSpec(
         terms=(
@@ -143,12 +155,11 @@ def cases() -> dict[str, tuple[KernelSpec, str, str]]:
         "single",
     )
     all_cases["widest-fp32"] = (synthetic_specs()["widest"], "*fp32", "single")
-    # the vocab-parallel phases of the widest launch and of every example launch that has a pass 2
-    split = {"widest": synthetic_specs()["widest"], **example_specs()}
-    split["scale-softcap-topk-bucket"] = synthetic_specs()["scale-softcap-topk-bucket"]
-    for name, spec in split.items():
+    # the vocab-parallel phases of these synthetic launches and of every example launch that has a pass 2
+    split = {name: synthetic_specs()[name] for name in ("widest", "scale-softcap-topk-bucket", "class-weights")}
+    for name, spec in {**split, **example_specs()}.items():
         phases = ["stats", "apply"] + (["reduce"] if kernel_layout(spec).reduction_terms else [])
-        if name not in ("widest", "scale-softcap-topk-bucket") and "reduce" not in phases:
+        if name not in split and "reduce" not in phases:
             continue
         for phase in phases:
             all_cases[f"{name}-{phase}"] = (spec, "*bf16", phase)

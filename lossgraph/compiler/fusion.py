@@ -90,6 +90,7 @@ class Launch:
     logits_scale: float | None = None  # the head's logits scale factor, applied inside the kernel (before the cap)
     layout: KernelLayout | None = None  # of the launch's kernel with every term active (set by _launch)
     row_groups: int = 1  # the head's term groups (positions and normalizer): row-scale columns
+    class_weights: tuple[str, ...] = ()  # the run-time class-weight vectors its terms read (cw{c}_ptr)
 
     def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
         """The KernelSpec for this launch; `active[t]` False leaves term t out of the gradient."""
@@ -99,10 +100,18 @@ class Launch:
             dense={target.name: i for i, target in enumerate(self.dense)},
             topk={target.name: i for i, target in enumerate(self.topk)},
         )
+
+        def target(term: Term):
+            if term.target is None:
+                return None
+            if term.class_weights is not None:
+                return term.target.class_weighted(self.class_weights.index(term.class_weights))
+            return term.target.kernel_target(index)
+
         terms = tuple(
             KernelTerm(
                 loss=loss_kind(term.kind).kernel_fragments(term),
-                target=None if term.target is None else term.target.kernel_target(index),
+                target=target(term),
                 slot=keys.index(ONE if _uses_fixed_one(term) else temperature_key(term.temperature)),
                 constants=term.constants,
                 active=is_active,
@@ -290,6 +299,7 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         softcap=head.softcap,
         row_groups=len(head.groups),
         logits_scale=head.logits_scale,
+        class_weights=tuple(dict.fromkeys(t.class_weights for t in terms if t.class_weights is not None)),
     )
     return replace(launch, layout=kernel_layout(launch.kernel_spec()))
 

@@ -239,8 +239,10 @@ def check_target_kinds(ctx: CompileContext) -> None:
                     f"target {quote(target)} reads no teacher (labels and label smoothing have no temperature), "
                     "so teacher_temperature has nothing to scale; remove it, or target a teacher",
                 )
-        hard_labels = source_kind(source.type).provides_labels
-        facts = TargetFacts(target, hard_labels, zero_mass_reason(_graph(ctx), target))
+        kind = source_kind(source.type)
+        facts = TargetFacts(
+            target, kind.provides_labels, zero_mass_reason(_graph(ctx), target), kind.label_distribution
+        )
         for field_name, message in loss_kind(loss.type).check_target(facts, loss):
             ctx.error(("losses", name, field_name), message)
 

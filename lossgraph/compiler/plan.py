@@ -64,6 +64,7 @@ class Term:
     positions: str = "targets"  # "targets", "all" or "mask:NAME" (the node's `positions`)
     normalizer: str = "positions"  # "positions" or "targets" (the node's `normalizer`)
     group: int = 0  # index of the term's TermGroup in its head's `groups`; 0: the head's targets
+    class_weights: str | None = None  # the run-time class-weight vector the term reads (cross_entropy's)
 
     @property
     def key(self) -> str:
@@ -73,10 +74,15 @@ class Term:
     @property
     def position_note(self) -> str:
         """The term's non-default positions and normalizer in words ("" for the defaults)."""
-        if self.positions == "targets":
+        weighted = self.class_weights is not None and self.normalizer == "positions"
+        if self.positions == "targets" and not weighted:
             return ""
-        where = "all positions" if self.positions == "all" else f"positions of mask {self.positions[5:]!r}"
+        where = {"targets": "the head's targets", "all": "all positions"}.get(
+            self.positions, f"positions of mask {self.positions[5:]!r}"
+        )
         by = "the head's target count" if self.normalizer == "targets" else "their own count"
+        if weighted:
+            by = f"the sum of their labels' class weights {self.class_weights!r}"
         return f"{where}, divided by {by}"
 
 
@@ -90,6 +96,9 @@ class TermGroup:
     positions: str = "targets"  # "targets", "all" or "mask:NAME"
     normalizer: str = "positions"  # "positions": the group's own count; "targets": the head's normalizer
     labelled: bool = False  # a named mask kept to the positions that are targets (its terms read labels)
+    # normalizer "positions" of class-weighted cross-entropy: the sum of the positions' weights times
+    # their labels' weights in this run-time class-weight vector (torch's weighted mean)
+    class_weights: str | None = None
 
     @property
     def mask(self) -> str | None:
@@ -147,6 +156,16 @@ class Plan:
         found = {group.mask: None for head in self.heads for group in head.groups if group.mask}
         return list(found)
 
+    @property
+    def class_weights(self) -> dict[str, list[HeadPlan]]:
+        """Each run-time class-weight vector (`class_weights: NAME`), with the heads whose terms read it."""
+        found: dict[str, list[HeadPlan]] = {}
+        for head in self.heads:
+            for term in head.terms:
+                if term.class_weights is not None and head not in found.setdefault(term.class_weights, []):
+                    found[term.class_weights].append(head)
+        return found
+
 
 def resolve_target(
     spec: LossGraphSpec, name: str, graph: SourceGraph | None = None, resolved: dict[str, Target] | None = None
@@ -167,12 +186,16 @@ def resolve_target(
 
 
 def _term_group(loss, target: Target | None) -> TermGroup:
-    """The positions and normalizer a loss node's terms take."""
+    """The positions and normalizer a loss node's terms take. Class-weighted cross-entropy that divides
+    by its own positions has a group of its own: it divides by its labels' summed class weights."""
     positions = loss.positions if isinstance(loss.positions, str) else f"mask:{loss.positions.mask}"
-    if positions == "targets":
+    class_weights = getattr(loss, "class_weights", None) if loss.normalizer == "positions" else None
+    if positions == "targets" and class_weights is None:
         return TARGETS
     labelled = positions != "all" and target is not None and any(leaf.form == LABELS for leaf in target.leaves())
-    return TermGroup(positions, loss.normalizer, labelled)
+    if positions == "targets":
+        labelled = False  # the head's targets already have a label
+    return TermGroup(positions, loss.normalizer, labelled, class_weights)
 
 
 def build_plan(spec: LossGraphSpec) -> Plan:
@@ -206,6 +229,7 @@ def build_plan(spec: LossGraphSpec) -> Plan:
                     positions=group.positions,
                     normalizer=group.normalizer,
                     group=groups.index(group),
+                    class_weights=getattr(loss, "class_weights", None),
                 )
             )
         heads.append(

@@ -316,6 +316,13 @@ def _check_term_positions(graph: CompiledGraph) -> None:
                     "compute_loss in a Trainer subclass), or use positions: targets / all"
                 )
             own_count = group.normalizer == "positions" and graph.plan.normalization == "tokens"
+            if group.class_weights is not None and own_count:
+                raise IntegrationError(
+                    f"loss {term.node!r} has class_weights: {group.class_weights} divided by its labels' summed "
+                    "class weights, but LossGraphTrainer divides every term by its head's target count over the "
+                    "optimizer step (tokens_per_head), which has no class weights; set normalizer: targets on it, "
+                    "or normalization: batch or sum"
+                )
             if group.positions != "targets" and own_count:
                 raise IntegrationError(
                     f"loss {term.node!r} takes positions: {group.positions} divided by their own count, but "
@@ -337,9 +344,11 @@ def _run(
     teachers: Mapping[str, Teacher] | None,
     step: int,
     num_items: Any,
+    class_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[GraphOutput, Any]:
     labels, loss_mask, documents = _graph_inputs(graph, batch)
     logits, outputs = _forward(model, graph, batch)
+    device = batch["input_ids"].device
     out = graph(
         logits,
         labels=labels,
@@ -350,6 +359,7 @@ def _run(
         num_items=_num_items(graph, num_items),
         input_ids=batch["input_ids"],
         label_alignment="input",
+        class_weights=None if class_weights is None else {n: w.to(device) for n, w in class_weights.items()},
     )
     return out, outputs
 
@@ -361,6 +371,7 @@ def compute_loss(
     teachers: Mapping[str, Teacher] | None = None,
     step: int = 0,
     num_items: int | torch.Tensor | Mapping[str, int | torch.Tensor] | None = None,
+    class_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> GraphOutput:
     """Run `graph` on one transformers batch; the model may be wrapped (DDP, FSDP, DeepSpeed, PEFT).
 
@@ -375,8 +386,10 @@ def compute_loss(
     num_items: what each head divides by (`normalization: tokens`): a number for every head, or a dict
     by head as `tokens_per_head` gives it summed over the micro-batches of a step. None: this batch's
     own counts.
+    class_weights: {name: [vocab_size] tensor} for cross_entropy losses with `class_weights: name` (moved to
+    the batch's device).
     """
-    return _run(model, batch, graph, teachers, step, num_items)[0]
+    return _run(model, batch, graph, teachers, step, num_items, class_weights)[0]
 
 
 @torch.no_grad()
@@ -440,6 +453,7 @@ class LossGraphTrainer(Trainer):
         loss_graph: CompiledGraph,
         teachers: Mapping[str, Teacher] | None = None,
         extra_columns: Sequence[str] = (),
+        class_weights: Mapping[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ):
         if not isinstance(loss_graph, CompiledGraph):
@@ -449,6 +463,7 @@ class LossGraphTrainer(Trainer):
         self.loss_graph = loss_graph
         self.teachers = dict(teachers or {})
         self.extra_columns = list(extra_columns)
+        self.class_weights = dict(class_weights or {})  # cross_entropy's run-time class weights, by name
         super().__init__(*args, **kwargs)
         self._check_setup()
         # each head is normalized over the whole step (tokens) or summed (sum): transformers must not also
@@ -502,6 +517,13 @@ class LossGraphTrainer(Trainer):
                 f"teachers={{{missing[0]!r}: teacher_model}} (a model, or a callable taking the batch)"
             )
         _check_term_positions(graph)
+        expected = list(graph.plan.class_weights)
+        if sorted(self.class_weights) != sorted(expected):
+            raise IntegrationError(
+                f"the graph's cross_entropy losses read the class weights {expected or 'none'}, but class_weights "
+                f"gives {sorted(self.class_weights) or 'none'}: pass class_weights={{name: [vocab_size] tensor}} "
+                "for each of them"
+            )
         inner = unwrap_model(self.model)
         needed = [h for h in graph.plan.heads if h.terms and h.offset > 1]
         heads = mtp_heads(inner)
@@ -555,7 +577,9 @@ class LossGraphTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counts = num_items_in_batch if isinstance(num_items_in_batch, Mapping) else None
-        out, outputs = _run(model, inputs, self.loss_graph, self.teachers, self.state.global_step, counts)
+        out, outputs = _run(
+            model, inputs, self.loss_graph, self.teachers, self.state.global_step, counts, self.class_weights
+        )
         loss = out.loss
         terms = torch.stack([out.terms[key] for key in self._term_keys]).detach().float()
         if counts is not None:

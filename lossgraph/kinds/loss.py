@@ -35,6 +35,7 @@ class ReferenceRow(Protocol):
     logits: torch.Tensor  # [N, V] at temperature 1, zero on masked rows
     log_q: torch.Tensor  # log softmax of the logits at the term's temperature
     hard_labels: bool  # the target is the labels source itself
+    class_weights: torch.Tensor | None  # [V] the term's per-class weights (cross_entropy's), or None
 
     def log_p(self) -> torch.Tensor:
         """log p [N, V] of the term's target at its temperature."""
@@ -50,6 +51,9 @@ class TargetFacts:
     name: str  # the source's name
     hard_labels: bool  # the source is the `labels` source itself (a one-hot target)
     zero_mass_reason: str | None  # why some token may get no target mass, or None
+    # the source is the labels' own distribution, one-hot or smoothed (SourceKind.label_distribution):
+    # per-class weights (cross_entropy's class_weights) apply to it
+    label_distribution: bool = False
 
 
 class LossKind:

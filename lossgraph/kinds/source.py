@@ -67,6 +67,11 @@ class Target:
         """The target's form in a kernel (`kernels.fragments.TargetFragments`, or `KTopK`)."""
         raise NotImplementedError(f"{type(self).__name__} has no kernel form")
 
+    def class_weighted(self, vector: int) -> KTarget:
+        """The target's kernel form weighted per class by class-weight vector `vector` of the launch
+        (only for a target whose source kind has `label_distribution`)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no class weights")
+
     def log_probs(self, batch: HeadBatch, vocab: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
         """Reference: log p [N, V] at `temperature` (masked rows hold finite placeholder values)."""
         raise NotImplementedError(f"{type(self).__name__} is not a dense target")
@@ -98,6 +103,9 @@ class SourceKind:
     is_teacher: ClassVar[bool] = False
     #: the kind provides the labels tensor (and the token mask): one such source per graph
     provides_labels: ClassVar[bool] = False
+    #: the source's distribution is the labels' own, one-hot or smoothed (`labels`, `label_smoothing`):
+    #: cross_entropy's per-class weights apply to it (its target's `class_weighted` gives the kernel form)
+    label_distribution: ClassVar[bool] = False
 
     def members(self, source: Any) -> list[Member]:
         """The sources `source` reads, in declaration order (duplicates and unknown names kept)."""

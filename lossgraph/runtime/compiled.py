@@ -176,6 +176,7 @@ class CompiledGraph(torch.nn.Module):
         input_ids: torch.Tensor | None = None,
         label_alignment: LabelAlignment = "next_token",
         masks: Mapping[str, torch.Tensor] | None = None,
+        class_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> GraphOutput:
         """Evaluate every head's terms.
 
@@ -199,6 +200,9 @@ class CompiledGraph(torch.nn.Module):
         masks: {name: [B, S] (or [N]) bool or float tensor} for the losses that take `positions: {mask:
         name}`, indexed like the logits (position s of every head; not shifted by an offset or by the
         label_alignment); a float mask weights the positions.
+        class_weights: {name: [vocab_size] float tensor} for the cross_entropy losses with `class_weights:
+        name`: one weight >= 0 per token id (the whole vocab, also under vocab parallel), on the logits'
+        device, as torch's F.cross_entropy(weight=...).
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InputError(f"step must be a Python int >= 0, got {step!r}")
@@ -218,6 +222,7 @@ class CompiledGraph(torch.nn.Module):
             input_ids=input_ids,
             label_alignment=label_alignment,
             masks=masks,
+            class_weights=class_weights,
         )
         if options.normalize_across is not None and self.plan.normalization == "tokens":
             _normalize_across(self.plan, batches, options.normalize_across)

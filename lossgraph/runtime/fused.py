@@ -58,6 +58,7 @@ class LaunchBinding:
     dense: tuple[int, ...]  # head-level dense teacher index of each kernel teacher
     topk: tuple[int, ...]
     slots: tuple[int, int]  # where the launch's temperature slots lie in the head's list of slots
+    class_weights: tuple[int, ...] = ()  # head-level index of each of the launch's class-weight vectors
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class FusedHead:
     dense: tuple[str, ...]  # dense teachers in the order the op takes them
     topk: tuple[str, ...]
     slot_teachers: tuple[bool, ...] = ()  # per slot: it holds that term's teacher_temperature (no term's own)
+    class_weights: tuple[str, ...] = ()  # class-weight vectors in the order the op takes them
 
     @staticmethod
     def of(head: HeadPlan, launches: Sequence[Launch]) -> FusedHead:
@@ -117,6 +119,7 @@ class FusedHead:
             dense=tuple(t.name for t in head.teachers if isinstance(t, DenseTarget)),
             topk=tuple(t.name for t in head.teachers if isinstance(t, TopKTarget)),
             slot_teachers=tuple(slot_teachers),
+            class_weights=tuple(dict.fromkeys(name for launch in launches for name in launch.class_weights)),
         )
 
     def inverse_temperatures(self, steps: Sequence[TermStep]) -> list[float]:
@@ -140,6 +143,7 @@ class FusedHead:
                     dense=tuple(self.dense.index(t.name) for t in planned.dense),
                     topk=tuple(self.topk.index(t.name) for t in planned.topk),
                     slots=(start, stop),
+                    class_weights=tuple(self.class_weights.index(name) for name in planned.class_weights),
                 )
             )
             start = stop
@@ -295,17 +299,20 @@ def _run_launches(
     dense: list[torch.Tensor],
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
+    class_weights: list[torch.Tensor],
     scalars: torch.Tensor,
     shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every launch of the head's kernels `key`; `grad` is None for kernels that write no gradient."""
+    """Every launch of the head's kernels `key`; `grad` is None for kernels that write no gradient.
+    `class_weights` holds each class-weight vector of the head and then its sum, vector after vector."""
     kernels = _kernels(key)
     # a CPU tensor: reading it is no device synchronization
     numbers = scalars.tolist()
     inverse_temperatures, per_term = numbers[: kernels.slots], numbers[kernels.slots :]
     terms = kernels.terms
     head_numbers = TermNumbers(per_term[:terms], per_term[terms : 2 * terms], per_term[2 * terms :])
-    head = _HeadInputs(logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures)
+    pairs = list(zip(class_weights[0::2], class_weights[1::2]))
+    head = _HeadInputs(logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures, pairs)
     if kernels.identity:  # one launch holding every term and teacher in the head's order: its outputs are the head's
         return _launch(kernels.launches[0], head, grad, head_numbers, shard)
     rows = logits.shape[0]
@@ -333,6 +340,7 @@ class _HeadInputs(NamedTuple):
     topk_indices: list[torch.Tensor]
     topk_logprobs: list[torch.Tensor]
     inverse_temperatures: list[float]
+    class_weights: list[tuple[torch.Tensor, torch.Tensor]]  # (vector [V_total] float32, its 0-d sum)
 
 
 def _launch(
@@ -351,6 +359,7 @@ def _launch(
         [head.dense[i] for i in binding.dense],
         [(head.topk_indices[i], head.topk_logprobs[i]) for i in binding.topk],
         head.inverse_temperatures[binding.slots[0] : binding.slots[1]],
+        [head.class_weights[i] for i in binding.class_weights],
     )
     numbers = TermNumbers(
         [head_numbers.gradient[t] for t, term in zip(binding.terms, binding.spec.terms) if term.active],
@@ -413,6 +422,7 @@ def _head(
     dense: list[torch.Tensor],
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
+    class_weights: list[torch.Tensor],
     scalars: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """All launches of a head: (gradient [N, V] in the logits dtype, per-row values [N, terms + 1] (each
@@ -425,7 +435,7 @@ def _head(
     """
     grad = torch.empty_like(logits)
     values, prediction, teachers = _run_launches(
-        key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, scalars
+        key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
     )
     return grad, values, prediction, teachers
 
@@ -438,10 +448,13 @@ def _head_inplace(
     dense: list[torch.Tensor],
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
+    class_weights: list[torch.Tensor],
     scalars: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like `_head`, but the gradient overwrites the logits (one N x V buffer saved)."""
-    return _run_launches(key, logits, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars)
+    return _run_launches(
+        key, logits, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
+    )
 
 
 def _head_values(
@@ -452,11 +465,14 @@ def _head_values(
     dense: list[torch.Tensor],
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
+    class_weights: list[torch.Tensor],
     scalars: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like `_head` for kernels that write no gradient (`key` from kernel_key(..., gradient=False)):
     the values and argmaxes only, and nothing N x V allocated or written."""
-    return _run_launches(key, logits, None, row_scale, labels, dense, topk_indices, topk_logprobs, scalars)
+    return _run_launches(
+        key, logits, None, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
+    )
 
 
 fused_head = torch.library.custom_op("lossgraph::fused_head", _head, mutates_args=())
@@ -475,17 +491,19 @@ def _fake_results(key: str, logits: torch.Tensor, dense: list[torch.Tensor]) -> 
 
 
 @fused_head.register_fake
-def _fused_head_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
+def _fused_head_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars):
     return (torch.empty_like(logits), *_fake_results(key, logits, dense))
 
 
 @fused_head_inplace.register_fake
-def _fused_head_inplace_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
+def _fused_head_inplace_fake(
+    key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
+):
     return _fake_results(key, logits, dense)
 
 
 @fused_head_values.register_fake
-def _fused_head_values_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, scalars):
+def _fused_head_values_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars):
     return _fake_results(key, logits, dense)
 
 
@@ -559,6 +577,7 @@ def fused_rows(
         [_rows(batch.teachers[name]) for name in head.dense],
         [t.indices.contiguous() for t in topk],
         [t.logprobs.contiguous() for t in topk],
+        [tensor for name in head.class_weights for tensor in batch.class_weights[name]],
         scalars,
     )
     # in place needs a single launch (later launches re-read the logits); inside torch.compile the

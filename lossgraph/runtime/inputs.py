@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NamedTuple, Union
 
 import torch
@@ -54,6 +54,18 @@ TeacherValue = Union[torch.Tensor, TopK, Linear, Callable[[], Union[torch.Tensor
 NumItems = Union[int, float, torch.Tensor, Mapping[str, Union[int, float, torch.Tensor]], None]
 
 
+class ClassWeights(NamedTuple):
+    """A run-time class-weight vector (cross_entropy's `class_weights`), checked."""
+
+    vector: torch.Tensor  # [V] float32, contiguous, by global token id (the whole vocab on every rank)
+    total: torch.Tensor  # 0-d float32: W = sum_j w_j, on the vector's device (no host sync)
+
+    def at(self, labels: torch.Tensor) -> torch.Tensor:
+        """[N] float32 w_{labels_i}; NaN for a label outside the vocab (an input nobody checked)."""
+        inside = (labels >= 0) & (labels < self.vector.shape[0])
+        return torch.where(inside, self.vector[torch.where(inside, labels, 0)], torch.nan)
+
+
 @dataclass
 class TermPositions:
     """The positions of a term group other than the head's targets (`HeadPlan.groups[1:]`)."""
@@ -62,14 +74,20 @@ class TermPositions:
     weight: torch.Tensor | None  # [N] float32 per-position weights (a float named mask); None: 1
     count: torch.Tensor  # int64 scalar: positions in the mask
     normalizer: torch.Tensor  # float32 scalar > 0 that each of the group's terms' sums is divided by
+    # [N] float32 w_{y_i}, the labels' class weights, for a class-weighted cross-entropy group (its
+    # normalizer is sum_i m_i w_{y_i}); None for other groups
+    label_weight: torch.Tensor | None = None
 
     def total(self) -> torch.Tensor:
         """The float32 total that `tokens` normalization divides the group's terms by (normalizer: positions)."""
+        if self.label_weight is not None:
+            return _weighted_label_total(self.mask, self.weight, self.label_weight)
         return _target_total(self.mask, self.weight).to(torch.float32)
 
     def rows(self, start: int, stop: int) -> TermPositions:
         weight = None if self.weight is None else self.weight[start:stop]
-        return TermPositions(self.mask[start:stop], weight, self.count, self.normalizer)
+        label_weight = None if self.label_weight is None else self.label_weight[start:stop]
+        return TermPositions(self.mask[start:stop], weight, self.count, self.normalizer, label_weight)
 
 
 @dataclass
@@ -88,6 +106,8 @@ class HeadBatch:
     weight: torch.Tensor | None = None  # [N] float32 per-position weights (a float loss_mask); None: 1
     # the positions of the head's other term groups (HeadPlan.groups[1:]); the fields above are group 0's
     groups: tuple[TermPositions, ...] = ()
+    # the run-time class-weight vectors the head's terms read (cross_entropy's `class_weights`), by name
+    class_weights: dict[str, ClassWeights] = field(default_factory=dict)
 
     def group(self, index: int) -> HeadBatch:
         """The batch as the terms of group `index` see it: its mask, weights, count and normalizer."""
@@ -135,6 +155,7 @@ class HeadBatch:
             normalizer=self.normalizer,
             weight=None if self.weight is None else self.weight[start:stop],
             groups=tuple(group.rows(start, stop) for group in self.groups),
+            class_weights=self.class_weights,
         )
 
 
@@ -669,26 +690,101 @@ def _group_positions(
     """The positions and normalizer of each of the head's term groups but the first (its targets)."""
     groups = []
     for group in head.groups[1:]:
-        if group.mask is None:  # positions: all
+        if group.positions == "all":
             mask, weight = torch.ones_like(batch.mask), None
+        elif group.positions == "targets":  # class-weighted cross-entropy over the head's targets
+            mask, weight = batch.mask, batch.weight
         else:
             mask, weight = masks[group.mask]
             if group.labelled:  # its terms read the labels: only positions that have a target
                 mask = mask & batch.mask
         count = mask.sum()
+        label_weight = None
+        if group.class_weights is not None:  # w_{y_i}: the group divides by sum_i m_i w_{y_i}
+            label_weight = torch.where(mask, batch.class_weights[group.class_weights].at(batch.labels), 0.0)
         if group.normalizer == "targets":
             normalizer = batch.normalizer
         else:
             if num_items is not None:
                 node = next(t.node for t in head.terms if head.groups[t.group] == group)
+                if group.class_weights is not None:
+                    raise InputError(
+                        f"num_items gives head {head.name!r}'s target count, but loss {node!r} divides by the "
+                        f"summed class weights ({group.class_weights!r}) of its positions' labels; set "
+                        "normalizer: targets on it to divide it by num_items too, or leave num_items out"
+                    )
+                where = "all" if group.positions == "all" else "mask " + repr(group.mask)
                 raise InputError(
                     f"num_items gives head {head.name!r}'s target count, but loss {node!r} divides by the count "
-                    f"of its own positions ({'all' if group.mask is None else 'mask ' + repr(group.mask)}); set "
+                    f"of its own positions ({where}); set "
                     "normalizer: targets on it to divide it by num_items too, or leave num_items out"
                 )
-            normalizer = _normalizer(plan, head, _target_total(mask, weight), mask.numel(), None, check_values)
-        groups.append(TermPositions(mask, weight, count, normalizer))
+            total = (
+                _target_total(mask, weight)
+                if label_weight is None
+                else _weighted_label_total(mask, weight, label_weight)
+            )
+            normalizer = _normalizer(plan, head, total, mask.numel(), None, check_values)
+        groups.append(TermPositions(mask, weight, count, normalizer, label_weight))
     return tuple(groups)
+
+
+def _weighted_label_total(mask: torch.Tensor, weights: torch.Tensor | None, label_weight: torch.Tensor) -> torch.Tensor:
+    """sum_i m_i w_{y_i} (float32): a class-weighted cross-entropy's normalizer (torch's weighted mean)."""
+    row = mask.to(torch.float32) if weights is None else torch.where(mask, weights, 0.0)
+    return (row * label_weight).sum()
+
+
+def _check_class_weights(
+    plan: Plan, class_weights: Mapping[str, torch.Tensor] | None, layout: _Layout, check_values: bool
+) -> dict[str, ClassWeights]:
+    """The run-time class-weight vectors of `class_weights: NAME` cross-entropy terms, checked: [vocab]
+    floating on the logits' device, and (value checks) finite, >= 0, with a sum > 0."""
+    if class_weights is not None and not isinstance(class_weights, Mapping):
+        raise InputError("class_weights must be a dict {name: [vocab_size] float tensor}")
+    given = dict(class_weights or {})
+    expected = plan.class_weights
+    unknown = [name for name in given if name not in expected]
+    if unknown:
+        hint = did_you_mean(str(unknown[0]), list(expected))
+        used = ", ".join(repr(name) for name in expected) or "none"
+        raise InputError(
+            f"unknown class_weights {unknown[0]!r}{hint}; no loss has class_weights: {unknown[0]} (the graph's "
+            f"class weights: {used})"
+        )
+    missing = [name for name in expected if name not in given]
+    if missing:
+        raise InputError(
+            f"missing class_weights {', '.join(repr(m) for m in missing)}: a cross_entropy loss has class_weights: "
+            f"{missing[0]}; pass class_weights={{{missing[0]!r}: [vocab_size] float tensor}}, one weight per token "
+            "id (>= 0)"
+        )
+    found = {}
+    for name, heads in expected.items():
+        what = f"class_weights[{name!r}]"
+        tensor = _tensor(given[name], what)
+        if tensor.dim() != 1:
+            raise InputError(
+                f"{what} must be 1-D [vocab_size], one weight per token id, got shape {tuple(tensor.shape)}"
+            )
+        for head in heads:
+            if tensor.shape[0] != head.vocab_size:
+                raise InputError(
+                    f"{what} has {tensor.shape[0]} weights, but head {head.name!r} has vocab {head.vocab_size}; give "
+                    "one weight per token id of the whole vocab (every rank gets all of them under vocab parallel)"
+                )
+        if not _is_float(tensor):
+            raise InputError(f"{what} must be a floating tensor, got {tensor.dtype}")
+        if tensor.device != layout.device:
+            raise InputError(f"{what} is on {tensor.device}, the logits on {layout.device}")
+        vector = tensor.detach().to(torch.float32).contiguous()
+        if check_values:
+            if not bool((torch.isfinite(vector) & (vector >= 0)).all()):
+                raise InputError(f"{what}: each class weight must be finite and >= 0")
+            if not bool(vector.sum() > 0):
+                raise InputError(f"{what}: the class weights sum to 0; give some class a weight > 0")
+        found[name] = ClassWeights(vector, tensor.detach().to(torch.float64).sum().to(torch.float32))
+    return found
 
 
 def _target_total(mask: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -746,6 +842,7 @@ def prepare_batches(
     input_ids: torch.Tensor | None = None,
     label_alignment: LabelAlignment = "next_token",
     masks: Masks | None = None,
+    class_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, HeadBatch]:
     """Check the inputs and lay them out per head (only heads with terms get a batch).
 
@@ -761,6 +858,7 @@ def prepare_batches(
     check_values = _resolve_check_values(check_values, layout.device)
     inputs = _position_inputs(plan, layout, labels, loss_mask, document_ids, input_ids, label_alignment, check_values)
     named = _check_masks(plan, masks, layout, check_values)
+    weights = _check_class_weights(plan, class_weights, layout, check_values)
     resolved = resolve_teachers(plan, teachers)
 
     batches: dict[str, HeadBatch] = {}
@@ -784,6 +882,7 @@ def prepare_batches(
             linear=linear,
             shard=None if vocab_group is None else VocabShard(head.vocab_size, vocab_group),
             weight=head_weight,
+            class_weights={t.class_weights: weights[t.class_weights] for t in head.terms if t.class_weights},
         )
         for target in head.teachers:
             flat = _flatten_teacher(target.name, resolved[target.name], target, layout)

@@ -113,6 +113,8 @@ class TermRows:
         self.log_q = torch.log_softmax(z, dim=-1)
         self.labels = batch.labels
         self.hard_labels = term.target is not None and term.target.form == LABELS
+        weights = None if term.class_weights is None else batch.class_weights[term.class_weights].vector
+        self.class_weights = None if weights is None else weights.to(z.dtype)  # [V] (cross_entropy's)
 
     def log_p(self) -> torch.Tensor:
         """log p [N, V] of the term's dense target at the teacher temperature (the target kind's own math;

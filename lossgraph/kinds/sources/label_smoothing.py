@@ -11,6 +11,7 @@ from pydantic import Field
 from ...errors import quote
 from ...kernels.fragments import TargetFragments
 from ...spec.nodes import Name, SourceNode
+from ..class_weights import KWeighted
 from ..registry import source_kind
 from ..source import Member, SourceKind, Target
 
@@ -59,6 +60,9 @@ class SmoothedTarget(Target):
     def kernel_target(self, index):
         return KSmoothed(self.epsilon)
 
+    def class_weighted(self, vector):
+        return KWeighted(self.epsilon, vector)
+
     def log_probs(self, batch, vocab, temperature, dtype):
         import torch
 
@@ -72,6 +76,7 @@ class LabelSmoothing(SourceKind):
     model = LabelSmoothingSource
     example = "smooth: {type: label_smoothing, source: labels, epsilon: 0.1}"
     checks = ("`source` must name the `labels` source.",)
+    label_distribution = True
 
     def members(self, source):
         return [Member(source.source, ("source",), None)]

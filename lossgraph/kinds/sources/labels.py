@@ -11,6 +11,7 @@ from pydantic import Field
 from ...errors import quote
 from ...kernels.fragments import TargetFragments
 from ...spec.nodes import MAX_INDEX, MIN_INDEX, SourceNode
+from ..class_weights import KWeighted
 from ..source import LABELS, SourceKind, Target
 
 
@@ -46,6 +47,9 @@ class LabelsTarget(Target):
     def kernel_target(self, index):
         return KLabels()
 
+    def class_weighted(self, vector):
+        return KWeighted(0.0, vector)
+
     def log_probs(self, batch, vocab, temperature, dtype):
         import torch
 
@@ -66,6 +70,7 @@ class Labels(SourceKind):
         "Positions past the end of the sequence, or across a document boundary, take no loss."
     )
     provides_labels = True
+    label_distribution = True
 
     def summary(self, spec, name, source):
         return f"labels (ignore_index {source.ignore_index})"
