@@ -1,11 +1,15 @@
-"""Shared fixtures: run the CLI in-process; keep the fused tests on CUDA wherever there is CUDA."""
+"""Shared fixtures: run the CLI in-process; keep the fused tests on CUDA wherever there is CUDA; a
+one-process gloo group."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 from device_guard import fused_tensors_on_cuda  # noqa: F401  (an autouse fixture: every test gets it)
 from typer.testing import CliRunner, Result
 
@@ -21,6 +25,19 @@ def cli() -> Callable[..., Result]:
         return runner.invoke(app, [str(arg) for arg in args])
 
     return invoke
+
+
+@pytest.fixture
+def world_of_one():
+    """A one-process gloo group (vocab parallel and normalize_across run their collectives on it)."""
+    handle, path = tempfile.mkstemp()
+    os.close(handle)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+        os.unlink(path)
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:

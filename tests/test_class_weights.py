@@ -16,12 +16,8 @@ a z_loss term on the same head is here. The float64 formulas below are written o
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from fused_cases import DEVICE, FUSED_TOLERANCES, interpreter_warnings, requires_fused
 from helpers import assert_close
@@ -317,19 +313,6 @@ def test_hidden_input_head(backend):
         return values.sum() / w_y.sum() + 0.25 * z_loss.sum() / labelled
 
     check(out, h.grad, *formula_grad(formula, hidden), dtype, "hidden input, chunks of 3")
-
-
-@pytest.fixture
-def world_of_one():
-    """A one-process gloo group (vocab parallel and normalize_across run their collectives on it)."""
-    handle, path = tempfile.mkstemp()
-    os.close(handle)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-        os.unlink(path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

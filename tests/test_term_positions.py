@@ -4,12 +4,8 @@ the refusals, and defaults that change nothing (results, kernels, one launch per
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
 from fused_cases import DEVICE, interpreter_warnings, requires_fused
 from helpers import assert_close, random_topk
 from lossgraph.kernels.codegen import KernelGenerator
@@ -359,19 +355,6 @@ def test_hidden_input_head_chunks_agree(backend):
         return ce_rows(z, labels).sum() / labelled + 0.25 * z_rows(z).sum() / (B * S)
 
     check(out, h.grad, *formula_grad(formula, hidden), backend, "hidden input, chunks of 3")
-
-
-@pytest.fixture
-def world_of_one():
-    """A one-process gloo group (vocab parallel and normalize_across run their collectives on it)."""
-    handle, path = tempfile.mkstemp()
-    os.close(handle)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-        os.unlink(path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

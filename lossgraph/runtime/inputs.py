@@ -639,28 +639,50 @@ def _head_inputs(
 Masks = Mapping[str, torch.Tensor]
 
 
-def _check_masks(plan: Plan, masks: Masks | None, layout: _Layout, check_values: bool) -> dict[str, tuple]:
-    """The run-time masks of `positions: {mask: NAME}` terms, each as (bool [N], float32 weights [N] or
-    None), indexed like the logits (not shifted by an offset or a label alignment)."""
-    if masks is not None and not isinstance(masks, Mapping):
-        raise InputError("masks must be a dict {mask name: [B, S] bool or float tensor}")
-    masks = dict(masks or {})
-    expected = plan.masks
-    unknown = [name for name in masks if name not in expected]
+def _named_inputs(
+    given: Mapping[str, object] | None,
+    expected: list[str],
+    *,
+    keyword: str,
+    noun: str,
+    declared: Callable[[str], str],
+    value: str,
+    advice: str,
+) -> dict[str, object]:
+    """The call's `keyword={NAME: tensor}` dict, holding exactly the names the graph declares: an unknown
+    name (with a did-you-mean) and a missing one are InputErrors that say which loss declares what."""
+    if given is not None and not isinstance(given, Mapping):
+        raise InputError(f"{keyword} must be a dict {{name: {value}}}")
+    given = dict(given or {})
+    unknown = [name for name in given if name not in expected]
     if unknown:
         hint = did_you_mean(str(unknown[0]), expected)
         used = ", ".join(repr(name) for name in expected) or "none"
         raise InputError(
-            f"unknown mask {unknown[0]!r}{hint}; no loss takes positions: {{mask: {unknown[0]}}} (the graph's "
-            f"masks: {used})"
+            f"unknown {noun} {unknown[0]!r}{hint}; no loss {declared(str(unknown[0]))} (the graph's {keyword}: {used})"
         )
-    missing = [name for name in expected if name not in masks]
+    missing = [name for name in expected if name not in given]
     if missing:
         raise InputError(
-            f"missing mask {', '.join(repr(m) for m in missing)}: a loss takes positions: {{mask: {missing[0]}}}; "
-            f"pass masks={{{missing[0]!r}: [B, S] tensor}}, True (or a weight > 0) where its terms take loss, "
-            "indexed like the logits"
+            f"missing {noun} {', '.join(repr(m) for m in missing)}: a loss {declared(missing[0])}; "
+            f"pass {keyword}={{{missing[0]!r}: {value}}}{advice}"
         )
+    return given
+
+
+def _check_masks(plan: Plan, masks: Masks | None, layout: _Layout, check_values: bool) -> dict[str, tuple]:
+    """The run-time masks of `positions: {mask: NAME}` terms, each as (bool [N], float32 weights [N] or
+    None), indexed like the logits (not shifted by an offset or a label alignment)."""
+    expected = plan.masks
+    masks = _named_inputs(
+        masks,
+        expected,
+        keyword="masks",
+        noun="mask",
+        declared=lambda name: f"takes positions: {{mask: {name}}}",
+        value="[B, S] bool or float tensor",
+        advice=", True (or a weight > 0) where its terms take loss, indexed like the logits",
+    )
     found = {}
     for name in expected:
         what = f"masks[{name!r}]"
@@ -740,25 +762,16 @@ def _check_class_weights(
 ) -> dict[str, ClassWeights]:
     """The run-time class-weight vectors of `class_weights: NAME` cross-entropy terms, checked: [vocab]
     floating on the logits' device, and (value checks) finite, >= 0, with a sum > 0."""
-    if class_weights is not None and not isinstance(class_weights, Mapping):
-        raise InputError("class_weights must be a dict {name: [vocab_size] float tensor}")
-    given = dict(class_weights or {})
     expected = plan.class_weights
-    unknown = [name for name in given if name not in expected]
-    if unknown:
-        hint = did_you_mean(str(unknown[0]), list(expected))
-        used = ", ".join(repr(name) for name in expected) or "none"
-        raise InputError(
-            f"unknown class_weights {unknown[0]!r}{hint}; no loss has class_weights: {unknown[0]} (the graph's "
-            f"class weights: {used})"
-        )
-    missing = [name for name in expected if name not in given]
-    if missing:
-        raise InputError(
-            f"missing class_weights {', '.join(repr(m) for m in missing)}: a cross_entropy loss has class_weights: "
-            f"{missing[0]}; pass class_weights={{{missing[0]!r}: [vocab_size] float tensor}}, one weight per token "
-            "id (>= 0)"
-        )
+    given = _named_inputs(
+        class_weights,
+        list(expected),
+        keyword="class_weights",
+        noun="class_weights",
+        declared=lambda name: f"has class_weights: {name}",
+        value="[vocab_size] float tensor",
+        advice=", one weight per token id (>= 0)",
+    )
     found = {}
     for name, heads in expected.items():
         what = f"class_weights[{name!r}]"
