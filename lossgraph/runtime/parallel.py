@@ -77,7 +77,7 @@ def same_ranks(first, second) -> bool:
 
 
 def _placements(tensor) -> str:
-    return "(" + ", ".join(str(p) for p in tensor.placements) + ("," if len(tensor.placements) == 1 else "") + ")"
+    return "(" + ", ".join(repr(p) for p in tensor.placements) + ("," if len(tensor.placements) == 1 else "") + ")"
 
 
 def dtensor_vocab_group(tensor, what: str, vocab_size: int):
