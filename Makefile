@@ -26,9 +26,9 @@ test: $(STAMP)
 FLOOR_VENV ?= .venv-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 FLOOR_TESTS ?= tests/test_fused_backend.py tests/test_fused_regressions.py tests/test_linear_heads.py \
-	tests/test_fused_support.py tests/test_kind_plugin.py
+	tests/test_fused_support.py tests/test_kind_plugin.py tests/test_dtensor.py
 FLOOR_SELECT ?= torch_compile or loss_kind_matches_reference or without_gradient or test_fused_regressions \
-	or test_fused_support or fused_chunks or only_the_gradients or test_kind_plugin
+	or test_fused_support or fused_chunks or only_the_gradients or test_kind_plugin or test_dtensor
 
 $(FLOOR_STAMP): pyproject.toml constraints-floor.txt
 	$(PYTHON) -m venv $(FLOOR_VENV)

@@ -42,7 +42,9 @@ class ToTensorParallel(torch.autograd.Function):
     """Identity forward; backward sums the gradient over the tensor-parallel group.
 
     The hidden states are the same on every rank of the group, but each rank's head slice only sees
-    its part of the gradient with respect to them.
+    its part of the gradient with respect to them. Needed here because the heads are split by hand
+    (plain tensors). Never with PyTorch's ColwiseParallel (DTensor): its backward already sums this
+    gradient, and a second sum doubles every trunk gradient (see docs/distributed.md).
     """
 
     @staticmethod

@@ -180,7 +180,9 @@ class CompiledGraph(torch.nn.Module):
     ) -> GraphOutput:
         """Evaluate every head's terms.
 
-        logits: {head: [B, S, V] or [N, V]}, position s of every head being input position s.
+        logits: {head: [B, S, V] or [N, V]}, position s of every head being input position s; a DTensor
+          split on the vocab (Shard(-1)) makes its head vocab parallel over its mesh's group, a
+          replicated one is taken whole (docs/distributed.md).
         labels: token ids [B, S] (or [N]) in the `label_alignment`:
           - "next_token" (default): labels[b, s] is the token after position s (input_ids[b, s + 1]);
             a head of offset d reads labels[b, s + d - 1];
@@ -345,9 +347,11 @@ def compile(
     that one chunk of logits takes at most 256 MiB); accumulate_fp32: accumulate the weight gradient
     of hidden-input heads in float32. vocab_parallel_group: a torch.distributed group over which every
     head's and dense teacher's logits are split along the vocab (rank r holds columns
-    [r V/R, (r+1) V/R)); labels and top-k ids stay global. normalize_across: a group (the data-parallel
-    one) over which each head's unmasked-token count is summed, so every rank divides by the global
-    count (multiply the loss by the group's size when the gradients are averaged, as DDP does).
+    [r V/R, (r+1) V/R)); labels and top-k ids stay global. Logits given as a DTensor split on the vocab
+    (Shard(-1), as ColwiseParallel(use_local_output=False) gives them) need no group: such a head is vocab
+    parallel over its mesh's group, and its gradient goes back as a DTensor. normalize_across: a group
+    (the data-parallel one) over which each head's unmasked-token count is summed, so every rank divides
+    by the global count (multiply the loss by the group's size when the gradients are averaged, as DDP does).
     """
     if isinstance(graph, str) and "\n" in graph:
         raise SourceFileError(

@@ -25,7 +25,7 @@ import torch
 from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from ..errors import InputError
 from ..spec.suggest import did_you_mean
-from .parallel import VocabShard, group_size
+from .parallel import VocabShard, dtensor_vocab_group, group_size, is_dtensor, same_ranks
 
 
 class TopK(NamedTuple):
@@ -233,7 +233,6 @@ def _shift(values: torch.Tensor, offset: int, fill: float | int | bool) -> torch
 class _Layout(NamedTuple):
     lead: tuple[int, ...]  # (B, S) or (N,)
     device: torch.device
-    shards: int  # vocab-parallel ranks: each holds 1/shards of every vocab
 
 
 def _check_linear(value: Any, what: str, vocab: int) -> Linear:
@@ -259,11 +258,106 @@ def _check_linear(value: Any, what: str, vocab: int) -> Linear:
     return value
 
 
-def _slice_note(shards: int) -> str:
-    return f" (this rank's 1/{shards} of the vocab)" if shards > 1 else ""
+Shards = Mapping[str, Union[VocabShard, None]]  # head -> the columns this rank holds (None: the whole vocab)
 
 
-def _layout(plan: Plan, logits: Mapping[str, Any], shards: int) -> _Layout:
+def _ranks(group) -> str:
+    import torch.distributed as dist
+
+    return str(dist.get_process_group_ranks(group))
+
+
+def _vocab_message(what: str, columns: int, head: HeadPlan, shard: VocabShard | None) -> str:
+    """A head's logits of the wrong width: under vocab parallel, with the whole and the per-rank vocab."""
+    if shard is None:
+        return f"{what} has vocab {columns}, but head {head.name!r} declares vocab_size {head.vocab_size}"
+    split = (
+        f"under vocab parallel over {shard.ranks} ranks each rank passes its {shard.size} columns (this rank: "
+        f"[{shard.start}, {shard.start + shard.size}))"
+    )
+    if columns == head.vocab_size:
+        return (
+            f"{what} holds {columns} columns, the whole vocab of head {head.name!r}; {split}: pass this rank's "
+            "slice (logits.to_local() for a DTensor), or a DTensor sharded on the vocab (Shard(-1)) without "
+            "vocab_parallel_group (it brings its own group)"
+        )
+    return f"{what} holds {columns} columns; head {head.name!r} declares vocab_size {head.vocab_size}, and {split}"
+
+
+def _local_logits(plan: Plan, logits: Mapping[str, Any], vocab_group) -> tuple[dict[str, Any], dict]:
+    """The logits as local tensors, and each head's vocab shard: a plain tensor is split over
+    `vocab_group` (None: whole); a DTensor brings its own split: Shard(-1) is vocab parallel over its mesh
+    dimension's group, Replicate() is whole. `to_local()` is differentiable: its backward hands the
+    gradient back as a DTensor with the same placements (so ColwiseParallel's backward does the rest)."""
+    local = dict(logits)
+    shards: dict[str, VocabShard | None] = {}
+    for head in plan.heads:
+        if head.name not in logits:
+            continue
+        value = logits[head.name]
+        what = f"logits[{head.name!r}]"
+        if not is_dtensor(value):
+            shards[head.name] = (
+                None if vocab_group is None or head.hidden_input else VocabShard(head.vocab_size, vocab_group)
+            )
+            continue
+        if head.hidden_input:
+            raise InputError(
+                f"{what} is a DTensor, but head {head.name!r} takes hidden states (input: hidden): pass "
+                "lossgraph.Linear(hidden, weight) of plain tensors, or declare the head input: logits"
+            )
+        if value.dim() not in (2, 3):
+            raise InputError(f"{what} must be [B, S, V] or [N, V], got a DTensor of shape {tuple(value.shape)}")
+        if value.shape[-1] != head.vocab_size:
+            raise InputError(
+                f"{what} is a DTensor of {value.shape[-1]} columns in all ({value.to_local().shape[-1]} on this "
+                f"rank), but head {head.name!r} declares vocab_size {head.vocab_size}"
+            )
+        group = dtensor_vocab_group(value, what, head.vocab_size)
+        shard = None
+        if group is not None:
+            if vocab_group is not None and not same_ranks(group, vocab_group):
+                raise InputError(
+                    f"{what} is a DTensor split over the vocab across ranks {_ranks(group)} (its device mesh), but "
+                    f"the graph was compiled with vocab_parallel_group over ranks {_ranks(vocab_group)}: a DTensor "
+                    "brings its own group, so leave vocab_parallel_group out (or give its mesh's group)"
+                )
+            for teacher in head.teachers:
+                if isinstance(teacher, DenseTarget) and teacher.vocab_size != head.vocab_size:
+                    raise InputError(
+                        f"{what} is split over the vocab, and teacher {teacher.name!r} (vocab {teacher.vocab_size}) "
+                        f"and head {head.name!r} (vocab {head.vocab_size}) must share one vocab under vocab parallel"
+                    )
+            shard = VocabShard(head.vocab_size, group)
+        local[head.name] = value.to_local()
+        shards[head.name] = shard
+    return local, shards
+
+
+def _local_teacher(name: str, value: Any, target: DenseTarget, head: str, shard: VocabShard | None) -> torch.Tensor:
+    """A dense teacher given as a DTensor, as a local tensor: this rank's columns when it is split over
+    the vocab like the head's logits, the whole vocab when it is replicated."""
+    what = f"teachers[{name!r}]"
+    if value.shape[-1] != target.vocab_size:
+        raise InputError(
+            f"{what} is a DTensor of {value.shape[-1]} columns in all, but teacher {name!r} declares vocab_size "
+            f"{target.vocab_size}"
+        )
+    group = dtensor_vocab_group(value, what, target.vocab_size)
+    if group is not None and shard is None:
+        raise InputError(
+            f"{what} is a DTensor split over the vocab (Shard(-1)), but head {head!r}'s logits hold the whole "
+            f"vocab: pass {what}.full_tensor(), or the head's logits split over the same ranks"
+        )
+    if group is not None and not same_ranks(group, shard.group):
+        raise InputError(
+            f"{what} is split over the vocab across ranks {_ranks(group)}, but head {head!r}'s logits across ranks "
+            f"{_ranks(shard.group)}: split both over one group"
+        )
+    return value.detach().to_local()
+
+
+def _layout(plan: Plan, logits: Mapping[str, Any], shards: Shards) -> _Layout:
     lead: tuple[int, ...] | None = None
     device = None
     for head in plan.heads:
@@ -280,12 +374,9 @@ def _layout(plan: Plan, logits: Mapping[str, Any], shards: int) -> _Layout:
                 raise InputError(f"{what} must be [B, S, V] or [N, V], got shape {tuple(tensor.shape)}")
             if not _is_float(tensor):
                 raise InputError(f"{what} must be a floating tensor, got {tensor.dtype}")
-            if tensor.shape[-1] != head.vocab_size // shards:
-                raise InputError(
-                    f"{what} has vocab {tensor.shape[-1]}, but head {head.name!r} declares vocab_size "
-                    f"{head.vocab_size}"
-                    + (f": expected {head.vocab_size // shards}{_slice_note(shards)}" if shards > 1 else "")
-                )
+            shard = shards.get(head.name)
+            if tensor.shape[-1] != (head.vocab_size if shard is None else shard.size):
+                raise InputError(_vocab_message(what, tensor.shape[-1], head, shard))
         if lead is None:
             lead, device = tuple(tensor.shape[:-1]), tensor.device
         elif tuple(tensor.shape[:-1]) != lead:
@@ -297,7 +388,7 @@ def _layout(plan: Plan, logits: Mapping[str, Any], shards: int) -> _Layout:
             raise InputError(f"{what} is on {tensor.device}, other heads on {device}")
     if lead is None:
         raise InputError("no logits given: pass logits={head name: tensor}")
-    return _Layout(lead, device, shards)
+    return _Layout(lead, device)
 
 
 def _positional(value: Any, layout: _Layout, what: str, *, integer: bool) -> torch.Tensor:
@@ -341,8 +432,17 @@ def _normalizer(
 
 
 def _flatten_teacher(
-    name: str, value: torch.Tensor | TopK | Linear, target: DenseTarget | TopKTarget, layout: _Layout
+    name: str,
+    value: torch.Tensor | TopK | Linear,
+    target: DenseTarget | TopKTarget,
+    layout: _Layout,
+    head: str,
+    shard: VocabShard | None = None,
 ) -> torch.Tensor | TopK | Linear:
+    """A teacher as the head's batch takes it: [N, columns] logits (this rank's columns under vocab
+    parallel: a teacher given whole is sliced), a TopK of [N, k] pairs, or a Linear of [N, H] hidden."""
+    if is_dtensor(value) and isinstance(target, DenseTarget):
+        value = _local_teacher(name, value, target, head, shard)
     if isinstance(value, Linear):
         if isinstance(target, TopKTarget):
             raise InputError(f"teacher {name!r} is a topk_teacher source: pass lossgraph.TopK, not a Linear")
@@ -375,11 +475,19 @@ def _flatten_teacher(
         if not _is_float(logprobs):
             raise InputError(f"TopK logprobs of teacher {name!r} must be floating, got {logprobs.dtype}")
         return TopK(indices.reshape(-1, target.k), logprobs.detach().reshape(-1, target.k))
-    columns = target.vocab_size // layout.shards
+    columns = target.vocab_size if shard is None else shard.size
+    if shard is not None and tuple(value.shape) == (*layout.lead, target.vocab_size):
+        value = value[..., shard.start : shard.start + shard.size]  # given whole: this rank's columns
     if tuple(value.shape) != (*layout.lead, columns):
+        split = ""
+        if shard is not None:
+            split = (
+                f"; under vocab parallel over {shard.ranks} ranks each rank passes its {columns} columns of the "
+                f"teacher's vocab {target.vocab_size}, or all {target.vocab_size} (lossgraph takes this rank's)"
+            )
         raise InputError(
             f"teacher {name!r} has shape {tuple(value.shape)}, expected {(*layout.lead, columns)} "
-            f"(the student's positions x the teacher's vocab_size{_slice_note(layout.shards)})"
+            f"(the student's positions x the teacher's vocab_size){split}"
         )
     if not _is_float(value):
         raise InputError(f"teacher {name!r} must be a floating tensor, got {value.dtype}")
@@ -830,7 +938,7 @@ def count_targets(
     first = _tensor(given[what], what)
     if first.dim() not in (1, 2):
         raise InputError(f"{what} must be [B, S] or [N], got shape {tuple(first.shape)}")
-    layout = _Layout(tuple(first.shape), first.device, 1)
+    layout = _Layout(tuple(first.shape), first.device)
     check_values = _resolve_check_values(check_values, layout.device)
     inputs = _position_inputs(plan, layout, labels, loss_mask, document_ids, input_ids, label_alignment, check_values)
     counts = {}
@@ -866,7 +974,9 @@ def prepare_batches(
     bound = [head.name for head in plan.heads if head.terms]
     unbound = [head.name for head in plan.heads if not head.terms]
     _check_names(logits, bound, unbound, "head", "pass logits={head name: [B, S, V] or [N, V] tensor}")
-    shards = 1 if vocab_group is None else group_size(vocab_group)
+    if vocab_group is not None:
+        group_size(vocab_group)  # fails clearly when torch.distributed is not initialized
+    logits, shards = _local_logits(plan, logits, vocab_group)
     layout = _layout(plan, logits, shards)
     check_values = _resolve_check_values(check_values, layout.device)
     inputs = _position_inputs(plan, layout, labels, loss_mask, document_ids, input_ids, label_alignment, check_values)
@@ -885,7 +995,7 @@ def prepare_batches(
             given = logits[head.name]
             linear = Linear(given.hidden.reshape(-1, given.hidden.shape[-1]), given.weight, given.bias)
         batch = HeadBatch(
-            logits=None if head.hidden_input else logits[head.name].reshape(-1, head.vocab_size // shards),
+            logits=None if head.hidden_input else logits[head.name].reshape(-1, logits[head.name].shape[-1]),
             mask=mask,
             labels=head_labels,
             teachers={},
@@ -893,12 +1003,12 @@ def prepare_batches(
             count=count,
             normalizer=_normalizer(plan, head, _target_total(mask, head_weight), mask.numel(), num_items, check_values),
             linear=linear,
-            shard=None if vocab_group is None else VocabShard(head.vocab_size, vocab_group),
+            shard=shards[head.name],
             weight=head_weight,
             class_weights={t.class_weights: weights[t.class_weights] for t in head.terms if t.class_weights},
         )
         for target in head.teachers:
-            flat = _flatten_teacher(target.name, resolved[target.name], target, layout)
+            flat = _flatten_teacher(target.name, resolved[target.name], target, layout, head.name, batch.shard)
             if isinstance(flat, TopK):
                 batch.topk[target.name] = flat
             elif isinstance(flat, Linear) and not head.hidden_input:

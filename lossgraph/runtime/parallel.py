@@ -13,6 +13,11 @@ token ids. Every rank ends with the same loss and the slice of the gradient for 
 Data parallel: with `normalize_across`, each head's count of unmasked tokens is all-reduced, so the
 loss is normalized by the global count and the gradient does not depend on how tokens are split.
 
+DTensor inputs (torchtitan-style tensor parallelism: `ColwiseParallel(use_local_output=False)` on the
+LM head hands out logits as a DTensor sharded on the vocab, `Shard(-1)`): such a head is vocab parallel
+over the group of its mesh dimension, and the rank's columns follow from its mesh coordinate. lossgraph
+works on `to_local()` inside autograd, so the gradient goes back as a DTensor with the same placement.
+
 Collectives follow the group: every tensor a collective here takes (token counts, softmax statistics,
 argmax ids, vocab slices) is handed to torch.distributed on the device its group's backend works on
 (CUDA for NCCL, the CPU for gloo), and the result comes back to the device the tensor came from. With
@@ -21,6 +26,7 @@ matching devices (CUDA tensors on an NCCL group, CPU tensors on a gloo group) no
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -55,6 +61,79 @@ class VocabShard:
     @property
     def start(self) -> int:
         return dist.get_rank(self.group) * self.size
+
+
+def is_dtensor(value) -> bool:
+    """Whether `value` is a torch.distributed DTensor. No DTensor exists before torch.distributed.tensor is
+    imported, so this imports nothing (and costs nothing) for plain tensors."""
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None)
+    return cls is not None and isinstance(value, cls)
+
+
+def same_ranks(first, second) -> bool:
+    """Whether two process groups hold the same ranks (collectives over either give the same results)."""
+    return first is second or dist.get_process_group_ranks(first) == dist.get_process_group_ranks(second)
+
+
+def _placements(tensor) -> str:
+    return "(" + ", ".join(repr(p) for p in tensor.placements) + ("," if len(tensor.placements) == 1 else "") + ")"
+
+
+def dtensor_vocab_group(tensor, what: str, vocab_size: int):
+    """The process group a DTensor's last (vocab) dimension is split over, None for a replicated one.
+
+    Accepted: every mesh dimension `Replicate()`, or one `Shard(-1)` (the vocab split evenly over that
+    mesh dimension's ranks, as ColwiseParallel gives logits) and `Replicate()` on the others. Anything else
+    (positions split over ranks, partial sums, the vocab split twice) is an InputError that names `what`,
+    the placements and what to pass instead.
+    """
+    placements = _placements(tensor)
+    last = tensor.dim() - 1
+    sharded = None
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if placement.is_replicate():
+            continue
+        name = type(placement).__name__
+        if placement.is_partial():
+            raise InputError(
+                f"{what} is a DTensor with placements {placements}: it holds partial sums over mesh dimension "
+                f"{mesh_dim}, not logits; pass it redistributed to Replicate() or to Shard(-1) on that dimension "
+                "(the vocab split over the ranks, as ColwiseParallel(use_local_output=False) gives it)"
+            )
+        if name == "Shard" and placement.dim % tensor.dim() == last and sharded is None:
+            sharded = mesh_dim
+            continue
+        if name == "Shard" and placement.dim % tensor.dim() != last:
+            part = "batch rows" if placement.dim % tensor.dim() == 0 and tensor.dim() == 3 else "positions"
+            raise InputError(
+                f"{what} is a DTensor with placements {placements}: its {part} (dim {placement.dim}) are split "
+                "over the ranks, and lossgraph takes DTensors split on the last (vocab) dimension, Shard(-1), or "
+                "replicated. Redistribute it to Shard(-1) or Replicate(), or, for data parallel, pass "
+                f"{what}.to_local() with this rank's labels and compile with normalize_across=<that group>"
+            )
+        raise InputError(
+            f"{what} is a DTensor with placements {placements}; lossgraph takes DTensors split once on the last "
+            "(vocab) dimension, Shard(-1), with Replicate() on every other mesh dimension, or replicated: "
+            "redistribute it to one of these"
+        )
+    if sharded is None:
+        return None
+    mesh = tensor.device_mesh
+    group = mesh.get_group(sharded)
+    ranks = mesh.size(sharded)
+    if vocab_size % ranks:
+        raise InputError(
+            f"{what} is a DTensor split over {ranks} ranks on the vocab, but the vocab ({vocab_size}) does not "
+            f"split evenly over {ranks} ranks: vocab parallel needs a vocab_size divisible by the ranks"
+        )
+    coordinate = mesh.get_coordinate()
+    if coordinate is None or coordinate[sharded] != dist.get_rank(group):
+        raise InputError(
+            f"{what}: this rank's coordinate on mesh dimension {sharded} ({coordinate}) is not its rank in that "
+            "dimension's process group; pass logits.to_local() and vocab_parallel_group= a group in mesh order"
+        )
+    return group
 
 
 # The device types each backend works on natively (gloo also accepts CUDA tensors, through host copies
