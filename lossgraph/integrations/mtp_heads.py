@@ -11,7 +11,9 @@ gets a module in `model.lossgraph_heads` (an `MTPHeads`), in one of three shapes
 - `deepseek`: DeepSeek-V3's sequential MTP modules: depth k (the head of offset k + 1) combines the
   previous depth's hidden state with the embedding of token t + k (`proj([norm(emb); norm(h)])`),
   runs one causal transformer block (rotary attention and a SwiGLU MLP, sized from the model's
-  config), and predicts through `lm_head` itself (shared, as in DeepSeek-V3, like the embedding).
+  config), and predicts through `lm_head` itself (shared, as in DeepSeek-V3, like the embedding):
+  the depth calls the `lm_head` module, so a wrapper that gathers its weight around its forward (an
+  FSDP2 unit of its own, DeepSpeed ZeRO-3) gathers it for each depth, in the forward and the backward.
   The projection starts as the identity on the hidden state and the block's output projections at
   zero, so each depth starts close to the next-token head. Offsets must be 2, 3, ..., D + 1.
 
@@ -207,7 +209,7 @@ class MTPBlock(torch.nn.Module):
 class DeepSeekMTPModule(torch.nn.Module):
     """One DeepSeek-V3 MTP depth: h_k = block(proj([norm(emb(t_{i+k})); norm(h_{k-1})])).
 
-    Its logits are `lm_head(out_norm(h_k))`, through the model's shared output head.
+    Its logits are `lm_head(out_norm(h_k))`, a call of the model's shared output head.
     """
 
     def __init__(self, config: Any, output: torch.nn.Module):
@@ -333,7 +335,10 @@ class MTPHeads(torch.nn.Module):
             # token t + depth at position t; past the end there is nothing to predict, any id will do
             ahead = F.pad(input_ids[:, depth:], (0, min(depth, length)), value=0)[:, :length]
             previous = self[name](previous, embed(ahead), positions, mask)
-            logits[name] = F.linear(self[name].out_norm(previous), output.weight, getattr(output, "bias", None))
+            # a call of the module, not F.linear on output.weight: a wrapper that gathers the weight for
+            # the module's forward (FSDP2, ZeRO-3) then gathers it for this use too, and again for its
+            # backward; reading the weight outside the call finds it resharded there (FSDP2 frees it)
+            logits[name] = output(self[name].out_norm(previous))
         return logits
 
 
@@ -483,6 +488,7 @@ class _Tap:
         self.mtp: dict[str, torch.Tensor] | None = None
         self.processing = logit_processing(model.config)
         self.checked = False
+        self.running = False  # inside the heads' forward: their own calls of lm_head are not the model's
 
     def clear(self) -> None:
         self.inputs, self.hidden, self.raw, self.mtp = {}, None, None, None
@@ -500,19 +506,23 @@ def _before_model(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _after_output_head(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
     tap = getattr(module, _TAP, None)
-    if tap is None or not tap.armed or not args or module is not tap.model.get_output_embeddings():
+    if tap is None or not tap.armed or tap.running or not args or module is not tap.model.get_output_embeddings():
         return  # an lm_head since replaced or wrapped (PEFT's LoRA on lm_head): its new one is hooked too
     tap.hidden, tap.raw = args[0], output
     heads = getattr(tap.model, HEADS_ATTRIBUTE, None)
     if heads is not None and len(_active(heads)):
-        tap.mtp = heads(
-            args[0],
-            tap.inputs.get("input_ids"),
-            tap.inputs.get("attention_mask"),
-            tap.inputs.get("position_ids"),
-            embed=tap.model.get_input_embeddings(),
-            output=module,
-        )
+        tap.running = True  # the deepseek depths call lm_head: those calls do not run the heads again
+        try:
+            tap.mtp = heads(
+                args[0],
+                tap.inputs.get("input_ids"),
+                tap.inputs.get("attention_mask"),
+                tap.inputs.get("position_ids"),
+                embed=tap.model.get_input_embeddings(),
+                output=module,
+            )
+        finally:
+            tap.running = False
 
 
 class _Tie(torch.autograd.Function):
@@ -520,13 +530,15 @@ class _Tie(torch.autograd.Function):
 
     DDP with find_unused_parameters (transformers' default) walks the autograd graph back from the
     forward's output to find the parameters in use; the MTP heads' logits are not part of that output,
-    so this ties them to it. Nothing is computed or copied.
+    so this ties them to it. Nothing is computed or copied: the result is `logits.detach()`, the same
+    storage (and version counter) under a new autograd node. Not a view (`view_as` was): FSDP2 warns
+    about a module returning a view, since an in-place op on one would drop its pre-backward hook.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
         ctx.others = len(others)
-        return logits.view_as(logits)
+        return logits.detach()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -781,7 +793,7 @@ def draft_tokens(
     for depth, name in enumerate(heads.by_offset(), start=1):
         module = heads[name]
         previous = module(previous, embed(tokens[:, depth : depth + length]), positions, mask)
-        last = F.linear(module.out_norm(previous[:, -1]), output.weight, getattr(output, "bias", None))
+        last = output(module.out_norm(previous[:, -1]))  # the tap is disarmed: the call runs no heads
         drafted.append(tap.processing(last).argmax(-1))
         tokens = torch.cat([tokens, drafted[-1][:, None]], 1)
     return torch.stack(drafted, 1)
