@@ -54,7 +54,7 @@ losses:
   z: {{type: z_loss, heads: [next], weight: 1.0e-2}}
 """
 # (backend, how the teacher is given)
-CASES = [("torch", "whole"), ("torch", "dtensor"), ("triton", "whole")]
+CASES = [(backend, form) for backend in ("torch", "triton") for form in ("whole", "dtensor")]
 
 
 class Tiny(torch.nn.Module):
