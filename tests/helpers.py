@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,10 @@ def run_compiler_script(arguments: list[str | Path], out: Path) -> dict:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for the MASTER_PORT of a process group the test spawns."""
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]

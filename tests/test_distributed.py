@@ -13,7 +13,6 @@ backend whatever the tensors' own device, which a test here proves on the CPU fo
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fused_cases import HAS_CUDA, interpreter_warnings, requires_fused
-from helpers import assert_close, random_labels, random_logits, random_topk
+from helpers import assert_close, free_port, random_labels, random_logits, random_topk
 
 import lossgraph
 
@@ -89,12 +88,6 @@ def _single_process(backend: str):
     return SimpleNamespace(**found), {head: value.grad.cpu() for head, value in logits.items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 def _vocab_parallel_worker(rank: int, world: int, port: int, backend: str, group: str, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = _device(backend, rank)
@@ -141,7 +134,7 @@ def test_vocab_parallel_equals_one_process(backend, group, world, tmp_path):
         gpus = torch.cuda.device_count() if HAS_CUDA else 0
         if gpus < world:
             pytest.skip(f"NCCL needs a CUDA GPU per rank: {world} ranks, {gpus} GPU(s)")
-    mp.spawn(_vocab_parallel_worker, args=(world, _free_port(), backend, group, str(tmp_path)), nprocs=world)
+    mp.spawn(_vocab_parallel_worker, args=(world, free_port(), backend, group, str(tmp_path)), nprocs=world)
     expected, grads = _single_process(backend)
     width = VOCAB // world
     for rank in range(world):
@@ -189,7 +182,7 @@ def _dp_inputs():
 
 def test_normalize_across_makes_unequal_data_parallel_shards_equal_one_process(tmp_path):
     world = 2
-    mp.spawn(_data_parallel_worker, args=(world, _free_port(), str(tmp_path), True), nprocs=world)
+    mp.spawn(_data_parallel_worker, args=(world, free_port(), str(tmp_path), True), nprocs=world)
     out, grads = _dp_single_process()
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
     assert_close(sum(r["loss"] for r in results), out.loss.detach(), rtol=1e-6, atol=1e-7, what="summed loss")
@@ -209,7 +202,7 @@ def _dp_single_process():
 
 def test_without_normalize_across_the_gradient_depends_on_the_split(tmp_path):
     """The bug normalize_across prevents: per-rank means weigh a token by 1 / (its rank's count)."""
-    mp.spawn(_data_parallel_worker, args=(2, _free_port(), str(tmp_path), False), nprocs=2)
+    mp.spawn(_data_parallel_worker, args=(2, free_port(), str(tmp_path), False), nprocs=2)
     _, grads = _dp_single_process()
     local = torch.cat([torch.load(tmp_path / f"rank{rank}.pt")["grads"]["next"] for rank in range(2)])
     assert not torch.allclose(local / 2, grads["next"], rtol=1e-3)  # what DDP's average would give
@@ -302,7 +295,7 @@ def test_distributed_example_trains_under_torchrun(processes, layout):
         "--nproc-per-node",
         str(processes),
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         str(root / "examples" / "distributed_train.py"),
         *layout,
         "--steps",

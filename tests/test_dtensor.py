@@ -14,9 +14,9 @@ rank saw; the tests read the saved results.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fused_cases import FUSED_SKIP_REASON, INTERPRETED, interpreter_warnings
-from helpers import assert_close, random_labels, random_logits
+from helpers import assert_close, free_port, random_labels, random_logits
 
 import lossgraph
 
@@ -54,19 +54,16 @@ losses:
 """
 
 
-class SumOverGroup(torch.autograd.Function):
-    """examples/distributed_train.py's ToTensorParallel: identity forward, backward all-reduces."""
+def _example(name: str):
+    """A module of examples/ (the test uses what the example ships, not a copy)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    @staticmethod
-    def forward(ctx, hidden, group):
-        ctx.group = group
-        return hidden
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+# Megatron's "copy to tensor-parallel region", as examples/distributed_train.py ships it
+ToTensorParallel = _example("distributed_train").ToTensorParallel
 
 
 class Tiny(torch.nn.Module):
@@ -81,7 +78,7 @@ class Tiny(torch.nn.Module):
     def forward(self, hidden):
         hidden = torch.tanh(self.trunk(hidden))
         if self.copy_group is not None:
-            hidden = SumOverGroup.apply(hidden, self.copy_group)
+            hidden = ToTensorParallel.apply(hidden, self.copy_group)
         return self.lm_head(hidden)
 
 
@@ -202,17 +199,11 @@ def _worker(rank: int, port: int, folder: str, backends: list[str]) -> None:
     os._exit(0)  # as tests/test_distributed.py's workers: gloo's teardown aborts now and then
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp("dtensor")
     backends = ["torch"] + ([] if FUSED_SKIP else ["triton"])
-    mp.spawn(_worker, args=(_free_port(), str(folder), backends), nprocs=WORLD)
+    mp.spawn(_worker, args=(free_port(), str(folder), backends), nprocs=WORLD)
     return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -28,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, free_port  # noqa: E402
 from tiny_models import VOCAB, one_thread, tiny_llama  # noqa: E402, F401 (one_thread: an autouse fixture)
 
 import lossgraph  # noqa: E402
@@ -92,12 +91,6 @@ def _train(style: str, wrap: str, group=None) -> dict:
     return {"losses": torch.stack(losses), "params": params}
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -125,7 +118,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(folder)), nprocs=WORLD)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(folder)), nprocs=WORLD)
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from fused_cases import (
     requires_fused,
     upcast,
 )
-from helpers import assert_close, random_labels, random_logits, random_topk
+from helpers import assert_close, free_port, random_labels, random_logits, random_topk
 from lossgraph.kernels.codegen import generate
 
 import lossgraph
@@ -351,19 +350,13 @@ def _vocab_parallel_worker(rank: int, world: int, port: int, backend: str, folde
     os._exit(0)  # as tests/test_distributed.py: no interpreter teardown once the results are saved
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_fused)])
 def test_vocab_parallel_scales_every_slice(backend, tmp_path):
     """Two ranks, each with half the vocab (on the CPU: the fused side through the interpreter)."""
     if backend == "triton" and DEVICE.type == "cuda":
         pytest.skip("the CPU ranks run the fused kernels through the interpreter only")
     world = 2
-    mp.spawn(_vocab_parallel_worker, args=(world, _free_port(), backend, str(tmp_path)), nprocs=world)
+    mp.spawn(_vocab_parallel_worker, args=(world, free_port(), backend, str(tmp_path)), nprocs=world)
     expected = _parallel_run(backend)
     if backend == "triton":  # and the one-process fused run is the reference's
         reference = _parallel_run("torch")

@@ -10,7 +10,6 @@ workaround (pre-dividing the teacher tensor); and against Fast-LLM's `teacher_so
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +29,7 @@ from fused_cases import (
     spec_of,
     upcast,
 )
-from helpers import assert_close, random_labels, random_logits
+from helpers import assert_close, free_port, random_labels, random_logits
 from lossgraph.kernels.codegen import generate
 
 import lossgraph
@@ -429,12 +428,6 @@ def _parallel_inputs():
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 def _parallel_worker(rank: int, world: int, port: int, backend: str, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -459,7 +452,7 @@ def _parallel_worker(rank: int, world: int, port: int, backend: str, folder: str
 )
 def test_vocab_parallel_two_ranks(backend, tmp_path):
     world = 2
-    mp.spawn(_parallel_worker, args=(world, _free_port(), backend, str(tmp_path)), nprocs=world)
+    mp.spawn(_parallel_worker, args=(world, free_port(), backend, str(tmp_path)), nprocs=world)
     data = _parallel_inputs()
     logits = data["logits"].clone().requires_grad_()
     graph = lossgraph.compile(lossgraph.loads(PARALLEL_GRAPH), backend=backend)

@@ -20,7 +20,6 @@ without it.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fused_cases import FUSED_SKIP_REASON, INTERPRETED, interpreter_warnings
-from helpers import assert_close, random_logits
+from helpers import assert_close, free_port, random_logits
 
 import lossgraph
 
@@ -146,17 +145,11 @@ def _worker(rank: int, port: int, folder: str, cases: list) -> None:
     os._exit(0)  # as tests/test_dtensor.py's workers: gloo's teardown aborts now and then
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp("tp_fsdp2")
     cases = [case for case in CASES if case[0] == "torch" or not FUSED_SKIP]
-    mp.spawn(_worker, args=(_free_port(), str(folder), cases), nprocs=WORLD)
+    mp.spawn(_worker, args=(free_port(), str(folder), cases), nprocs=WORLD)
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
