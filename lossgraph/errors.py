@@ -98,6 +98,11 @@ class SourceFileError(LossGraphError):
     """A loss-graph file could not be read at all (missing, a directory, not UTF-8)."""
 
 
+class PluginError(LossGraphError):
+    """A plugin that adds kinds could not be loaded (it fails to import, or registers a name that is taken).
+    The message names the plugin and how it was given: entry point, `--plugin` or LOSSGRAPH_PLUGINS."""
+
+
 class InputError(LossGraphError):
     """A tensor or value given to a compiled graph at run time is wrong (shape, dtype, name, range)."""
 

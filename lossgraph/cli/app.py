@@ -1,9 +1,12 @@
 """The `lossgraph` command line.
 
 Exit codes: 0 success; 1 an invalid loss graph or a failed run; 2 a usage error or a file that cannot
-be read or written. Errors are printed as `FILE:LINE:COL: path: message`, never as tracebacks. Commands that need
-torch import it inside their own body, so `lossgraph --help`, `validate`, `show`, `viz`, `schema` and
-`init` start fast and work without a GPU stack.
+be read or written (or a plugin that cannot be loaded). Errors are printed as `FILE:LINE:COL: path: message`,
+never as tracebacks. Commands that need torch import it inside their own body, so `lossgraph --help`,
+`validate`, `show`, `viz`, `schema`, `kinds` and `init` start fast and work without a GPU stack.
+
+Plugins (`lossgraph --plugin MODULE COMMAND`, LOSSGRAPH_PLUGINS, installed packages' entry points) load
+after the command line is parsed and before the command runs (`_Command.invoke`): `--help` loads none.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from .. import __version__
-from ..errors import ConfigError, Diagnostic, LossGraphError, SourceFileError
+from ..errors import ConfigError, Diagnostic, LossGraphError, PluginError, SourceFileError
 
 
 class _PlainArgument(TyperArgument):
@@ -55,9 +58,17 @@ def _plain(params: list) -> list:
     return params
 
 
+_NO_KINDS = {"init"}  # commands that never read the kinds, so load no plugin
+
+
 class _Command(TyperCommand):
     def get_params(self, ctx):
         return _plain(super().get_params(ctx))
+
+    def invoke(self, ctx):
+        if self.name not in _NO_KINDS:
+            _load_plugins(ctx.find_root().params.get("plugins") or [])
+        return super().invoke(ctx)
 
 
 class _Group(TyperGroup):
@@ -107,7 +118,7 @@ def cli_errors() -> Iterator[None]:
     """Turn lossgraph's exceptions into a clean message and an exit code (the CLI edge)."""
     try:
         yield
-    except SourceFileError as exc:
+    except (SourceFileError, PluginError) as exc:
         _print_plain(err, f"error: {exc}")
         raise typer.Exit(EXIT_USAGE) from None
     except ConfigError as exc:
@@ -140,6 +151,14 @@ def load_or_exit(path: Path):  # -> LossGraphSpec, kept unannotated to keep impo
     return report.spec
 
 
+def _load_plugins(modules: list[str]) -> None:
+    """Load the installed plugins, LOSSGRAPH_PLUGINS and the `--plugin` modules; exit 2 if one fails."""
+    with cli_errors():
+        from ..kinds.plugins import load
+
+        load(modules)
+
+
 def _version(value: bool) -> None:
     if value:
         _print_plain(out, f"lossgraph {__version__}")
@@ -151,6 +170,18 @@ def main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    plugins: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--plugin",
+            metavar="MODULE",
+            help=(
+                "Import this module (or MODULE:ATTRIBUTE) for the kinds it adds; repeat it for several. "
+                "LOSSGRAPH_PLUGINS=MOD1,MOD2 and installed packages' `lossgraph.kinds` entry points load too."
+            ),
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Declarative loss graphs for language-model training."""
 
@@ -274,6 +305,31 @@ def schema(
     else:
         write_or_exit(output, text.encode("utf-8"))
         _print_plain(err, f"wrote {output}")
+
+
+@app.command(cls=_Command)
+def kinds(
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
+) -> None:
+    """List the loss and source kinds a `type:` may name, and where each came from (built in or a plugin)."""
+    from rich.table import Table
+
+    from ..kinds.plugins import registered_kinds
+
+    rows = registered_kinds()
+    if json_output:
+        document = {
+            section: [{"type": row.name, "from": row.origin} for row in rows if row.family == family]
+            for section, family in (("losses", "loss"), ("sources", "source"))
+        }
+        _print_plain(out, json.dumps(document, indent=2))
+        return
+    table = Table()
+    for column in ("type", "kind", "from"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.name, row.family, row.origin)
+    out.print(table, soft_wrap=False)
 
 
 class Dtype(str, Enum):

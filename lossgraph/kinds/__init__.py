@@ -4,17 +4,22 @@ the order the docs list them.
 Each module holds everything lossgraph knows about its kind (see `loss.LossKind` and
 `source.SourceKind`). Code elsewhere looks a kind up by name (`loss_kind(term.kind)`,
 `source_kind(source.type)`) and calls its methods; it never branches on the name. A plugin or a test
-adds a kind with `register_loss_kind` or `register_source_kind`.
+adds a kind with `register_loss_kind` or `register_source_kind`; installed packages add theirs through
+the `lossgraph.kinds` entry-point group, loaded before the registries are first read (`plugins`).
 """
 
+from . import plugins
 from .loss import LossKind, TargetFacts
 from .losses import cross_entropy, entropy, forward_kl, jsd, reverse_kl, tvd, z_loss
 from .registry import (
+    before_first_read,
+    kind_origin,
     loss_kind,
     loss_kinds,
     on_kinds_changed,
     register_loss_kind,
     register_source_kind,
+    registering_as,
     source_kind,
     source_kinds,
     unregister_loss_kind,
@@ -23,10 +28,12 @@ from .registry import (
 from .source import Member, SourceKind, Target
 from .sources import label_smoothing, labels, mixture, teacher, topk_teacher
 
-for _module in (labels, teacher, topk_teacher, label_smoothing, mixture):
-    register_source_kind(_module.KIND)
-for _module in (cross_entropy, z_loss, forward_kl, reverse_kl, jsd, tvd, entropy):
-    register_loss_kind(_module.KIND)
+with registering_as(plugins.BUILT_IN):
+    for _module in (labels, teacher, topk_teacher, label_smoothing, mixture):
+        register_source_kind(_module.KIND)
+    for _module in (cross_entropy, z_loss, forward_kl, reverse_kl, jsd, tvd, entropy):
+        register_loss_kind(_module.KIND)
+before_first_read(plugins.load_installed)
 
 __all__ = [
     "LossKind",
@@ -34,6 +41,7 @@ __all__ = [
     "SourceKind",
     "Target",
     "TargetFacts",
+    "kind_origin",
     "loss_kind",
     "loss_kinds",
     "on_kinds_changed",

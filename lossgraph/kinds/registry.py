@@ -1,10 +1,16 @@
 """The registries of loss kinds and source kinds: name -> kind. The built-in kinds are registered by
 `lossgraph.kinds`; a plugin (or a test) registers its own with `register_loss_kind` or
-`register_source_kind`. The spec rebuilds its unions of models after each change."""
+`register_source_kind`. The spec rebuilds its unions of models after each change.
+
+Each kind keeps where it came from (`kind_origin`): built in, a plugin (`lossgraph.kinds.plugins`
+says which route), or Python. The first read of a registry runs the hooks of `before_first_read` once:
+`lossgraph.kinds` hooks the loading of installed plugins there, so they load when a document, the
+schema or the docs first need the kinds, not when `lossgraph` is imported."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ..errors import LossGraphError
@@ -16,6 +22,47 @@ if TYPE_CHECKING:
 _LOSS_KINDS: dict[str, LossKind] = {}
 _SOURCE_KINDS: dict[str, SourceKind] = {}
 _LISTENERS: list[Callable[[], None]] = []
+_ORIGINS: dict[tuple[str, str], str] = {}  # ("loss" | "source", name) -> where the kind came from
+_BEFORE_READ: list[Callable[[], None]] = []
+_registering_as = "Python"  # the origin given to kinds registered now
+_reading = False  # a hook is running: its own reads do not run the hooks again
+
+PYTHON = "Python"  # the origin of a kind registered by a program's own call
+
+
+@contextmanager
+def registering_as(origin: str) -> Iterator[None]:
+    """Kinds registered inside this block come from `origin` (a plugin, the built-ins)."""
+    global _registering_as
+    previous, _registering_as = _registering_as, origin
+    try:
+        yield
+    finally:
+        _registering_as = previous
+
+
+def before_first_read(hook: Callable[[], None]) -> None:
+    """Run `hook` before the registries are first read. A hook that raises stays pending and runs (and
+    raises) again at the next read, so a broken plugin fails every use, not only the first."""
+    _BEFORE_READ.append(hook)
+
+
+def _read() -> None:
+    global _reading
+    if _reading or not _BEFORE_READ:
+        return
+    _reading = True
+    try:
+        while _BEFORE_READ:
+            _BEFORE_READ[0]()
+            _BEFORE_READ.pop(0)
+    finally:
+        _reading = False
+
+
+def kind_origin(family: str, name: str) -> str:
+    """Where the `family` ("loss" or "source") kind `name` came from: "built in", a plugin, "Python"."""
+    return _ORIGINS[(family, name)]
 
 
 def _changed() -> None:
@@ -26,48 +73,58 @@ def _changed() -> None:
 def register_loss_kind(kind: LossKind) -> None:
     """Add a loss kind: the loader, the compiler, both backends and the docs pick it up by name."""
     if kind.name in _LOSS_KINDS:
-        raise LossGraphError(f"loss kind {kind.name!r} is already registered; pick another name")
+        origin = _ORIGINS[("loss", kind.name)]
+        raise LossGraphError(f"loss kind {kind.name!r} is already registered ({origin}); pick another name")
     _LOSS_KINDS[kind.name] = kind
+    _ORIGINS[("loss", kind.name)] = _registering_as
     _changed()
 
 
 def unregister_loss_kind(name: str) -> None:
     """Remove a registered loss kind (for tests and plugins that are unloaded)."""
     del _LOSS_KINDS[name]
+    del _ORIGINS[("loss", name)]
     _changed()
 
 
 def register_source_kind(kind: SourceKind) -> None:
     """Add a source kind (its model, rules and plan target)."""
     if kind.name in _SOURCE_KINDS:
-        raise LossGraphError(f"source kind {kind.name!r} is already registered; pick another name")
+        origin = _ORIGINS[("source", kind.name)]
+        raise LossGraphError(f"source kind {kind.name!r} is already registered ({origin}); pick another name")
     _SOURCE_KINDS[kind.name] = kind
+    _ORIGINS[("source", kind.name)] = _registering_as
     _changed()
 
 
 def unregister_source_kind(name: str) -> None:
     """Remove a registered source kind."""
     del _SOURCE_KINDS[name]
+    del _ORIGINS[("source", name)]
     _changed()
 
 
 def loss_kind(name: str) -> LossKind:
     """The registered loss kind called `name` (the `type:` of a loss node)."""
+    _read()
     return _LOSS_KINDS[name]
 
 
 def loss_kinds() -> tuple[LossKind, ...]:
     """Every registered loss kind, built-in ones first, in registration order."""
+    _read()
     return tuple(_LOSS_KINDS.values())
 
 
 def source_kind(name: str) -> SourceKind:
     """The registered source kind called `name` (the `type:` of a source)."""
+    _read()
     return _SOURCE_KINDS[name]
 
 
 def source_kinds() -> tuple[SourceKind, ...]:
     """Every registered source kind, in registration order."""
+    _read()
     return tuple(_SOURCE_KINDS.values())
 
 

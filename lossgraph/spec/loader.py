@@ -51,6 +51,12 @@ _MAX_READ_BYTES = 4 * (MAX_DOCUMENT_CHARS + 1)
 # takes about 80 microseconds per value, so the bound keeps any document well under a second.
 MAX_NODES = 10_000
 
+# how to get a kind lossgraph does not know, said after an unknown `type:` (lossgraph.kinds.plugins loads them)
+PLUGIN_HINT = (
+    "kinds from plugins load with `lossgraph --plugin MODULE`, LOSSGRAPH_PLUGINS=MODULE,... "
+    "or an installed package's `lossgraph.kinds` entry point"
+)
+
 _NULL_TAG = "tag:yaml.org,2002:null"
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _INT_TAG = "tag:yaml.org,2002:int"
@@ -814,7 +820,8 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
         section = _section_of({"type": ctx.get("tag")}) if name == "type" else None
         if section and section[0] != loc[0]:  # a loss node under `sources`, or a source under `losses`
             hint = f"; {section[1]}: move this entry under `{section[0]}:`"
-        return f"unknown {name} {quote(ctx.get('tag'))}{hint} (one of: {', '.join(expected)})"
+        plugins = f"; {PLUGIN_HINT}" if name == "type" and not hint else ""  # no closer guess to offer
+        return f"unknown {name} {quote(ctx.get('tag'))}{hint} (one of: {', '.join(expected)}){plugins}"
     if kind == "union_tag_not_found":
         name = str(ctx.get("discriminator", "type")).strip("'")
         return f"missing required key {quote(name)}, which picks the kind"
