@@ -5,6 +5,7 @@ and MUFU operations per element and the barriers per tile. Needs no GPU (Triton'
     python benchmarks/kernel_report.py                 # cases a-d at their production vocab
     python benchmarks/kernel_report.py graph.yaml      # every launch of a graph
     python benchmarks/kernel_report.py --json out.json
+    python benchmarks/kernel_report.py --plugin my_kinds graph.yaml   # a graph using a plugin's kinds
 
 Run it without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
 """
@@ -21,6 +22,8 @@ from lossgraph.kernels.report import report
 
 from lossgraph.apps.bench import standard_cases
 from lossgraph.document import check_file, check_text
+from lossgraph.errors import ConfigError, LossGraphError, PluginError
+from lossgraph.kinds import plugins
 
 
 def launches(name: str, context) -> dict[str, tuple[object, int]]:
@@ -38,7 +41,10 @@ def collect(paths: list[Path]) -> dict[str, tuple[object, int]]:
         for case in standard_cases():
             found.update(launches(f"case-{case.name}", check_text(case.yaml(), f"case-{case.name}.yaml").context))
     for path in paths:
-        found.update(launches(path.stem, check_file(path).context))
+        checked = check_file(path)
+        if checked.context is None:  # invalid: its problems, not a traceback (an unknown type: says how plugins load)
+            raise ConfigError(checked.diagnostics)
+        found.update(launches(path.stem, checked.context))
     return found
 
 
@@ -47,14 +53,34 @@ def main() -> int:
     parser.add_argument("graphs", nargs="*", type=Path, help="loss-graph files (default: the standard cases)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="logits dtype")
     parser.add_argument("--json", type=Path, help="also write the reports to this file")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="load this plugin's kinds (repeatable; installed plugins and LOSSGRAPH_PLUGINS load anyway)",
+    )
     args = parser.parse_args()
+    try:
+        plugins.load(args.plugin)
+    except PluginError as exc:
+        print(f"kernel_report: {exc}", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("kernel_report: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
+        return 2
+    try:
+        collected = collect(args.graphs)
+    except ConfigError as exc:
+        print("\n".join(d.format() for d in exc.diagnostics), file=sys.stderr)
+        return 1
+    except LossGraphError as exc:  # a file that cannot be read
+        print(f"kernel_report: {exc}", file=sys.stderr)
         return 2
     results = {}
     columns = f"{'launch':28} {'tile':>5} {'warps':>5} {'regs':>4} {'spill':>5} {'occ':>5}"
     print(f"{columns}  per pass: SASS/el MUFU/el BAR/tile")
-    for name, (spec, vocab) in collect(args.graphs).items():
+    for name, (spec, vocab) in collected.items():
         cost = report(spec, vocab=vocab, dtype=args.dtype)
         results[name] = cost.as_dict()
         passes = "  ".join(f"{p.instructions:6.1f} {p.mufu:4.2f} {p.barriers_per_tile:3d}" for p in cost.passes)

@@ -562,10 +562,27 @@ def yaml_reference() -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def main() -> None:
-    """Print the page: `python -m lossgraph.spec.docgen > docs/yaml-reference.md`."""
+def main(argv: list[str] | None = None) -> int:
+    """Print the page: `python -m lossgraph.spec.docgen > docs/yaml-reference.md`. Installed plugins and
+    LOSSGRAPH_PLUGINS load as everywhere; `--plugin MODULE` (repeatable) adds a plugin's kinds too."""
+    import argparse
+
+    from ..errors import PluginError
+    from ..kinds import plugins
+
+    parser = argparse.ArgumentParser(prog="python -m lossgraph.spec.docgen", description="Print the YAML reference.")
+    parser.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE", help="load this plugin's kinds (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        plugins.load(args.plugin)
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     sys.stdout.write(yaml_reference())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
