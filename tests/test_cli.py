@@ -499,8 +499,9 @@ def _imported_modules(importtime_stderr: str) -> set[str]:
         ["show", str(EXAMPLES / "every_loss.yaml")],
         ["viz", "-f", "dot", str(EXAMPLES / "every_loss.yaml")],
         ["schema"],
+        ["kinds"],
     ],
-    ids=["help", "validate", "show", "viz", "schema"],
+    ids=["help", "validate", "show", "viz", "schema", "kinds"],
 )
 def test_light_commands_do_not_import_torch(args: list[str]):
     result = run_module(*args, python_flags=("-X", "importtime"))
