@@ -1,5 +1,5 @@
 """Plugins everywhere: kinds from `lossgraph --plugin MODULE`, LOSSGRAPH_PLUGINS and installed packages'
-`lossgraph.kinds` entry points reach validate, show, plan, viz, schema, the docs generator and
+`lossgraph.kinds` entry points reach validate, show, plan, viz, schema, bench FILE, the docs generator and
 `lossgraph kinds`; a plugin that fails is a clean error with exit code 2; an unknown `type:` says how
 plugins load.
 
@@ -109,6 +109,27 @@ def test_environment_variable_reaches_the_command(graph: Path, command: str):
     assert result.returncode == 0, result.stderr
     for text in SEES_BRIER[command]:
         assert text in result.stdout
+
+
+def test_plugin_option_reaches_bench_file(cli, graph: Path, registry_restored):
+    """`bench FILE` runs the plugin's kind (on the CPU: the reference backend, one small step)."""
+    result = cli(
+        "--plugin",
+        "brier_kind",
+        "bench",
+        str(graph),
+        "--device",
+        "cpu",
+        "--tokens",
+        "16",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    )
+    assert result.exit_code == 0, result.output
+    assert f"case (brier.yaml) graph {graph}: N=16, V=100" in result.stdout
+    assert "lossgraph reference" in result.stdout
 
 
 def test_plugin_option_in_a_real_process(graph: Path):
