@@ -22,6 +22,7 @@ _EXPORTS = {
     "InputError": "lossgraph.errors",
     "BackendError": "lossgraph.errors",
     "SourceFileError": "lossgraph.errors",
+    "PluginError": "lossgraph.errors",
     "LossGraphWarning": "lossgraph.errors",
     "Diagnostic": "lossgraph.errors",
     "compile": "lossgraph.runtime.compiled",
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
         InputError,
         LossGraphError,
         LossGraphWarning,
+        PluginError,
         SourceFileError,
     )
     from .runtime.compiled import CompiledGraph, GraphOutput, compile
