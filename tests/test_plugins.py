@@ -138,10 +138,15 @@ def test_plugin_option_in_a_real_process(graph: Path):
     assert result.stdout == f"{graph}: valid (0 error(s), 0 warning(s))\n"
 
 
-def test_the_environment_reaches_the_python_api(graph: Path):
-    """LOSSGRAPH_PLUGINS loads wherever the kinds are first read, not only on the command line."""
+def test_the_environment_reaches_the_python_api(graph: Path, tmp_path: Path):
+    """LOSSGRAPH_PLUGINS loads wherever the kinds are first read, not only on the command line; a plugin
+    may import the document model, which is what first reads the kinds."""
+    (tmp_path / "model_kinds.py").write_text(
+        "from lossgraph.spec.models import LossGraphSpec\nfrom brier_kind import KIND\n", encoding="utf-8"
+    )
     code = f"import lossgraph; print(type(lossgraph.load({str(graph)!r}).losses['b']).__name__)"
-    environment = {**os.environ, "PYTHONPATH": str(TESTS), "LOSSGRAPH_PLUGINS": "brier_kind"}
+    pythonpath = os.pathsep.join([str(tmp_path), str(TESTS)])
+    environment = {**os.environ, "PYTHONPATH": pythonpath, "LOSSGRAPH_PLUGINS": "model_kinds"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "BrierLoss\n"

@@ -13,6 +13,7 @@ from .loss import LossKind, TargetFacts
 from .losses import cross_entropy, entropy, forward_kl, jsd, reverse_kl, tvd, z_loss
 from .registry import (
     before_first_read,
+    hooks_deferred,
     kind_origin,
     loss_kind,
     loss_kinds,
@@ -41,6 +42,7 @@ __all__ = [
     "SourceKind",
     "Target",
     "TargetFacts",
+    "hooks_deferred",
     "kind_origin",
     "loss_kind",
     "loss_kinds",

@@ -26,6 +26,7 @@ _ORIGINS: dict[tuple[str, str], str] = {}  # ("loss" | "source", name) -> where 
 _BEFORE_READ: list[Callable[[], None]] = []
 _registering_as = "Python"  # the origin given to kinds registered now
 _reading = False  # a hook is running: its own reads do not run the hooks again
+_deferred = 0  # inside `hooks_deferred`: reads do not run the hooks yet
 
 PYTHON = "Python"  # the origin of a kind registered by a program's own call
 
@@ -47,9 +48,21 @@ def before_first_read(hook: Callable[[], None]) -> None:
     _BEFORE_READ.append(hook)
 
 
+@contextmanager
+def hooks_deferred() -> Iterator[None]:
+    """Reads inside this block do not run the hooks: for a module that reads the registries while it is
+    imported and runs them itself once it is whole (spec.models: a plugin may import it)."""
+    global _deferred
+    _deferred += 1
+    try:
+        yield
+    finally:
+        _deferred -= 1
+
+
 def _read() -> None:
     global _reading
-    if _reading or not _BEFORE_READ:
+    if _reading or _deferred or not _BEFORE_READ:
         return
     _reading = True
     try:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, PrivateAttr
 from pydantic.fields import FieldInfo
 
-from ..kinds import loss_kinds, on_kinds_changed, source_kinds
+from ..kinds import hooks_deferred, loss_kinds, on_kinds_changed, source_kinds
 from .nodes import *  # noqa: F403 (the building blocks, re-exported)
 from .nodes import Head, Name, SpecModel, VocabSize
 from .sourcemap import SourceMap
@@ -26,8 +26,9 @@ def _union(kinds) -> Any:
     return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007 (a runtime-built union)
 
 
-Source = _union(source_kinds())
-LossNodes = _union(loss_kinds())
+with hooks_deferred():  # installed plugins load at the end of this module, once it is whole: they may import it
+    Source = _union(source_kinds())
+    LossNodes = _union(loss_kinds())
 
 
 class LossGraphSpec(SpecModel):
@@ -87,3 +88,4 @@ def _rebuild_unions() -> None:
 
 
 on_kinds_changed(_rebuild_unions)
+loss_kinds()  # the first read: installed plugins and LOSSGRAPH_PLUGINS load now, and their kinds rebuild the unions
