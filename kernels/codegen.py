@@ -21,7 +21,9 @@ ds/dz, and finally by the row's scale (mask / normalizer).
 
 from __future__ import annotations
 
+import io
 import math
+import tokenize
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -59,7 +61,7 @@ def next_power_of_two(n: int) -> int:
 
 PHASES = ("single", "stats", "reduce", "apply")
 
-# the building blocks (kernels/primitives.py) a generated module imports
+# the building blocks (kernels/primitives.py) a generated module may import; it imports those it uses
 PRIMITIVES = (
     "LN2",
     "LOG2E",
@@ -79,6 +81,19 @@ PRIMITIVES = (
     "sign_of_difference",
     "soft_cap",
 )
+
+
+def primitive_imports(code: str) -> list[str]:
+    """The import of the primitives `code` names (in code, not in comments), in PRIMITIVES order."""
+    used = {
+        token.string
+        for token in tokenize.generate_tokens(io.StringIO(code).readline)
+        if token.type == tokenize.NAME
+    }
+    names = [name for name in PRIMITIVES if name in used]
+    if not names:
+        return []
+    return ["from lossgraph.kernels.primitives import (", *[f"    {name}," for name in names], ")"]
 
 
 class KernelGenerator:
@@ -416,9 +431,9 @@ class KernelGenerator:
             "import triton",
             "import triton.language as tl",
             "",
-            "from lossgraph.kernels.primitives import (",
-            *[f"    {name}," for name in PRIMITIVES],
-            ")",
+        )
+        imports_at = len(src.lines)  # the primitives the body uses are imported here once it is written
+        src(
             "",
             "",
             "@triton.jit",
@@ -455,6 +470,8 @@ class KernelGenerator:
                 self.phase
             ]()
         src.depth -= 1
+        imports = primitive_imports("\n".join(src.lines[imports_at:]))
+        src.lines[imports_at - 1 : imports_at] = ["", *imports] if imports else []
         return src.text()
 
     def masked_row(self) -> None:
