@@ -86,9 +86,7 @@ PRIMITIVES = (
 def primitive_imports(code: str) -> list[str]:
     """The import of the primitives `code` names (in code, not in comments), in PRIMITIVES order."""
     used = {
-        token.string
-        for token in tokenize.generate_tokens(io.StringIO(code).readline)
-        if token.type == tokenize.NAME
+        token.string for token in tokenize.generate_tokens(io.StringIO(code).readline) if token.type == tokenize.NAME
     }
     names = [name for name in PRIMITIVES if name in used]
     if not names:

@@ -500,8 +500,9 @@ def _imported_modules(importtime_stderr: str) -> set[str]:
         ["viz", "-f", "dot", str(EXAMPLES / "every_loss.yaml")],
         ["schema"],
         ["kinds"],
+        ["kernel", str(EXAMPLES / "every_loss.yaml")],
     ],
-    ids=["help", "validate", "show", "viz", "schema", "kinds"],
+    ids=["help", "validate", "show", "viz", "schema", "kinds", "kernel"],
 )
 def test_light_commands_do_not_import_torch(args: list[str]):
     result = run_module(*args, python_flags=("-X", "importtime"))

@@ -48,6 +48,7 @@ SEES_BRIER = {
     "plan": ["b/next (brier) needs a row sum"],
     "viz": ["brier"],
     "schema": ['"BrierLoss"'],
+    "kernel": ["#   term 1: brier"],
 }
 
 

@@ -472,6 +472,58 @@ def init(
     _print_plain(out, f"wrote {path}; check it with: lossgraph validate {path}")
 
 
+class KernelPhase(str, Enum):  # kernels/codegen.py PHASES
+    single = "single"
+    stats = "stats"
+    reduce = "reduce"
+    apply = "apply"
+
+
+@app.command(cls=_Command)
+def kernel(
+    file: FileArg,
+    head: Annotated[
+        Optional[str], typer.Option("--head", metavar="H", help="Print this head's launches only.", show_default=False)
+    ] = None,
+    phase: Annotated[
+        KernelPhase,
+        typer.Option(
+            "--phase",
+            metavar="single|stats|reduce|apply",
+            help="The kernel to print: the whole launch (single) or one vocab-parallel phase.",
+        ),
+    ] = KernelPhase.single,
+    launch: Annotated[
+        Optional[int],
+        typer.Option(
+            "--launch",
+            min=1,
+            metavar="N",
+            help="Print each head's N-th launch only (1 is the first).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Print the generated Triton source of a graph's fused launches.
+
+    Each kernel follows a comment line naming its head, launch and phase.
+    """
+    from ..document import analysis
+    from .kernel import KernelSelectionError, kernel_sources
+
+    with cli_errors():
+        spec = load_or_exit(file)
+        try:
+            sources = kernel_sources(analysis(spec).fusion, head=head, phase=phase.value, launch=launch)
+        except KernelSelectionError as exc:
+            _print_plain(err, f"error: {exc}")
+            raise typer.Exit(EXIT_USAGE) from None
+    for i, kernel_source in enumerate(sources):
+        if i:
+            sys.stdout.write("\n\n")
+        sys.stdout.write(kernel_source.header() + "\n" + kernel_source.source)
+
+
 BENCH_CASES = ("a", "b", "c", "d", "e")  # lossgraph.apps.bench: a-d from standard_cases(), e from run_linear_case()
 
 
