@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from lossgraph.kernels import codegen
 
 ROOT = Path(__file__).resolve().parents[1]

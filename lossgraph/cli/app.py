@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 an invalid loss graph or a failed run; 2 a usage error or a file that cannot
 be read or written (or a plugin that cannot be loaded). Errors are printed as `FILE:LINE:COL: path: message`,
 never as tracebacks. Commands that need torch import it inside their own body, so `lossgraph --help`,
-`validate`, `show`, `viz`, `schema`, `kinds` and `init` start fast and work without a GPU stack.
+`validate`, `show`, `kernel`, `viz`, `schema`, `kinds` and `init` start fast and work without a GPU stack.
 
 Plugins (`lossgraph --plugin MODULE COMMAND`, LOSSGRAPH_PLUGINS, installed packages' entry points) load
 after the command line is parsed and before the command runs (`_Command.invoke`): `--help` loads none.
