@@ -28,6 +28,7 @@ _EXPORTS = {
     "compile": "lossgraph.runtime.compiled",
     "CompiledGraph": "lossgraph.runtime.compiled",
     "GraphOutput": "lossgraph.runtime.compiled",
+    "BackendOptions": "lossgraph.runtime.backend",
     "TopK": "lossgraph.runtime.inputs",
     "Linear": "lossgraph.runtime.inputs",
 }
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
         PluginError,
         SourceFileError,
     )
+    from .runtime.backend import BackendOptions
     from .runtime.compiled import CompiledGraph, GraphOutput, compile
     from .runtime.inputs import Linear, TopK
     from .spec.models import LossGraphSpec

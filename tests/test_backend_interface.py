@@ -104,6 +104,24 @@ def test_backend_options_are_frozen_and_hold_what_compile_was_given():
     assert graph.reference_backend.options is graph.options
 
 
+def test_compile_takes_an_options_object_or_its_fields_as_keywords():
+    """`options=BackendOptions(...)` and the keyword shortcuts give the same options; keywords replace
+    the object's fields; a name that is not an option, a bad backend or chunk size fail clearly."""
+    spec = lossgraph.loads(SPLIT)
+    options = lossgraph.BackendOptions(backend="torch", chunk_size=8, check_inputs=False)
+    by_object = lossgraph.compile(spec, options=options)
+    by_keywords = lossgraph.compile(spec, "torch", chunk_size=8, check_inputs=False)
+    assert by_object.options == by_keywords.options == options
+    assert lossgraph.compile(spec, options=options, chunk_size=4).options.chunk_size == 4
+    assert lossgraph.compile(spec, "torch", options=lossgraph.BackendOptions(backend="triton")).backend == "torch"
+    with pytest.raises(lossgraph.InputError, match="unknown option 'inplace_gradient'; the options are backend"):
+        lossgraph.compile(spec, inplace_gradient=True)
+    with pytest.raises(lossgraph.BackendError, match="unknown backend 'cuda'"):
+        lossgraph.compile(spec, options=lossgraph.BackendOptions(backend="torch"), backend="cuda")
+    with pytest.raises(lossgraph.InputError, match="chunk_size must be a positive number of rows"):
+        lossgraph.BackendOptions(chunk_size=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Backends without a compiled graph.
 # --------------------------------------------------------------------------------------------------

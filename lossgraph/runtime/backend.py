@@ -14,12 +14,13 @@ This module sits below both, and below the compiled graph that picks one: it imp
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from ..compiler.plan import HeadPlan
+from ..errors import BackendError, InputError
 from .inputs import HeadBatch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -27,7 +28,8 @@ BACKENDS = ("auto", "torch", "triton")
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """The settings of one compiled graph, as given to `lossgraph.compile` (see its docstring)."""
+    """The settings of one compiled graph: `lossgraph.compile(graph, options=BackendOptions(...))`, or the
+    same names as keywords of `compile` (see its docstring for what each does). The one list of them."""
 
     backend: str = "auto"  # "auto", "torch" or "triton"
     inplace_grad: bool = False  # the fused backend writes the gradient over the logits
@@ -36,6 +38,21 @@ class BackendOptions:
     accumulate_fp32: bool = False  # a hidden-input head accumulates its weight gradient in float32
     vocab_parallel_group: Any = None  # torch.distributed group the vocab is split over
     normalize_across: Any = None  # torch.distributed group the token counts are summed over
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise BackendError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        size = self.chunk_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise InputError(f"chunk_size must be a positive number of rows, got {size!r}")
+
+    def with_settings(self, **settings: Any) -> BackendOptions:
+        """These options with some replaced by keyword (the shortcuts `lossgraph.compile` takes)."""
+        names = [field.name for field in fields(self)]
+        unknown = [name for name in settings if name not in names]
+        if unknown:
+            raise InputError(f"unknown option {unknown[0]!r}; the options are {', '.join(names)}")
+        return replace(self, **settings) if settings else self
 
 
 class TermStep(NamedTuple):

@@ -99,49 +99,25 @@ class CompiledGraph(torch.nn.Module):
     """
 
     def __init__(
-        self,
-        spec: LossGraphSpec,
-        plan: Plan,
-        fusion: FusionPlan,
-        backend: str = "auto",
-        *,
-        inplace_grad: bool = False,
-        check_inputs: bool | None = None,
-        chunk_size: int | None = None,
-        accumulate_fp32: bool = False,
-        vocab_parallel_group=None,
-        normalize_across=None,
+        self, spec: LossGraphSpec, plan: Plan, fusion: FusionPlan, options: BackendOptions | None = None, **settings
     ):
         super().__init__()
-        if vocab_parallel_group is not None:
-            _check_vocab_parallel(plan, vocab_parallel_group)
-        if normalize_across is not None:
-            group_size(normalize_across)  # fails clearly when torch.distributed is not initialized
-        if chunk_size is not None and (
-            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-        ):
-            raise InputError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
-        if backend not in BACKENDS:
-            raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        options = (options or BackendOptions()).with_settings(**settings)
+        if options.vocab_parallel_group is not None:
+            _check_vocab_parallel(plan, options.vocab_parallel_group)
+        if options.normalize_across is not None:
+            group_size(options.normalize_across)  # fails clearly when torch.distributed is not initialized
         self.spec = spec
         self.plan = plan
         self.fusion = fusion
-        self.options = BackendOptions(
-            backend=backend,
-            inplace_grad=inplace_grad,
-            check_inputs=check_inputs,
-            chunk_size=chunk_size,
-            accumulate_fp32=accumulate_fp32,
-            vocab_parallel_group=vocab_parallel_group,
-            normalize_across=normalize_across,
-        )
+        self.options = options
         self.reference_backend = ReferenceBackend(self.options)
         # the fused backend finds out now where it can run, and registers its plans for the fused op
         self.fused_backend = (
             None
-            if backend == "torch"
+            if options.backend == "torch"
             else FusedBackend(
-                self.options, plan, fusion, fallback=self.reference_backend if backend == "auto" else None
+                options, plan, fusion, fallback=self.reference_backend if options.backend == "auto" else None
             )
         )
 
@@ -328,21 +304,21 @@ def _check_vocab_parallel(plan: Plan, group) -> None:
 
 def compile(
     graph: LossGraphSpec | str | Path,
-    backend: str = "auto",
+    backend: str | None = None,
     *,
-    inplace_grad: bool = False,
-    check_inputs: bool | None = None,
-    chunk_size: int | None = None,
-    accumulate_fp32: bool = False,
-    vocab_parallel_group=None,
-    normalize_across=None,
+    options: BackendOptions | None = None,
+    **settings,
 ) -> CompiledGraph:
     """Compile a loss graph (a spec, or the path of a YAML file) into a callable module.
 
+    The settings are a `BackendOptions` (`options=`), or its fields as keywords, which replace those of
+    `options` where both are given: `compile(path, "triton", inplace_grad=True)` is
+    `compile(path, options=BackendOptions(backend="triton", inplace_grad=True))`.
+
     backend: "torch" (reference math, any device), "triton" (one fused kernel per head), or "auto"
-    (triton for CUDA tensors, torch otherwise). inplace_grad: the fused backend writes the gradient
-    over the logits, saving one N x V buffer (the logits are destroyed). check_inputs: run the value
-    checks that synchronize with the device (labels in range, top-k indices valid); None runs them
+    (the default: triton for CUDA tensors, torch otherwise). inplace_grad: the fused backend writes the
+    gradient over the logits, saving one N x V buffer (the logits are destroyed). check_inputs: run the
+    value checks that synchronize with the device (labels in range, top-k indices valid); None runs them
     for CPU tensors only. chunk_size: rows per chunk of a hidden-input head (default: chosen from V so
     that one chunk of logits takes at most 256 MiB); accumulate_fp32: accumulate the weight gradient
     of hidden-input heads in float32. vocab_parallel_group: a torch.distributed group over which every
@@ -358,20 +334,12 @@ def compile(
             "compile() takes a spec or the path of a YAML file, and this string has line breaks: "
             "for YAML text, use lossgraph.compile(lossgraph.loads(text))"
         )
+    if backend is not None:
+        settings["backend"] = backend
+    options = (options or BackendOptions()).with_settings(**settings)
     spec = graph if isinstance(graph, LossGraphSpec) else load(graph)
     report = check_spec(spec)
     context = report.context
     if context is None or context.plan is None or context.fusion is None:
         raise ConfigError(report.diagnostics)
-    return CompiledGraph(
-        spec,
-        context.plan,
-        context.fusion,
-        backend,
-        inplace_grad=inplace_grad,
-        check_inputs=check_inputs,
-        chunk_size=chunk_size,
-        accumulate_fp32=accumulate_fp32,
-        vocab_parallel_group=vocab_parallel_group,
-        normalize_across=normalize_across,
-    )
+    return CompiledGraph(spec, context.plan, context.fusion, options)
