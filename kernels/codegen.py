@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from . import names
+from .arguments import kernel_signature
 from .fragments import FIRST_READ, STREAMED, LinearGradient, TargetFragments, Vectors
 from .layout import effective, kernel_layout
 from .signature import KernelSpec, KernelTerm, KTopK, dense_teachers
@@ -112,6 +113,7 @@ class KernelGenerator:
         self.phase = phase
         self.sliced = phase != "single"
         self.layout = kernel_layout(spec)
+        self.signature = kernel_signature(spec, phase)
         for term in spec.terms:
             if term.loss.fixed_temperature_one and not spec.slot_is_one[term.slot]:
                 raise ValueError(f"{term.loss.name} needs a temperature slot fixed at 1")
@@ -159,40 +161,8 @@ class KernelGenerator:
     # ----------------------------------------------------------------------------------------------
 
     def arguments(self) -> list[str]:
-        spec = self.spec
-        phase = self.phase
-        args = ["z_ptr", "stride_z", "row_scale_ptr"]
-        if phase in ("single", "apply"):
-            args += ["grad_ptr", "stride_grad", "loss_ptr"] if spec.gradient else ["loss_ptr"]
-        if phase == "single":
-            args.append("pred_ptr")
-        if spec.uses_labels:
-            args.append("label_ptr")
-        for c in spec.class_weight_vectors:  # [V_total] float32 by global token id, and its sum (0-d)
-            args += [f"cw{c}_ptr", f"cw_sum{c}_ptr"]
-        for i in range(len(spec.dense)):
-            args += [f"t{i}_ptr", f"stride_t{i}", f"vocab_t{i}"]
-            if phase == "single":
-                args.append(f"tpred{i}_ptr")
-        for i in range(len(spec.topk)):
-            args += [f"k{i}_index_ptr", f"stride_k{i}_index", f"k{i}_logp_ptr", f"stride_k{i}_logp"]
-        if phase == "stats":
-            args += ["statf_ptr", "stati_ptr"]
-        if phase in ("reduce", "apply"):
-            args.append("statf_ptr")
-        if phase in ("stats", "apply"):
-            args += [f"topz{i}_ptr" for i in range(len(spec.topk))]
-        if phase == "reduce" or (phase == "apply" and self.layout.reduction_terms):
-            args.append("red_ptr")
-        args += [f"inv_t{s}" for s in range(len(spec.slot_is_one))]
-        if phase in ("single", "apply"):
-            args += [f"w{t}" for t, term in enumerate(spec.terms) if term.active]
-            args += [f"vs{t}" for t in range(len(spec.terms))] + [f"lw{t}" for t in range(len(spec.terms))]
-        args.append("V")
-        if self.sliced:
-            args += ["vocab_start", "V_total"]
-        args += ["BLOCK_V: tl.constexpr", "VEC: tl.constexpr"]
-        return args
+        """The kernel's parameters, as its `def` lists them (kernels/arguments.py spells them)."""
+        return self.signature.definition()
 
     # ----------------------------------------------------------------------------------------------
     # What crosses ranks under vocab parallel: the layout of the statistics buffers.

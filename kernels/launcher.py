@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from .arguments import Call, Inputs, TermNumbers
 from .codegen import KernelGenerator, next_power_of_two
 from .interpreter_lock import launch_guard
 from .signature import KernelSpec
@@ -101,75 +102,14 @@ def tile_shape(vocab: int, streams: int, element_bytes: int) -> TileShape:
     return TileShape(block, warps, min(block, 16 // element_bytes))
 
 
-class Inputs(NamedTuple):
-    """What every phase of a fused launch reads."""
-
-    logits: torch.Tensor  # [N, V] (this rank's columns under vocab parallel), unit stride on V
-    row_scale: torch.Tensor  # [N] float32: mask / normalizer
-    labels: torch.Tensor | None  # [N] int64 global ids
-    dense: list[torch.Tensor]  # dense teachers [N, V_teacher], unit stride
-    topk: list[tuple[torch.Tensor, torch.Tensor]]  # (indices [N, k], log-probs [N, k])
-    inverse_temperatures: list[float]
-    # per class-weight vector of the spec (`cw{c}_ptr`): the [V_total] float32 weights and their 0-d sum
-    class_weights: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-
-def _arguments(spec: KernelSpec, inputs: Inputs) -> dict[str, object]:
-    logits = inputs.logits
-    arguments: dict[str, object] = {
-        "z_ptr": logits,
-        "stride_z": logits.stride(0),
-        "row_scale_ptr": inputs.row_scale,
-        "V": logits.shape[1],
-    }
-    if spec.uses_labels:
-        arguments["label_ptr"] = inputs.labels
-    for c, (weights, total) in enumerate(inputs.class_weights):
-        arguments.update({f"cw{c}_ptr": weights, f"cw_sum{c}_ptr": total})
-    for i, teacher in enumerate(inputs.dense):
-        arguments.update({f"t{i}_ptr": teacher, f"stride_t{i}": teacher.stride(0), f"vocab_t{i}": teacher.shape[1]})
-    for i, (indices, logprobs) in enumerate(inputs.topk):
-        arguments.update(
-            {
-                f"k{i}_index_ptr": indices,
-                f"stride_k{i}_index": indices.stride(0),
-                f"k{i}_logp_ptr": logprobs,
-                f"stride_k{i}_logp": logprobs.stride(0),
-            }
-        )
-    arguments.update({f"inv_t{s}": float(x) for s, x in enumerate(inputs.inverse_temperatures)})
-    return arguments
-
-
-class TermNumbers(NamedTuple):
-    """The run-time numbers of a launch's terms (each a list over the launch's terms, in order)."""
-
-    gradient: list[float]  # per active term only: weight x head weight x scale / T, what multiplies dl/ds
-    value_scale: list[float]  # what each term's per-row value is reported times (T^2 where asked, else 1)
-    loss: list[float]  # each term's weight in the head's loss; 0 leaves it out, even when not finite
-
-
-def _term_arguments(spec: KernelSpec, grad: torch.Tensor | None, numbers: TermNumbers) -> dict[str, object]:
-    """The gradient buffer and each active term's weight (none of them when the spec writes no
-    gradient), and every term's value scale and loss weight."""
-    arguments: dict[str, object] = {f"vs{t}": float(v) for t, v in enumerate(numbers.value_scale)}
-    arguments.update({f"lw{t}": float(w) for t, w in enumerate(numbers.loss)})
-    if not spec.gradient:
-        return arguments
-    if grad is None:
-        raise ValueError("a kernel that writes the gradient needs a gradient buffer")
-    active = [t for t, term in enumerate(spec.terms) if term.active]
-    arguments.update({f"w{t}": float(w) for t, w in zip(active, numbers.gradient)})
-    return {"grad_ptr": grad, "stride_grad": grad.stride(0), **arguments}
-
-
-def _run(spec: KernelSpec, phase: str, inputs: Inputs, arguments: dict[str, object]) -> None:
-    rows, vocab = inputs.logits.shape
+def _run(spec: KernelSpec, phase: str, call: Call) -> None:
+    rows, vocab = call.inputs.logits.shape
     if rows:
-        tile = tile_shape(vocab, spec.tile_streams, inputs.logits.element_size())
-        kernel = kernel_module(spec, phase).fused_head_kernel
+        tile = tile_shape(vocab, spec.tile_streams, call.inputs.logits.element_size())
+        module, generator = _built(spec, phase)
+        kernel = module.fused_head_kernel
         with launch_guard(kernel):
-            kernel[(rows,)](**arguments, BLOCK_V=tile.block, VEC=tile.vec, num_warps=tile.warps)
+            kernel[(rows,)](**generator.signature.bind(call, tile.block, tile.vec), num_warps=tile.warps)
 
 
 def launch(
@@ -184,15 +124,16 @@ def launch(
     """
     rows = inputs.logits.shape[0]
     device = inputs.logits.device
-    values = torch.empty((rows, len(spec.terms) + 1), dtype=torch.float32, device=device)
-    prediction = torch.empty(rows, dtype=torch.int64, device=device)
-    teacher_predictions = torch.empty((len(inputs.dense), rows), dtype=torch.int64, device=device)
-    arguments = _arguments(spec, inputs)
-    arguments.update({"loss_ptr": values, "pred_ptr": prediction})
-    arguments.update({f"tpred{i}_ptr": teacher_predictions[i] for i in range(len(inputs.dense))})
-    arguments.update(_term_arguments(spec, grad, numbers))
-    _run(spec, "single", inputs, arguments)
-    return values, prediction, teacher_predictions
+    call = Call(
+        inputs,
+        numbers,
+        grad,
+        values=torch.empty((rows, len(spec.terms) + 1), dtype=torch.float32, device=device),
+        prediction=torch.empty(rows, dtype=torch.int64, device=device),
+        teacher_predictions=torch.empty((len(inputs.dense), rows), dtype=torch.int64, device=device),
+    )
+    _run(spec, "single", call)
+    return call.values, call.prediction, call.teacher_predictions
 
 
 class SliceStatistics(NamedTuple):
@@ -215,11 +156,11 @@ def launch_stats(spec: KernelSpec, inputs: Inputs, *, vocab_start: int, vocab_to
             for i in range(len(spec.topk))
         ],
     )
-    arguments = _arguments(spec, inputs)
-    arguments.update({"statf_ptr": statistics.floats, "stati_ptr": statistics.ints})
-    arguments.update({f"topz{i}_ptr": z for i, z in enumerate(statistics.topk_logits)})
-    arguments.update({"vocab_start": vocab_start, "V_total": vocab_total})
-    _run(spec, "stats", inputs, arguments)
+    floats, ints, topk_logits = statistics
+    call = Call(
+        inputs, floats=floats, ints=ints, topk_logits=topk_logits, vocab_start=vocab_start, vocab_total=vocab_total
+    )
+    _run(spec, "stats", call)
     return statistics
 
 
@@ -231,9 +172,8 @@ def launch_reduce(
     partial = torch.empty(
         (inputs.logits.shape[0], len(generator.reduction_stats())), dtype=torch.float32, device=inputs.logits.device
     )
-    arguments = _arguments(spec, inputs)
-    arguments.update({"statf_ptr": floats, "red_ptr": partial, "vocab_start": vocab_start, "V_total": vocab_total})
-    _run(spec, "reduce", inputs, arguments)
+    call = Call(inputs, floats=floats, reductions=partial, vocab_start=vocab_start, vocab_total=vocab_total)
+    _run(spec, "reduce", call)
     return partial
 
 
@@ -254,12 +194,16 @@ def launch_apply(
     values = torch.empty(
         (inputs.logits.shape[0], len(spec.terms) + 1), dtype=torch.float32, device=inputs.logits.device
     )
-    arguments = _arguments(spec, inputs)
-    arguments.update({"loss_ptr": values, "statf_ptr": floats})
-    arguments.update({f"topz{i}_ptr": z for i, z in enumerate(topk_logits)})
-    if reductions is not None:
-        arguments["red_ptr"] = reductions
-    arguments.update({"vocab_start": vocab_start, "V_total": vocab_total})
-    arguments.update(_term_arguments(spec, grad, numbers))
-    _run(spec, "apply", inputs, arguments)
+    call = Call(
+        inputs,
+        numbers,
+        grad,
+        values,
+        floats=floats,
+        topk_logits=topk_logits,
+        reductions=reductions,
+        vocab_start=vocab_start,
+        vocab_total=vocab_total,
+    )
+    _run(spec, "apply", call)
     return values

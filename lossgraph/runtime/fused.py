@@ -28,10 +28,9 @@ import torch.distributed as dist
 from ..compiler.fusion import FusionPlan, Launch
 from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from ..errors import BackendError
+from ..kernels.arguments import Inputs, TermNumbers
 from ..kernels.launcher import (
-    Inputs,
     KernelCacheError,
-    TermNumbers,
     launch,
     launch_apply,
     launch_reduce,
