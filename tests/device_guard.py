@@ -26,11 +26,10 @@ def _tensors(value, name: str):
 
 
 def stray_cpu_tensors(arguments: dict[str, object]) -> list[str]:
-    """Names of the CPU tensors among the fused launches' tensor arguments (scalars: CPU by design)."""
+    """Names of the CPU tensors among the fused launches' tensor arguments."""
     return [
         f"{name} {tuple(tensor.shape)}"
         for key, value in arguments.items()
-        if key != "scalars"
         for name, tensor in _tensors(value, key)
         if tensor.device.type != "cuda"
     ]
@@ -49,20 +48,8 @@ def fused_tensors_on_cuda(request, monkeypatch):
     original = fused._run_launches
     found: list[str] = []
 
-    def guarded(
-        key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars, shard=None
-    ):
-        arguments = {
-            "logits": logits,
-            "grad": grad,
-            "row_scale": row_scale,
-            "labels": labels,
-            "dense": dense,
-            "topk_indices": topk_indices,
-            "topk_logprobs": topk_logprobs,
-            "class_weights": class_weights,
-        }
-        stray = stray_cpu_tensors(arguments)
+    def guarded(key, logits, grad, arguments, numbers, shard=None):
+        stray = stray_cpu_tensors({"logits": logits, "grad": grad, **arguments._asdict()})
         if stray:
             message = (
                 f"backend='triton' got CPU tensors ({', '.join(stray)}) while CUDA is available: build the "
@@ -71,9 +58,7 @@ def fused_tensors_on_cuda(request, monkeypatch):
             )
             found.append(message)
             raise AssertionError(message)
-        return original(
-            key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars, shard
-        )
+        return original(key, logits, grad, arguments, numbers, shard)
 
     monkeypatch.setattr(fused, "_run_launches", guarded)
     yield

@@ -204,20 +204,21 @@ def test_the_fused_slots_are_the_plans():
     assert len(launches) == 2
     fused_head = FusedHead.of(head, launches)
     slots = [value for launch in launches for value in launch.slots]
-    assert len(fused_head.slot_terms) == len(slots)
-    for term, value in zip(fused_head.slot_terms, slots):
-        if term is None:
+    assert len(fused_head.slot_sources) == len(slots)
+    for source, value in zip(fused_head.slot_sources, slots):
+        if source is None:
             assert temperature_key(value) == temperature_key(1.0)
         else:
-            assert temperature_key(head.terms[term].temperature) == temperature_key(value)
+            assert temperature_key(head.terms[source.term].temperature) == temperature_key(value)
     for step in (0, 3, 7, 20):
         steps = [term_step(term, step) for term in head.terms]
         expected = [1.0 / evaluate(value, step) for value in slots]
-        assert fused_head.inverse_temperatures(steps) == pytest.approx(expected, rel=1e-15)
+        assert fused_head.numbers(steps).inverse_temperatures == pytest.approx(expected, rel=1e-15)
     # the terms fixed at T = 1 (a top-k bucket tail, z_loss) read a slot that holds no term's temperature
     keys = [term.key for term in head.terms]
-    assert keys.index("bucket/next") not in fused_head.slot_terms
-    assert keys.index("z/next") not in fused_head.slot_terms
+    held = {source.term for source in fused_head.slot_sources if source is not None}
+    assert keys.index("bucket/next") not in held
+    assert keys.index("z/next") not in held
 
 
 def test_kernels_take_one_weight_per_term_and_one_inverse_temperature_per_slot():

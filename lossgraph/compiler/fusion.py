@@ -74,6 +74,16 @@ class SoftmaxState:
 
 
 @dataclass(frozen=True)
+class SlotSource:
+    """Whose temperature a run-time slot of a launch holds: term `term`'s (an index among the launch's
+    terms, or the head's once the runtime maps it), or its `teacher_temperature` when only the target's
+    teachers are read at that slot."""
+
+    term: int
+    teacher: bool = False
+
+
+@dataclass(frozen=True)
 class Launch:
     """One kernel launch of a head."""
 
@@ -91,6 +101,8 @@ class Launch:
     layout: KernelLayout | None = None  # of the launch's kernel with every term active (set by _launch)
     row_groups: int = 1  # the head's term groups (positions and normalizer): row-scale columns
     class_weights: tuple[str, ...] = ()  # the run-time class-weight vectors its terms read (cw{c}_ptr)
+    # per slot: the term whose temperature it holds; None: the constant 1 (set by _launch)
+    slot_sources: tuple[SlotSource | None, ...] = ()
 
     def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
         """The KernelSpec for this launch; `active[t]` False leaves term t out of the gradient."""
@@ -301,7 +313,22 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         logits_scale=head.logits_scale,
         class_weights=tuple(dict.fromkeys(t.class_weights for t in terms if t.class_weights is not None)),
     )
-    return replace(launch, layout=kernel_layout(launch.kernel_spec()))
+    spec = launch.kernel_spec()
+    return replace(launch, layout=kernel_layout(spec), slot_sources=_slot_sources(spec))
+
+
+def _slot_sources(spec: KernelSpec) -> tuple[SlotSource | None, ...]:
+    """Per slot of the spec: the first term at that temperature, else the first term whose target's
+    teachers are read there (a `teacher_temperature` of its own), else None (the constant 1)."""
+    sources = []
+    for slot, fixed_one in enumerate(spec.slot_is_one):
+        own = [t for t, term in enumerate(spec.terms) if term.slot == slot]
+        teachers = [t for t, term in enumerate(spec.terms) if term.teacher_slot == slot]
+        if fixed_one or not (own or teachers):
+            sources.append(None)
+        else:
+            sources.append(SlotSource(own[0]) if own else SlotSource(teachers[0], teacher=True))
+    return tuple(sources)
 
 
 def _renormalized_notes(launch: Launch) -> list[str]:

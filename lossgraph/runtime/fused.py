@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from ..compiler.fusion import FusionPlan, Launch
+from ..compiler.fusion import FusionPlan, Launch, SlotSource
 from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from ..errors import BackendError
 from ..kernels.arguments import Inputs, TermNumbers
@@ -46,6 +46,41 @@ from .linear import linear_head
 from .parallel import VocabShard, all_reduce, combine_statistics
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class HeadNumbers(NamedTuple):
+    """A head's per-call numbers: each temperature slot's 1/T (the slots of every launch, in order), then
+    each term's gradient weight, value scale and loss weight (`TermNumbers`, over the head's terms).
+
+    Plain floats: the launches pass them to the kernels as float arguments (kernels/arguments.py). Inside
+    torch.compile they cross the op as one float64 CPU tensor (`flat`), which dynamo does not specialize on.
+    """
+
+    inverse_temperatures: list[float]
+    gradient: list[float]
+    value_scale: list[float]
+    loss: list[float]
+
+    def flat(self) -> list[float]:
+        return [*self.inverse_temperatures, *self.gradient, *self.value_scale, *self.loss]
+
+    @staticmethod
+    def of(flat: list[float], slots: int) -> HeadNumbers:
+        """The numbers `flat` gave, for a head whose launches have `slots` temperature slots."""
+        terms = (len(flat) - slots) // 3
+        per_term = flat[slots:]
+        return HeadNumbers(flat[:slots], per_term[:terms], per_term[terms : 2 * terms], per_term[2 * terms :])
+
+
+class HeadArguments(NamedTuple):
+    """The tensors a head's launches read besides the logits, as the fused op takes them."""
+
+    row_scale: torch.Tensor  # [N] or [N, term groups] float32
+    labels: Optional[torch.Tensor]
+    dense: list[torch.Tensor]
+    topk_indices: list[torch.Tensor]
+    topk_logprobs: list[torch.Tensor]
+    class_weights: list[torch.Tensor]  # each class-weight vector [V_total] then its 0-d sum, vector after vector
 
 
 @dataclass(frozen=True)
@@ -82,51 +117,51 @@ class HeadKernels:
 class FusedHead:
     """One head's plan objects and the static facts the fused op reads of them, found once per backend.
 
-    The temperature slots are the plan's (`Launch.slots`, launch after launch); each holds the
-    temperature of the terms the plan's kernel spec puts in it (`KernelTerm.slot`), or the constant 1.
+    The temperature slots are the plan's (`Launch.slots`, launch after launch), and so is what each
+    holds (`Launch.slot_sources`, here with head-term indices).
     """
 
     plan: HeadPlan
     launches: tuple[Launch, ...]
     terms: tuple[tuple[int, ...], ...]  # per launch: the head-term index of each of its terms
-    slot_terms: tuple[int | None, ...]  # per slot: a head term whose temperature it holds; None: fixed at 1
+    slot_sources: tuple[SlotSource | None, ...]  # per slot of every launch; None: fixed at 1
     dense: tuple[str, ...]  # dense teachers in the order the op takes them
     topk: tuple[str, ...]
-    slot_teachers: tuple[bool, ...] = ()  # per slot: it holds that term's teacher_temperature (no term's own)
     class_weights: tuple[str, ...] = ()  # class-weight vectors in the order the op takes them
 
     @staticmethod
     def of(head: HeadPlan, launches: Sequence[Launch]) -> FusedHead:
         keys = [term.key for term in head.terms]
-        terms, slot_terms, slot_teachers = [], [], []
-        for planned in launches:
-            indices = tuple(keys.index(term.key) for term in planned.terms)
-            spec = planned.kernel_spec()
-            for slot, fixed_one in enumerate(spec.slot_is_one):
-                held = [indices[t] for t, term in enumerate(spec.terms) if term.slot == slot]
-                # a slot only a target's teachers are read at holds a term's teacher_temperature
-                teachers = [indices[t] for t, term in enumerate(spec.terms) if term.teacher_slot == slot]
-                slot_teachers.append(not fixed_one and not held and bool(teachers))
-                held = held or teachers
-                slot_terms.append(None if fixed_one or not held else held[0])
-            terms.append(indices)
+        terms = tuple(tuple(keys.index(term.key) for term in planned.terms) for planned in launches)
         return FusedHead(
             plan=head,
             launches=tuple(launches),
-            terms=tuple(terms),
-            slot_terms=tuple(slot_terms),
+            terms=terms,
+            slot_sources=tuple(
+                None if source is None else replace(source, term=indices[source.term])
+                for planned, indices in zip(launches, terms)
+                for source in planned.slot_sources
+            ),
             dense=tuple(t.name for t in head.teachers if isinstance(t, DenseTarget)),
             topk=tuple(t.name for t in head.teachers if isinstance(t, TopKTarget)),
-            slot_teachers=tuple(slot_teachers),
             class_weights=tuple(dict.fromkeys(name for launch in launches for name in launch.class_weights)),
         )
 
-    def inverse_temperatures(self, steps: Sequence[TermStep]) -> list[float]:
-        """1/T of every slot at this step (a teacher-only slot: 1 / the term's teacher temperature)."""
-        return [
-            1.0 if term is None else 1.0 / (steps[term].target_temperature if teacher else steps[term].temperature)
-            for term, teacher in zip(self.slot_terms, self.slot_teachers)
+    def numbers(self, steps: Sequence[TermStep]) -> HeadNumbers:
+        """The head's per-call numbers at this step (what `TermStep`s become on their way to the kernels)."""
+        inverse_temperatures = [
+            1.0
+            if source is None
+            else 1.0 / (steps[source.term].target_temperature if source.teacher else steps[source.term].temperature)
+            for source in self.slot_sources
         ]
+        return HeadNumbers(
+            inverse_temperatures,
+            # what the kernel multiplies dl/ds by: weight x scale x ds/dz (= 1/T)
+            [step.weight * step.scale / step.temperature for step in steps],
+            [step.scale for step in steps],
+            [step.weight for step in steps],
+        )
 
     def kernels(self, active: tuple[bool, ...], gradient: bool) -> HeadKernels:
         """The launches' kernels for one set of gradient-active terms (values only without `gradient`)."""
@@ -293,33 +328,20 @@ def _run_launches(
     key: str,
     logits: torch.Tensor,
     grad: Optional[torch.Tensor],
-    row_scale: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    dense: list[torch.Tensor],
-    topk_indices: list[torch.Tensor],
-    topk_logprobs: list[torch.Tensor],
-    class_weights: list[torch.Tensor],
-    scalars: torch.Tensor,
+    arguments: HeadArguments,
+    numbers: HeadNumbers,
     shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every launch of the head's kernels `key`; `grad` is None for kernels that write no gradient.
-    `class_weights` holds each class-weight vector of the head and then its sum, vector after vector."""
+    """Every launch of the head's kernels `key`; `grad` is None for kernels that write no gradient."""
     kernels = _kernels(key)
-    # a CPU tensor: reading it is no device synchronization
-    numbers = scalars.tolist()
-    inverse_temperatures, per_term = numbers[: kernels.slots], numbers[kernels.slots :]
-    terms = kernels.terms
-    head_numbers = TermNumbers(per_term[:terms], per_term[terms : 2 * terms], per_term[2 * terms :])
-    pairs = list(zip(class_weights[0::2], class_weights[1::2]))
-    head = _HeadInputs(logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures, pairs)
     if kernels.identity:  # one launch holding every term and teacher in the head's order: its outputs are the head's
-        return _launch(kernels.launches[0], head, grad, head_numbers, shard)
-    rows = logits.shape[0]
+        return _launch(kernels.launches[0], logits, grad, arguments, numbers, shard)
+    rows, terms = logits.shape[0], kernels.terms
     values = torch.zeros((rows, terms + 1), dtype=torch.float32, device=logits.device)
     prediction = torch.zeros(rows, dtype=torch.int64, device=logits.device)
-    teacher_predictions = torch.zeros((len(dense), rows), dtype=torch.int64, device=logits.device)
+    teacher_predictions = torch.zeros((len(arguments.dense), rows), dtype=torch.int64, device=logits.device)
     for binding in kernels.launches:
-        launch_values, launch_prediction, launch_teachers = _launch(binding, head, grad, head_numbers, shard)
+        launch_values, launch_prediction, launch_teachers = _launch(binding, logits, grad, arguments, numbers, shard)
         for column, term in enumerate(binding.terms):  # slices: a list index would sync with the GPU
             values[:, term] = launch_values[:, column]
         values[:, terms] += launch_values[:, len(binding.terms)]  # each launch's share of the row's loss
@@ -329,45 +351,34 @@ def _run_launches(
     return values, prediction, teacher_predictions
 
 
-class _HeadInputs(NamedTuple):
-    """What the fused op received for a head, for its launches to take their parts of."""
-
-    logits: torch.Tensor
-    row_scale: torch.Tensor
-    labels: Optional[torch.Tensor]
-    dense: list[torch.Tensor]
-    topk_indices: list[torch.Tensor]
-    topk_logprobs: list[torch.Tensor]
-    inverse_temperatures: list[float]
-    class_weights: list[tuple[torch.Tensor, torch.Tensor]]  # (vector [V_total] float32, its 0-d sum)
-
-
 def _launch(
     binding: LaunchBinding,
-    head: _HeadInputs,
+    logits: torch.Tensor,
     grad: Optional[torch.Tensor],
-    head_numbers: TermNumbers,
+    head: HeadArguments,
+    numbers: HeadNumbers,
     shard: VocabShard | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch of a head: its values [N, launch terms + 1] (the last column its share of each row's
     loss), the student argmax [N] and its teachers' argmaxes [launch teachers, N]."""
+    pairs = list(zip(head.class_weights[0::2], head.class_weights[1::2]))
     inputs = Inputs(
-        head.logits,
+        logits,
         head.row_scale,
         head.labels,
         [head.dense[i] for i in binding.dense],
         [(head.topk_indices[i], head.topk_logprobs[i]) for i in binding.topk],
-        head.inverse_temperatures[binding.slots[0] : binding.slots[1]],
-        [head.class_weights[i] for i in binding.class_weights],
+        numbers.inverse_temperatures[binding.slots[0] : binding.slots[1]],
+        [pairs[i] for i in binding.class_weights],
     )
-    numbers = TermNumbers(
-        [head_numbers.gradient[t] for t, term in zip(binding.terms, binding.spec.terms) if term.active],
-        [head_numbers.value_scale[t] for t in binding.terms],
-        [head_numbers.loss[t] for t in binding.terms],
+    launch_numbers = TermNumbers(
+        [numbers.gradient[t] for t, term in zip(binding.terms, binding.spec.terms) if term.active],
+        [numbers.value_scale[t] for t in binding.terms],
+        [numbers.loss[t] for t in binding.terms],
     )
     if shard is None:
-        return launch(binding.spec, inputs, grad=grad, numbers=numbers)
-    return _sliced_launch(binding.spec, inputs, grad, numbers, shard)
+        return launch(binding.spec, inputs, grad=grad, numbers=launch_numbers)
+    return _sliced_launch(binding.spec, inputs, grad, launch_numbers, shard)
 
 
 def _sliced_launch(
@@ -408,110 +419,61 @@ def _sliced_launch(
     return values, statistics.ints[:, 0], statistics.ints[:, 1:].t()
 
 
-# The three ops below are the fused backend as torch.compile sees it: opaque, so that the compiler
-# neither breaks the graph nor traces into Triton. Eager calls skip them (`_dispatch`): a custom op's
-# dispatch costs more host time than the launches it wraps.
+# The fused backend as torch.compile sees it: every launch of a head as one op, opaque, so that the
+# compiler neither breaks the graph nor traces into Triton. Eager calls run the launches directly
+# (`fused_rows`): a custom op's dispatch costs more host time than the launches it wraps.
+#
+# The op finds the head's kernels by a string key (`kernel_key`) in a registry of live backends: its
+# arguments must be tensors and primitives, so it cannot take the backend, and the registry is weak so that
+# a collected graph takes its kernels with it.
 
 
-def _head(
-    key: str,
-    logits: torch.Tensor,
-    row_scale: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    dense: list[torch.Tensor],
-    topk_indices: list[torch.Tensor],
-    topk_logprobs: list[torch.Tensor],
-    class_weights: list[torch.Tensor],
-    scalars: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All launches of a head: (gradient [N, V] in the logits dtype, per-row values [N, terms + 1] (each
-    term's value times its value scale, then the row's weighted loss), student argmax [N], teacher
-    argmaxes [dense teachers, N]).
+def _head_op(name: str, gradient: bool):
+    """The op `lossgraph::{name}` and its fake: all launches of a head, returning (gradient [N, V] in the
+    logits dtype, only with `gradient`; per-row values [N, terms + 1] (each term's value times its value
+    scale, then the row's weighted loss); student argmax [N]; teacher argmaxes [dense teachers, N]).
 
-    `scalars` is a CPU float64 tensor: each temperature slot's 1/T (the slots of every launch, in order),
-    then each term's gradient weight, value scale and loss weight (`TermNumbers`, term after term).
-    A tensor rather than floats, so that a compiled graph does not specialize on their values.
+    `scalars` is `HeadNumbers.flat()` as a CPU float64 tensor: a float argument of a custom op makes
+    dynamo specialize on its value (one recompile per scheduled weight or temperature), a tensor does not.
     """
-    grad = torch.empty_like(logits)
-    values, prediction, teachers = _run_launches(
-        key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
-    )
-    return grad, values, prediction, teachers
+
+    def head(
+        key: str,
+        logits: torch.Tensor,
+        row_scale: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        dense: list[torch.Tensor],
+        topk_indices: list[torch.Tensor],
+        topk_logprobs: list[torch.Tensor],
+        class_weights: list[torch.Tensor],
+        scalars: torch.Tensor,
+    ):
+        grad = torch.empty_like(logits) if gradient else None
+        arguments = HeadArguments(row_scale, labels, dense, topk_indices, topk_logprobs, class_weights)
+        # a CPU tensor: reading it is no device synchronization
+        numbers = HeadNumbers.of(scalars.tolist(), _kernels(key).slots)
+        outputs = _run_launches(key, logits, grad, arguments, numbers)
+        return outputs if grad is None else (grad, *outputs)
+
+    head.__annotations__["return"] = tuple[(torch.Tensor,) * (4 if gradient else 3)]
+    op = torch.library.custom_op(f"lossgraph::{name}", head, mutates_args=())
+
+    @op.register_fake
+    def _fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars):
+        rows = logits.shape[0]
+        outputs = (
+            logits.new_empty((rows, _kernels(key).terms + 1), dtype=torch.float32),
+            logits.new_empty((rows,), dtype=torch.int64),
+            logits.new_empty((len(dense), rows), dtype=torch.int64),
+        )
+        return (torch.empty_like(logits), *outputs) if gradient else outputs
+
+    return op
 
 
-def _head_inplace(
-    key: str,
-    logits: torch.Tensor,
-    row_scale: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    dense: list[torch.Tensor],
-    topk_indices: list[torch.Tensor],
-    topk_logprobs: list[torch.Tensor],
-    class_weights: list[torch.Tensor],
-    scalars: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Like `_head`, but the gradient overwrites the logits (one N x V buffer saved)."""
-    return _run_launches(
-        key, logits, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
-    )
-
-
-def _head_values(
-    key: str,
-    logits: torch.Tensor,
-    row_scale: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    dense: list[torch.Tensor],
-    topk_indices: list[torch.Tensor],
-    topk_logprobs: list[torch.Tensor],
-    class_weights: list[torch.Tensor],
-    scalars: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Like `_head` for kernels that write no gradient (`key` from kernel_key(..., gradient=False)):
-    the values and argmaxes only, and nothing N x V allocated or written."""
-    return _run_launches(
-        key, logits, None, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
-    )
-
-
-fused_head = torch.library.custom_op("lossgraph::fused_head", _head, mutates_args=())
-fused_head_inplace = torch.library.custom_op("lossgraph::fused_head_inplace", _head_inplace, mutates_args=("logits",))
-fused_head_values = torch.library.custom_op("lossgraph::fused_head_values", _head_values, mutates_args=())
-
-
-def _fake_results(key: str, logits: torch.Tensor, dense: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Shapes of (values, student argmax, teacher argmaxes), for torch.compile's tracing."""
-    rows = logits.shape[0]
-    return (
-        logits.new_empty((rows, _kernels(key).terms + 1), dtype=torch.float32),
-        logits.new_empty((rows,), dtype=torch.int64),
-        logits.new_empty((len(dense), rows), dtype=torch.int64),
-    )
-
-
-@fused_head.register_fake
-def _fused_head_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars):
-    return (torch.empty_like(logits), *_fake_results(key, logits, dense))
-
-
-@fused_head_inplace.register_fake
-def _fused_head_inplace_fake(
-    key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
-):
-    return _fake_results(key, logits, dense)
-
-
-@fused_head_values.register_fake
-def _fused_head_values_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars):
-    return _fake_results(key, logits, dense)
-
-
-_EAGER = {fused_head: _head, fused_head_inplace: _head_inplace, fused_head_values: _head_values}
-
-
-def _dispatch(op, *arguments):
-    """`op` inside torch.compile; its implementation, called directly, in eager mode."""
-    return op(*arguments) if torch.compiler.is_compiling() else _EAGER[op](*arguments)
+fused_head = _head_op("fused_head", gradient=True)
+# the kernels that write no gradient (`key` from kernel_key(..., gradient=False)): nothing N x V written
+fused_head_values = _head_op("fused_head_values", gradient=False)
 
 
 def _active_terms(steps) -> tuple[bool, ...]:
@@ -553,15 +515,7 @@ def fused_rows(
     None) and the logits are left as they are."""
     logits = batch.logits
     key = kernel_key(token, head.plan.name, _active_terms(steps), gradient)
-    # what the kernel multiplies dl/ds by: weight x scale x ds/dz (= 1/T); each value's scale; each
-    # term's weight in the loss
-    numbers = [
-        *head.inverse_temperatures(steps),
-        *(step.weight * step.scale / step.temperature for step in steps),
-        *(step.scale for step in steps),
-        *(step.weight for step in steps),
-    ]
-    scalars = torch.tensor(numbers, dtype=torch.float64)
+    numbers = head.numbers(steps)
     inverse_normalizer = batch.normalizer.reciprocal()
     grouped = len(head.plan.groups) > 1
     if grouped:  # [N, groups]: each term group's weights over its normalizer (over group 0's with fold)
@@ -570,18 +524,18 @@ def fused_rows(
         row_weight = batch.row_weight()  # the mask, times per-position weights where given
         row_scale = row_weight if fold else row_weight * inverse_normalizer
     topk = [batch.topk[name] for name in head.topk]
-    arguments = (
+    arguments = HeadArguments(
         row_scale,
         batch.labels,
         [_rows(batch.teachers[name]) for name in head.dense],
         [t.indices.contiguous() for t in topk],
         [t.logprobs.contiguous() for t in topk],
         [tensor for name in head.class_weights for tensor in batch.class_weights[name]],
-        scalars,
     )
     # in place needs a single launch (later launches re-read the logits); inside torch.compile the
     # compiler owns the buffers and cannot functionalize a kernel that overwrites a graph input
-    in_place = gradient and inplace and len(head.launches) == 1 and not torch.compiler.is_compiling()
+    compiling = torch.compiler.is_compiling()
+    in_place = gradient and inplace and len(head.launches) == 1 and not compiling
     rows = _rows(logits.detach())
     if in_place and rows.data_ptr() != logits.data_ptr():
         raise BackendError(f"inplace_grad needs logits of head {head.plan.name!r} with unit stride on the vocab")
@@ -589,18 +543,15 @@ def fused_rows(
         # .data, not .detach(): its own version counter, so autograd does not see the caller's tensor
         # (a view of the model's output) modified and does not rebuild its backward as a copy
         rows = logits.data
-    grad = None
-    if batch.shard is not None:  # collectives between the phases: eager only, outside the compilable op
+    if compiling and batch.shard is None:
+        scalars = torch.tensor(numbers.flat(), dtype=torch.float64)
         if gradient:
-            grad = rows if in_place else torch.empty_like(rows)
-        values, prediction, teacher_predictions = _run_launches(key, rows, grad, *arguments, shard=batch.shard)
-    elif not gradient:
-        values, prediction, teacher_predictions = _dispatch(fused_head_values, key, rows, *arguments)
-    elif in_place:
-        grad = rows
-        values, prediction, teacher_predictions = _dispatch(fused_head_inplace, key, grad, *arguments)
-    else:
-        grad, values, prediction, teacher_predictions = _dispatch(fused_head, key, rows, *arguments)
+            grad, values, prediction, teacher_predictions = fused_head(key, rows, *arguments, scalars)
+        else:
+            grad, (values, prediction, teacher_predictions) = None, fused_head_values(key, rows, *arguments, scalars)
+    else:  # eager, and vocab parallel (collectives between the phases: outside any compilable op)
+        grad = (rows if in_place else torch.empty_like(rows)) if gradient else None
+        values, prediction, teacher_predictions = _run_launches(key, rows, grad, arguments, numbers, batch.shard)
     # each term's rows and the rows' loss, weighted and divided by the normalizer (the kernels write 0 for
     # masked rows); a product and a sum rather than a matrix product, which TF32 settings would round
     if grouped:  # each term by its group's scale; the kernels wrote the rows' loss already scaled
