@@ -10,6 +10,7 @@ vocabularies small, except where a particular vocab size is the point.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -928,6 +929,62 @@ def test_torch_compile_weight_schedule_recompiles_at_most_4_times(dynamo):
         assert_close(grad, eager_grad, rtol=1e-6, atol=1e-9, what=f"gradient at step {step}")
     graphs = dynamo["stats"]["unique_graphs"]
     assert 1 <= graphs <= 4, f"{graphs} graphs compiled for 12 steps"
+
+
+SCHEDULED = graph_yaml(
+    """
+lm: {type: cross_entropy, heads: [next], target: labels}
+kd:
+  type: forward_kl
+  heads: [next]
+  target: teacher
+  temperature: {schedule: linear, start: 1.0, end: 3.0, steps: 6}
+  teacher_temperature: {schedule: cosine, start: 2.0, end: 1.0, steps: 6}
+  temperature_scaling: true
+  weight: {schedule: linear, start: 0.5, end: 1.0, steps: 6}
+""",
+    sources=f"{LABELS}\n{TEACHER}",
+    vocab=300,
+)
+
+
+def test_per_call_numbers_reach_the_kernels_as_floats_and_a_compiled_graph_follows_their_schedules(dynamo, monkeypatch):
+    """Each slot's 1/T and each term's weights are plain floats from the call to the kernel: an eager call
+    builds no tensor from them (so a CUDA-graph capture records them with the launch). Under
+    torch.compile they cross the op as one tensor, so a temperature and a weight that change at every
+    step compile at most twice (the first step's int, then a dynamic one) and match eager at each step."""
+    spec = spec_of(SCHEDULED)
+    graph = lossgraph.compile(spec, backend="triton")
+    inputs = low_precision(make_inputs(spec, (6,), seed=101), torch.float32)
+    built, real_tensor = [], torch.tensor
+
+    def counting_tensor(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith(("lossgraph.runtime.fused", "lossgraph.kernels")):
+            built.append(caller)
+        return real_tensor(*args, **kwargs)
+
+    seen = []
+    real_launch = lossgraph.runtime.fused.launch
+
+    def recording(spec, inputs, *, grad, numbers):
+        seen.append([*inputs.inverse_temperatures, *numbers.gradient, *numbers.value_scale, *numbers.loss])
+        return real_launch(spec, inputs, grad=grad, numbers=numbers)
+
+    monkeypatch.setattr(torch, "tensor", counting_tensor)
+    monkeypatch.setattr(lossgraph.runtime.fused, "launch", recording)
+    eager = [_loss_and_grad(_step_function(graph), inputs, step) for step in range(6)]
+    assert not built, built
+    assert seen and all(type(number) is float for numbers in seen for number in numbers)
+    assert len({tuple(numbers) for numbers in seen}) == 6  # every step's numbers differ
+    monkeypatch.setattr(torch, "tensor", real_tensor)
+    compiled = torch.compile(_step_function(graph), fullgraph=True, backend="aot_eager")
+    for step in range(6):
+        loss, grad = _loss_and_grad(compiled, inputs, step)
+        assert torch.equal(loss, eager[step][0]), step
+        assert torch.equal(grad, eager[step][1]), step
+    graphs = dynamo["stats"]["unique_graphs"]
+    assert graphs <= 2, f"{graphs} graphs compiled for 6 steps"
 
 
 COMPILED_GRAPHS = {

@@ -46,9 +46,6 @@ def peak_extra_bytes(
     return gradients + min(chunk, rows) * element_bytes * (vocab + sum(linear_teacher_vocabs))
 
 
-ONE = FIXED_ONE
-
-
 def _uses_fixed_one(term: Term) -> bool:
     """The term reads the logits at temperature 1 whatever it says: its kind (z_loss), or a bucket tail."""
     if loss_kind(term.kind).fragments.fixed_temperature_one:
@@ -124,7 +121,7 @@ class Launch:
             KernelTerm(
                 loss=loss_kind(term.kind).kernel_fragments(term),
                 target=target(term),
-                slot=keys.index(ONE if _uses_fixed_one(term) else temperature_key(term.temperature)),
+                slot=keys.index(FIXED_ONE if _uses_fixed_one(term) else temperature_key(term.temperature)),
                 constants=term.constants,
                 active=is_active,
                 teacher_slot=None if teacher is None else keys.index(temperature_key(teacher)),
@@ -136,7 +133,7 @@ class Launch:
         )
         return KernelSpec(
             terms=terms,
-            slot_is_one=tuple(key == ONE for key in keys),
+            slot_is_one=tuple(key == FIXED_ONE for key in keys),
             dense=dense,
             topk=tuple(t.k for t in self.topk),
             accumulate=self.accumulate,
