@@ -76,6 +76,8 @@ class TargetTruth:
     #: fields a test sets on the node besides the defaults, with the values `value` takes (jsd: an
     #: asymmetric beta, so that p and q cannot be swapped unnoticed)
     fields: Mapping[str, float] = field(default_factory=dict)
+    #: values a random graph draws each of those fields from
+    field_choices: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     #: not differentiable where p_j = q_j (|p - q|): a gradcheck needs data without near-ties
     kinked: bool = False
 
@@ -91,7 +93,7 @@ TRUTH: dict[str, TargetTruth | TargetlessTruth] = {
     "cross_entropy": TargetTruth(_cross_entropy),
     "forward_kl": TargetTruth(lambda log_p, log_q: _kl(log_p, log_q)),
     "reverse_kl": TargetTruth(lambda log_p, log_q: _kl(log_q, log_p)),
-    "jsd": TargetTruth(_jsd, fields={"beta": 0.3}),
+    "jsd": TargetTruth(_jsd, fields={"beta": 0.3}, field_choices={"beta": (0.5, 0.1, 0.9)}),
     "tvd": TargetTruth(lambda log_p, log_q: 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), kinked=True),
     "z_loss": TargetlessTruth(lambda logits, temperature: torch.logsumexp(logits, -1) ** 2),  # no temperature
     "entropy": TargetlessTruth(_entropy),
