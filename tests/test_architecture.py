@@ -4,11 +4,14 @@ the kind modules that branches on a kind's name (docs/architecture.md)."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
-from lossgraph.kinds import loss_kinds, source_kinds
+from lossgraph.kinds import kind_origin, loss_kind, loss_kinds, source_kinds
+from lossgraph.kinds.plugins import BUILT_IN
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"lossgraph": ROOT / "lossgraph", "lossgraph.kernels": ROOT / "kernels"}
@@ -209,3 +212,88 @@ def test_only_the_kind_modules_branch_on_a_kind_name():
     core = [path for module, path in MODULES.items() if not module.startswith(("lossgraph.kinds", "lossgraph.apps"))]
     found = [line for path in core for line in _kind_name_comparisons(path, names)]
     assert not found, "\n".join(found)
+
+
+# --------------------------------------------------------------------------------------------------
+# What a new kind or form touches, measured: the modules that name it (docs/architecture.md).
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _nodes(path: Path) -> list[ast.AST]:
+    return list(ast.walk(ast.parse(path.read_text(encoding="utf-8"))))
+
+
+def _names(path: Path, identifiers: set[str], strings: set[str]) -> bool:
+    """Whether the code of `path` names one of `identifiers` (a name, an attribute, an imported module or
+    name) or holds one of `strings` as a whole string constant; comments and prose do not count."""
+    for node in _nodes(path):
+        if isinstance(node, ast.Constant) and node.value in strings:
+            return True
+        named = {
+            ast.Name: lambda n: n.id,
+            ast.Attribute: lambda n: n.attr,
+            ast.alias: lambda n: n.name.rsplit(".", 1)[-1],
+            ast.ImportFrom: lambda n: (n.module or "").rsplit(".", 1)[-1],
+        }.get(type(node))
+        if named and named(node) in identifiers:
+            return True
+    return False
+
+
+def modules_naming(identifiers: set[str], strings: set[str], *, besides: set[str]) -> set[str]:
+    """The modules of lossgraph/ and kernels/ that name the identifiers or strings, leaving out `besides`
+    and the applications (programs built on the public API that spell out their own cases, as a user's
+    script would; no kind needs them)."""
+    return {
+        module
+        for module, path in MODULES.items()
+        if module not in besides and not module.startswith("lossgraph.apps") and _names(path, identifiers, strings)
+    }
+
+
+# A new loss kind is its module plus this many other modules of code (docs/architecture.md, "How to add
+# a loss kind"): the registration in lossgraph/kinds/__init__.py.
+LOSS_KIND_OTHER_MODULES = 1
+
+
+@pytest.mark.parametrize("kind", [kind.name for kind in loss_kinds() if kind_origin("loss", kind.name) == BUILT_IN])
+def test_a_loss_kind_is_named_only_by_its_module_and_the_registration(kind):
+    """Every built-in loss kind (its `type`, its module, its classes) is named by its own module, the
+    registration and nothing else. Other kind modules may name it (jsd hands its endpoints to forward_kl
+    and reverse_kl): a kind may build on another, which no new kind needs."""
+    loss = loss_kind(kind)
+    module = type(loss).__module__
+    identifiers = {module.rsplit(".", 1)[1], type(loss).__name__, loss.model.__name__, type(loss.fragments).__name__}
+    kind_modules = {
+        name for name in MODULES if name.startswith(("lossgraph.kinds.losses.", "lossgraph.kinds.sources."))
+    }
+    found = modules_naming(identifiers, {kind}, besides=kind_modules)
+    assert found == {"lossgraph.kinds"}, f"{kind} is named by {sorted(found)}"
+    assert len(found) == LOSS_KIND_OTHER_MODULES
+
+
+# A leaf target form (labels, dense logits, top-k pairs: a kind of run-time tensor) as the code names it
+# today: its form string, the constant holding it, the plan's target and the kernel's target.
+LEAF_FORMS = {
+    "labels": {"LABELS", "LabelsTarget", "KLabels"},
+    "dense": {"DENSE", "DenseTarget", "KDense"},
+    "topk": {"TOPK", "TopKTarget", "KTopK"},
+}
+# The most modules of code besides its own source module that name a leaf form (docs/architecture.md,
+# "How to add a source kind"). Today the forms are not behind an interface yet: top-k is named in 11.
+LEAF_FORM_OTHER_MODULES = 11
+
+
+@pytest.mark.parametrize("form", LEAF_FORMS)
+def test_a_leaf_form_is_named_by_few_modules(form):
+    own = {kind.model.__module__ for kind in source_kinds()}  # the source kinds' modules (labels, teacher, ...)
+    found = modules_naming(LEAF_FORMS[form], {form}, besides=own)
+    assert len(found) <= LEAF_FORM_OTHER_MODULES, f"the {form} form is named by {len(found)}: {sorted(found)}"
+
+
+def test_the_leaf_forms_are_measured_at_the_documented_count():
+    """The bound is tight: the widest form reaches it (lower LEAF_FORM_OTHER_MODULES when it shrinks)."""
+    own = {kind.model.__module__ for kind in source_kinds()}
+    widest = max(len(modules_naming(names, {form}, besides=own)) for form, names in LEAF_FORMS.items())
+    assert widest == LEAF_FORM_OTHER_MODULES
