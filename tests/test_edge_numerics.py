@@ -16,6 +16,7 @@ import pytest
 import torch
 from fused_cases import DEVICE, interpreter_warnings, requires_fused
 from helpers import assert_close
+from kind_table import TARGET_KINDS, target_value, truth, yaml_fields
 
 import lossgraph
 from lossgraph import TopK
@@ -62,30 +63,8 @@ def run(spec, backend: str, logits: torch.Tensor, teachers: dict, *, check_input
 
 
 # --------------------------------------------------------------------------------------------------
-# Float64 truth, from first principles.
+# Float64 truth, from first principles (each kind's formula: tests/kind_table.py).
 # --------------------------------------------------------------------------------------------------
-
-
-def divergence(kind: str, log_p: torch.Tensor, log_q: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
-    """Per-row value of `kind` between distributions given as float64 log-probs (0 log 0 = 0)."""
-    p, q = log_p.exp(), log_q.exp()
-
-    def kl(log_a, log_b):
-        a = log_a.exp()
-        return torch.where(a > 0, a * (log_a - torch.where(a > 0, log_b, 0.0)), 0.0).sum(-1)
-
-    if kind == "forward_kl":
-        return kl(log_p, log_q)
-    if kind == "cross_entropy":
-        return -torch.where(p > 0, p * torch.where(p > 0, log_q, 0.0), 0.0).sum(-1)
-    if kind == "reverse_kl":
-        return kl(log_q, log_p)
-    if kind == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    if kind == "jsd":
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
-    raise ValueError(kind)
 
 
 def bucket_truth(kind: str, logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor):
@@ -98,17 +77,17 @@ def bucket_truth(kind: str, logits: torch.Tensor, indices: torch.Tensor, logprob
     p_top = logprobs.double().exp()
     p_tail = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)
     log_p = torch.cat([logprobs.double(), p_tail.log()], -1)
-    loss = divergence(kind, log_p, log_q).mean()
+    loss = target_value(kind, log_p, log_q).mean()
     loss.backward()
     return loss.detach(), z.grad
 
 
-def dense_truth(kind: str, logits: torch.Tensor, teacher: torch.Tensor, temperature: float, beta: float = 0.5):
+def dense_truth(kind: str, logits: torch.Tensor, teacher: torch.Tensor, temperature: float, **fields: float):
     """(mean loss, gradient) of a dense-teacher term at `temperature`, in float64."""
     z = logits.detach().double().requires_grad_()
     log_q = torch.log_softmax(z / temperature, -1)
     log_p = torch.log_softmax(teacher.double() / temperature, -1)
-    loss = divergence(kind, log_p, log_q, beta).mean()
+    loss = target_value(kind, log_p, log_q, **fields).mean()
     loss.backward()
     return loss.detach(), z.grad
 
@@ -130,7 +109,6 @@ def assert_matches_truth(loss, grad, truth, dtype: torch.dtype, what: str, tempe
 # --------------------------------------------------------------------------------------------------
 
 GAPS = (0.0, 20.0, 40.0, 60.0, 100.0)  # how far the student's favourite stored token leads the rest
-BUCKET_KINDS = ("forward_kl", "cross_entropy", "reverse_kl", "jsd", "tvd")
 
 
 def confident_student(vocab: int, k: int, dtype: torch.dtype):
@@ -150,10 +128,10 @@ def confident_student(vocab: int, k: int, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("vocab,k", [(2, 1), (64, 4), (1000, 4)], ids=["V2", "V64", "V1000"])
-@pytest.mark.parametrize("kind", BUCKET_KINDS)
+@pytest.mark.parametrize("kind", TARGET_KINDS)
 def test_bucket_tail_under_a_confident_student(kind, vocab, k, dtype):
     logits, topk = confident_student(vocab, k, dtype)
-    truth = bucket_truth(kind, logits.double(), topk.indices, topk.logprobs)
+    expected = bucket_truth(kind, logits.double(), topk.indices, topk.logprobs)
     spec = graph(
         f"kd: {{type: {kind}, heads: [next], target: cached}}",
         f"cached: {{type: topk_teacher, k: {k}, tail: bucket}}",
@@ -162,7 +140,7 @@ def test_bucket_tail_under_a_confident_student(kind, vocab, k, dtype):
     for backend in BACKENDS:
         loss, grad, _ = run(spec, backend, logits, {"cached": topk})
         grad_dtype = torch.float64 if backend == "torch" else dtype
-        assert_matches_truth(loss, grad, truth, grad_dtype, f"{backend} {kind} V={vocab}")
+        assert_matches_truth(loss, grad, expected, grad_dtype, f"{backend} {kind} V={vocab}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,22 +151,23 @@ def test_bucket_tail_under_a_confident_student(kind, vocab, k, dtype):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("temperature,scale", [(0.05, 3.0), (1.0, 60.0), (1.0, 3.0)], ids=["T0.05", "large", "plain"])
 @pytest.mark.parametrize("vocab", [2, 127, 512])
-@pytest.mark.parametrize("kind", ["jsd", "forward_kl", "reverse_kl", "tvd"])
+@pytest.mark.parametrize("kind", TARGET_KINDS)
 def test_dense_teacher_with_underflowing_probabilities(kind, vocab, temperature, scale, dtype):
     generator = torch.Generator().manual_seed(vocab + int(scale))
     logits = (torch.randn(6, vocab, generator=generator, dtype=torch.float64) * scale).to(dtype)
     teacher = (torch.randn(6, vocab, generator=generator, dtype=torch.float64) * scale).to(dtype)
-    truth = dense_truth(kind, logits.double(), teacher.double(), temperature, beta=0.3)
-    beta = ", beta: 0.3" if kind == "jsd" else ""
+    expected = dense_truth(kind, logits.double(), teacher.double(), temperature, **truth(kind).fields)
     spec = graph(
-        f"kd: {{type: {kind}, heads: [next], target: teacher, temperature: {temperature}{beta}}}",
+        f"kd: {{type: {kind}, heads: [next], target: teacher, temperature: {temperature}{yaml_fields(kind)}}}",
         "teacher: {type: teacher}",
         vocab,
     )
     for backend in BACKENDS:
         loss, grad, _ = run(spec, backend, logits, {"teacher": teacher})
         grad_dtype = torch.float64 if backend == "torch" else dtype
-        assert_matches_truth(loss, grad, truth, grad_dtype, f"{backend} {kind} V={vocab} T={temperature}", temperature)
+        assert_matches_truth(
+            loss, grad, expected, grad_dtype, f"{backend} {kind} V={vocab} T={temperature}", temperature
+        )
 
 
 def test_jsd_of_a_teacher_in_float32_subnormal_range_is_exact():
@@ -212,7 +191,7 @@ BROKEN_DENSE = {
 
 
 @pytest.mark.parametrize("broken", BROKEN_DENSE)
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd", "cross_entropy"])
+@pytest.mark.parametrize("kind", TARGET_KINDS)
 def test_broken_dense_teacher_is_never_hidden(kind, broken):
     """Unchecked: loss and gradient both non-finite on both backends (the broken row's gradient);
     checked: an InputError that names the teacher."""
@@ -253,7 +232,7 @@ def test_broken_teacher_of_a_weight_zero_term_is_reported_not_applied(broken):
         assert not torch.isfinite(values["kd/next"]), f"{backend}: the broken term's value is finite"
 
 
-@pytest.mark.parametrize("kind", BUCKET_KINDS)
+@pytest.mark.parametrize("kind", TARGET_KINDS)
 def test_bucket_tail_under_a_confident_teacher(kind):
     """The teacher stores all but ~1e-9 of its mass: its tail is below what float32 resolves next to 1."""
     generator = torch.Generator().manual_seed(9)
@@ -261,14 +240,14 @@ def test_bucket_tail_under_a_confident_teacher(kind):
     top = torch.log_softmax(teacher, -1).topk(8, dim=-1)
     topk = TopK(top.indices, top.values.to(torch.float32))
     logits = (torch.randn(5, 64, generator=generator, dtype=torch.float64) * 3).float()
-    truth = bucket_truth(kind, logits.double(), topk.indices, topk.logprobs)
+    expected = bucket_truth(kind, logits.double(), topk.indices, topk.logprobs)
     spec = graph(
         f"kd: {{type: {kind}, heads: [next], target: cached}}", "cached: {type: topk_teacher, k: 8, tail: bucket}", 64
     )
     for backend in BACKENDS:
         loss, grad, _ = run(spec, backend, logits, {"cached": topk})
         grad_dtype = torch.float64 if backend == "torch" else torch.float32
-        assert_matches_truth(loss, grad, truth, grad_dtype, f"{backend} {kind} confident teacher")
+        assert_matches_truth(loss, grad, expected, grad_dtype, f"{backend} {kind} confident teacher")
 
 
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])

@@ -36,6 +36,14 @@ from fused_cases import (
     upcast,
 )
 from helpers import assert_close
+from kind_table import (
+    LABEL_KINDS,
+    TARGET_KINDS,
+    TARGETLESS_KINDS,
+    assert_covers_source_kinds,
+    takes_temperature,
+    yaml_fields,
+)
 
 import lossgraph
 
@@ -122,6 +130,16 @@ LOSS_CASES: dict[str, tuple[str, str]] = {
 }
 
 
+# a registered kind without a case above gets a plain one (against a teacher, if it takes a target)
+for _kind in (*TARGET_KINDS, *TARGETLESS_KINDS):
+    if not any(f"type: {_kind}," in losses for losses, _ in LOSS_CASES.values()):
+        _target = ", target: teacher" if _kind in TARGET_KINDS else ""
+        LOSS_CASES[_kind] = (
+            f"t: {{type: {_kind}, heads: [next]{_target}{yaml_fields(_kind)}}}",
+            TEACHER if _target else "",
+        )
+
+
 def single_head_yaml(losses: str, sources: str, vocab: int = 1000) -> str:
     return graph_yaml(losses, sources=sources, vocab=vocab) if sources else _no_sources_yaml(losses, vocab)
 
@@ -146,7 +164,8 @@ def test_loss_kind_matches_reference(case, dtype):
 
 # Every kind against every distribution target, at V = 4500: more than one tile even for the widest
 # tile (4096), so the online softmax rescales across tiles; float32 only (the dtypes are covered above).
-KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "tvd")
+# The kinds come from the registry: those that take hard labels also run against `labels`, and those of
+# the student alone without a target.
 TARGETS = {
     "teacher": TEACHER,
     "label_smoothing": f"{LABELS}\n{SMOOTH}",
@@ -157,11 +176,16 @@ TARGETS = {
     "topk_bucket": "cached: {type: topk_teacher, k: 24, tail: bucket}",
 }
 TARGET_NAME = {"teacher": "teacher", "label_smoothing": "smooth", "mixture": "mix"}
-SWEEP = [(kind, target) for kind in KINDS for target in TARGETS] + [
-    ("cross_entropy", "labels"),
-    ("z_loss", None),
-    ("entropy", None),
-]
+SWEEP = (
+    [(kind, target) for kind in TARGET_KINDS for target in TARGETS]
+    + [(kind, "labels") for kind in LABEL_KINDS]
+    + [(kind, None) for kind in TARGETLESS_KINDS]
+)
+
+
+def test_the_cases_cover_every_source_kind():
+    assert_covers_source_kinds((sources for _, sources in LOSS_CASES.values()), "LOSS_CASES of test_fused_backend.py")
+    assert_covers_source_kinds(TARGETS.values(), "TARGETS of test_fused_backend.py")
 
 
 @pytest.mark.parametrize(("kind", "target"), SWEEP, ids=[f"{k}-{t}" if t else k for k, t in SWEEP])
@@ -170,7 +194,7 @@ def test_every_kind_and_target_across_tiles(kind, target):
         losses, sources = f"t: {{type: {kind}, heads: [next], weight: 0.5}}", ""
     else:
         name = TARGET_NAME.get(target, "labels" if target == "labels" else "cached")
-        temperature = "" if target == "topk_bucket" else ", temperature: 1.7"
+        temperature = "" if target == "topk_bucket" or not takes_temperature(kind) else ", temperature: 1.7"
         losses = f"t: {{type: {kind}, heads: [next], target: {name}{temperature}}}"
         sources = LABELS if target == "labels" else TARGETS[target]
     spec = spec_of(single_head_yaml(losses, sources, vocab=4500))

@@ -17,20 +17,17 @@ from fused_cases import interpreter_warnings as interpreter_noise
 from helpers import assert_close
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from kind_table import LABEL_KINDS, TARGET_KINDS, TARGETLESS_KINDS, assert_covers_source_kinds, takes_temperature, truth
 
 pytestmark = [requires_fused, *interpreter_noise]
 
 EXAMPLES = int(os.environ.get("GRAPH_FUZZ_EXAMPLES", "12"))
 
-# which targets each kind takes (labels are no distribution; reverse_kl needs mass on every token)
+# which targets each registered kind takes (labels only where the kind takes hard labels)
+DISTRIBUTIONS = ("smooth", "teacher", "cached", "blend")
 TARGETS = {
-    "cross_entropy": ("labels", "smooth", "teacher", "cached", "blend"),
-    "forward_kl": ("smooth", "teacher", "cached", "blend"),
-    "reverse_kl": ("smooth", "teacher", "cached", "blend"),
-    "jsd": ("smooth", "teacher", "cached", "blend"),
-    "tvd": ("smooth", "teacher", "cached", "blend"),
-    "z_loss": (None,),
-    "entropy": (None,),
+    **{kind: (("labels",) if kind in LABEL_KINDS else ()) + DISTRIBUTIONS for kind in TARGET_KINDS},
+    **{kind: (None,) for kind in TARGETLESS_KINDS},
 }
 TEMPERATURES = (1.0, 1.0, 2.0, 0.5, 0.25)
 
@@ -51,14 +48,14 @@ def loss_nodes(draw) -> tuple[list[str], set[str], str]:
                 used.update({"teacher", "smooth"})
             if target == "smooth":
                 used.add("labels")
-        fixed_at_one = kind == "z_loss" or (target == "cached" and tail == "bucket")
+        fixed_at_one = not takes_temperature(kind) or (target == "cached" and tail == "bucket")
         if not fixed_at_one:
             temperature = draw(st.sampled_from(TEMPERATURES))
             fields.append(f"temperature: {temperature}")
             if temperature != 1.0 and target is not None and draw(st.booleans()):
                 fields.append("temperature_scaling: true")
-        if kind == "jsd":
-            fields.append(f"beta: {draw(st.sampled_from([0.5, 0.1, 0.9]))}")
+        for name, choices in getattr(truth(kind), "field_choices", {}).items():
+            fields.append(f"{name}: {draw(st.sampled_from(choices))}")
         fields.append(f"weight: {draw(st.sampled_from([1.0, 0.5, 0.0, 2.0]))}")
         lines.append(f"l{index}: {{{', '.join(fields)}}}")
     if draw(st.booleans()):  # a multi-token-prediction head with its own labels term
@@ -73,6 +70,10 @@ SOURCES = {
     "cached": "cached: {type: topk_teacher, k: K, tail: TAIL}",
     "blend": "blend: {type: mixture, sources: [teacher, smooth], weights: [0.7, 0.3]}",
 }
+
+
+def test_the_sources_cover_every_source_kind():
+    assert_covers_source_kinds(SOURCES.values(), "SOURCES of tests/test_fuzz_graphs.py")
 
 
 def document(lines: list[str], used: set[str], tail: str, vocab: int, k: int) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers import run_compiler_script
+from kind_table import LABEL_KINDS, TARGET_KINDS, TARGETLESS_KINDS, takes_temperature, truth
 
 triton = pytest.importorskip("triton", reason="compiling the fused kernels needs the triton package")
 
@@ -27,7 +28,7 @@ from lossgraph.kernels.layout import kernel_layout  # noqa: E402
 from lossgraph.kernels.signature import DenseTeacher, KernelSpec, KernelTerm, KTopK  # noqa: E402
 
 from lossgraph.document import check_file  # noqa: E402
-from lossgraph.kinds import loss_kind, loss_kinds  # noqa: E402
+from lossgraph.kinds import loss_kind  # noqa: E402
 from lossgraph.kinds.class_weights import KWeighted  # noqa: E402
 from lossgraph.kinds.sources.label_smoothing import KSmoothed  # noqa: E402
 from lossgraph.kinds.sources.labels import KLabels  # noqa: E402
@@ -55,13 +56,15 @@ TARGETS = {
     "topk-renormalize": KTopK(0, "renormalize"),
     "topk-bucket": KTopK(0, "bucket"),
 }
-TARGET_KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "tvd")
 
 
 def kernel_term(kind: str, target, slot: int, *, active: bool = True) -> KernelTerm:
-    """A term of `kind` through its registered fragments (a jsd term with beta 0.3)."""
-    constants = (("beta", 0.3), ("scale", 1.0)) if kind == "jsd" else ()
-    return KernelTerm(loss_kind(kind).fragments, target, slot, constants=constants, active=active)
+    """A term of `kind` through its registered fragments, with the constants of a node that sets the
+    fields of tests/kind_table.py (a jsd term with beta 0.3)."""
+    loss = loss_kind(kind)
+    fields = {"type": kind, "heads": ["next"], **getattr(truth(kind), "fields", {})}
+    node = loss.model.model_validate({**fields, "target": "t"} if loss.takes_target else fields)
+    return KernelTerm(loss.fragments, target, slot, constants=loss.constants(node), active=active)
 
 
 def _dense_count(target) -> int:
@@ -75,7 +78,7 @@ def _dense_count(target) -> int:
 def _target_spec(name: str, *, active: bool = True, accumulate: bool = False, mapping: str = "same") -> KernelSpec:
     """Every kind that takes target `name`, as the terms of one kernel."""
     target = TARGETS[name]
-    kinds = ("cross_entropy",) if name == "labels" else TARGET_KINDS
+    kinds = LABEL_KINDS if name == "labels" else TARGET_KINDS
     slot = 0 if name == "topk-bucket" else 1  # a bucket tail cannot be re-tempered: slot 0 is T = 1
     terms = tuple(kernel_term(kind, target, slot, active=active) for kind in kinds)
     return KernelSpec(
@@ -89,11 +92,13 @@ def _target_spec(name: str, *, active: bool = True, accumulate: bool = False, ma
 
 def synthetic_specs() -> dict[str, KernelSpec]:
     specs = {f"target-{name}": _target_spec(name) for name in TARGETS}
-    specs["no-target-z_loss-entropy"] = KernelSpec(
+    # the kinds without a target: at a temperature slot that is not 1 where the kind takes a temperature,
+    # and once more gradient-inactive
+    tempered = [kind for kind in TARGETLESS_KINDS if takes_temperature(kind)]
+    specs["no-target"] = KernelSpec(
         terms=(
-            kernel_term("z_loss", None, 0),
-            kernel_term("entropy", None, 1),
-            kernel_term("entropy", None, 0, active=False),
+            *(kernel_term(kind, None, 1 if kind in tempered else 0) for kind in TARGETLESS_KINDS),
+            *(kernel_term(kind, None, 0, active=False) for kind in tempered),
         ),
         slot_is_one=(True, False),
     )
@@ -179,10 +184,10 @@ def test_synthetic_specs_cover_every_kind_and_target():
     for spec in synthetic_specs().values():
         for term in spec.terms:
             seen.add((term.loss.name, visit(term.target) if term.target is not None else None))
-    assert {kind for kind, _ in seen} == {kind.name for kind in loss_kinds()}
+    assert {kind for kind, _ in seen} >= {*TARGET_KINDS, *TARGETLESS_KINDS}
     targets = {"KSmoothed", "KDense", "KMixture", "KTopK-renormalize", "KTopK-bucket"}
     assert {(kind, target) for kind in TARGET_KINDS for target in targets} <= seen
-    assert {("cross_entropy", "KLabels"), ("z_loss", None), ("entropy", None)} <= seen
+    assert {(kind, "KLabels") for kind in LABEL_KINDS} | {(kind, None) for kind in TARGETLESS_KINDS} <= seen
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,12 +12,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, random_labels, random_logits, random_topk
+from kind_table import (
+    LABEL_KINDS,
+    TARGET_KINDS,
+    TARGETLESS_KINDS,
+    assert_covers_source_kinds,
+    takes_temperature,
+    target_value,
+    truth,
+    yaml_fields,
+)
 
 import lossgraph
 
 N, V, K = 5, 7, 3
 EPSILON = 0.2
-BETA = 0.3
 
 
 def build(yaml_text: str) -> lossgraph.CompiledGraph:
@@ -61,7 +70,10 @@ SOURCES = {
         ("teacher",),
     ),
 }
-TARGET_KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "tvd")
+
+
+def test_the_sources_cover_every_source_kind():
+    assert_covers_source_kinds((text for text, _, _ in SOURCES.values()), "SOURCES of tests/test_reference_math.py")
 
 
 def make_data(seed: int = 0) -> dict:
@@ -107,35 +119,14 @@ def expected_distributions(source: str, data: dict, x: torch.Tensor, temperature
     return p, torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
 
 
-def xlogy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a * log(b), 0 where a == 0."""
-    return torch.where(a > 0, a * torch.log(torch.where(a > 0, b, 1.0)), 0.0)
-
-
-def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (xlogy(a, a) - xlogy(a, b)).sum(-1)
-
-
 def expected_per_position(kind: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    if kind == "cross_entropy":
-        return -xlogy(p, q).sum(-1)
-    if kind == "forward_kl":
-        return kl(p, q)
-    if kind == "reverse_kl":
-        return kl(q, p)
-    if kind == "jsd":
-        m = BETA * p + (1 - BETA) * q
-        return BETA * kl(p, m) + (1 - BETA) * kl(q, m)
-    if kind == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    raise AssertionError(kind)
+    return target_value(kind, p.log(), q.log(), **truth(kind).fields)
 
 
 def target_case(kind: str, source: str):
     sources, needs_labels, teachers = SOURCES[source]
     temperature = 1.0 if source == "cached_bucket" else 1.7
-    beta = f", beta: {BETA}" if kind == "jsd" else ""
-    losses = f"loss: {{type: {kind}, heads: [next], target: {source}, temperature: {temperature}{beta}}}"
+    losses = f"loss: {{type: {kind}, heads: [next], target: {source}, temperature: {temperature}{yaml_fields(kind)}}}"
     graph = build(graph_text(losses, sources))
     return graph, needs_labels, teachers, temperature
 
@@ -171,8 +162,8 @@ def test_target_loss_matches_independent_formula(kind, source):
 def test_target_loss_gradcheck(kind, source):
     graph, needs_labels, teachers, temperature = target_case(kind, source)
     data = make_data(seed=3)
-    if kind == "tvd":
-        # |p - q| is not differentiable at p == q: take the first seed whose data has no near-tie
+    if truth(kind).kinked:
+        # not differentiable at p == q: take the first seed whose data has no near-tie
         for seed in range(3, 60):
             data = make_data(seed=seed)
             p, q = expected_distributions(source, data, data["x"], temperature)
@@ -185,47 +176,30 @@ def test_target_loss_gradcheck(kind, source):
     assert torch.autograd.gradcheck(lambda x: graph(logits={"next": x}, **kwargs).loss, (x,), eps=1e-6, atol=1e-6)
 
 
-def test_hard_cross_entropy_z_loss_entropy_formulas_and_gradcheck():
-    temperature = 1.7
-    graph = build(
-        graph_text(
-            f"""
-ce: {{type: cross_entropy, heads: [next], target: labels, temperature: {temperature}}}
-z: {{type: z_loss, heads: [next]}}
-ent: {{type: entropy, heads: [next], temperature: {temperature}}}
-""",
-            "labels: {type: labels}",
-        )
+# the kinds that take no distribution: those that take hard labels (against `labels`), those of the student alone
+PLAIN_CASES = [(kind, "labels") for kind in LABEL_KINDS] + [(kind, None) for kind in TARGETLESS_KINDS]
+
+
+@pytest.mark.parametrize(("kind", "target"), PLAIN_CASES, ids=[f"{k}-{t}" if t else k for k, t in PLAIN_CASES])
+def test_loss_without_distribution_target_matches_formula_and_gradcheck(kind, target):
+    temperature = 1.7 if takes_temperature(kind) else 1.0
+    fields = (", target: labels" if target else "") + (
+        f", temperature: {temperature}" if takes_temperature(kind) else ""
     )
+    losses = f"loss: {{type: {kind}, heads: [next]{fields}{yaml_fields(kind)}}}"
+    graph = build(graph_text(losses, "labels: {type: labels}" if target else ""))
     data = make_data(seed=5)
-    mask = data["mask"]
+    kwargs = {"labels": data["labels"]} if target else {}
     x = data["x"]
-    out = graph(logits={"next": x}, labels=data["labels"], loss_mask=data["loss_mask"])
-    log_q = torch.log_softmax(x / temperature, -1)
-    ce = -log_q.gather(1, data["labels"].clamp(min=0)[:, None]).squeeze(1)
-    z = torch.logsumexp(x, -1) ** 2  # z_loss takes no temperature
-    ent = -(log_q.exp() * log_q).sum(-1)
-    assert_close(out.values["ce/next"], ce[mask].mean(), what="hard cross_entropy")
-    assert_close(out.values["z/next"], z[mask].mean(), what="z_loss")
-    assert_close(out.values["ent/next"], ent[mask].mean(), what="entropy")
-    assert_close(out.loss, (ce + z + ent)[mask].mean(), what="total")
-
-
-@pytest.mark.parametrize(
-    "losses",
-    [
-        "ce: {type: cross_entropy, heads: [next], target: labels, temperature: 1.7}",
-        "z: {type: z_loss, heads: [next]}",
-        "ent: {type: entropy, heads: [next], temperature: 1.7}",
-    ],
-    ids=["cross_entropy-labels", "z_loss", "entropy"],
-)
-def test_gradcheck_without_distribution_target(losses):
-    needs_labels = "labels" in losses
-    graph = build(graph_text(losses, "labels: {type: labels}" if needs_labels else ""))
-    data = make_data(seed=5)
-    kwargs = {"labels": data["labels"]} if needs_labels else {}
-    x = data["x"].clone().requires_grad_(True)
+    kind_truth = truth(kind)
+    if target:
+        log_p = F.one_hot(data["labels"].clamp(min=0), V).double().log()
+        expected = target_value(kind, log_p, torch.log_softmax(x / temperature, -1), **kind_truth.fields)
+    else:
+        expected = kind_truth.value(x, temperature)
+    out = graph(logits={"next": x}, loss_mask=data["loss_mask"], **kwargs)
+    assert_close(out.loss, expected[effective_mask(data, bool(target))].mean(), what=f"{kind} against {target}")
+    x = x.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda x: graph(logits={"next": x}, loss_mask=data["loss_mask"], **kwargs).loss, (x,), eps=1e-6, atol=1e-6
     )

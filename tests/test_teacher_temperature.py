@@ -30,6 +30,7 @@ from fused_cases import (
     upcast,
 )
 from helpers import assert_close, free_port, random_labels, random_logits
+from kind_table import TARGET_KINDS, target_value, truth, yaml_fields
 from lossgraph.kernels.codegen import generate
 
 import lossgraph
@@ -41,7 +42,6 @@ VOCAB = 40
 LEAD = (6,)
 T, TT = 2.0, 0.7  # the student's temperature and the teacher's
 MIXTURE_WEIGHTS = (0.5, 0.3, 0.2)  # teacher, other, labels
-BETA = 0.3
 
 SOURCES = {
     "dense": "teacher: {type: teacher}",
@@ -52,11 +52,10 @@ SOURCES = {
     ),
 }
 TARGET_NAME = {"dense": "teacher", "topk": "cached", "mixture": "ensemble"}
-KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
 def graph(kind: str, target: str, *, scaling: bool = False, teacher: object = TT, student: float = T) -> str:
-    extra = f", beta: {BETA}" if kind == "jsd" else ""
+    extra = yaml_fields(kind)
     teacher_field = "" if teacher is None else f", teacher_temperature: {teacher}"
     loss = (
         f"d: {{type: {kind}, heads: [next], target: {TARGET_NAME[target]}, temperature: {student}"
@@ -94,19 +93,7 @@ def formula(kind: str, target: str, inputs, *, student: float, teacher: float, s
             + w_labels * onehot
         )
         log_p = p.log()
-    p, q = log_p.exp(), log_q.exp()
-
-    def kl(log_a, log_b):
-        return torch.where(log_a.exp() > 0, log_a.exp() * (log_a - log_b), 0.0).sum(-1)
-
-    if kind == "forward_kl":
-        rows = kl(log_p, log_q)
-    elif kind == "reverse_kl":
-        rows = kl(log_q, log_p)
-    else:
-        log_m = (BETA * p + (1 - BETA) * q).log()
-        rows = BETA * kl(log_p, log_m) + (1 - BETA) * kl(log_q, log_m)
-    rows = torch.where(mask, rows, 0.0)
+    rows = torch.where(mask, target_value(kind, log_p, log_q, **truth(kind).fields), 0.0)
     loss = rows.sum() / mask.sum()
     return loss * (student * student if scaling else 1.0)
 
@@ -145,7 +132,7 @@ BACKENDS = [
 
 @pytest.mark.parametrize("scaling", [False, True], ids=["plain", "scaled"])
 @pytest.mark.parametrize("target", ["dense", "topk", "mixture"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", TARGET_KINDS)
 @pytest.mark.parametrize(("backend", "dtype"), BACKENDS)
 def test_student_and_teacher_read_at_their_own_temperatures(backend, dtype, kind, target, scaling):
     text = graph(kind, target, scaling=scaling)
@@ -198,7 +185,7 @@ def predivided(inputs, target: str):
 
 
 @pytest.mark.parametrize("target", ["dense", "topk", "mixture"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", TARGET_KINDS)
 @pytest.mark.parametrize(("backend", "dtype"), BACKENDS)
 def test_equals_predividing_the_teacher(backend, dtype, kind, target):
     text = graph(kind, target, scaling=True)

@@ -79,8 +79,6 @@ class LossKind:
     hard_labels_fix: ClassVar[str] = "use cross_entropy, or compare with a label_smoothing source of the labels"
     #: the kind needs target mass on every token (a log of the target appears in its value)
     needs_full_support: ClassVar[bool] = False
-    #: a negative weight is meaningful (it maximizes the term on purpose)
-    allows_negative_weight: ClassVar[bool] = False
 
     @property
     def takes_target(self) -> bool:

@@ -156,7 +156,7 @@ NOTES: dict[type[BaseModel], str] = {}
 LOSS_COMMON_CHECKS = [
     "Every name in `heads` must be a declared head, listed once.",
     "`head_weights`, when given, has one entry per head, each >= 0.",
-    "`weight` may not be negative (except for `entropy`); for a schedule, `start` and `end` are checked.",
+    "`weight` may not be negative (except for @NEGATIVE@); for a schedule, `start` and `end` are checked.",
     "`temperature` must be in [0.001, 1000]; for a schedule, `start` and `end` are checked.",
     "`temperature_scaling: true` at temperature 1 gives a warning (it has no effect).",
     "A loss whose target is a top-k teacher with `tail: bucket` must use temperature 1 (and "
@@ -367,12 +367,22 @@ def model_section(model: type[BaseModel], heading: str, level: int = 3) -> str:
 
 
 def _kind_list(models: tuple[type[BaseModel], ...]) -> str:
-    rows = ["| Kind | What it is |", "| --- | --- |"]
+    """The table of kinds; a loss kind's row adds its term per position (`LossKind.formula`)."""
+    losses = any(_loss_kind_of(model) for model in models)
+    rows = ["| Kind | What it is | Term per position |", "| --- | --- | --- |"]
+    rows = rows if losses else ["| Kind | What it is |", "| --- | --- |"]
     for model in models:
         kind = _kind(model)
         first = _docstring(model).split("\n\n")[0]
-        rows.append(f"| [`{kind}`](#{kind}) | {_cell(first)} |")
+        formula = f" {_cell('; '.join(_loss_kind_of(model).formula))} |" if losses else ""
+        rows.append(f"| [`{kind}`](#{kind}) | {_cell(first)} |{formula}")
     return "\n".join(rows)
+
+
+def _targetless_kinds() -> str:
+    """`z_loss` and `entropy`: the loss kinds that take no target, from the registry."""
+    names = [f"`{kind.name}`" for kind in loss_kinds() if not kind.takes_target]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,8 +405,8 @@ A loss-graph file is one YAML mapping with three named collections:
 - `heads`: the student's prediction heads. A head with `offset: d` predicts the token d steps ahead.
 - `sources`: where targets come from: the dataset labels, teachers, stored top-k teacher
   log-probabilities, and targets derived from those (label smoothing, mixtures).
-- `losses`: loss nodes. Each compares one or more heads with a source (or, for `z_loss` and
-  `entropy`, looks at the heads alone).
+- `losses`: loss nodes. Each compares one or more heads with a source (or, for @TARGETLESS@, looks
+  at the heads alone).
 
 Each entry has a name you choose (the mapping key). Inside `sources` and `losses` the `type` key picks
 the kind. A complete example:
@@ -514,7 +524,7 @@ _SOURCES_INTRO = """\
 ## Sources
 
 The `sources` mapping names where targets come from; `type` picks the kind. `sources` may be empty
-when the graph only has losses without a target (`z_loss`, `entropy`).
+when the graph only has losses without a target (@TARGETLESS@).
 
 @KINDS@
 
@@ -559,7 +569,8 @@ def yaml_reference() -> str:
     parts += [model_section(model, f"`{_kind(model)}`") for model in SCHEDULE_MODELS]
     limits = _LIMITS_INTRO.replace("@DOCUMENT@", _document_limits()).replace("@NUMBERS@", _number_limits())
     parts.append(limits.rstrip("\n"))
-    return "\n\n".join(parts) + "\n"
+    negative = ", ".join(f"`{kind.name}`" for kind in loss_kinds() if kind.model.allows_negative_weight)
+    return "\n\n".join(parts).replace("@TARGETLESS@", _targetless_kinds()).replace("@NEGATIVE@", negative) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ make sense) is checked by the compiler passes in `lossgraph.compiler.passes`, on
 from __future__ import annotations
 
 import typing
-from typing import Annotated, Any, Literal, NoReturn, Union
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
@@ -319,6 +319,10 @@ TermNormalizer = Literal["positions", "targets"]
 class LossNode(SpecModel):
     """Fields every loss node has; each loss kind's model (under lossgraph/kinds/) extends it."""
 
+    #: a negative `weight` is meaningful for this kind (it maximizes the term on purpose); a kind's model
+    #: sets it, so the rule is checked here without asking the kinds, which sit above this module
+    allows_negative_weight: ClassVar[bool] = False
+
     heads: list[Name] = Field(min_length=1, description="Names of the heads this loss applies to; one term per head.")
     weight: ScheduledWeight = Field(
         1.0,
@@ -355,10 +359,8 @@ class LossNode(SpecModel):
     @field_validator("weight")
     @classmethod
     def _weight_not_negative(cls, weight: Any, info: ValidationInfo) -> Any:
-        from ..kinds.registry import loss_kind  # here: the kinds import this module
-
         kind = _kind_name(cls)
-        if not _rules_apply(info) or loss_kind(kind).allows_negative_weight:
+        if not _rules_apply(info) or cls.allows_negative_weight:
             return weight
         problems = [
             (key, f"weight {value:g} is negative, which would maximize the {kind} loss; use a value >= 0")

@@ -17,6 +17,8 @@ class EntropyLoss(TemperedLoss):
 
     type: Literal["entropy"] = Field(description="Loss kind.")
 
+    allows_negative_weight = True  # a negative weight rewards spread-out predictions (spec.nodes.LossNode)
+
 
 class EntropyFragments(LossFragments):
     name = "entropy"
@@ -49,7 +51,6 @@ class Entropy(LossKind):
     formula = ("ℓ = −Σ_j q_j log q_j",)
     example = "entropy: {type: entropy, heads: [next], weight: -0.01}"
     note = "No `target`. This is the only loss whose `weight` may be negative."
-    allows_negative_weight = True
 
     def reference(self, row, term):
         import torch
