@@ -29,6 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Union
 
+
+class FragmentError(ValueError):
+    """A kind's fragment would miscompile its kernel: it reads a name that is not in scope, assigns a
+    kernel variable, or returns what is not one expression. Raised at generation (kernels/scope.py); the
+    message names the kind, the fragment method and the name. lossgraph turns it into a `KindError`."""
+
+
 # Row statistics pass 1 can keep for a term, besides every softmax state (which always exist):
 # MOMENT: sum_j exp(s_j - m)(s_j - m) of the student at the term's slot (entropy-like sums);
 # CROSS_MOMENT: sum_j exp(s_j - m)(s_j - u_j) against the term's single dense teacher u (reverse KL).
