@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from ..compiler.fusion import FusionPlan, Launch
 from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
-from ..errors import BackendError
+from ..errors import BackendError, KindError
+from ..kernels.fragments import FragmentError
 from ..kernels.launcher import (
     Inputs,
     KernelCacheError,
@@ -240,6 +241,8 @@ class FusedBackend:
             return self._evaluate(head, batch, steps)
         except KernelCacheError as error:
             raise BackendError(str(error)) from None
+        except FragmentError as error:
+            raise KindError(str(error)) from None
 
     def _evaluate(self, head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
         dtype = batch.linear.hidden.dtype if batch.linear is not None else batch.logits.dtype
