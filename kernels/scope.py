@@ -30,7 +30,7 @@ from . import names
 from .fragments import BucketForm, FragmentError, KernelTerm, LinearGradient, TargetFragments, Vectors
 
 # What a fragment may return as a value: one expression (not a tuple, an assignment or a lambda).
-_NOT_VALUES = (ast.Tuple, ast.Starred, ast.NamedExpr, ast.Lambda, ast.Yield, ast.YieldFrom, ast.Await, ast.Slice)
+_NOT_VALUES = (ast.Tuple, ast.Starred, ast.NamedExpr, ast.Lambda, ast.Yield, ast.YieldFrom, ast.Await)
 # Expressions that bind tighter than any operator: they are one operand anywhere as they are.
 _ATOMS = (ast.Name, ast.Constant, ast.Call, ast.Subscript, ast.Attribute)
 
@@ -70,22 +70,15 @@ def operand(text: str) -> str:
 def _renamed(text: str, tree: ast.AST, new_names: dict[int, str]) -> str:
     """`text` (which `tree` was parsed from) with the Name nodes keyed by id() in `new_names` renamed,
     in place: the rest of the text keeps its spelling."""
-    starts = [0]
-    data = text.encode()
-    for index, byte in enumerate(data):
-        if byte == 0x0A:
-            starts.append(index + 1)
-    edits = sorted(
-        (
-            (starts[node.lineno - 1] + node.col_offset, starts[node.end_lineno - 1] + node.end_col_offset, new)
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Name) and id(node) in new_names
-            for new in (new_names[id(node)],)
-        ),
-        reverse=True,
-    )
-    for start, end, new in edits:
-        data = data[:start] + new.encode() + data[end:]
+    data = text.encode()  # ast's columns count bytes
+    starts = [0] + [index + 1 for index, byte in enumerate(data) if byte == ord("\n")]
+    edits = [
+        (starts[node.lineno - 1] + node.col_offset, starts[node.end_lineno - 1] + node.end_col_offset, node)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Name) and id(node) in new_names
+    ]
+    for start, end, node in sorted(edits, key=lambda edit: edit[0], reverse=True):
+        data = data[:start] + new_names[id(node)].encode() + data[end:]
     return data.decode()
 
 
@@ -332,9 +325,14 @@ class TermScope:
         self.generator.cached(self.prefix + name, renamed)
         return name
 
-    def handed(self, text: str, method: str) -> str:
-        """A kernel expression the writer hands the fragment (`k.q(...)`): it must not name a local of the
-        term, which the fragment's text would read instead."""
+    def handed(self, text: str, method: str, as_operand: bool = False) -> str:
+        """A kernel expression the writer hands the fragment (`k.q(...)`), as one operand where it may be
+        more than a name (a target form's `p`): it must not name a local of the term, which the fragment's
+        text would read instead."""
+        try:
+            text = operand(text) if as_operand else text
+        except ValueError as problem:
+            raise self.error(f"k.{method} gives {problem}") from None
         tree = ast.parse(text, mode="eval")
         hidden = sorted({node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} & self.locals)
         if hidden:
@@ -369,13 +367,13 @@ class TermWriter:
         return self._scope.handed(self._generator.log2_q(slot), "log2_q")
 
     def p(self, target: TargetFragments, slot: int) -> str:
-        return self._scope.handed(operand(self._generator.p(target, slot)), "p")
+        return self._scope.handed(self._generator.p(target, slot), "p", as_operand=True)
 
     def log_p(self, target: TargetFragments, slot: int) -> str:
-        return self._scope.handed(operand(self._generator.log_p(target, slot)), "log_p")
+        return self._scope.handed(self._generator.log_p(target, slot), "log_p", as_operand=True)
 
     def log2_p(self, target: TargetFragments, slot: int) -> str:
-        return self._scope.handed(operand(self._generator.log2_p(target, slot)), "log2_p")
+        return self._scope.handed(self._generator.log2_p(target, slot), "log2_p", as_operand=True)
 
     def onehot(self) -> str:
         return self._scope.handed(self._generator.onehot(), "onehot")
@@ -390,7 +388,7 @@ class TermWriter:
         return self._scope.handed(self._generator.class_weight_sum(vector), "class_weight_sum")
 
     def scaled_label_logit(self, slot: int) -> str:
-        return self._scope.handed(operand(self._generator.scaled_label_logit(slot)), "scaled_label_logit")
+        return self._scope.handed(self._generator.scaled_label_logit(slot), "scaled_label_logit", as_operand=True)
 
     def teacher_log_p(self, teacher: int, slot: int) -> str:
         return self._scope.handed(self._generator.teacher_log_p(teacher, slot), "teacher_log_p")
