@@ -307,9 +307,8 @@ class TermScope:
             module = ast.parse(text)
         except SyntaxError as error:
             raise self.error(f"emits lines that are not Python statements ({error.msg}): {text!r}") from None
-        rows = text.split("\n")
         for statement in module.body:
-            source = "\n".join(rows[statement.lineno - 1 : statement.end_lineno])
+            source = ast.get_source_segment(text, statement)
             tree = ast.parse(source)
             renamed = self.resolved(source, tree)
             self.locals.update(_assigned(statement))
