@@ -31,6 +31,7 @@ from . import names
 from .arguments import kernel_signature
 from .fragments import FIRST_READ, STREAMED, LinearGradient, TargetFragments, Vectors
 from .layout import effective, kernel_layout
+from .scope import term_scopes
 from .signature import KernelSpec, KernelTerm, KTopK, dense_teachers
 
 NEG_INF = 'float("-inf")'
@@ -126,6 +127,7 @@ class KernelGenerator:
         self._reads_label = False  # the tile body being written called onehot()
         self._label_elsewhere = False  # ... and is the copy for tiles without the label (tile_body)
         self._tail_factors: set[int] = set()  # bucket terms whose tail gradient is q_j * gt{t}
+        self.term_scopes = term_scopes(self, PRIMITIVES)  # each term's fragments, checked and namespaced
 
     def capped(self, logits: str) -> str:
         """The logits as the terms see them: times the head's scale a, then soft-capped, when the head
@@ -777,7 +779,7 @@ class KernelGenerator:
             stage = term.loss.value_stage(term)
             if stage == FIRST_READ:
                 self.term_header(t, term, "value")
-                self.src(f"{names.value(t)} = {term.loss.value_after_first_pass(self, t, term)}")
+                self.src(f"{names.value(t)} = {self.term_scopes[t].value_after_first_pass()}")
             elif stage == STREAMED:
                 self.src(f"{names.value(t)} = 0.0  # term {t}: streamed in the last pass")
 
@@ -876,7 +878,7 @@ class KernelGenerator:
             f"usable{t} = tl.max(in_vocab{i}.to(tl.int32), 0) > 0",
         )
         self.term_header(t, term, "vector")
-        value, gradient = term.loss.vector(self, t, term, Vectors(f"qv{t}", f"pv{t}", f"lq{t}", f"lp{t}"))
+        value, gradient = self.term_scopes[t].vector(Vectors(f"qv{t}", f"pv{t}", f"lq{t}", f"lp{t}"))
         src(f"loss{t} = tl.where(usable{t}, {value}, 0.0)")
         if term.active:
             src(f"delta{i} += tl.where(in_vocab{i} & usable{t}, {self.sparse_weight(t)} * ({gradient}), 0.0)")
@@ -911,7 +913,7 @@ class KernelGenerator:
         )
         self.term_header(t, term, "bucket")
         vectors = Vectors(f"Q{t}", f"P{t}", f"lQ{t}", f"lP{t}", f"Qt{t}", f"Pt{t}", f"lQt{t}", f"lPt{t}")
-        form = term.loss.bucket(self, t, term, vectors)
+        form = self.term_scopes[t].bucket(vectors)
         src(f"loss{t} = {form.value}", f"sparse{t} = {form.stored}")
         if form.tail_factor:
             src(f"gt{t} = {form.tail_factor}")
@@ -925,7 +927,7 @@ class KernelGenerator:
         if t in self._tail_factors:
             tail = f"tl.where({q} > 0, {q} * gt{t}, 0.0)"
         else:
-            tail = term.loss.bucket_tail_gradient(self, t, term, q, lq)
+            tail = self.term_scopes[t].bucket_tail_gradient(q, lq)
         return f"tl.where({self.stored_columns(term.target.source)}, 0.0, {tail})"
 
     # ----------------------------------------------------------------------------------------------
@@ -942,7 +944,7 @@ class KernelGenerator:
             for t in self.layout.reduction_terms:
                 term = self.spec.terms[t]
                 self.term_header(t, term, "row sums")
-                summands = term.loss.row_sums(self, t, term)
+                summands = self.term_scopes[t].row_sums()
                 for name, summand in zip(term.loss.row_sum_names(term), summands, strict=True):
                     self.add_to_lanes(names.row_sum(name, t), summand)
 
@@ -953,8 +955,7 @@ class KernelGenerator:
     def reduction_values(self) -> None:
         """The values of the terms pass 2 sums up."""
         for t in self.layout.reduction_terms:
-            term = self.spec.terms[t]
-            self.src(f"{names.value(t)} = {term.loss.value_from_row_sums(self, t, term)}")
+            self.src(f"{names.value(t)} = {self.term_scopes[t].value_from_row_sums()}")
 
     # ----------------------------------------------------------------------------------------------
     # Last pass: streamed term values and the gradient.
@@ -1020,17 +1021,17 @@ class KernelGenerator:
         if streams or term.active:
             self.term_header(t, term, *(["value"] if streams else []), *(["gradient"] if term.active else []))
         if streams:
-            self.add_to_lanes(names.value(t), term.loss.streamed_value(self, t, term))
+            self.add_to_lanes(names.value(t), self.term_scopes[t].streamed_value())
         if not term.active:
             return
-        gradient = term.loss.gradient(self, t, term)
+        gradient = self.term_scopes[t].gradient()
         if isinstance(gradient, LinearGradient):
             for coefficient, vector in gradient.parts:
                 linear.setdefault(vector, []).append(f"{weight} * {coefficient}")
             if gradient.at_label is not None:
                 at_label.append(f"{weight} * {gradient.at_label}")
         else:
-            # the gradient is a product or parenthesized: the weight's factors fold into one per row
+            # the gradient is an operand of this product (scope.factor): the weight's factors fold into one per row
             src(f"g += {weight} * {gradient}")
 
     def scatter_topk(self) -> None:

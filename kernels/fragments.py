@@ -7,14 +7,18 @@ loops, the softmax states, the targets' tile expressions and the gradient accumu
 owns the math of its own term and hands it to the generator through a `LossFragments` object; the
 fragments of each built-in kind live in the kind's module under `lossgraph/kinds/`.
 
-Every method receives the generator as `k` (a `TileWriter`: `k.q(slot)`, `k.log_q(slot)`,
+Every method receives a term-scoped writer `k` (a `TileWriter`: `k.q(slot)`, `k.log_q(slot)`,
 `k.p(target, slot)`, `k.log_p(target, slot)`, `k.onehot()`, `k.log_mixture(...)`, `k.emit(...)`),
-the term's index `t` and the `KernelTerm`; generated variable names come from `names`. Expressions
-are Triton source text. Notation: s = z / T (T the term's temperature), q = softmax(s), p the target
-at its own slot (`KernelTerm.target_slot`: the teacher temperature where one is given, else T; a
-target is read with `k.p(term.target, term.target_slot)`), and every gradient is dl/ds_j; the
-generator multiplies it by the term's run-time weight (which carries the 1/T of ds/dz) and the row's
-scale.
+the term's index `t` and the `KernelTerm`; the kernel's shared variable names come from `names`.
+Expressions are Triton source text. The names a fragment assigns (`k.emit`, `k.cached`) are the term's
+locals, kept in its namespace by the generator, so they need no prefix; a name it reads must be in scope
+at that stage (docs/architecture.md, "What a fragment may read, stage by stage"), and each expression it
+returns lands as one operand, so it needs no parentheses (kernels/scope.py does both).
+
+Notation: s = z / T (T the term's temperature), q = softmax(s), p the target at its own slot
+(`KernelTerm.target_slot`: the teacher temperature where one is given, else T; a target is read with
+`k.p(term.target, term.target_slot)`), and every gradient is dl/ds_j; the generator multiplies it by
+the term's run-time weight (which carries the 1/T of ds/dz) and the row's scale.
 
 A fragment says which of the shared row statistics it needs (`first_pass_statistics`); where its
 value is known (after the first read, from row sums of a second read, or streamed in the last read);
@@ -29,6 +33,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Union
 
+
+class FragmentError(ValueError):
+    """A kind's fragment would miscompile its kernel: it reads a name that is not in scope, assigns a
+    kernel variable, or returns what is not one expression. Raised at generation (kernels/scope.py); the
+    message names the kind, the fragment method and the name. lossgraph turns it into a `KindError`."""
+
+
 # Row statistics pass 1 can keep for a term, besides every softmax state (which always exist):
 # MOMENT: sum_j exp(s_j - m)(s_j - m) of the student at the term's slot (entropy-like sums);
 # CROSS_MOMENT: sum_j exp(s_j - m)(s_j - u_j) against the term's single dense teacher u (reverse KL).
@@ -42,14 +53,17 @@ STREAMED = "streamed"  # summed over the columns in the last read, beside the gr
 
 
 class TileWriter(Protocol):
-    """The generator as the fragments see it (`codegen.KernelGenerator`): its tile vocabulary. Each
-    method returns the name of a variable of the current tile loop (written once, then reused)."""
+    """The generator as the fragments see it: its tile vocabulary. A loss kind's fragments get a
+    term-scoped `scope.TermWriter`, a target form the generator itself (`codegen.KernelGenerator`). Each
+    method returns the name of a variable of the current tile loop (written once, then reused), or an
+    expression that is one operand."""
 
     def emit(self, *lines: str) -> None:
-        """Write lines of source at the current indentation."""
+        """Write lines of source (statements) at the current indentation; the names they assign are the
+        term's locals."""
 
     def cached(self, name: str, expression: str) -> str:
-        """`name = expression` once per tile loop; returns `name`."""
+        """`name = expression` once per tile loop; returns `name` (a local of the term)."""
 
     def q(self, slot: int) -> str:
         """The student's q_j at the slot's temperature."""

@@ -103,6 +103,12 @@ class PluginError(LossGraphError):
     The message names the plugin and how it was given: entry point, `--plugin` or LOSSGRAPH_PLUGINS."""
 
 
+class KindError(LossGraphError):
+    """A loss kind's kernel fragments would miscompile its kernel (a built-in's bug, or a plugin's): they
+    read a name that is not in scope, assign a kernel variable, or return what is not one expression. The
+    message names the kind, the fragment method and the name."""
+
+
 class InputError(LossGraphError):
     """A tensor or value given to a compiled graph at run time is wrong (shape, dtype, name, range)."""
 

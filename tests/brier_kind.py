@@ -60,19 +60,19 @@ class BrierFragments(LossFragments):
 
     def vector(self, k, t, term, v: Vectors):
         k.emit(
-            f"val{t} = tl.sum(({v.q} - {v.p}) * ({v.q} - {v.p}), 0)",
-            f"c{t} = tl.sum({v.q} * ({v.q} - {v.p}), 0)",
+            f"val = tl.sum(({v.q} - {v.p}) * ({v.q} - {v.p}), 0)",
+            f"c = tl.sum({v.q} * ({v.q} - {v.p}), 0)",
         )
-        return f"val{t}", f"2.0 * {v.q} * ({v.q} - {v.p} - c{t})"
+        return "val", f"2.0 * {v.q} * ({v.q} - {v.p} - c)"
 
     def bucket(self, k, t, term, v: Vectors):
-        k.emit(f"c{t} = tl.sum({v.q} * ({v.q} - {v.p}), 0) + {v.q_tail} * ({v.q_tail} - {v.p_tail})")
+        k.emit(f"c = tl.sum({v.q} * ({v.q} - {v.p}), 0) + {v.q_tail} * ({v.q_tail} - {v.p_tail})")
         return BucketForm(
             value=(
                 f"tl.sum(({v.q} - {v.p}) * ({v.q} - {v.p}), 0) + ({v.q_tail} - {v.p_tail}) * ({v.q_tail} - {v.p_tail})"
             ),
-            stored=f"{v.q} * 2.0 * ({v.q} - {v.p} - c{t})",
-            tail_factor=f"2.0 * ({v.q_tail} - {v.p_tail} - c{t})",
+            stored=f"{v.q} * 2.0 * ({v.q} - {v.p} - c)",
+            tail_factor=f"2.0 * ({v.q_tail} - {v.p_tail} - c)",
         )
 
 

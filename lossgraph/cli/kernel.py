@@ -30,7 +30,9 @@ def kernel_sources(
     "reduce" exists only for launches whose terms need a second read of the row (pass 2): the others
     are left out, and a selection with none of them is an error.
     """
+    from ..errors import KindError
     from ..kernels.codegen import PHASES, KernelGenerator
+    from ..kernels.fragments import FragmentError
     from ..kernels.layout import kernel_layout
 
     if phase not in PHASES:
@@ -54,7 +56,10 @@ def kernel_sources(
                 "no selected launch has a reduce phase (only a launch whose terms need row sums from a second "
                 "read of the row has one); choose one of: single, stats, apply"
             )
-    return [
-        KernelSource(item.head, item.index + 1, counts[item.head], phase, KernelGenerator(spec, phase).source())
-        for item, spec in specs
-    ]
+    try:
+        return [
+            KernelSource(item.head, item.index + 1, counts[item.head], phase, KernelGenerator(spec, phase).source())
+            for item, spec in specs
+        ]
+    except FragmentError as error:  # a kind's fragments would miscompile: a clean message, not a traceback
+        raise KindError(str(error)) from None

@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 from ..compiler.fusion import FusionPlan, Launch, SlotSource
 from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
-from ..errors import BackendError
+from ..errors import BackendError, KindError
 from ..kernels.arguments import Inputs, TermNumbers
+from ..kernels.fragments import FragmentError
 from ..kernels.launcher import (
     KernelCacheError,
     launch,
@@ -274,6 +275,8 @@ class FusedBackend:
             return self._evaluate(head, batch, steps)
         except KernelCacheError as error:
             raise BackendError(str(error)) from None
+        except FragmentError as error:
+            raise KindError(str(error)) from None
 
     def _evaluate(self, head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
         dtype = batch.linear.hidden.dtype if batch.linear is not None else batch.logits.dtype

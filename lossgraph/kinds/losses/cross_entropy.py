@@ -87,28 +87,32 @@ class CrossEntropyFragments(LossFragments):
         return LinearGradient((("1.0", q), ("-1.0", k.p(term.target, term.target_slot))))
 
     def vector(self, k, t, term, v: Vectors):
-        k.emit(f"val{t} = tl.sum(tl.where({v.p} > 0, -{v.p} * {v.log_q}, 0.0), 0)")
-        return f"val{t}", f"{v.q} - {v.p}"
+        k.emit(f"val = tl.sum(tl.where({v.p} > 0, -{v.p} * {v.log_q}, 0.0), 0)")
+        return "val", f"{v.q} - {v.p}"
 
     def bucket(self, k, t, term, v: Vectors):
-        k.emit(
-            f"mass{t} = tl.sum({v.p}, 0) + {v.p_tail}",
-        )
+        keep_mass(k, v)
         value = (
             f"tl.sum(tl.where({v.p} > 0, -{v.p} * {v.log_q}, 0.0), 0) + "
             f"tl.where({v.p_tail} > 0, -{v.p_tail} * {v.log_q_tail}, 0.0)"
         )
-        return BucketForm(value=value, stored=f"{v.q} * mass{t} - {v.p}")
+        return BucketForm(value=value, stored=f"{v.q} * mass - {v.p}")
 
     def bucket_tail_gradient(self, k, t, term, q, log_q):
-        return mass_tail_gradient(t, q, log_q)
+        return mass_tail_gradient(q, log_q)
 
 
-def mass_tail_gradient(t: int, q: str, log_q: str) -> str:
+def keep_mass(k, v: Vectors) -> None:
+    """In `bucket`: the term's locals that `mass_tail_gradient` reads in the last pass: mass = sum_c P_c
+    (the stored buckets and the tail), the teacher's tail P_tail and the student's log Q_tail."""
+    k.emit(f"mass = tl.sum({v.p}, 0) + {v.p_tail}", f"p_tail = {v.p_tail}", f"log_q_tail = {v.log_q_tail}")
+
+
+def mass_tail_gradient(q: str, log_q: str) -> str:
     """q_j G'_tail = q_j (sum_c P_c - P_tail / Q_tail) for cross-entropy and forward KL, written as
     q_j sum_c P_c - P_tail exp(log q_j - log Q_tail): the ratio is at most 1 for an unstored token,
     where P_tail / Q_tail alone could overflow, and it stays exact where q_j itself underflows."""
-    return f'{q} * mass{t} - tl.where(lQt{t} > float("-inf"), Pt{t} * fast_exp({log_q} - lQt{t}), 0.0)'
+    return f'{q} * mass - tl.where(log_q_tail > float("-inf"), p_tail * fast_exp({log_q} - log_q_tail), 0.0)'
 
 
 class CrossEntropy(LossKind):

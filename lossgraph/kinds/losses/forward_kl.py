@@ -10,7 +10,7 @@ from ...kernels.fragments import STREAMED, BucketForm, LinearGradient, LossFragm
 from ...spec.nodes import TargetLoss
 from ..loss import LossKind
 from ..math import relative_entropy
-from .cross_entropy import mass_tail_gradient
+from .cross_entropy import keep_mass, mass_tail_gradient
 
 
 class ForwardKLLoss(TargetLoss):
@@ -44,19 +44,19 @@ class ForwardKLFragments(LossFragments):
         return LinearGradient((("1.0", k.q(term.slot)), ("-1.0", k.p(term.target, term.target_slot))))
 
     def vector(self, k, t, term, v: Vectors):
-        k.emit(f"val{t} = tl.sum(tl.where({v.p} > 0, {v.p} * ({v.log_p} - {v.log_q}), 0.0), 0)")
-        return f"val{t}", f"{v.q} - {v.p}"
+        k.emit(f"val = tl.sum(tl.where({v.p} > 0, {v.p} * ({v.log_p} - {v.log_q}), 0.0), 0)")
+        return "val", f"{v.q} - {v.p}"
 
     def bucket(self, k, t, term, v: Vectors):
-        k.emit(f"mass{t} = tl.sum({v.p}, 0) + {v.p_tail}")
+        keep_mass(k, v)
         value = (
             f"tl.sum(tl.where({v.p} > 0, {v.p} * ({v.log_p} - {v.log_q}), 0.0), 0) + "
             f"tl.where({v.p_tail} > 0, {v.p_tail} * ({v.log_p_tail} - {v.log_q_tail}), 0.0)"
         )
-        return BucketForm(value=value, stored=f"{v.q} * mass{t} - {v.p}")
+        return BucketForm(value=value, stored=f"{v.q} * mass - {v.p}")
 
     def bucket_tail_gradient(self, k, t, term, q, log_q):
-        return mass_tail_gradient(t, q, log_q)
+        return mass_tail_gradient(q, log_q)
 
 
 class ForwardKL(LossKind):

@@ -65,8 +65,8 @@ class JSDFragments(LossFragments):
     def value_stage(self, term):
         return ROW_SUMS
 
-    def log_m(self, k, t, term, log_p: str, log_q: str) -> str:
-        return k.cached(f"lm{t}", k.log_mixture(constant(term, "beta"), log_p, log_q))
+    def log_m(self, k, term, log_p: str, log_q: str) -> str:
+        return k.cached("lm", k.log_mixture(constant(term, "beta"), log_p, log_q))
 
     @staticmethod
     def factors(term) -> tuple[str, str, str]:
@@ -81,7 +81,7 @@ class JSDFragments(LossFragments):
         s = term.slot
         q, log_q = k.q(s), k.log_q(s)
         p, log_p = k.p(term.target, term.target_slot), k.log_p(term.target, term.target_slot)
-        lm = self.log_m(k, t, term, log_p, log_q)
+        lm = self.log_m(k, term, log_p, log_q)
         return (f"tl.where({p} > 0, {p} * ({log_p} - {lm}), 0.0)", f"tl.where({q} > 0, {q} * ({log_q} - {lm}), 0.0)")
 
     def value_from_row_sums(self, k, t, term):
@@ -91,35 +91,35 @@ class JSDFragments(LossFragments):
     def gradient(self, k, t, term):
         s = term.slot
         q, log_q = k.q(s), k.log_q(s)
-        lm = self.log_m(k, t, term, k.log_p(term.target, term.target_slot), log_q)
+        lm = self.log_m(k, term, k.log_p(term.target, term.target_slot), log_q)
         _, _, on_q = self.factors(term)
         return f"{on_q} * tl.where({q} > 0, {q} * ({log_q} - {lm} - {names.row_sum('kq', t)}), 0.0)"
 
     def vector(self, k, t, term, v: Vectors):
         beta, on_p, on_q = self.factors(term)
         k.emit(
-            f"lm{t} = {k.log_mixture(float(beta), v.log_p, v.log_q)}",
-            f"kp{t} = tl.sum(tl.where({v.p} > 0, {v.p} * ({v.log_p} - lm{t}), 0.0), 0)",
-            f"kq{t} = tl.sum(tl.where({v.q} > 0, {v.q} * ({v.log_q} - lm{t}), 0.0), 0)",
-            f"val{t} = {on_p} * kp{t} + {on_q} * kq{t}",
+            f"lm = {k.log_mixture(float(beta), v.log_p, v.log_q)}",
+            f"kp = tl.sum(tl.where({v.p} > 0, {v.p} * ({v.log_p} - lm), 0.0), 0)",
+            f"kq = tl.sum(tl.where({v.q} > 0, {v.q} * ({v.log_q} - lm), 0.0), 0)",
+            f"val = {on_p} * kp + {on_q} * kq",
         )
-        return f"val{t}", f"{on_q} * tl.where({v.q} > 0, {v.q} * ({v.log_q} - lm{t} - kq{t}), 0.0)"
+        return "val", f"{on_q} * tl.where({v.q} > 0, {v.q} * ({v.log_q} - lm - kq), 0.0)"
 
     def bucket(self, k, t, term, v: Vectors):
         beta, on_p, on_q = self.factors(term)
         k.emit(
-            f"lM{t} = {k.log_mixture(float(beta), v.log_p, v.log_q)}",
-            f"lMt{t} = {k.log_mixture(float(beta), v.log_p_tail, v.log_q_tail)}",
-            f"kp{t} = tl.sum(tl.where({v.p} > 0, {v.p} * ({v.log_p} - lM{t}), 0.0), 0) + "
-            f"tl.where({v.p_tail} > 0, {v.p_tail} * ({v.log_p_tail} - lMt{t}), 0.0)",
-            f"kq{t} = tl.sum(tl.where({v.q} > 0, {v.q} * ({v.log_q} - lM{t}), 0.0), 0) + "
-            f"tl.where({v.q_tail} > 0, {v.q_tail} * ({v.log_q_tail} - lMt{t}), 0.0)",
-            f"gv{t} = {on_q} * ({v.log_q} - lM{t} - kq{t})",
+            f"lm = {k.log_mixture(float(beta), v.log_p, v.log_q)}",
+            f"lm_tail = {k.log_mixture(float(beta), v.log_p_tail, v.log_q_tail)}",
+            f"kp = tl.sum(tl.where({v.p} > 0, {v.p} * ({v.log_p} - lm), 0.0), 0) + "
+            f"tl.where({v.p_tail} > 0, {v.p_tail} * ({v.log_p_tail} - lm_tail), 0.0)",
+            f"kq = tl.sum(tl.where({v.q} > 0, {v.q} * ({v.log_q} - lm), 0.0), 0) + "
+            f"tl.where({v.q_tail} > 0, {v.q_tail} * ({v.log_q_tail} - lm_tail), 0.0)",
+            f"gv = {on_q} * ({v.log_q} - lm - kq)",
         )
         return BucketForm(
-            value=f"{on_p} * kp{t} + {on_q} * kq{t}",
-            stored=f"tl.where({v.q} > 0, {v.q} * gv{t}, 0.0)",
-            tail_factor=f"{on_q} * ({v.log_q_tail} - lMt{t} - kq{t})",
+            value=f"{on_p} * kp + {on_q} * kq",
+            stored=f"tl.where({v.q} > 0, {v.q} * gv, 0.0)",
+            tail_factor=f"{on_q} * ({v.log_q_tail} - lm_tail - kq)",
         )
 
 

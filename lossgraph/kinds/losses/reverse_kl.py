@@ -61,12 +61,11 @@ class ReverseKLFragments(LossFragments):
             )
         eps, vocab = repr(term.target.epsilon), names.VOCAB_FLOAT
         k.emit(
-            f"q_label{t} = fast_exp(({k.scaled_label_logit(s)} - {names.student_max(s)}) - {log_sum})",
-            f"low{t} = tl.log({eps} / {vocab})",
+            f"q_label = fast_exp(({k.scaled_label_logit(s)} - {names.student_max(s)}) - {log_sum})",
+            f"low = tl.log({eps} / {vocab})",
         )
         return (
-            f"({names.moment(s)} / {total} - {log_sum}) - low{t} - q_label{t} * "
-            f"(tl.log(1.0 - {eps} + {eps} / {vocab}) - low{t})"
+            f"({names.moment(s)} / {total} - {log_sum}) - low - q_label * (tl.log(1.0 - {eps} + {eps} / {vocab}) - low)"
         )
 
     def row_sum_names(self, term):
@@ -86,8 +85,8 @@ class ReverseKLFragments(LossFragments):
         return f"tl.where({q} > 0, {q} * ({log_q} - {log_p} - {names.value(t)}), 0.0)"
 
     def vector(self, k, t, term, v: Vectors):
-        k.emit(f"val{t} = tl.sum(tl.where({v.q} > 0, {v.q} * ({v.log_q} - {v.log_p}), 0.0), 0)")
-        return f"val{t}", f"tl.where({v.q} > 0, {v.q} * ({v.log_q} - {v.log_p} - val{t}), 0.0)"
+        k.emit(f"val = tl.sum(tl.where({v.q} > 0, {v.q} * ({v.log_q} - {v.log_p}), 0.0), 0)")
+        return "val", f"tl.where({v.q} > 0, {v.q} * ({v.log_q} - {v.log_p} - val), 0.0)"
 
     def bucket(self, k, t, term, v: Vectors):
         value = (

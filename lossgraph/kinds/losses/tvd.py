@@ -50,22 +50,22 @@ class TVDFragments(LossFragments):
 
     def vector(self, k, t, term, v: Vectors):
         k.emit(
-            f"sg{t} = sign_of_difference({v.q}, {v.p})",
-            f"val{t} = 0.5 * tl.sum(tl.abs({v.p} - {v.q}), 0)",
-            f"c{t} = 0.5 * tl.sum({v.q} * sg{t}, 0)",
+            f"sg = sign_of_difference({v.q}, {v.p})",
+            f"val = 0.5 * tl.sum(tl.abs({v.p} - {v.q}), 0)",
+            f"c = 0.5 * tl.sum({v.q} * sg, 0)",
         )
-        return f"val{t}", f"{v.q} * (0.5 * sg{t} - c{t})"
+        return "val", f"{v.q} * (0.5 * sg - c)"
 
     def bucket(self, k, t, term, v: Vectors):
         k.emit(
-            f"sg{t} = sign_of_difference({v.q}, {v.p})",
-            f"sgt{t} = sign_of_difference({v.q_tail}, {v.p_tail})",
-            f"c{t} = 0.5 * (tl.sum({v.q} * sg{t}, 0) + {v.q_tail} * sgt{t})",
+            f"sg = sign_of_difference({v.q}, {v.p})",
+            f"sg_tail = sign_of_difference({v.q_tail}, {v.p_tail})",
+            f"c = 0.5 * (tl.sum({v.q} * sg, 0) + {v.q_tail} * sg_tail)",
         )
         return BucketForm(
             value=f"0.5 * (tl.sum(tl.abs({v.p} - {v.q}), 0) + tl.abs({v.p_tail} - {v.q_tail}))",
-            stored=f"tl.where({v.q} > 0, {v.q} * (0.5 * sg{t} - c{t}), 0.0)",
-            tail_factor=f"0.5 * sgt{t} - c{t}",
+            stored=f"tl.where({v.q} > 0, {v.q} * (0.5 * sg - c), 0.0)",
+            tail_factor="0.5 * sg_tail - c",
         )
 
 
