@@ -107,8 +107,9 @@ class Inputs(NamedTuple):
     logits: torch.Tensor  # [N, V] (this rank's columns under vocab parallel), unit stride on V
     row_scale: torch.Tensor  # [N] float32: mask / normalizer
     labels: torch.Tensor | None  # [N] int64 global ids
-    dense: list[torch.Tensor]  # dense teachers [N, V_teacher], unit stride
-    topk: list[tuple[torch.Tensor, torch.Tensor]]  # (indices [N, k], log-probs [N, k])
+    # the kernel arguments of the launch's targets by name (pointers, strides, sizes of dense teachers,
+    # top-k pairs and other forms), as each leaf form binds them (`LeafForm.kernel_tensors`)
+    target_arguments: dict[str, object]
     inverse_temperatures: list[float]
     # per class-weight vector of the spec (`cw{c}_ptr`): the [V_total] float32 weights and their 0-d sum
     class_weights: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -126,17 +127,7 @@ def _arguments(spec: KernelSpec, inputs: Inputs) -> dict[str, object]:
         arguments["label_ptr"] = inputs.labels
     for c, (weights, total) in enumerate(inputs.class_weights):
         arguments.update({f"cw{c}_ptr": weights, f"cw_sum{c}_ptr": total})
-    for i, teacher in enumerate(inputs.dense):
-        arguments.update({f"t{i}_ptr": teacher, f"stride_t{i}": teacher.stride(0), f"vocab_t{i}": teacher.shape[1]})
-    for i, (indices, logprobs) in enumerate(inputs.topk):
-        arguments.update(
-            {
-                f"k{i}_index_ptr": indices,
-                f"stride_k{i}_index": indices.stride(0),
-                f"k{i}_logp_ptr": logprobs,
-                f"stride_k{i}_logp": logprobs.stride(0),
-            }
-        )
+    arguments.update(inputs.target_arguments)
     arguments.update({f"inv_t{s}": float(x) for s, x in enumerate(inputs.inverse_temperatures)})
     return arguments
 
@@ -186,10 +177,10 @@ def launch(
     device = inputs.logits.device
     values = torch.empty((rows, len(spec.terms) + 1), dtype=torch.float32, device=device)
     prediction = torch.empty(rows, dtype=torch.int64, device=device)
-    teacher_predictions = torch.empty((len(inputs.dense), rows), dtype=torch.int64, device=device)
+    teacher_predictions = torch.empty((len(spec.dense), rows), dtype=torch.int64, device=device)
     arguments = _arguments(spec, inputs)
     arguments.update({"loss_ptr": values, "pred_ptr": prediction})
-    arguments.update({f"tpred{i}_ptr": teacher_predictions[i] for i in range(len(inputs.dense))})
+    arguments.update({f"tpred{i}_ptr": teacher_predictions[i] for i in range(len(spec.dense))})
     arguments.update(_term_arguments(spec, grad, numbers))
     _run(spec, "single", inputs, arguments)
     return values, prediction, teacher_predictions

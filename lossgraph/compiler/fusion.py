@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 
 from ..kernels.layout import KernelLayout, kernel_layout
 from ..kernels.signature import DenseTeacher, KernelSpec, KernelTerm
-from ..kinds import loss_kind
+from ..kinds import leaf_form, loss_kind
 from ..kinds.source import DENSE, TOPK, LaunchIndex
 from ..spec.describe import scheduled
 from ..spec.schedules import FIXED_ONE, temperature_key
-from .plan import DenseTarget, HeadPlan, Plan, Term, TopKTarget, target_leaves
+from .plan import DenseTarget, HeadPlan, Plan, Target, Term, TopKTarget, target_leaves
 
 # Tiles of the student and of every dense teacher live in registers together; past this many
 # teachers per launch, tiles get too narrow (or spill) and a head is split into several launches.
@@ -91,15 +91,13 @@ class Launch:
     layout: KernelLayout | None = None  # of the launch's kernel with every term active (set by _launch)
     row_groups: int = 1  # the head's term groups (positions and normalizer): row-scale columns
     class_weights: tuple[str, ...] = ()  # the run-time class-weight vectors its terms read (cw{c}_ptr)
+    others: tuple[Target, ...] = ()  # leaves of other forms with a run-time value (a plugin's): kernel arguments
 
     def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
         """The KernelSpec for this launch; `active[t]` False leaves term t out of the gradient."""
         active = active or (True,) * len(self.terms)
         keys = [temperature_key(value) for value in self.slots]
-        index = LaunchIndex(
-            dense={target.name: i for i, target in enumerate(self.dense)},
-            topk={target.name: i for i, target in enumerate(self.topk)},
-        )
+        index = LaunchIndex.of((*self.dense, *self.topk, *self.others))
 
         def target(term: Term):
             if term.target is None:
@@ -280,12 +278,15 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
             slots.append(value)
     dense: dict[str, DenseTarget] = {}
     topk: dict[str, TopKTarget] = {}
+    others: dict[str, Target] = {}
     for term in terms:
         for leaf in target_leaves(term.target) if term.target is not None else []:
             if leaf.form == DENSE:
                 dense.setdefault(leaf.name, leaf)
             elif leaf.form == TOPK:
                 topk.setdefault(leaf.name, leaf)
+            elif leaf_form(leaf.form).takes_value:
+                others.setdefault(leaf.name, leaf)
     launch = Launch(
         head=head.name,
         index=index,
@@ -300,6 +301,7 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         row_groups=len(head.groups),
         logits_scale=head.logits_scale,
         class_weights=tuple(dict.fromkeys(t.class_weights for t in terms if t.class_weights is not None)),
+        others=tuple(others.values()),
     )
     return replace(launch, layout=kernel_layout(launch.kernel_spec()))
 

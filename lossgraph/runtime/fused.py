@@ -40,6 +40,8 @@ from ..kernels.launcher import (
 )
 from ..kernels.layout import kernel_layout
 from ..kernels.signature import KernelSpec
+from ..kinds import LeafForm, leaf_form
+from ..kinds.source import LaunchIndex
 from .autograd import PrecomputedGradient
 from .backend import BackendOptions, ChunkResult, HeadBackend, HeadResult, TermStep
 from .inputs import HeadBatch
@@ -59,6 +61,10 @@ class LaunchBinding:
     topk: tuple[int, ...]
     slots: tuple[int, int]  # where the launch's temperature slots lie in the head's list of slots
     class_weights: tuple[int, ...] = ()  # head-level index of each of the launch's class-weight vectors
+    others: tuple[tuple[int, int], ...] = ()  # where each leaf of another form lies in the head's form_tensors
+    # the form of each of the launch's leaves (dense, top-k, others) and its position among its form's
+    forms: tuple[LeafForm, ...] = ()
+    positions: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class FusedHead:
     topk: tuple[str, ...]
     slot_teachers: tuple[bool, ...] = ()  # per slot: it holds that term's teacher_temperature (no term's own)
     class_weights: tuple[str, ...] = ()  # class-weight vectors in the order the op takes them
+    others: tuple[str, ...] = ()  # leaves of other forms, whose tensors the op takes in `form_tensors`
 
     @staticmethod
     def of(head: HeadPlan, launches: Sequence[Launch]) -> FusedHead:
@@ -120,7 +127,19 @@ class FusedHead:
             topk=tuple(t.name for t in head.teachers if isinstance(t, TopKTarget)),
             slot_teachers=tuple(slot_teachers),
             class_weights=tuple(dict.fromkeys(name for launch in launches for name in launch.class_weights)),
+            others=tuple(t.name for t in head.teachers if any(t in launch.others for launch in launches)),
         )
+
+    def form_tensor_span(self, name: str) -> tuple[int, int]:
+        """Where leaf `name` of another form lies in the op's `form_tensors`."""
+        start = 0
+        for leaf in self.plan.teachers:
+            if leaf.name in self.others:
+                count = leaf_form(leaf.form).tensor_count
+                if leaf.name == name:
+                    return start, start + count
+                start += count
+        raise KeyError(name)
 
     def inverse_temperatures(self, steps: Sequence[TermStep]) -> list[float]:
         """1/T of every slot at this step (a teacher-only slot: 1 / the term's teacher temperature)."""
@@ -136,6 +155,8 @@ class FusedHead:
         for planned, indices in zip(self.launches, self.terms):
             spec = planned.kernel_spec(tuple(active[i] for i in indices))
             stop = start + len(spec.slot_is_one)
+            leaves = (*planned.dense, *planned.topk, *planned.others)
+            index = LaunchIndex.of(leaves)
             bindings.append(
                 LaunchBinding(
                     spec=spec if gradient else replace(spec, gradient=False),
@@ -144,6 +165,9 @@ class FusedHead:
                     topk=tuple(self.topk.index(t.name) for t in planned.topk),
                     slots=(start, stop),
                     class_weights=tuple(self.class_weights.index(name) for name in planned.class_weights),
+                    others=tuple(self.form_tensor_span(t.name) for t in planned.others),
+                    forms=tuple(leaf_form(t.form) for t in leaves),
+                    positions=tuple(index.positions[t.name] for t in leaves),
                 )
             )
             start = stop
@@ -300,11 +324,13 @@ def _run_launches(
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
     class_weights: list[torch.Tensor],
+    form_tensors: list[torch.Tensor],
     scalars: torch.Tensor,
     shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every launch of the head's kernels `key`; `grad` is None for kernels that write no gradient.
-    `class_weights` holds each class-weight vector of the head and then its sum, vector after vector."""
+    `class_weights` holds each class-weight vector of the head and then its sum, vector after vector;
+    `form_tensors` the tensors of the head's leaves of other forms (`FusedHead.others`), leaf after leaf."""
     kernels = _kernels(key)
     # a CPU tensor: reading it is no device synchronization
     numbers = scalars.tolist()
@@ -312,7 +338,9 @@ def _run_launches(
     terms = kernels.terms
     head_numbers = TermNumbers(per_term[:terms], per_term[terms : 2 * terms], per_term[2 * terms :])
     pairs = list(zip(class_weights[0::2], class_weights[1::2]))
-    head = _HeadInputs(logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures, pairs)
+    head = _HeadInputs(
+        logits, row_scale, labels, dense, topk_indices, topk_logprobs, inverse_temperatures, pairs, form_tensors
+    )
     if kernels.identity:  # one launch holding every term and teacher in the head's order: its outputs are the head's
         return _launch(kernels.launches[0], head, grad, head_numbers, shard)
     rows = logits.shape[0]
@@ -341,6 +369,7 @@ class _HeadInputs(NamedTuple):
     topk_logprobs: list[torch.Tensor]
     inverse_temperatures: list[float]
     class_weights: list[tuple[torch.Tensor, torch.Tensor]]  # (vector [V_total] float32, its 0-d sum)
+    form_tensors: list[torch.Tensor]  # the tensors of the leaves of other forms, leaf after leaf
 
 
 def _launch(
@@ -352,12 +381,17 @@ def _launch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch of a head: its values [N, launch terms + 1] (the last column its share of each row's
     loss), the student argmax [N] and its teachers' argmaxes [launch teachers, N]."""
+    leaves = [(head.dense[i],) for i in binding.dense]
+    leaves += [(head.topk_indices[i], head.topk_logprobs[i]) for i in binding.topk]
+    leaves += [tuple(head.form_tensors[start:stop]) for start, stop in binding.others]
+    target_arguments: dict[str, object] = {}
+    for form, position, tensors in zip(binding.forms, binding.positions, leaves):
+        target_arguments.update(form.kernel_tensors(tensors, position))
     inputs = Inputs(
         head.logits,
         head.row_scale,
         head.labels,
-        [head.dense[i] for i in binding.dense],
-        [(head.topk_indices[i], head.topk_logprobs[i]) for i in binding.topk],
+        target_arguments,
         head.inverse_temperatures[binding.slots[0] : binding.slots[1]],
         [head.class_weights[i] for i in binding.class_weights],
     )
@@ -423,6 +457,7 @@ def _head(
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
     class_weights: list[torch.Tensor],
+    form_tensors: list[torch.Tensor],
     scalars: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """All launches of a head: (gradient [N, V] in the logits dtype, per-row values [N, terms + 1] (each
@@ -435,7 +470,7 @@ def _head(
     """
     grad = torch.empty_like(logits)
     values, prediction, teachers = _run_launches(
-        key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
+        key, logits, grad, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, form_tensors, scalars
     )
     return grad, values, prediction, teachers
 
@@ -449,11 +484,12 @@ def _head_inplace(
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
     class_weights: list[torch.Tensor],
+    form_tensors: list[torch.Tensor],
     scalars: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like `_head`, but the gradient overwrites the logits (one N x V buffer saved)."""
     return _run_launches(
-        key, logits, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
+        key, logits, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, form_tensors, scalars
     )
 
 
@@ -466,12 +502,13 @@ def _head_values(
     topk_indices: list[torch.Tensor],
     topk_logprobs: list[torch.Tensor],
     class_weights: list[torch.Tensor],
+    form_tensors: list[torch.Tensor],
     scalars: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like `_head` for kernels that write no gradient (`key` from kernel_key(..., gradient=False)):
     the values and argmaxes only, and nothing N x V allocated or written."""
     return _run_launches(
-        key, logits, None, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
+        key, logits, None, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, form_tensors, scalars
     )
 
 
@@ -491,19 +528,23 @@ def _fake_results(key: str, logits: torch.Tensor, dense: list[torch.Tensor]) -> 
 
 
 @fused_head.register_fake
-def _fused_head_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars):
+def _fused_head_fake(
+    key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, form_tensors, scalars
+):
     return (torch.empty_like(logits), *_fake_results(key, logits, dense))
 
 
 @fused_head_inplace.register_fake
 def _fused_head_inplace_fake(
-    key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars
+    key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, form_tensors, scalars
 ):
     return _fake_results(key, logits, dense)
 
 
 @fused_head_values.register_fake
-def _fused_head_values_fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars):
+def _fused_head_values_fake(
+    key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, form_tensors, scalars
+):
     return _fake_results(key, logits, dense)
 
 
@@ -570,14 +611,15 @@ def fused_rows(
     else:
         row_weight = batch.row_weight()  # the mask, times per-position weights where given
         row_scale = row_weight if fold else row_weight * inverse_normalizer
-    topk = [batch.topk[name] for name in head.topk]
+    topk = [batch.sources[name] for name in head.topk]
     arguments = (
         row_scale,
         batch.labels,
-        [_rows(batch.teachers[name]) for name in head.dense],
+        [_rows(batch.sources[name]) for name in head.dense],
         [t.indices.contiguous() for t in topk],
         [t.logprobs.contiguous() for t in topk],
         [tensor for name in head.class_weights for tensor in batch.class_weights[name]],
+        [tensor for name in head.others for tensor in batch.forms[name].tensors(batch.sources[name])],
         scalars,
     )
     # in place needs a single launch (later launches re-read the logits); inside torch.compile the
@@ -614,9 +656,10 @@ def fused_rows(
         sums = sums * inverse_normalizer
     scaled, loss, per_token = sums[:-1], sums[-1], values[:, :-1]
     teachers = {name: teacher_predictions[index] for index, name in enumerate(head.dense)}
-    for name, value in zip(head.topk, topk):
-        best = value.logprobs.argmax(-1, keepdim=True)
-        teachers[name] = value.indices.gather(1, best).squeeze(1).long()
+    for name in (*head.topk, *head.others):  # the kernels give the dense teachers' argmaxes
+        predicted = batch.forms[name].prediction(batch.sources[name], head.plan.vocab_size)
+        if predicted is not None:
+            teachers[name] = predicted
     return ChunkResult(
         grad, scaled, prediction, teachers, in_place, inverse_normalizer if fold else None, per_token.detach(), loss
     )

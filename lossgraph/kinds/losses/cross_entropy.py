@@ -10,10 +10,8 @@ from ...errors import quote
 from ...kernels import names
 from ...kernels.fragments import FIRST_READ, STREAMED, BucketForm, LinearGradient, LossFragments, Vectors
 from ...spec.nodes import Name, TargetLoss
-from ..class_weights import KWeighted
 from ..loss import LossKind
 from ..math import soft_cross_entropy
-from ..sources.labels import KLabels
 
 
 class CrossEntropyLoss(TargetLoss):
@@ -40,12 +38,12 @@ class CrossEntropyFragments(LossFragments):
     streams_in_bits = True
 
     def formulas(self, term):
-        if isinstance(term.target, KWeighted):
+        if _class_weighted(term):
             return {
                 "value": "l = -sum_j p~_j log q_j, p~_j = w_j p_j (class weights w, p the labels' distribution)",
                 "gradient": "dl/ds_j = M q_j - p~_j, M = sum_j p~_j = (1 - eps) w_y + (eps / V) W",
             }
-        if isinstance(term.target, KLabels):
+        if _one_hot(term):
             return {"value": "l = lse(s) - s_y", "gradient": "dl/ds_j = q_j - [j = y]"}
         return {
             "value": "l = -sum_j p_j log q_j",
@@ -56,13 +54,13 @@ class CrossEntropyFragments(LossFragments):
         }
 
     def value_stage(self, term):
-        if isinstance(term.target, KWeighted):
+        if _class_weighted(term):
             return FIRST_READ if term.target.epsilon == 0.0 else STREAMED
-        return FIRST_READ if isinstance(term.target, KLabels) else STREAMED
+        return FIRST_READ if _one_hot(term) else STREAMED
 
     def value_after_first_pass(self, k, t, term):
         s = term.slot
-        if isinstance(term.target, KWeighted):  # w_y (lse - s_y)
+        if _class_weighted(term):  # w_y (lse - s_y)
             w_y = k.label_class_weight(term.target.vector)
             return f"{w_y} * (({names.student_max(s)} - {k.scaled_label_logit(s)}) + {names.student_log_sum(s)})"
         return f"({names.student_max(s)} - {k.scaled_label_logit(s)}) + {names.student_log_sum(s)}"
@@ -75,14 +73,14 @@ class CrossEntropyFragments(LossFragments):
     def gradient(self, k, t, term):
         q = k.q(term.slot)
         target = term.target
-        if isinstance(target, KWeighted):
+        if _class_weighted(term):
             # dl/ds_j = M q_j - p~_j = M q_j - (eps / V) w_j - (1 - eps) w_y [j = y]
             label = f"-{target.label_part(k)}"
             if target.epsilon == 0.0:
                 return LinearGradient(((target.mass(k), q),), at_label=label)
             w = k.class_weight_tile(target.vector)
             return LinearGradient(((target.mass(k), q), (f"-{target.spread()}", w)), at_label=label)
-        if isinstance(target, KLabels):
+        if _one_hot(term):
             return LinearGradient((("1.0", q),), at_label="-1.0")
         return LinearGradient((("1.0", q), ("-1.0", k.p(term.target, term.target_slot))))
 
@@ -102,6 +100,17 @@ class CrossEntropyFragments(LossFragments):
 
     def bucket_tail_gradient(self, k, t, term, q, log_q):
         return mass_tail_gradient(t, q, log_q)
+
+
+def _one_hot(term) -> bool:
+    """The target is the row's one-hot label: the value is lse - s_y, after the first read."""
+    return getattr(term.target, "label_smoothing", lambda: None)() == 0.0
+
+
+def _class_weighted(term) -> bool:
+    """The target is the labels' distribution weighted per class (`class_weights.KWeighted`): the
+    unnormalized p~ = w p, with its mass and label part."""
+    return bool(getattr(term.target, "class_weight_vectors", tuple)())
 
 
 def mass_tail_gradient(t: int, q: str, log_q: str) -> str:
