@@ -182,10 +182,7 @@ def floor_bytes_per_token(plan: Plan, logits_bytes: int, vocab: int | None = Non
         head_vocab = vocab or head.vocab_size
         total += 2 * head_vocab * logits_bytes
         for teacher in head.teachers:
-            if teacher.form == DENSE:
-                total += min(head_vocab, vocab or teacher.vocab_size) * logits_bytes
-            else:
-                total += teacher.k * 12
+            total += teacher.read_bytes(head_vocab, vocab, logits_bytes)
     return total
 
 

@@ -104,6 +104,11 @@ class Target:
         vocab (`log_probs`)."""
         return None
 
+    def read_bytes(self, head_vocab: int, vocab_override: int | None, logits_bytes: int) -> int:
+        """Plan estimates: the bytes a perfect kernel reads of the leaf's run-time value per position, for a
+        head of `head_vocab` tokens (`vocab_override`: the estimate's vocab in place of the graph's)."""
+        return 0
+
     def rows_finite(self, batch: HeadBatch, vocab: int) -> torch.Tensor | None:
         """Reference: [N] True where every teacher behind the target is a distribution (no NaN or +inf,
         something finite); None when the target reads no teacher."""

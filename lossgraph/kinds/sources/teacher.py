@@ -58,6 +58,9 @@ class DenseTarget(Target):
     def kernel_target(self, index):
         return KDense(index.positions[self.name])
 
+    def read_bytes(self, head_vocab, vocab_override, logits_bytes):
+        return min(head_vocab, vocab_override or self.vocab_size) * logits_bytes
+
     def log_probs(self, batch, vocab, temperature, dtype):
         import torch
 

@@ -48,6 +48,9 @@ class TopKTarget(Target):
     def kernel_target(self, index):
         return KTopK(index.positions[self.name], self.tail)
 
+    def read_bytes(self, head_vocab, vocab_override, logits_bytes):
+        return self.k * 12  # an int64 id and a float32 log-prob per stored token
+
     def rows_finite(self, batch, vocab):
         import torch
 
