@@ -270,6 +270,16 @@ class KTopK:
     source: int
     tail: str  # "renormalize" | "bucket"
 
+    # The capabilities loss kinds ask of any target (`TargetFragments`): a top-k teacher has none of them.
+    def single_teacher(self) -> None:
+        return None
+
+    def label_smoothing(self) -> None:
+        return None
+
+    def class_weight_vectors(self) -> tuple[int, ...]:
+        return ()
+
 
 # A term's target in a kernel: a dense form (defined by its source kind's module) or top-k vectors.
 KTarget = Union[TargetFragments, KTopK]

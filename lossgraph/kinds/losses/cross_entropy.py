@@ -104,13 +104,13 @@ class CrossEntropyFragments(LossFragments):
 
 def _one_hot(term) -> bool:
     """The target is the row's one-hot label: the value is lse - s_y, after the first read."""
-    return getattr(term.target, "label_smoothing", lambda: None)() == 0.0
+    return term.target.label_smoothing() == 0.0
 
 
 def _class_weighted(term) -> bool:
     """The target is the labels' distribution weighted per class (`class_weights.KWeighted`): the
     unnormalized p~ = w p, with its mass and label part."""
-    return bool(getattr(term.target, "class_weight_vectors", tuple)())
+    return bool(term.target.class_weight_vectors())
 
 
 def mass_tail_gradient(t: int, q: str, log_q: str) -> str:

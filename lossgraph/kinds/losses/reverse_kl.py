@@ -104,13 +104,13 @@ class ReverseKLFragments(LossFragments):
 
 def _single_teacher(term) -> int | None:
     """The dense teacher the term's target is exactly (its value then streams in pass 1), else None."""
-    return getattr(term.target, "single_teacher", lambda: None)()
+    return term.target.single_teacher()
 
 
 def _smoothed(term) -> bool:
     """The target is smoothed labels (eps > 0; hard labels have no reverse KL): the value follows from
     the student's entropy moment."""
-    epsilon = getattr(term.target, "label_smoothing", lambda: None)()
+    epsilon = term.target.label_smoothing()
     return epsilon is not None and epsilon > 0.0
 
 
