@@ -32,8 +32,9 @@ class Inputs(NamedTuple):
     logits: torch.Tensor  # [N, V] (this rank's columns under vocab parallel), unit stride on V
     row_scale: torch.Tensor  # [N] float32: mask / normalizer
     labels: torch.Tensor | None  # [N] int64 global ids
-    dense: list[torch.Tensor]  # dense teachers [N, V_teacher], unit stride
-    topk: list[tuple[torch.Tensor, torch.Tensor]]  # (indices [N, k], log-probs [N, k])
+    # the kernel arguments of the launch's targets by name (pointers, strides, sizes of dense teachers,
+    # top-k pairs and other forms), as each leaf form binds them (`LeafForm.kernel_tensors`)
+    target_arguments: dict[str, object]
     inverse_temperatures: list[float]
     # per class-weight vector of the spec (`cw{c}_ptr`): the [V_total] float32 weights and their 0-d sum
     class_weights: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -77,9 +78,16 @@ def _stride(tensor: torch.Tensor) -> int:
     return tensor.stride(0)
 
 
+def _target_argument(name: str) -> Parameter:
+    """A parameter bound by a leaf form (`Inputs.target_arguments`)."""
+    return Parameter(name, lambda call: call.inputs.target_arguments[name])
+
+
 def target_parameters(spec: KernelSpec, phase: str) -> list[Parameter]:
     """The parameters of the run-time tensors the spec's target forms read, form after form: labels,
-    class-weight vectors, dense teachers (and, in one launch, their argmaxes), top-k teachers."""
+    class-weight vectors, dense teachers (and, in one launch, their argmaxes), top-k teachers, then the
+    arguments of other forms' targets (`KernelSpec.target_arguments`). The leaf forms bind the
+    teachers' values (`LeafForm.kernel_tensors`)."""
     parameters = []
     if spec.uses_labels:
         parameters.append(Parameter("label_ptr", lambda call: call.inputs.labels))
@@ -89,20 +97,13 @@ def target_parameters(spec: KernelSpec, phase: str) -> list[Parameter]:
             Parameter(f"cw_sum{c}_ptr", lambda call, c=c: call.inputs.class_weights[c][1]),
         ]
     for i in range(len(spec.dense)):
-        parameters += [
-            Parameter(f"t{i}_ptr", lambda call, i=i: call.inputs.dense[i]),
-            Parameter(f"stride_t{i}", lambda call, i=i: _stride(call.inputs.dense[i])),
-            Parameter(f"vocab_t{i}", lambda call, i=i: call.inputs.dense[i].shape[1]),
-        ]
+        parameters += [_target_argument(name) for name in (f"t{i}_ptr", f"stride_t{i}", f"vocab_t{i}")]
         if phase == "single":
             parameters.append(Parameter(f"tpred{i}_ptr", lambda call, i=i: call.teacher_predictions[i]))
     for i in range(len(spec.topk)):
-        parameters += [
-            Parameter(f"k{i}_index_ptr", lambda call, i=i: call.inputs.topk[i][0]),
-            Parameter(f"stride_k{i}_index", lambda call, i=i: _stride(call.inputs.topk[i][0])),
-            Parameter(f"k{i}_logp_ptr", lambda call, i=i: call.inputs.topk[i][1]),
-            Parameter(f"stride_k{i}_logp", lambda call, i=i: _stride(call.inputs.topk[i][1])),
-        ]
+        names = (f"k{i}_index_ptr", f"stride_k{i}_index", f"k{i}_logp_ptr", f"stride_k{i}_logp")
+        parameters += [_target_argument(name) for name in names]
+    parameters += [_target_argument(name) for name in spec.target_arguments]
     return parameters
 
 

@@ -288,10 +288,13 @@ class KernelGenerator:
             return "False"
         return self.cached("is_label", "offs == y_col")
 
+    def token_ids(self) -> str:
+        """The global token ids of the tile's columns (under vocab parallel, past this rank's start)."""
+        return "vocab_start + offs" if self.sliced else "offs"
+
     def class_weight_tile(self, vector: int) -> str:
         """w_j of class-weight vector `vector` at the tile's columns, by global token id (0 past the vocab)."""
-        offset = "vocab_start + offs" if self.sliced else "offs"
-        return self.cached(f"cwt{vector}", f"tl.load(cw{vector}_ptr + {offset}, mask=in_v, other=0.0)")
+        return self.cached(f"cwt{vector}", f"tl.load(cw{vector}_ptr + {self.token_ids()}, mask=in_v, other=0.0)")
 
     def label_class_weight(self, vector: int) -> str:
         """w_y of class-weight vector `vector` (loaded once per row after the first read)."""

@@ -87,6 +87,9 @@ class TileWriter(Protocol):
     def onehot(self) -> str:
         """True at the label's column."""
 
+    def token_ids(self) -> str:
+        """The global token ids of the tile's columns (`offs` is the column within the row's slice)."""
+
     def class_weight_tile(self, vector: int) -> str:
         """w_j of class-weight vector `vector` at the tile's columns (0 past the vocab)."""
 
@@ -250,6 +253,17 @@ class TargetFragments:
         """The dense teacher this form is exactly (its softmax at the slot), else None."""
         return None
 
+    def label_smoothing(self) -> float | None:
+        """epsilon where the form is the row's label smoothed, (1 - eps) one-hot + eps / V (0 for the
+        one-hot label itself); None for any other distribution."""
+        return None
+
+    def kernel_arguments(self) -> tuple[str, ...]:
+        """The kernel's arguments this form reads besides the shared ones (`row`, `offs`, `label_ptr`, the
+        dense and top-k teachers'): a plugin form's pointers and strides, bound at launch by its leaf
+        form's `kernel_tensors`."""
+        return ()
+
     def p(self, k: TileWriter, slot: int) -> str:
         """The tile's target probabilities at the slot's temperature."""
         raise NotImplementedError(f"{self!r} has no tile probabilities")
@@ -269,6 +283,16 @@ class KTopK:
 
     source: int
     tail: str  # "renormalize" | "bucket"
+
+    # The capabilities loss kinds ask of any target (`TargetFragments`): a top-k teacher has none of them.
+    def single_teacher(self) -> None:
+        return None
+
+    def label_smoothing(self) -> None:
+        return None
+
+    def class_weight_vectors(self) -> tuple[int, ...]:
+        return ()
 
 
 # A term's target in a kernel: a dense form (defined by its source kind's module) or top-k vectors.

@@ -130,7 +130,7 @@ def launch(
         grad,
         values=torch.empty((rows, len(spec.terms) + 1), dtype=torch.float32, device=device),
         prediction=torch.empty(rows, dtype=torch.int64, device=device),
-        teacher_predictions=torch.empty((len(inputs.dense), rows), dtype=torch.int64, device=device),
+        teacher_predictions=torch.empty((len(spec.dense), rows), dtype=torch.int64, device=device),
     )
     _run(spec, "single", call)
     return call.values, call.prediction, call.teacher_predictions

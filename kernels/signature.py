@@ -69,6 +69,19 @@ class KernelSpec:
         )
 
     @property
+    def target_arguments(self) -> tuple[str, ...]:
+        """The kernel arguments the terms' targets read besides the dense and top-k teachers' (a plugin
+        form's own tensors), each once."""
+        return tuple(
+            dict.fromkeys(
+                name
+                for term in self.terms
+                if isinstance(term.target, TargetFragments)
+                for name in term.target.kernel_arguments()
+            )
+        )
+
+    @property
     def uses_labels(self) -> bool:
         return any(_reads_labels(term.target) for term in self.terms)
 

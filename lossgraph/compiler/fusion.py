@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 
 from ..kernels.layout import KernelLayout, kernel_layout
 from ..kernels.signature import DenseTeacher, KernelSpec, KernelTerm
-from ..kinds import loss_kind
+from ..kinds import leaf_form, loss_kind
 from ..kinds.source import DENSE, TOPK, LaunchIndex
 from ..spec.describe import scheduled
 from ..spec.schedules import FIXED_ONE, temperature_key
-from .plan import DenseTarget, HeadPlan, Plan, Term, TopKTarget, target_leaves
+from .plan import DenseTarget, HeadPlan, Plan, Target, Term, TopKTarget, target_leaves
 
 # Tiles of the student and of every dense teacher live in registers together; past this many
 # teachers per launch, tiles get too narrow (or spill) and a head is split into several launches.
@@ -100,15 +100,13 @@ class Launch:
     class_weights: tuple[str, ...] = ()  # the run-time class-weight vectors its terms read (cw{c}_ptr)
     # per slot: the term whose temperature it holds; None: the constant 1 (set by _launch)
     slot_sources: tuple[SlotSource | None, ...] = ()
+    others: tuple[Target, ...] = ()  # leaves of other forms with a run-time value (a plugin's): kernel arguments
 
     def kernel_spec(self, active: tuple[bool, ...] | None = None) -> KernelSpec:
         """The KernelSpec for this launch; `active[t]` False leaves term t out of the gradient."""
         active = active or (True,) * len(self.terms)
         keys = [temperature_key(value) for value in self.slots]
-        index = LaunchIndex(
-            dense={target.name: i for i, target in enumerate(self.dense)},
-            topk={target.name: i for i, target in enumerate(self.topk)},
-        )
+        index = LaunchIndex.of((*self.dense, *self.topk, *self.others))
 
         def target(term: Term):
             if term.target is None:
@@ -193,10 +191,7 @@ def floor_bytes_per_token(plan: Plan, logits_bytes: int, vocab: int | None = Non
         head_vocab = vocab or head.vocab_size
         total += 2 * head_vocab * logits_bytes
         for teacher in head.teachers:
-            if teacher.form == DENSE:
-                total += min(head_vocab, vocab or teacher.vocab_size) * logits_bytes
-            else:
-                total += teacher.k * 12
+            total += teacher.read_bytes(head_vocab, vocab, logits_bytes)
     return total
 
 
@@ -289,12 +284,15 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
             slots.append(value)
     dense: dict[str, DenseTarget] = {}
     topk: dict[str, TopKTarget] = {}
+    others: dict[str, Target] = {}
     for term in terms:
         for leaf in target_leaves(term.target) if term.target is not None else []:
             if leaf.form == DENSE:
                 dense.setdefault(leaf.name, leaf)
             elif leaf.form == TOPK:
                 topk.setdefault(leaf.name, leaf)
+            elif leaf_form(leaf.form).takes_value:
+                others.setdefault(leaf.name, leaf)
     launch = Launch(
         head=head.name,
         index=index,
@@ -309,6 +307,7 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         row_groups=len(head.groups),
         logits_scale=head.logits_scale,
         class_weights=tuple(dict.fromkeys(t.class_weights for t in terms if t.class_weights is not None)),
+        others=tuple(others.values()),
     )
     spec = launch.kernel_spec()
     return replace(launch, layout=kernel_layout(spec), slot_sources=_slot_sources(spec))

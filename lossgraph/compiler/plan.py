@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..kinds import Target, loss_kind, source_kind
-from ..kinds.source import DENSE, LABELS, TOPK
+from ..kinds import Target, leaf_form, loss_kind, source_kind
 from ..kinds.sources.label_smoothing import SmoothedTarget
 from ..kinds.sources.labels import LabelsTarget
 from ..kinds.sources.mixture import MixtureTarget
@@ -123,13 +122,14 @@ class HeadPlan:
     logits_scale: float | None = None  # the losses see a * z (before the cap); None: no scaling
 
     @property
-    def teachers(self) -> list[DenseTarget | TopKTarget]:
-        """Teachers read by this head's terms, each once."""
-        found: dict[str, DenseTarget | TopKTarget] = {}
+    def teachers(self) -> list[Target]:
+        """The leaves with a run-time value (the call's `teachers=`: dense and top-k teachers, a plugin
+        form's sources) read by this head's terms, each once."""
+        found: dict[str, Target] = {}
         for term in self.terms:
             if term.target is not None:
                 for leaf in target_leaves(term.target):
-                    if leaf.form in (DENSE, TOPK):
+                    if leaf_form(leaf.form).takes_value:
                         found.setdefault(leaf.name, leaf)
         return list(found.values())
 
@@ -141,7 +141,7 @@ class Plan:
     normalization: str
     heads: tuple[HeadPlan, ...]
     labels: LabelsTarget | None
-    teachers: dict[str, DenseTarget | TopKTarget] = field(default_factory=dict)
+    teachers: dict[str, Target] = field(default_factory=dict)  # every HeadPlan.teachers leaf, by name
 
     @property
     def terms(self) -> list[Term]:
@@ -192,7 +192,7 @@ def _term_group(loss, target: Target | None) -> TermGroup:
     class_weights = getattr(loss, "class_weights", None) if loss.normalizer == "positions" else None
     if positions == "targets" and class_weights is None:
         return TARGETS
-    labelled = positions != "all" and target is not None and any(leaf.form == LABELS for leaf in target.leaves())
+    labelled = positions != "all" and target is not None and any(leaf.hard_labels for leaf in target.leaves())
     if positions == "targets":
         labelled = False  # the head's targets already have a label
     return TermGroup(positions, loss.normalizer, labelled, class_weights)
@@ -253,7 +253,7 @@ def build_plan(spec: LossGraphSpec) -> Plan:
         ),
         None,
     )
-    teachers: dict[str, DenseTarget | TopKTarget] = {}
+    teachers: dict[str, Target] = {}
     for head in heads:
         for teacher in head.teachers:
             teachers.setdefault(teacher.name, teacher)

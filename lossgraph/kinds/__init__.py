@@ -9,20 +9,24 @@ the `lossgraph.kinds` entry-point group, loaded before the registries are first 
 """
 
 from . import plugins
+from .form import FormInputs, LeafForm
 from .loss import LossKind, TargetFacts
 from .losses import cross_entropy, entropy, forward_kl, jsd, reverse_kl, tvd, z_loss
 from .registry import (
     before_first_read,
     hooks_deferred,
     kind_origin,
+    leaf_form,
     loss_kind,
     loss_kinds,
     on_kinds_changed,
+    register_leaf_form,
     register_loss_kind,
     register_source_kind,
     registering_as,
     source_kind,
     source_kinds,
+    unregister_leaf_form,
     unregister_loss_kind,
     unregister_source_kind,
 )
@@ -32,11 +36,15 @@ from .sources import label_smoothing, labels, mixture, teacher, topk_teacher
 with registering_as(plugins.BUILT_IN):
     for _module in (labels, teacher, topk_teacher, label_smoothing, mixture):
         register_source_kind(_module.KIND)
+    for _module in (labels, teacher, topk_teacher):
+        register_leaf_form(_module.FORM)
     for _module in (cross_entropy, z_loss, forward_kl, reverse_kl, jsd, tvd, entropy):
         register_loss_kind(_module.KIND)
 before_first_read(plugins.load_installed)
 
 __all__ = [
+    "FormInputs",
+    "LeafForm",
     "LossKind",
     "Member",
     "SourceKind",
@@ -44,13 +52,16 @@ __all__ = [
     "TargetFacts",
     "hooks_deferred",
     "kind_origin",
+    "leaf_form",
     "loss_kind",
     "loss_kinds",
     "on_kinds_changed",
+    "register_leaf_form",
     "register_loss_kind",
     "register_source_kind",
     "source_kind",
     "source_kinds",
+    "unregister_leaf_form",
     "unregister_loss_kind",
     "unregister_source_kind",
 ]

@@ -1,6 +1,7 @@
-"""The registries of loss kinds and source kinds: name -> kind. The built-in kinds are registered by
-`lossgraph.kinds`; a plugin (or a test) registers its own with `register_loss_kind` or
-`register_source_kind`. The spec rebuilds its unions of models after each change.
+"""The registries of loss kinds, source kinds and leaf target forms: name -> kind (or form). The built-in
+kinds are registered by `lossgraph.kinds`; a plugin (or a test) registers its own with
+`register_loss_kind` or `register_source_kind`, and a leaf form with `register_leaf_form`. The spec
+rebuilds its unions of models after each change.
 
 Each kind keeps where it came from (`kind_origin`): built in, a plugin (`lossgraph.kinds.plugins`
 says which route), or Python. The first read of a registry runs the hooks of `before_first_read` once:
@@ -16,11 +17,13 @@ from typing import TYPE_CHECKING
 from ..errors import LossGraphError
 
 if TYPE_CHECKING:
+    from .form import LeafForm
     from .loss import LossKind
     from .source import SourceKind
 
 _LOSS_KINDS: dict[str, LossKind] = {}
 _SOURCE_KINDS: dict[str, SourceKind] = {}
+_LEAF_FORMS: dict[str, LeafForm] = {}
 _LISTENERS: list[Callable[[], None]] = []
 _ORIGINS: dict[tuple[str, str], str] = {}  # ("loss" | "source", name) -> where the kind came from
 _BEFORE_READ: list[Callable[[], None]] = []
@@ -115,6 +118,31 @@ def unregister_source_kind(name: str) -> None:
     del _SOURCE_KINDS[name]
     del _ORIGINS[("source", name)]
     _changed()
+
+
+def register_leaf_form(form: LeafForm) -> None:
+    """Add a leaf target form (`form.LeafForm`): the targets whose `form` is its name reach the run-time
+    checks, both backends and the vocab-parallel split through it."""
+    if form.name in _LEAF_FORMS:
+        raise LossGraphError(f"leaf form {form.name!r} is already registered; pick another name")
+    _LEAF_FORMS[form.name] = form
+
+
+def unregister_leaf_form(name: str) -> None:
+    """Remove a registered leaf form."""
+    del _LEAF_FORMS[name]
+
+
+def leaf_form(name: str) -> LeafForm:
+    """The registered leaf form called `name` (a leaf target's `form`)."""
+    _read()
+    try:
+        return _LEAF_FORMS[name]
+    except KeyError:
+        known = ", ".join(_LEAF_FORMS)
+        raise LossGraphError(
+            f"no leaf form {name!r} is registered (known: {known}); register it with register_leaf_form"
+        ) from None
 
 
 def loss_kind(name: str) -> LossKind:

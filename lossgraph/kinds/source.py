@@ -6,13 +6,16 @@ reads (for derived sources), its rules, how it resolves into a plan `Target`, an
 form, its reference log-probabilities and its input checks. The compiler, the planner, the reference
 and the docs go through these interfaces and do not branch on a source's `type`.
 
-Targets come in three forms, fixed by how the fused kernel reads them: `labels` (the row's label),
-`dense` (a teacher's logits over the vocab) and `topk` (k stored tokens). A derived target (smoothed
-labels, a mixture) has no form of its own: it is made of leaves that do.
+A leaf target (labels, a teacher) has a `form`: the name of a registered `form.LeafForm`, which owns its
+run-time value (input checks, kernel arguments, the vocab-parallel split). The built-in forms are
+`labels` (the row's label), `dense` (a teacher's logits over the vocab) and `topk` (k stored tokens); a
+plugin adds its own. A derived target (smoothed labels, a mixture) has no form of its own: it is made
+of leaves that do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -43,10 +46,20 @@ class Member(NamedTuple):
 
 @dataclass(frozen=True)
 class LaunchIndex:
-    """Where a launch keeps its teachers: the position of each dense and top-k teacher by name."""
+    """Where a launch keeps its leaves: each leaf's position among the launch's leaves of its form, by
+    name (dense teacher i is `t{i}_ptr`, top-k teacher i `k{i}_...`, a plugin form's names its own)."""
 
-    dense: dict[str, int]
-    topk: dict[str, int]
+    positions: dict[str, int]
+
+    @staticmethod
+    def of(leaves: Iterable[Target]) -> LaunchIndex:
+        """The index of a launch reading `leaves` (each once), in that order within each form."""
+        counts: dict[str | None, int] = {}
+        positions = {}
+        for leaf in leaves:
+            positions[leaf.name] = counts.get(leaf.form, 0)
+            counts[leaf.form] = positions[leaf.name] + 1
+        return LaunchIndex(positions)
 
 
 @dataclass(frozen=True)
@@ -56,15 +69,22 @@ class Target:
 
     name: str
 
-    #: LABELS, DENSE or TOPK for a leaf; None for a derived target
+    #: a leaf's form: the name of its registered `form.LeafForm` (LABELS, DENSE, TOPK or a plugin's);
+    #: None for a derived target
     form: ClassVar[str | None] = None
+    #: capabilities the runtime asks of a target instead of its class:
+    #: the target is the row's label, one-hot (cross-entropy's value is then lse - s_y)
+    hard_labels: ClassVar[bool] = False
+    #: the leaf's run-time value has a column per token, split over the ranks with the head's logits
+    vocab_columns: ClassVar[bool] = False
 
     def leaves(self) -> list[Target]:
         """The labels and teachers this target reads, with repeats, in order."""
         return [self]
 
     def kernel_target(self, index: LaunchIndex) -> KTarget:
-        """The target's form in a kernel (`kernels.fragments.TargetFragments`, or `KTopK`)."""
+        """The target's form in a kernel (`kernels.fragments.TargetFragments`, or `KTopK`); a leaf that
+        takes a run-time value finds its position in the launch in `index`."""
         raise NotImplementedError(f"{type(self).__name__} has no kernel form")
 
     def class_weighted(self, vector: int) -> KTarget:
@@ -75,6 +95,19 @@ class Target:
     def log_probs(self, batch: HeadBatch, vocab: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
         """Reference: log p [N, V] at `temperature` (masked rows hold finite placeholder values)."""
         raise NotImplementedError(f"{type(self).__name__} is not a dense target")
+
+    def vector_log_probs(
+        self, batch: HeadBatch, z: torch.Tensor, mask: torch.Tensor, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Reference, for a target known on a few tokens per row only: (log p, log q, usable rows) over
+        its small vectors, z the student's logits at its temperature; None for a target over the whole
+        vocab (`log_probs`)."""
+        return None
+
+    def read_bytes(self, head_vocab: int, vocab_override: int | None, logits_bytes: int) -> int:
+        """Plan estimates: the bytes a perfect kernel reads of the leaf's run-time value per position, for a
+        head of `head_vocab` tokens (`vocab_override`: the estimate's vocab in place of the graph's)."""
+        return 0
 
     def rows_finite(self, batch: HeadBatch, vocab: int) -> torch.Tensor | None:
         """Reference: [N] True where every teacher behind the target is a distribution (no NaN or +inf,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..compiler.fusion import FusionPlan
-from ..compiler.plan import DenseTarget, HeadPlan, Plan, Term
+from ..compiler.plan import HeadPlan, Plan, Term
 from ..document import check_spec, load
 from ..errors import BackendError, ConfigError, InputError, SourceFileError
 from ..spec.models import LossGraphSpec
@@ -295,7 +295,7 @@ def _check_vocab_parallel(plan: Plan, group) -> None:
                 f"head {head.name!r} has vocab {head.vocab_size}, which does not split evenly over {ranks} ranks"
             )
         for teacher in head.teachers:
-            if isinstance(teacher, DenseTarget) and teacher.vocab_size != head.vocab_size:
+            if teacher.vocab_columns and teacher.vocab_size != head.vocab_size:
                 raise BackendError(
                     f"teacher {teacher.name!r} (vocab {teacher.vocab_size}) and head {head.name!r} (vocab "
                     f"{head.vocab_size}) must share one vocab under vocab parallel"

@@ -40,6 +40,8 @@ from ..kernels.launcher import (
 )
 from ..kernels.layout import kernel_layout
 from ..kernels.signature import KernelSpec
+from ..kinds import LeafForm, leaf_form
+from ..kinds.source import LaunchIndex
 from .autograd import PrecomputedGradient
 from .backend import BackendOptions, ChunkResult, HeadBackend, HeadResult, TermStep
 from .inputs import HeadBatch
@@ -82,6 +84,7 @@ class HeadArguments(NamedTuple):
     topk_indices: list[torch.Tensor]
     topk_logprobs: list[torch.Tensor]
     class_weights: list[torch.Tensor]  # each class-weight vector [V_total] then its 0-d sum, vector after vector
+    form_tensors: list[torch.Tensor]  # the tensors of the head's leaves of other forms, leaf after leaf
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,10 @@ class LaunchBinding:
     topk: tuple[int, ...]
     slots: tuple[int, int]  # where the launch's temperature slots lie in the head's list of slots
     class_weights: tuple[int, ...] = ()  # head-level index of each of the launch's class-weight vectors
+    others: tuple[tuple[int, int], ...] = ()  # where each leaf of another form lies in the head's form_tensors
+    # the form of each of the launch's leaves (dense, top-k, others) and its position among its form's
+    forms: tuple[LeafForm, ...] = ()
+    positions: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,7 @@ class FusedHead:
     dense: tuple[str, ...]  # dense teachers in the order the op takes them
     topk: tuple[str, ...]
     class_weights: tuple[str, ...] = ()  # class-weight vectors in the order the op takes them
+    others: tuple[str, ...] = ()  # leaves of other forms, whose tensors the op takes in `form_tensors`
 
     @staticmethod
     def of(head: HeadPlan, launches: Sequence[Launch]) -> FusedHead:
@@ -146,7 +154,19 @@ class FusedHead:
             dense=tuple(t.name for t in head.teachers if isinstance(t, DenseTarget)),
             topk=tuple(t.name for t in head.teachers if isinstance(t, TopKTarget)),
             class_weights=tuple(dict.fromkeys(name for launch in launches for name in launch.class_weights)),
+            others=tuple(t.name for t in head.teachers if any(t in launch.others for launch in launches)),
         )
+
+    def form_tensor_span(self, name: str) -> tuple[int, int]:
+        """Where leaf `name` of another form lies in the op's `form_tensors`."""
+        start = 0
+        for leaf in self.plan.teachers:
+            if leaf.name in self.others:
+                count = leaf_form(leaf.form).tensor_count
+                if leaf.name == name:
+                    return start, start + count
+                start += count
+        raise KeyError(name)
 
     def numbers(self, steps: Sequence[TermStep]) -> HeadNumbers:
         """The head's per-call numbers at this step (what `TermStep`s become on their way to the kernels)."""
@@ -171,6 +191,8 @@ class FusedHead:
         for planned, indices in zip(self.launches, self.terms):
             spec = planned.kernel_spec(tuple(active[i] for i in indices))
             stop = start + len(spec.slot_is_one)
+            leaves = (*planned.dense, *planned.topk, *planned.others)
+            index = LaunchIndex.of(leaves)
             bindings.append(
                 LaunchBinding(
                     spec=spec if gradient else replace(spec, gradient=False),
@@ -179,6 +201,9 @@ class FusedHead:
                     topk=tuple(self.topk.index(t.name) for t in planned.topk),
                     slots=(start, stop),
                     class_weights=tuple(self.class_weights.index(name) for name in planned.class_weights),
+                    others=tuple(self.form_tensor_span(t.name) for t in planned.others),
+                    forms=tuple(leaf_form(t.form) for t in leaves),
+                    positions=tuple(index.positions[t.name] for t in leaves),
                 )
             )
             start = stop
@@ -365,12 +390,17 @@ def _launch(
     """One launch of a head: its values [N, launch terms + 1] (the last column its share of each row's
     loss), the student argmax [N] and its teachers' argmaxes [launch teachers, N]."""
     pairs = list(zip(head.class_weights[0::2], head.class_weights[1::2]))
+    leaves = [(head.dense[i],) for i in binding.dense]
+    leaves += [(head.topk_indices[i], head.topk_logprobs[i]) for i in binding.topk]
+    leaves += [tuple(head.form_tensors[start:stop]) for start, stop in binding.others]
+    target_arguments: dict[str, object] = {}
+    for form, position, tensors in zip(binding.forms, binding.positions, leaves):
+        target_arguments.update(form.kernel_tensors(tensors, position))
     inputs = Inputs(
         logits,
         head.row_scale,
         head.labels,
-        [head.dense[i] for i in binding.dense],
-        [(head.topk_indices[i], head.topk_logprobs[i]) for i in binding.topk],
+        target_arguments,
         numbers.inverse_temperatures[binding.slots[0] : binding.slots[1]],
         [pairs[i] for i in binding.class_weights],
     )
@@ -449,10 +479,11 @@ def _head_op(name: str, gradient: bool):
         topk_indices: list[torch.Tensor],
         topk_logprobs: list[torch.Tensor],
         class_weights: list[torch.Tensor],
+        form_tensors: list[torch.Tensor],
         scalars: torch.Tensor,
     ):
         grad = torch.empty_like(logits) if gradient else None
-        arguments = HeadArguments(row_scale, labels, dense, topk_indices, topk_logprobs, class_weights)
+        arguments = HeadArguments(row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, form_tensors)
         # a CPU tensor: reading it is no device synchronization
         numbers = HeadNumbers.of(scalars.tolist(), _kernels(key).slots)
         outputs = _run_launches(key, logits, grad, arguments, numbers)
@@ -462,7 +493,7 @@ def _head_op(name: str, gradient: bool):
     op = torch.library.custom_op(f"lossgraph::{name}", head, mutates_args=())
 
     @op.register_fake
-    def _fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, scalars):
+    def _fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, form_tensors, scalars):
         rows = logits.shape[0]
         outputs = (
             logits.new_empty((rows, _kernels(key).terms + 1), dtype=torch.float32),
@@ -526,14 +557,15 @@ def fused_rows(
     else:
         row_weight = batch.row_weight()  # the mask, times per-position weights where given
         row_scale = row_weight if fold else row_weight * inverse_normalizer
-    topk = [batch.topk[name] for name in head.topk]
+    topk = [batch.sources[name] for name in head.topk]
     arguments = HeadArguments(
         row_scale,
         batch.labels,
-        [_rows(batch.teachers[name]) for name in head.dense],
+        [_rows(batch.sources[name]) for name in head.dense],
         [t.indices.contiguous() for t in topk],
         [t.logprobs.contiguous() for t in topk],
         [tensor for name in head.class_weights for tensor in batch.class_weights[name]],
+        [tensor for name in head.others for tensor in batch.forms[name].tensors(batch.sources[name])],
     )
     # in place needs a single launch (later launches re-read the logits); inside torch.compile the
     # compiler owns the buffers and cannot functionalize a kernel that overwrites a graph input
@@ -567,9 +599,10 @@ def fused_rows(
         sums = sums * inverse_normalizer
     scaled, loss, per_token = sums[:-1], sums[-1], values[:, :-1]
     teachers = {name: teacher_predictions[index] for index, name in enumerate(head.dense)}
-    for name, value in zip(head.topk, topk):
-        best = value.logprobs.argmax(-1, keepdim=True)
-        teachers[name] = value.indices.gather(1, best).squeeze(1).long()
+    for name in (*head.topk, *head.others):  # the kernels give the dense teachers' argmaxes
+        predicted = batch.forms[name].prediction(batch.sources[name], head.plan.vocab_size)
+        if predicted is not None:
+            teachers[name] = predicted
     return ChunkResult(
         grad, scaled, prediction, teachers, in_place, inverse_normalizer if fold else None, per_token.detach(), loss
     )

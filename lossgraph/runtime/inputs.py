@@ -1,9 +1,10 @@
 """Run-time inputs of a compiled graph: checking them and laying them out per head.
 
 Every backend receives, for each head, the same `HeadBatch`: logits as `[N, V]`, the head's shifted
-labels and token mask, its teachers as `[N, V_teacher]` (or top-k pairs) and the normalizer. Checks
-that only read shapes, dtypes and devices always run; checks that read tensor values (labels in
-range, top-k indices unique, labels given in the wrong `label_alignment`) cost a device
+labels and token mask, the run-time value of each leaf source it reads (teachers as `[N, V_teacher]`,
+top-k pairs, a plugin form's own), each checked by its leaf form (`kinds.form.LeafForm`), and the
+normalizer. Checks that only read shapes, dtypes and devices always run; checks that read tensor values
+(labels in range, top-k indices unique, labels given in the wrong `label_alignment`) cost a device
 synchronization on a GPU and run when `check_values`.
 
 Labels come in one of two alignments (`LabelAlignment`), and `loss_mask` always shares theirs:
@@ -22,29 +23,15 @@ from typing import Any, Literal, NamedTuple, Union
 
 import torch
 
-from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
+from ..compiler.plan import HeadPlan, Plan
 from ..errors import InputError
+from ..kinds import LeafForm, leaf_form
+from ..kinds.sources.teacher import Linear
+from ..kinds.sources.topk_teacher import TopK
 from ..spec.suggest import did_you_mean
 from .parallel import VocabShard, dtensor_vocab_group, group_size, is_dtensor, same_ranks
 
-
-class TopK(NamedTuple):
-    """An offline top-k teacher at run time: token ids `[.., k]` and their log-probs `[.., k]` (T = 1)."""
-
-    indices: torch.Tensor
-    logprobs: torch.Tensor
-
-
-class Linear(NamedTuple):
-    """Hidden states `[.., H]` and an output layer (`weight [V, H]`, optional `bias [V]`).
-
-    Given for a head declared `input: hidden`, the loss is computed chunk by chunk without holding all
-    logits; given as a teacher, it stands for the teacher's logits `hidden @ weight.T + bias`.
-    """
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
+__all__ = ["HeadBatch", "Linear", "TopK", "prepare_batches"]
 
 
 LabelAlignment = Literal["next_token", "input"]
@@ -97,8 +84,10 @@ class HeadBatch:
     logits: torch.Tensor | None  # [N, V], the caller's tensor (a view); None for a hidden-input head
     mask: torch.Tensor  # [N] bool: the position takes loss
     labels: torch.Tensor | None  # [N] int64 label per position (0 where masked), None without labels
-    teachers: dict[str, torch.Tensor | Linear]  # dense teachers [N, V_teacher] (Linear: [N, H_teacher])
-    topk: dict[str, TopK]  # top-k teachers [N, k]
+    # each leaf source's run-time value as its form lays it out (dense teachers [N, V_teacher] or a Linear
+    # of [N, H_teacher], TopK of [N, k] pairs, ...), and its form, by source name
+    sources: dict[str, Any]
+    forms: dict[str, LeafForm]
     count: torch.Tensor  # int64 scalar: unmasked positions
     normalizer: torch.Tensor  # float32 scalar > 0 that each term's sum is divided by
     linear: Linear | None = None  # hidden [N, H] and the head's weight, for a hidden-input head
@@ -144,27 +133,18 @@ class HeadBatch:
     def rows(self, start: int, stop: int, logits: torch.Tensor) -> HeadBatch:
         """Positions [start, stop) with `logits` for them; Linear teachers become logits. Keeps the
         whole batch's count and normalizer, so chunk values add up to the batch's."""
-        teachers = {name: teacher_logits(value, start, stop) for name, value in self.teachers.items()}
         return HeadBatch(
             logits=logits,
             mask=self.mask[start:stop],
             labels=None if self.labels is None else self.labels[start:stop],
-            teachers=teachers,
-            topk={name: TopK(t.indices[start:stop], t.logprobs[start:stop]) for name, t in self.topk.items()},
+            sources={name: self.forms[name].rows(value, start, stop) for name, value in self.sources.items()},
+            forms=self.forms,
             count=self.count,
             normalizer=self.normalizer,
             weight=None if self.weight is None else self.weight[start:stop],
             groups=tuple(group.rows(start, stop) for group in self.groups),
             class_weights=self.class_weights,
         )
-
-
-def teacher_logits(value: torch.Tensor | Linear, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Rows [start, stop) of a dense teacher's logits (computed, without gradient, for a Linear)."""
-    if isinstance(value, Linear):
-        with torch.no_grad():
-            return torch.nn.functional.linear(value.hidden[start:stop], value.weight, value.bias)
-    return value[start:stop]
 
 
 def _is_float(tensor: torch.Tensor) -> bool:
@@ -191,8 +171,9 @@ def _check_names(given: Mapping[str, Any], expected: list[str], optional: list[s
         raise InputError(f"missing {what} {', '.join(repr(m) for m in missing)}: {how}")
 
 
-def resolve_teachers(plan: Plan, teachers: Mapping[str, TeacherValue] | None) -> dict[str, torch.Tensor | TopK]:
-    """Check teacher names and call each callable teacher once, under no_grad."""
+def resolve_teachers(plan: Plan, teachers: Mapping[str, TeacherValue] | None) -> dict[str, Any]:
+    """Check teacher names, call each callable teacher once, under no_grad, and check the Python type
+    of each value (by its leaf form)."""
     teachers = dict(teachers or {})
     _check_names(
         teachers,
@@ -201,22 +182,13 @@ def resolve_teachers(plan: Plan, teachers: Mapping[str, TeacherValue] | None) ->
         "teacher",
         "pass teachers={name: logits tensor, TopK(indices, logprobs) or a callable returning one}",
     )
-    resolved: dict[str, torch.Tensor | TopK] = {}
+    resolved: dict[str, Any] = {}
     for name, value in teachers.items():
-        if callable(value) and not isinstance(value, (torch.Tensor, TopK, Linear)):
+        if callable(value) and not isinstance(value, (torch.Tensor, tuple)):  # a NamedTuple value is not called
             with torch.no_grad():
                 value = value()
         target = plan.teachers[name]
-        if isinstance(target, TopKTarget) and not isinstance(value, TopK):
-            raise InputError(
-                f"teacher {name!r} is a topk_teacher source: pass lossgraph.TopK(indices, logprobs), "
-                f"got {type(value).__name__}"
-            )
-        if isinstance(target, DenseTarget) and not isinstance(value, (torch.Tensor, Linear)):
-            raise InputError(
-                f"teacher {name!r} must be a logits tensor or a lossgraph.Linear (or a callable returning one)"
-            )
-        resolved[name] = value
+        resolved[name] = leaf_form(target.form).value(name, target, value)
     return resolved
 
 
@@ -323,7 +295,7 @@ def _local_logits(plan: Plan, logits: Mapping[str, Any], vocab_group) -> tuple[d
                     "brings its own group, so leave vocab_parallel_group out (or give its mesh's group)"
                 )
             for teacher in head.teachers:
-                if isinstance(teacher, DenseTarget) and teacher.vocab_size != head.vocab_size:
+                if teacher.vocab_columns and teacher.vocab_size != head.vocab_size:
                     raise InputError(
                         f"{what} is split over the vocab, and teacher {teacher.name!r} (vocab {teacher.vocab_size}) "
                         f"and head {head.name!r} (vocab {head.vocab_size}) must share one vocab under vocab parallel"
@@ -334,16 +306,18 @@ def _local_logits(plan: Plan, logits: Mapping[str, Any], vocab_group) -> tuple[d
     return local, shards
 
 
-def _local_teacher(name: str, value: Any, target: DenseTarget, head: str, shard: VocabShard | None) -> torch.Tensor:
-    """A dense teacher given as a DTensor, as a local tensor: this rank's columns when it is split over
-    the vocab like the head's logits, the whole vocab when it is replicated."""
+def _local_teacher(name: str, value: Any, vocab: int, head: str, shard: VocabShard | None) -> Any:
+    """A teacher's tensor given as a DTensor, as a local tensor: this rank's columns when it is split
+    over the vocab like the head's logits, the whole vocab when it is replicated. Anything else is
+    returned as is."""
+    if not is_dtensor(value):
+        return value
     what = f"teachers[{name!r}]"
-    if value.shape[-1] != target.vocab_size:
+    if value.shape[-1] != vocab:
         raise InputError(
-            f"{what} is a DTensor of {value.shape[-1]} columns in all, but teacher {name!r} declares vocab_size "
-            f"{target.vocab_size}"
+            f"{what} is a DTensor of {value.shape[-1]} columns in all, but teacher {name!r} declares vocab_size {vocab}"
         )
-    group = dtensor_vocab_group(value, what, target.vocab_size)
+    group = dtensor_vocab_group(value, what, vocab)
     if group is not None and shard is None:
         raise InputError(
             f"{what} is a DTensor split over the vocab (Shard(-1)), but head {head!r}'s logits hold the whole "
@@ -431,72 +405,62 @@ def _normalizer(
     return torch.full((), float(value), dtype=torch.float32, device=count.device)
 
 
-def _flatten_teacher(
-    name: str,
-    value: torch.Tensor | TopK | Linear,
-    target: DenseTarget | TopKTarget,
-    layout: _Layout,
-    head: str,
-    shard: VocabShard | None = None,
-) -> torch.Tensor | TopK | Linear:
-    """A teacher as the head's batch takes it: [N, columns] logits (this rank's columns under vocab
-    parallel: a teacher given whole is sliced), a TopK of [N, k] pairs, or a Linear of [N, H] hidden."""
-    if is_dtensor(value) and isinstance(target, DenseTarget):
-        value = _local_teacher(name, value, target, head, shard)
-    if isinstance(value, Linear):
-        if isinstance(target, TopKTarget):
-            raise InputError(f"teacher {name!r} is a topk_teacher source: pass lossgraph.TopK, not a Linear")
-        linear = _check_linear(value, f"teacher {name!r}", target.vocab_size)
-        if tuple(linear.hidden.shape[:-1]) != layout.lead:
+@dataclass
+class _SourceInputs:
+    """The call as a leaf form sees it while it checks a source's value (`kinds.form.FormInputs`)."""
+
+    layout: _Layout
+    head: str
+    shard: VocabShard | None
+    hidden_input: bool
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        return self.layout.lead
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+    def tensor(self, value: Any, what: str) -> torch.Tensor:
+        return _tensor(value, what)
+
+    def floating(self, tensor: torch.Tensor) -> bool:
+        return _is_float(tensor)
+
+    def integer(self, tensor: torch.Tensor) -> bool:
+        return _is_int(tensor)
+
+    def positional(self, value: Any, what: str, trailing: tuple[int, ...]) -> torch.Tensor:
+        tensor = _tensor(value, what)
+        if tuple(tensor.shape) != (*self.lead, *trailing):
+            raise InputError(f"{what} has shape {tuple(tensor.shape)}, expected {(*self.lead, *trailing)}")
+        if tensor.device != self.device:
+            raise InputError(f"{what} is on {tensor.device}, the logits on {self.device}")
+        return tensor
+
+    def linear(self, value: Any, what: str, vocab: int) -> Linear:
+        """A Linear checked against the positions, its hidden states flattened to [N, H] and detached."""
+        linear = _check_linear(value, what, vocab)
+        if tuple(linear.hidden.shape[:-1]) != self.lead:
             raise InputError(
-                f"teacher {name!r} hidden has leading shape {tuple(linear.hidden.shape[:-1])}; "
-                f"the student's positions are {layout.lead}"
+                f"{what} hidden has leading shape {tuple(linear.hidden.shape[:-1])}; the student's positions are "
+                f"{self.lead}"
             )
-        if linear.hidden.device != layout.device:
-            raise InputError(f"teacher {name!r} is on {linear.hidden.device}, the logits on {layout.device}")
+        if linear.hidden.device != self.device:
+            raise InputError(f"{what} is on {linear.hidden.device}, the logits on {self.device}")
         hidden = linear.hidden.detach().reshape(-1, linear.hidden.shape[-1])
         bias = None if linear.bias is None else linear.bias.detach()
         return Linear(hidden, linear.weight.detach(), bias)
-    if isinstance(value, TopK):
-        indices = _tensor(value.indices, f"TopK indices of teacher {name!r}")
-        logprobs = _tensor(value.logprobs, f"TopK logprobs of teacher {name!r}")
-        for what, tensor in (("indices", indices), ("logprobs", logprobs)):
-            if tuple(tensor.shape) != (*layout.lead, target.k):
-                raise InputError(
-                    f"TopK {what} of teacher {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {(*layout.lead, target.k)} (positions x k)"
-                )
-            if tensor.device != layout.device:
-                raise InputError(
-                    f"TopK {what} of teacher {name!r} is on {tensor.device}, the logits on {layout.device}"
-                )
-        if not _is_int(indices):
-            raise InputError(f"TopK indices of teacher {name!r} must be integers, got {indices.dtype}")
-        if not _is_float(logprobs):
-            raise InputError(f"TopK logprobs of teacher {name!r} must be floating, got {logprobs.dtype}")
-        return TopK(indices.reshape(-1, target.k), logprobs.detach().reshape(-1, target.k))
-    columns = target.vocab_size if shard is None else shard.size
-    if shard is not None and tuple(value.shape) == (*layout.lead, target.vocab_size):
-        value = value[..., shard.start : shard.start + shard.size]  # given whole: this rank's columns
-    if tuple(value.shape) != (*layout.lead, columns):
-        split = ""
-        if shard is not None:
-            split = (
-                f"; under vocab parallel over {shard.ranks} ranks each rank passes its {columns} columns of the "
-                f"teacher's vocab {target.vocab_size}, or all {target.vocab_size} (lossgraph takes this rank's)"
-            )
-        raise InputError(
-            f"teacher {name!r} has shape {tuple(value.shape)}, expected {(*layout.lead, columns)} "
-            f"(the student's positions x the teacher's vocab_size){split}"
-        )
-    if not _is_float(value):
-        raise InputError(f"teacher {name!r} must be a floating tensor, got {value.dtype}")
-    if value.device != layout.device:
-        raise InputError(f"teacher {name!r} is on {value.device}, the logits on {layout.device}")
-    return value.detach().reshape(-1, columns)
+
+    def local(self, value: Any, name: str, vocab: int) -> Any:
+        return _local_teacher(name, value, vocab, self.head, self.shard)
+
+    def position(self, mask: torch.Tensor, row: int) -> int:
+        return _position(mask, row)
 
 
-def _check_values(head: HeadPlan, batch: HeadBatch, plan: Plan) -> None:
+def _check_values(head: HeadPlan, batch: HeadBatch, plan: Plan, where: _SourceInputs) -> None:
     """Value checks (they synchronize with the device)."""
     if batch.labels is not None:
         used = batch.labels[batch.mask]
@@ -507,19 +471,9 @@ def _check_values(head: HeadPlan, batch: HeadBatch, plan: Plan) -> None:
                 f"labels of head {head.name!r} hold {value}, outside [0, {head.vocab_size}); use "
                 f"ignore_index ({plan.labels.ignore_index}) for positions without a label"
             )
-    for name, teacher in batch.teachers.items():
-        if isinstance(teacher, torch.Tensor):  # a Linear teacher's logits only exist chunk by chunk
-            mask = _teacher_mask(head, batch, name)
-            _check_teacher_logits(name, teacher[mask], mask, sliced=batch.shard is not None)
-    for name, topk in batch.topk.items():
-        vocab = plan.teachers[name].vocab_size
+    for name, value in batch.sources.items():
         mask = _teacher_mask(head, batch, name)
-        indices = topk.indices[mask]
-        if bool(((indices < 0) | (indices >= vocab)).any()):
-            raise InputError(f"TopK indices of teacher {name!r} fall outside [0, {vocab})")
-        if indices.numel() and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
-            raise InputError(f"TopK indices of teacher {name!r} repeat a token within a position")
-        _check_topk_logprobs(name, topk.logprobs[mask], mask)
+        batch.forms[name].check_values(name, plan.teachers[name], value, mask, where)
 
 
 def _teacher_mask(head: HeadPlan, batch: HeadBatch, name: str) -> torch.Tensor:
@@ -536,53 +490,6 @@ def _teacher_mask(head: HeadPlan, batch: HeadBatch, name: str) -> torch.Tensor:
 def _position(mask: torch.Tensor, index: int) -> int:
     """The flattened position of the index-th unmasked row."""
     return int(mask.nonzero()[index, 0])
-
-
-def _check_teacher_logits(name: str, logits: torch.Tensor, mask: torch.Tensor, *, sliced: bool) -> None:
-    """Dense teacher logits: -inf bans a token, but NaN, +inf or a row without a finite logit is no
-    distribution (the loss would be NaN, or, worse, quietly drop the row). A vocab slice may hold
-    only banned tokens."""
-    broken = logits.isnan().any(-1) | logits.isposinf().any(-1)
-    if not sliced:
-        broken |= logits.isneginf().all(-1)
-    if bool(broken.any()):
-        row = int(broken.nonzero()[0, 0])
-        values = logits[row]
-        what = "NaN" if bool(values.isnan().any()) else "+inf" if bool(values.isposinf().any()) else "only -inf"
-        raise InputError(
-            f"teacher {name!r} holds {what} at position {_position(mask, row)} (flattened); teacher logits "
-            "must be finite, with -inf only for banned tokens; check the teacher's forward pass and dtype"
-        )
-
-
-# stored log-probs may sum to a little over probability 1 through rounding of their dtype
-_TOPK_MASS_SLACK = {torch.float64: 1e-6, torch.float32: 1e-4}
-
-
-def _check_topk_logprobs(name: str, logprobs: torch.Tensor, mask: torch.Tensor) -> None:
-    """Stored top-k log-probs: each <= 0, not NaN, some finite, and together at most probability 1."""
-    if bool((logprobs > 1e-3).any()) or bool(logprobs.isnan().any()):
-        raise InputError(f"TopK logprobs of teacher {name!r} must be log-probabilities (<= 0, not NaN)")
-    if not logprobs.numel():
-        return
-    empty = logprobs.isneginf().all(-1)
-    if bool(empty.any()):
-        row = int(empty.nonzero()[0, 0])
-        raise InputError(
-            f"TopK logprobs of teacher {name!r} are all -inf at position {_position(mask, row)} (flattened): "
-            "a stored row needs at least one token with probability above 0"
-        )
-    mass = torch.logsumexp(logprobs.to(torch.float64), dim=-1)
-    slack = _TOPK_MASS_SLACK.get(logprobs.dtype, 1e-2)
-    over = mass > math.log1p(slack)
-    if bool(over.any()):
-        row = int(over.nonzero()[0, 0])
-        raise InputError(
-            f"TopK logprobs of teacher {name!r} at position {_position(mask, row)} (flattened) add up to "
-            f"probability {math.exp(float(mass[row])):.4g}: the stored tokens of a position are part of one "
-            "distribution, so their probabilities sum to at most 1; store log_softmax of the teacher's "
-            "logits (over the whole vocab), not raw logits or per-token scores"
-        )
 
 
 class PositionInputs(NamedTuple):
@@ -998,8 +905,8 @@ def prepare_batches(
             logits=None if head.hidden_input else logits[head.name].reshape(-1, logits[head.name].shape[-1]),
             mask=mask,
             labels=head_labels,
-            teachers={},
-            topk={},
+            sources={},
+            forms={},
             count=count,
             normalizer=_normalizer(plan, head, _target_total(mask, head_weight), mask.numel(), num_items, check_values),
             linear=linear,
@@ -1007,17 +914,14 @@ def prepare_batches(
             weight=head_weight,
             class_weights={t.class_weights: weights[t.class_weights] for t in head.terms if t.class_weights},
         )
+        where = _SourceInputs(layout, head.name, batch.shard, head.hidden_input)
         for target in head.teachers:
-            flat = _flatten_teacher(target.name, resolved[target.name], target, layout, head.name, batch.shard)
-            if isinstance(flat, TopK):
-                batch.topk[target.name] = flat
-            elif isinstance(flat, Linear) and not head.hidden_input:
-                batch.teachers[target.name] = teacher_logits(flat)  # a logits head gets logits
-            else:
-                batch.teachers[target.name] = flat
+            form = leaf_form(target.form)
+            batch.sources[target.name] = form.flatten(target.name, target, resolved[target.name], where)
+            batch.forms[target.name] = form
         if len(head.groups) > 1:
             batch.groups = _group_positions(plan, head, batch, named, num_items, check_values)
         if check_values:
-            _check_values(head, batch, plan)
+            _check_values(head, batch, plan, where)
         batches[head.name] = batch
     return batches

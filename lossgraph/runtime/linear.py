@@ -22,7 +22,7 @@ from ..compiler.fusion import chunk_rows
 from ..compiler.plan import HeadPlan
 from .autograd import scale_
 from .backend import BackendOptions, HeadResult, RowsEvaluator, TermStep, weighted_sum
-from .inputs import HeadBatch
+from .inputs import HeadBatch, Linear
 
 
 class LinearHeadLoss(torch.autograd.Function):
@@ -72,7 +72,7 @@ def linear_head(
     need_hidden, need_weight, need_bias = _needs_grad(hidden), _needs_grad(weight), _needs_grad(bias)
     gradient = need_hidden or need_weight or need_bias
     rows = hidden.shape[0]
-    linear_teachers = [w.weight.shape[0] for w in batch.teachers.values() if not isinstance(w, torch.Tensor)]
+    linear_teachers = [value.weight.shape[0] for value in batch.sources.values() if isinstance(value, Linear)]
     size = options.chunk_size or chunk_rows(head.vocab_size, linear_teachers, hidden.element_size())
     fp32 = options.accumulate_fp32
     outputs: dict[str, object] = {}
@@ -109,8 +109,7 @@ def linear_head(
         if values is None:  # no rows at all
             values = torch.zeros(len(head.terms), dtype=torch.float32, device=hidden.device)
             empty = torch.zeros(0, dtype=torch.int64, device=hidden.device)
-            predictions, teachers = [empty], {name: [empty] for name in batch.teachers}
-            teachers.update({name: [empty] for name in batch.topk})
+            predictions, teachers = [empty], {name: [empty] for name, form in batch.forms.items() if form.predicts}
             per_token = [torch.zeros(0, len(head.terms), dtype=torch.float32, device=hidden.device)]
         outputs["values"] = values
         outputs["prediction"] = torch.cat(predictions)

@@ -1,5 +1,6 @@
-"""Reference math: every target form in plain PyTorch, and each term through its kind's own
-reference (`LossKind.reference` / `divergence`, in the kind's module), differentiated by autograd.
+"""Reference math: every target in plain PyTorch (its own `Target.log_probs` or `vector_log_probs`), and
+each term through its kind's own reference (`LossKind.reference` / `divergence`, in the kind's module),
+differentiated by autograd.
 
 This is the ground truth the fused kernels are tested against, so it favours readable, exact
 formulas over speed. Everything is computed in float32 (float64 when the logits are float64).
@@ -19,10 +20,9 @@ from dataclasses import replace
 
 import torch
 
-from ..compiler.plan import Term, TopKTarget
+from ..compiler.plan import Term
 from ..kinds import loss_kind
-from ..kinds.source import LABELS, TOPK
-from .inputs import HeadBatch, TopK
+from .inputs import HeadBatch
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -40,49 +40,6 @@ def at_labels(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     inside = (labels >= 0) & (labels < values.shape[-1])
     picked = values.gather(1, torch.where(inside, labels, 0)[:, None]).squeeze(1)
     return torch.where(inside, picked, torch.nan)
-
-
-def topk_log_probs(
-    target: TopKTarget, topk: TopK, z: torch.Tensor, mask: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log p, log q, usable) over the top-k buckets, plus a tail bucket for `tail: bucket`.
-
-    renormalize: p = softmax(teacher log-probs / T) over the k stored tokens (T: the teacher's
-    temperature), q = softmax(z) over the same tokens (z: the student's logits at its own).
-    bucket (T = 1): p_i and q_i at the k tokens, and one more bucket each holding the remaining mass
-    (for the student, the log-sum-exp of the other tokens). Stored tokens outside the head's vocab
-    (vocab_map: truncate) are dropped; in bucket mode their teacher mass joins the tail.
-    `usable` [N] is False where renormalize finds no stored token inside the head's vocab (the
-    position then contributes 0).
-    """
-    dtype = z.dtype
-    vocab = z.shape[-1]
-    k = topk.indices.shape[-1]
-    indices = torch.where(mask[:, None], topk.indices.long(), 0)
-    in_vocab = (indices >= 0) & (indices < vocab)  # as the kernel: ids outside the vocab are dropped
-    safe = torch.where(in_vocab, indices, 0)
-    # masked positions get a harmless uniform placeholder instead of whatever the caller stored there
-    teacher = torch.where(mask[:, None], topk.logprobs.to(dtype), -math.log(k + 1))
-    gathered = z.gather(1, safe)
-    if target.tail == "renormalize":
-        usable = in_vocab.any(-1)
-        keep = in_vocab | ~usable[:, None]
-        log_q = torch.log_softmax(torch.where(keep, gathered, -math.inf), dim=-1)
-        log_p = torch.log_softmax(torch.where(keep, teacher / temperature, -math.inf), dim=-1)
-        return log_p, log_q, usable
-    log_z = torch.logsumexp(z, dim=-1, keepdim=True)
-    log_q_top = torch.where(in_vocab, gathered - log_z, -math.inf)
-    stored = torch.zeros_like(z).scatter_add(1, safe, in_vocab.to(dtype)) > 0
-    has_tail = ~stored.all(-1, keepdim=True)  # k == V leaves no tail; keep its logsumexp off all -inf
-    tail = torch.logsumexp(torch.where(stored & has_tail, -math.inf, z), dim=-1, keepdim=True)
-    log_q_tail = torch.where(has_tail, tail - log_z, -math.inf)
-    log_p_top = torch.where(in_vocab, teacher, -math.inf)
-    # with no token left outside the stored ones there is no tail, whatever the stored mass rounds to
-    # in float64, as the kernel: a confident teacher's tail lies below what float32 resolves next to 1
-    stored_mass = log_p_top.to(torch.float64).exp().sum(-1, keepdim=True)
-    log_p_tail = torch.where(has_tail, (1.0 - stored_mass).clamp(min=0.0), 0.0).log().to(dtype)
-    usable = torch.ones_like(mask)
-    return torch.cat([log_p_top, log_p_tail], dim=-1), torch.cat([log_q_top, log_q_tail], dim=-1), usable
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,7 +69,7 @@ class TermRows:
         self.teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
         self.log_q = torch.log_softmax(z, dim=-1)
         self.labels = batch.labels
-        self.hard_labels = term.target is not None and term.target.form == LABELS
+        self.hard_labels = term.target is not None and term.target.hard_labels
         weights = None if term.class_weights is None else batch.class_weights[term.class_weights].vector
         self.class_weights = None if weights is None else weights.to(z.dtype)  # [V] (cross_entropy's)
 
@@ -159,8 +116,9 @@ def term_per_position(
     if broken is not None:
         # a broken teacher row gives a NaN value and a NaN gradient, never a finite value that hides it
         z = z * torch.where(broken, math.nan, 1.0)[:, None].to(dtype)  # exact on the other rows
-    if target is not None and target.form == TOPK:
-        log_p, log_q, usable = topk_log_probs(target, batch.topk[target.name], z, mask, teacher_temperature)
+    vectors = None if target is None else target.vector_log_probs(batch, z, mask, teacher_temperature)
+    if vectors is not None:  # a target known on a few tokens per row: the kind's divergence on its vectors
+        log_p, log_q, usable = vectors
         value = torch.where(usable, kind.divergence(log_p, log_q, term), 0.0)
     else:
         value = kind.reference(TermRows(term, batch, logits, z, temperature, teacher_temperature), term)

@@ -12,7 +12,6 @@ from dataclasses import replace
 import torch
 
 from ..compiler.plan import HeadPlan
-from ..kinds.math import map_vocab
 from .autograd import PrecomputedGradient
 from .backend import BackendOptions, ChunkResult, HeadResult, TermStep, weighted_sum
 from .inputs import HeadBatch
@@ -25,9 +24,11 @@ def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[st
     """Student argmax and each teacher's argmax over the head's vocab (for the metrics)."""
     with torch.no_grad():
         student = batch.logits.argmax(-1)  # a positive scale and soft-capping keep the order (saturated caps would tie)
-        teachers = {name: map_vocab(t, head.vocab_size).argmax(-1) for name, t in batch.teachers.items()}
-        for name, topk in batch.topk.items():
-            teachers[name] = topk.indices.gather(1, topk.logprobs.argmax(-1, keepdim=True)).squeeze(1).long()
+        teachers = {}
+        for name, value in batch.sources.items():
+            predicted = batch.forms[name].prediction(value, head.vocab_size)
+            if predicted is not None:
+                teachers[name] = predicted
     return student, teachers
 
 
@@ -89,7 +90,10 @@ class ReferenceBackend:
             full = replace(
                 batch,
                 logits=GatherVocab.apply(batch.logits, batch.shard),
-                teachers={name: GatherVocab.apply(t, batch.shard) for name, t in batch.teachers.items()},
+                sources={
+                    name: batch.forms[name].whole_vocab(value, lambda part: GatherVocab.apply(part, batch.shard))
+                    for name, value in batch.sources.items()
+                },
                 shard=None,
             )
             return reference_head(head, full, steps)

@@ -10,10 +10,8 @@ from ...errors import quote
 from ...kernels import names
 from ...kernels.fragments import FIRST_READ, STREAMED, BucketForm, LinearGradient, LossFragments, Vectors
 from ...spec.nodes import Name, TargetLoss
-from ..class_weights import KWeighted
 from ..loss import LossKind
 from ..math import soft_cross_entropy
-from ..sources.labels import KLabels
 
 
 class CrossEntropyLoss(TargetLoss):
@@ -40,12 +38,12 @@ class CrossEntropyFragments(LossFragments):
     streams_in_bits = True
 
     def formulas(self, term):
-        if isinstance(term.target, KWeighted):
+        if _class_weighted(term):
             return {
                 "value": "l = -sum_j p~_j log q_j, p~_j = w_j p_j (class weights w, p the labels' distribution)",
                 "gradient": "dl/ds_j = M q_j - p~_j, M = sum_j p~_j = (1 - eps) w_y + (eps / V) W",
             }
-        if isinstance(term.target, KLabels):
+        if _one_hot(term):
             return {"value": "l = lse(s) - s_y", "gradient": "dl/ds_j = q_j - [j = y]"}
         return {
             "value": "l = -sum_j p_j log q_j",
@@ -56,13 +54,13 @@ class CrossEntropyFragments(LossFragments):
         }
 
     def value_stage(self, term):
-        if isinstance(term.target, KWeighted):
+        if _class_weighted(term):
             return FIRST_READ if term.target.epsilon == 0.0 else STREAMED
-        return FIRST_READ if isinstance(term.target, KLabels) else STREAMED
+        return FIRST_READ if _one_hot(term) else STREAMED
 
     def value_after_first_pass(self, k, t, term):
         s = term.slot
-        if isinstance(term.target, KWeighted):  # w_y (lse - s_y)
+        if _class_weighted(term):  # w_y (lse - s_y)
             w_y = k.label_class_weight(term.target.vector)
             return f"{w_y} * (({names.student_max(s)} - {k.scaled_label_logit(s)}) + {names.student_log_sum(s)})"
         return f"({names.student_max(s)} - {k.scaled_label_logit(s)}) + {names.student_log_sum(s)}"
@@ -75,14 +73,14 @@ class CrossEntropyFragments(LossFragments):
     def gradient(self, k, t, term):
         q = k.q(term.slot)
         target = term.target
-        if isinstance(target, KWeighted):
+        if _class_weighted(term):
             # dl/ds_j = M q_j - p~_j = M q_j - (eps / V) w_j - (1 - eps) w_y [j = y]
             label = f"-{target.label_part(k)}"
             if target.epsilon == 0.0:
                 return LinearGradient(((target.mass(k), q),), at_label=label)
             w = k.class_weight_tile(target.vector)
             return LinearGradient(((target.mass(k), q), (f"-{target.spread()}", w)), at_label=label)
-        if isinstance(target, KLabels):
+        if _one_hot(term):
             return LinearGradient((("1.0", q),), at_label="-1.0")
         return LinearGradient((("1.0", q), ("-1.0", k.p(term.target, term.target_slot))))
 
@@ -106,6 +104,17 @@ def keep_mass(k, v: Vectors) -> None:
     """In `bucket`: the term's locals that `mass_tail_gradient` reads in the last pass: mass = sum_c P_c
     (the stored buckets and the tail), the teacher's tail P_tail and the student's log Q_tail."""
     k.emit(f"mass = tl.sum({v.p}, 0) + {v.p_tail}", f"p_tail = {v.p_tail}", f"log_q_tail = {v.log_q_tail}")
+
+
+def _one_hot(term) -> bool:
+    """The target is the row's one-hot label: the value is lse - s_y, after the first read."""
+    return term.target.label_smoothing() == 0.0
+
+
+def _class_weighted(term) -> bool:
+    """The target is the labels' distribution weighted per class (`class_weights.KWeighted`): the
+    unnormalized p~ = w p, with its mass and label part."""
+    return bool(term.target.class_weight_vectors())
 
 
 def mass_tail_gradient(q: str, log_q: str) -> str:

@@ -11,8 +11,6 @@ from ...kernels.fragments import CROSS_MOMENT, FIRST_READ, MOMENT, ROW_SUMS, Buc
 from ...spec.nodes import TargetLoss
 from ..loss import LossKind
 from ..math import relative_entropy
-from ..sources.label_smoothing import KSmoothed
-from ..sources.teacher import KDense
 
 
 class ReverseKLLoss(TargetLoss):
@@ -28,12 +26,13 @@ class ReverseKLFragments(LossFragments):
     name = "reverse_kl"
 
     def formulas(self, term):
-        values = {
-            KDense: "l = sum_j q_j (s_j - u_j) - lse(s) + lse(u) (u: the teacher's logits / T)",
-            KSmoothed: "l = sum_j q_j log q_j - sum_j q_j log p_j, where log p_j = log(eps/V) + [j = y] c",
-        }
+        value = "l = sum_j q_j (log q_j - log p_j)"
+        if _single_teacher(term) is not None:
+            value = "l = sum_j q_j (s_j - u_j) - lse(s) + lse(u) (u: the teacher's logits / T)"
+        elif _smoothed(term):
+            value = "l = sum_j q_j log q_j - sum_j q_j log p_j, where log p_j = log(eps/V) + [j = y] c"
         return {
-            "value": values.get(type(term.target), "l = sum_j q_j (log q_j - log p_j)"),
+            "value": value,
             "row sums": "rk = sum_j q_j (log q_j - log p_j)",
             "gradient": "dl/ds_j = q_j (log q_j - log p_j - l)",
             "vector": "l = sum_i q_i (log q_i - log p_i); dl/ds_i = q_i (log q_i - log p_i - l)",
@@ -41,25 +40,26 @@ class ReverseKLFragments(LossFragments):
         }
 
     def first_pass_statistics(self, term):
-        if isinstance(term.target, KDense):
+        if _single_teacher(term) is not None:
             return (CROSS_MOMENT,)
-        if isinstance(term.target, KSmoothed):
+        if _smoothed(term):
             return (MOMENT,)
         return ()
 
     def value_stage(self, term):
-        return FIRST_READ if isinstance(term.target, (KDense, KSmoothed)) else ROW_SUMS
+        return FIRST_READ if _single_teacher(term) is not None or _smoothed(term) else ROW_SUMS
 
     def value_after_first_pass(self, k, t, term):
         s = term.slot
         log_sum, total = names.student_log_sum(s), names.student_sum(s)
-        if isinstance(term.target, KDense):
-            i, u = term.target.teacher, term.target_slot
+        i = _single_teacher(term)
+        if i is not None:
+            u = term.target_slot
             return (
                 f"{names.cross_moment(s, i, u)} / {total} - ({names.student_max(s)} - {names.teacher_max(i, u)}) "
                 f"- {log_sum} + {names.teacher_log_sum(i, u)}"
             )
-        eps, vocab = repr(term.target.epsilon), names.VOCAB_FLOAT
+        eps, vocab = repr(term.target.label_smoothing()), names.VOCAB_FLOAT
         k.emit(
             f"q_label = fast_exp(({k.scaled_label_logit(s)} - {names.student_max(s)}) - {log_sum})",
             f"low = tl.log({eps} / {vocab})",
@@ -99,6 +99,18 @@ class ReverseKLFragments(LossFragments):
             stored=f"tl.where({v.q} > 0, {v.q} * ({v.log_q} - {v.log_p} - {loss}), 0.0)",
             tail_factor=f"{v.log_q_tail} - {v.log_p_tail} - {loss}",
         )
+
+
+def _single_teacher(term) -> int | None:
+    """The dense teacher the term's target is exactly (its value then streams in pass 1), else None."""
+    return term.target.single_teacher()
+
+
+def _smoothed(term) -> bool:
+    """The target is smoothed labels (eps > 0; hard labels have no reverse KL): the value follows from
+    the student's entropy moment."""
+    epsilon = term.target.label_smoothing()
+    return epsilon is not None and epsilon > 0.0
 
 
 class ReverseKL(LossKind):

@@ -31,6 +31,9 @@ class KSmoothed(TargetFragments):
     epsilon: float
     reads_labels = True
 
+    def label_smoothing(self):
+        return self.epsilon
+
     def p(self, k, slot):
         eps = repr(self.epsilon)
         return k.cached(

@@ -12,6 +12,7 @@ from ...errors import quote
 from ...kernels.fragments import TargetFragments
 from ...spec.nodes import MAX_INDEX, MIN_INDEX, SourceNode
 from ..class_weights import KWeighted
+from ..form import LeafForm
 from ..source import LABELS, SourceKind, Target
 
 
@@ -30,6 +31,9 @@ class KLabels(TargetFragments):
 
     reads_labels = True
 
+    def label_smoothing(self):
+        return 0.0
+
     def p(self, k, slot):
         return k.cached("p_labels", f"tl.where({k.onehot()}, 1.0, 0.0)")
 
@@ -43,6 +47,7 @@ class LabelsTarget(Target):
 
     ignore_index: int = -100
     form = LABELS
+    hard_labels = True
 
     def kernel_target(self, index):
         return KLabels()
@@ -55,6 +60,14 @@ class LabelsTarget(Target):
 
         log_p = torch.full((batch.mask.numel(), vocab), -math.inf, dtype=dtype, device=batch.mask.device)
         return log_p.scatter(1, batch.labels[:, None], 0.0)
+
+
+class LabelsForm(LeafForm):
+    """At run time: the call's `labels=` (checked, shifted per head and masked by `runtime.inputs`, since
+    they also define the token mask); no value of its own in `teachers=`."""
+
+    name = LABELS
+    takes_value = False
 
 
 class Labels(SourceKind):
@@ -83,3 +96,4 @@ class Labels(SourceKind):
 
 
 KIND = Labels()
+FORM = LabelsForm()

@@ -43,6 +43,9 @@ class KMixture(TargetFragments):
     def dense_teachers(self):
         return tuple(t for _, part in self.parts for t in part.dense_teachers())
 
+    def kernel_arguments(self):
+        return tuple(dict.fromkeys(name for _, part in self.parts for name in part.kernel_arguments()))
+
     def p(self, k, slot):
         parts = " + ".join(f"{weight!r} * {part.p(k, slot)}" for weight, part in self.parts)
         return k.cached(f"p_mix{k.constant_id(self)}_{slot}", parts)
