@@ -178,7 +178,7 @@ def common_path(body: list[Instruction]) -> list[Instruction]:
     """The instructions one trip through a loop body executes on its cheapest path.
 
     A body may branch forward: a tile loop that reads the label is written twice, and only the tile
-    holding the label's column takes the longer copy (`codegen.KernelGenerator.tile_body`). That is the
+    holding the label's column takes the longer copy (`tiles.Tiles.tile_body`). That is the
     only branch the generator writes inside a loop, so the cheapest path is the one every other tile
     takes, the per-element cost at scale. (A body with other branches would be counted on its
     cheapest path too, which would under-count it: `PassCost.branches` says how many there are.)

@@ -1,0 +1,281 @@
+"""The reads of the row in a generated kernel, each one tile loop:
+
+pass 1     online max and sum-exp of every softmax state, the argmaxes and the sums that stream in
+           the same read (`first_pass`), kept per lane and combined after the loop (`combine_lanes`);
+pass 2     the row sums that involve p and q at once (`reduction_pass`), only where a term needs them;
+last pass  the streamed values and the summed gradient, written once (`last_pass`).
+"""
+
+from __future__ import annotations
+
+from . import names
+from .fragments import KernelTerm, KTopK, LinearGradient
+from .layout import reduction_statistics
+from .tiles import NEG_INF, Tiles
+from .topk import bucket_tail_gradient
+
+LANE_COUNT = "[BLOCK_V // VEC]"
+
+# --------------------------------------------------------------------------------------------------
+# Pass 1.
+# --------------------------------------------------------------------------------------------------
+
+
+def first_pass(k: Tiles) -> None:
+    """One read of the row, with every running statistic kept per lane (kernels/primitives.py):
+    each softmax state's max and sum-exp, the streamed sums, and the argmax's best value and tile.
+    A lane reduces its own VEC columns in registers, so the loop has no block reduction at all;
+    the lanes are combined once, after the loop. A tile's lane maxima are taken once per tensor:
+    the state at temperature T has max(x / T) = max(x) / T (T > 0, and rounding keeps the order)."""
+    k.emit("# pass 1: online softmax statistics, argmax and the sums that stream in one read, per lane")
+    open_first_pass_lanes(k)
+    with k.tile_loop():
+        argmax_updates(k)
+        for i, s in k.layout.teacher_states:
+            u = k.scaled_teacher(i, s)
+            state = f"t{i}_{s}"
+            k.emit(
+                f"m_{state}_lanes, sum_{state}_lanes, _, _ = lane_softmax_update("
+                f"m_{state}_lanes, sum_{state}_lanes, {u}, {scaled_max(k, f't{i}_max', s)}, VEC)"
+            )
+        for i in k.layout.tail_sources:
+            # the softmax state of the tokens source i does not store (a bucket's tail, T = 1)
+            tail = k.cached(f"tail_x{i}", f"tl.where({k.stored_columns(i)}, {NEG_INF}, x)")
+            k.emit(
+                f"tail_m{i}_lanes, tail_sum{i}_lanes, _, _ = lane_softmax_update("
+                f"tail_m{i}_lanes, tail_sum{i}_lanes, {tail}, lane_max({tail}, VEC), VEC)"
+            )
+        for s in k.layout.student_slots:
+            student_state_update(k, s)
+    combine_lanes(k)
+
+
+def open_first_pass_lanes(k: Tiles) -> None:
+    """Before pass 1: the lanes of every softmax state's max and sum, the streamed sums and the argmaxes."""
+    layout = k.layout
+    states = [f"s{s}" for s in layout.student_slots] + [f"t{i}_{s}" for i, s in layout.teacher_states]
+    maxima = [f"m_{state}" for state in states] + [f"tail_m{i}" for i in layout.tail_sources]
+    sums = [f"sum_{state}" for state in states] + [f"tail_sum{i}" for i in layout.tail_sources]
+    streamed = [f"moment_s{s}" for s in layout.moment_slots] + [
+        names.cross_moment(s, i, u) for s, i, u in layout.cross_moments
+    ]
+    for name in maxima:
+        k.emit(f"{name}_lanes = tl.full({LANE_COUNT}, {NEG_INF}, tl.float32)")
+    k.open_lanes(sums + streamed)
+    for suffix in ["", *[f"_t{i}" for i in range(len(k.spec.dense))]]:
+        k.emit(
+            f"best_value{suffix}_lanes = tl.full({LANE_COUNT}, {NEG_INF}, tl.float32)",
+            f"best_start{suffix}_lanes = tl.zeros({LANE_COUNT}, dtype=tl.int32)",
+        )
+
+
+def argmax_updates(k: Tiles) -> None:
+    """In pass 1: the tile's lane maxima of the raw logits, of x and of each dense teacher, and the
+    running argmaxes they update."""
+    raw = "z_raw" if k.transformed else "x"
+    k.emit(f"{raw}_max = lane_max({raw}, VEC)")
+    if k.spec.softcap is not None:
+        k.emit("x_max = lane_max(x, VEC)")
+    elif k.spec.logits_scale is not None:
+        # a > 0 and rounding keep the order: max_j(a z_j) = a max_j(z_j), one product per lane
+        k.emit(f"x_max = {k.capped('z_raw_max')}")
+    k.emit(
+        f"best_value_lanes, best_start_lanes = lane_argmax_update(best_value_lanes, best_start_lanes, {raw}_max, start)"
+    )
+    for i in range(len(k.spec.dense)):
+        tile = k.teacher_tile(i)
+        k.emit(
+            f"{tile}_max = lane_max({tile}, VEC)",
+            f"best_value_t{i}_lanes, best_start_t{i}_lanes = lane_argmax_update("
+            f"best_value_t{i}_lanes, best_start_t{i}_lanes, {tile}_max, start)",
+        )
+
+
+def student_state_update(k: Tiles, s: int) -> None:
+    """In pass 1: the student's softmax state at slot s, and the moments that stream beside it."""
+    layout = k.layout
+    xs = k.scaled_student(s)
+    if s in layout.moment_slots:
+        k.emit(f"m_old{s} = m_s{s}_lanes", f"sum_old{s} = sum_s{s}_lanes")
+    k.emit(
+        f"m_s{s}_lanes, sum_s{s}_lanes, rescale{s}, e{s} = lane_softmax_update("
+        f"m_s{s}_lanes, sum_s{s}_lanes, {xs}, {scaled_max(k, 'x_max', s)}, VEC)"
+    )
+    if s in layout.moment_slots:
+        # entropy: H = log S - sum_j exp(s_j - m) (s_j - m) / S, the sum kept like sum-exp
+        k.emit(
+            f"moment_s{s}_lanes = lane_centered_moment("
+            f"moment_s{s}_lanes, m_old{s}, m_s{s}_lanes, sum_old{s}, rescale{s}, e{s}, {xs}, VEC)"
+        )
+    for slot, i, teacher_slot in layout.cross_moments:
+        if slot == s:
+            # against one teacher: sum_j q_j (s_j - u_j) streams like sum-exp
+            u = k.scaled_teacher(i, teacher_slot)
+            cross = names.cross_moment(s, i, teacher_slot)
+            k.emit(
+                f"{cross}_lanes = {cross}_lanes * rescale{s} + tl.sum(tl.where("
+                f"e{s} > 0, e{s} * lanes_of({xs} - {u}, VEC), 0.0), 1)"
+            )
+
+
+def scaled_max(k: Tiles, lane_max: str, slot: int) -> str:
+    """Lane maxima at a temperature slot from those of the unscaled tile."""
+    return lane_max if k.spec.slot_is_one[slot] else f"{lane_max} * inv_t{slot}"
+
+
+def combine_lanes(k: Tiles) -> None:
+    """After pass 1: each softmax state's lanes brought to the row's max and summed; each streamed
+    sum likewise; the argmax from the lanes' bests."""
+    layout = k.layout
+    states = [(f"m_s{s}", f"sum_s{s}") for s in layout.student_slots]
+    states += [(f"m_t{i}_{s}", f"sum_t{i}_{s}") for i, s in layout.teacher_states]
+    states += [(f"tail_m{i}", f"tail_sum{i}") for i in layout.tail_sources]
+    for m, total in states:
+        k.emit(f"{m}, {m}_weights = lane_weights({m}_lanes)", f"{total} = tl.sum({total}_lanes * {m}_weights, 0)")
+    for s in layout.moment_slots:
+        k.emit(
+            f"moment_s{s} = row_centered_moment("
+            f"moment_s{s}_lanes, sum_s{s}_lanes, m_s{s}_lanes, m_s{s}, m_s{s}_weights)"
+        )
+    for s, i, u in layout.cross_moments:
+        cross = names.cross_moment(s, i, u)
+        # a lane whose weight underflows to 0 holds no mass in float32, even if its sum is infinite
+        # (a banned teacher token): it adds nothing, as an underflowed element adds nothing in a lane
+        k.emit(f"{cross} = tl.sum(tl.where(m_s{s}_weights > 0, {cross}_lanes * m_s{s}_weights, 0.0), 0)")
+    offset = " + vocab_start" if k.sliced else ""
+    k.emit("best_value, best_index = row_argmax(best_value_lanes, best_start_lanes, z_row, V, BLOCK_V, VEC)")
+    if offset:
+        k.emit(f"best_index = best_index{offset}")
+    for i in range(len(k.spec.dense)):
+        limit = f"tl.minimum(V, vocab_t{i})" if k.spec.dense[i].mapping == "pad" else "V"
+        k.emit(
+            f"best_value_t{i}, best_index_t{i} = row_argmax("
+            f"best_value_t{i}_lanes, best_start_t{i}_lanes, t{i}_row, {limit}, BLOCK_V, VEC)"
+        )
+        if offset:
+            k.emit(f"best_index_t{i} = best_index_t{i}{offset}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pass 2 (only for terms whose gradient needs a row sum over p and q).
+# --------------------------------------------------------------------------------------------------
+
+
+def reduction_pass(k: Tiles) -> None:
+    k.emit("# pass 2: row sums that involve p and q together (needed before any gradient element)")
+    sums = reduction_statistics(k.spec, k.layout)
+    k.open_lanes(sums)
+    with k.tile_loop():
+        k.tile_body(row_sum_summands)
+    k.close_lanes(sums, "=")
+
+
+def row_sum_summands(k: Tiles) -> None:
+    """Pass 2's tile body: each term's summands added to its row sums."""
+    for t in k.layout.reduction_terms:
+        term = k.spec.terms[t]
+        k.term_header(t, term, "row sums")
+        summands = term.loss.row_sums(k, t, term)
+        for name, summand in zip(term.loss.row_sum_names(term), summands, strict=True):
+            k.add_to_lanes(names.row_sum(name, t), summand)
+
+
+def reduction_values(k: Tiles) -> None:
+    """The values of the terms pass 2 sums up."""
+    for t in k.layout.reduction_terms:
+        term = k.spec.terms[t]
+        k.emit(f"{names.value(t)} = {term.loss.value_from_row_sums(k, t, term)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Last pass: streamed term values and the gradient.
+# --------------------------------------------------------------------------------------------------
+
+
+def last_pass(k: Tiles, tail_factors: frozenset[int]) -> None:
+    """The streamed values and, when the spec writes one, the gradient (`tail_factors`: see
+    `topk.topk_block`)."""
+    spec = k.spec
+    streamed = list(k.layout.streamed_terms)
+    if not spec.gradient and not streamed:
+        return
+
+    def body(tiles: Tiles) -> None:
+        terms_in_last_pass(tiles, tail_factors)
+
+    k.open_lanes([names.value(t) for t in streamed])
+    if not spec.gradient:
+        k.emit("# last pass: the values that stream (no gradient is asked for)")
+        with k.tile_loop():
+            k.tile_body(body)
+    else:
+        # each term's weight times the row's scale, once per row rather than once per element
+        for t, term in enumerate(spec.terms):
+            if term.active and spec.grouped:
+                k.emit(f"{names.gradient_weight(t)} = w{t} * grad_scale{spec.group_of(t)}")
+            elif term.active:
+                k.emit(f"{names.gradient_weight(t)} = w{t} * grad_scale")
+        k.emit("# last pass: streamed values and the summed gradient, written once")
+        with k.tile_loop():
+            k.emit("g = tl.zeros([BLOCK_V], dtype=tl.float32)")
+            k.tile_body(body)
+            if spec.softcap is not None:
+                # dl/dz = dl/dz' (1 - tanh^2(z / c)), z' = c tanh(z / c) the capped logit in x
+                k.emit(f"g = g * {k.cap_derivative('x')}")
+            if spec.accumulate:
+                k.emit("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
+            k.emit("tl.store(g_row + offs, round_to(g, grad_ptr.dtype.element_ty), mask=in_v)")
+    k.close_lanes([names.value(t) for t in streamed], "+=")
+    for t in streamed:
+        if spec.terms[t].loss.streams_in_bits:
+            k.emit(f"{names.value(t)} = {names.value(t)} * LN2  # summed in bits")
+
+
+def terms_in_last_pass(k: Tiles, tail_factors: frozenset[int]) -> None:
+    """The last pass's tile body: every term's streamed summand and gradient, the gradients that are
+    sums of vectors gathered by vector, the label's part on the label's column."""
+    linear: dict[str, list[str]] = {}  # vector -> its coefficients over the terms, times their weights
+    at_label: list[str] = []
+    for t, term in enumerate(k.spec.terms):
+        term_in_last_pass(k, t, term, tail_factors, linear, at_label)
+    if linear or at_label:
+        k.comment("the terms' gradients that are sums of vectors, each vector's coefficients added up")
+    for vector, coefficients in linear.items():
+        k.emit(f"g += ({' + '.join(coefficients)}) * {vector}")
+    label = k.onehot() if at_label else "False"
+    if label != "False":
+        k.emit(f"g += tl.where({label}, {' + '.join(at_label)}, 0.0)")
+
+
+def term_in_last_pass(
+    k: Tiles,
+    t: int,
+    term: KernelTerm,
+    tail_factors: frozenset[int],
+    linear: dict[str, list[str]],
+    at_label: list[str],
+) -> None:
+    """The term's streamed value (if it streams) and its gradient (if it is active); a gradient that
+    is a `LinearGradient` goes into `linear` and `at_label` (see `terms_in_last_pass`)."""
+    weight = names.gradient_weight(t)
+    if isinstance(term.target, KTopK):
+        if term.target.tail == "bucket" and term.active:
+            k.emit(f"# term {t} ({term.loss.name}): the tail's part of the bucket gradient, q_j G'_tail (T = 1)")
+            k.emit(f"g += {weight} * {bucket_tail_gradient(k, t, term, tail_factors)}")
+        return
+    streams = t in k.layout.streamed_terms
+    if streams or term.active:
+        k.term_header(t, term, *(["value"] if streams else []), *(["gradient"] if term.active else []))
+    if streams:
+        k.add_to_lanes(names.value(t), term.loss.streamed_value(k, t, term))
+    if not term.active:
+        return
+    gradient = term.loss.gradient(k, t, term)
+    if isinstance(gradient, LinearGradient):
+        for coefficient, vector in gradient.parts:
+            linear.setdefault(vector, []).append(f"{weight} * {coefficient}")
+        if gradient.at_label is not None:
+            at_label.append(f"{weight} * {gradient.at_label}")
+    else:
+        # the gradient is a product or parenthesized: the weight's factors fold into one per row
+        k.emit(f"g += {weight} * {gradient}")
