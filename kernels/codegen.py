@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import tokenize
 
+from . import names
 from .layout import (
     effective,
     float_statistics,
@@ -138,10 +139,11 @@ class KernelGenerator:
             args += [f"topz{i}_ptr" for i in range(len(spec.topk))]
         if phase == "reduce" or (phase == "apply" and self.layout.reduction_terms):
             args.append("red_ptr")
-        args += [f"inv_t{s}" for s in range(len(spec.slot_is_one))]
+        args += [names.inverse_temperature(s) for s in range(len(spec.slot_is_one))]
         if phase in ("single", "apply"):
-            args += [f"w{t}" for t, term in enumerate(spec.terms) if term.active]
-            args += [f"vs{t}" for t in range(len(spec.terms))] + [f"lw{t}" for t in range(len(spec.terms))]
+            args += [names.weight(t) for t, term in enumerate(spec.terms) if term.active]
+            args += [names.value_scale(t) for t in range(len(spec.terms))]
+            args += [names.loss_weight(t) for t in range(len(spec.terms))]
         args.append("V")
         if self.sliced:
             args += ["vocab_start", "V_total"]
@@ -200,7 +202,7 @@ class KernelGenerator:
             *[f"#   {line}" for line in self.spec.describe()],
             f"#   reads of the row: {self.layout.passes}",
             "# Notation: s = z / T at the term's slot, q = softmax(s), p the target at T; each term's",
-            "# gradient is dl/ds_j, times its weight gw (weight x head weight x T^2 if scaled / T x row scale).",
+            "# gradient is dl/ds_j, times its grad_weight (weight x head weight x T^2 if scaled / T x row scale).",
         ]
 
     def row_prologue(self, k: Tiles) -> str:
@@ -209,22 +211,22 @@ class KernelGenerator:
         if self.spec.grouped:
             # each term group's row scale (its positions' weight / its normalizer), row_scale [N, groups]
             groups = self.spec.row_groups
-            k.emit(*[f"row_scale{g} = tl.load(row_scale_ptr + row * {groups} + {g})" for g in range(groups)])
-            skip = " & ".join(f"(row_scale{g} == 0.0)" for g in range(groups))
+            k.emit(*[f"{names.row_scale(g)} = tl.load(row_scale_ptr + row * {groups} + {g})" for g in range(groups)])
+            skip = " & ".join(f"({names.row_scale(g)} == 0.0)" for g in range(groups))
         else:
-            k.emit("row_scale = tl.load(row_scale_ptr + row)")
-            skip = "row_scale == 0.0"
+            k.emit(f"{names.row_scale()} = tl.load(row_scale_ptr + row)")
+            skip = f"{names.row_scale()} == 0.0"
         k.emit(
             "z_row = z_ptr + row * stride_z",
             "cols = tl.arange(0, BLOCK_V)",
             "tiles = tl.cdiv(V, BLOCK_V)",
             "VT = V_total" if self.sliced else "VT = V",
-            "Vf = VT.to(tl.float32)",
+            f"{names.VOCAB_FLOAT} = VT.to(tl.float32)",
         )
         if self.phase in ("single", "apply") and self.spec.gradient:
-            k.emit("g_row = grad_ptr + row * stride_grad")
+            k.emit(f"{names.GRAD_ROW} = grad_ptr + row * stride_grad")
         for i in range(len(self.spec.dense)):
-            k.emit(f"t{i}_row = t{i}_ptr + row * stride_t{i}")
+            k.emit(f"{names.teacher_row(i)} = t{i}_ptr + row * stride_t{i}")
         return skip
 
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import names
 from .codegen import KernelGenerator, next_power_of_two
 from .interpreter_lock import launch_guard
 from .signature import KernelSpec
@@ -137,7 +138,7 @@ def _arguments(spec: KernelSpec, inputs: Inputs) -> dict[str, object]:
                 f"stride_k{i}_logp": logprobs.stride(0),
             }
         )
-    arguments.update({f"inv_t{s}": float(x) for s, x in enumerate(inputs.inverse_temperatures)})
+    arguments.update({names.inverse_temperature(s): float(x) for s, x in enumerate(inputs.inverse_temperatures)})
     return arguments
 
 
@@ -152,14 +153,14 @@ class TermNumbers(NamedTuple):
 def _term_arguments(spec: KernelSpec, grad: torch.Tensor | None, numbers: TermNumbers) -> dict[str, object]:
     """The gradient buffer and each active term's weight (none of them when the spec writes no
     gradient), and every term's value scale and loss weight."""
-    arguments: dict[str, object] = {f"vs{t}": float(v) for t, v in enumerate(numbers.value_scale)}
-    arguments.update({f"lw{t}": float(w) for t, w in enumerate(numbers.loss)})
+    arguments: dict[str, object] = {names.value_scale(t): float(v) for t, v in enumerate(numbers.value_scale)}
+    arguments.update({names.loss_weight(t): float(w) for t, w in enumerate(numbers.loss)})
     if not spec.gradient:
         return arguments
     if grad is None:
         raise ValueError("a kernel that writes the gradient needs a gradient buffer")
     active = [t for t, term in enumerate(spec.terms) if term.active]
-    arguments.update({f"w{t}": float(w) for t, w in zip(active, numbers.gradient)})
+    arguments.update({names.weight(t): float(w) for t, w in zip(active, numbers.gradient)})
     return {"grad_ptr": grad, "stride_grad": grad.stride(0), **arguments}
 
 

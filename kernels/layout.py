@@ -107,23 +107,22 @@ def float_statistics(spec: KernelSpec, layout: KernelLayout) -> list[tuple[str, 
     """
     entries: list[tuple[str, str, tuple]] = []
     for s in layout.student_slots:
-        entries += [(f"m_s{s}", "max", ("s", s)), (f"sum_s{s}", "sum_exp", ("s", s))]
+        entries += [(names.student_max(s), "max", ("s", s)), (names.student_sum(s), "sum_exp", ("s", s))]
     entries += [(names.moment(s), "moment", ("s", s)) for s in layout.moment_slots]
     for i in layout.tail_sources:
-        entries += [(f"tail_m{i}", "max", ("tail", i)), (f"tail_sum{i}", "sum_exp", ("tail", i))]
+        entries += [(names.tail_max(i), "max", ("tail", i)), (names.tail_sum(i), "sum_exp", ("tail", i))]
     entries += [(names.cross_moment(s, i, u), "scaled", ("s", s)) for s, i, u in layout.cross_moments]
     for i, s in layout.teacher_states:
-        entries += [(f"m_t{i}_{s}", "max", ("t", i, s)), (f"sum_t{i}_{s}", "sum_exp", ("t", i, s))]
-    entries.append(("best_value", "argmax", ()))
-    entries += [(f"best_value_t{i}", "argmax", ()) for i in range(len(spec.dense))]
+        entries += [(names.teacher_max(i, s), "max", ("t", i, s)), (names.teacher_sum(i, s), "sum_exp", ("t", i, s))]
+    entries += [(names.best_value(teacher), "argmax", ()) for teacher in [None, *range(len(spec.dense))]]
     if spec.uses_labels:
-        entries.append(("z_label", "sum", ()))
+        entries.append((names.LABEL_LOGIT, "sum", ()))
     return entries
 
 
 def int_statistics(spec: KernelSpec) -> list[str]:
     """The argmax indices (global ids) of the student and each dense teacher, in the int buffer."""
-    return ["best_index", *[f"best_index_t{i}" for i in range(len(spec.dense))]]
+    return [names.best_index(teacher) for teacher in [None, *range(len(spec.dense))]]
 
 
 def reduction_statistics(spec: KernelSpec, layout: KernelLayout) -> list[str]:

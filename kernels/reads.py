@@ -32,18 +32,19 @@ def first_pass(k: Tiles) -> None:
     with k.tile_loop():
         argmax_updates(k)
         for i, s in k.layout.teacher_states:
-            u = k.scaled_teacher(i, s)
-            state = f"t{i}_{s}"
+            m, total = names.teacher_max(i, s), names.teacher_sum(i, s)
+            lane_max = scaled_max(k, f"{k.teacher_tile(i)}_max", s)
             k.emit(
-                f"m_{state}_lanes, sum_{state}_lanes, _, _ = lane_softmax_update("
-                f"m_{state}_lanes, sum_{state}_lanes, {u}, {scaled_max(k, f't{i}_max', s)}, VEC)"
+                f"{m}_lanes, {total}_lanes, _, _ = lane_softmax_update("
+                f"{m}_lanes, {total}_lanes, {k.scaled_teacher(i, s)}, {lane_max}, VEC)"
             )
         for i in k.layout.tail_sources:
             # the softmax state of the tokens source i does not store (a bucket's tail, T = 1)
-            tail = k.cached(f"tail_x{i}", f"tl.where({k.stored_columns(i)}, {NEG_INF}, x)")
+            tail = k.cached(names.topk(i, "tail_logits"), f"tl.where({k.stored_columns(i)}, {NEG_INF}, x)")
+            m, total = names.tail_max(i), names.tail_sum(i)
             k.emit(
-                f"tail_m{i}_lanes, tail_sum{i}_lanes, _, _ = lane_softmax_update("
-                f"tail_m{i}_lanes, tail_sum{i}_lanes, {tail}, lane_max({tail}, VEC), VEC)"
+                f"{m}_lanes, {total}_lanes, _, _ = lane_softmax_update("
+                f"{m}_lanes, {total}_lanes, {tail}, lane_max({tail}, VEC), VEC)"
             )
         for s in k.layout.student_slots:
             student_state_update(k, s)
@@ -52,21 +53,27 @@ def first_pass(k: Tiles) -> None:
 
 def open_first_pass_lanes(k: Tiles) -> None:
     """Before pass 1: the lanes of every softmax state's max and sum, the streamed sums and the argmaxes."""
-    layout = k.layout
-    states = [f"s{s}" for s in layout.student_slots] + [f"t{i}_{s}" for i, s in layout.teacher_states]
-    maxima = [f"m_{state}" for state in states] + [f"tail_m{i}" for i in layout.tail_sources]
-    sums = [f"sum_{state}" for state in states] + [f"tail_sum{i}" for i in layout.tail_sources]
-    streamed = [f"moment_s{s}" for s in layout.moment_slots] + [
-        names.cross_moment(s, i, u) for s, i, u in layout.cross_moments
+    states = softmax_states(k)
+    streamed = [names.moment(s) for s in k.layout.moment_slots] + [
+        names.cross_moment(s, i, u) for s, i, u in k.layout.cross_moments
     ]
-    for name in maxima:
-        k.emit(f"{name}_lanes = tl.full({LANE_COUNT}, {NEG_INF}, tl.float32)")
-    k.open_lanes(sums + streamed)
-    for suffix in ["", *[f"_t{i}" for i in range(len(k.spec.dense))]]:
+    for m, _ in states:
+        k.emit(f"{m}_lanes = tl.full({LANE_COUNT}, {NEG_INF}, tl.float32)")
+    k.open_lanes([total for _, total in states] + streamed)
+    for teacher in [None, *range(len(k.spec.dense))]:
         k.emit(
-            f"best_value{suffix}_lanes = tl.full({LANE_COUNT}, {NEG_INF}, tl.float32)",
-            f"best_start{suffix}_lanes = tl.zeros({LANE_COUNT}, dtype=tl.int32)",
+            f"{names.best_value(teacher)}_lanes = tl.full({LANE_COUNT}, {NEG_INF}, tl.float32)",
+            f"{names.best_start(teacher)}_lanes = tl.zeros({LANE_COUNT}, dtype=tl.int32)",
         )
+
+
+def softmax_states(k: Tiles) -> list[tuple[str, str]]:
+    """(max, sum) of every softmax state pass 1 keeps: the student's at each slot, each dense
+    teacher's at each slot it is read at, each bucket tail's."""
+    layout = k.layout
+    states = [(names.student_max(s), names.student_sum(s)) for s in layout.student_slots]
+    states += [(names.teacher_max(i, s), names.teacher_sum(i, s)) for i, s in layout.teacher_states]
+    return states + [(names.tail_max(i), names.tail_sum(i)) for i in layout.tail_sources]
 
 
 def argmax_updates(k: Tiles) -> None:
@@ -79,33 +86,31 @@ def argmax_updates(k: Tiles) -> None:
     elif k.spec.logits_scale is not None:
         # a > 0 and rounding keep the order: max_j(a z_j) = a max_j(z_j), one product per lane
         k.emit(f"x_max = {k.capped('z_raw_max')}")
-    k.emit(
-        f"best_value_lanes, best_start_lanes = lane_argmax_update(best_value_lanes, best_start_lanes, {raw}_max, start)"
-    )
+    best = f"{names.best_value()}_lanes, {names.best_start()}_lanes"
+    k.emit(f"{best} = lane_argmax_update({best}, {raw}_max, start)")
     for i in range(len(k.spec.dense)):
         tile = k.teacher_tile(i)
-        k.emit(
-            f"{tile}_max = lane_max({tile}, VEC)",
-            f"best_value_t{i}_lanes, best_start_t{i}_lanes = lane_argmax_update("
-            f"best_value_t{i}_lanes, best_start_t{i}_lanes, {tile}_max, start)",
-        )
+        best = f"{names.best_value(i)}_lanes, {names.best_start(i)}_lanes"
+        k.emit(f"{tile}_max = lane_max({tile}, VEC)", f"{best} = lane_argmax_update({best}, {tile}_max, start)")
 
 
 def student_state_update(k: Tiles, s: int) -> None:
     """In pass 1: the student's softmax state at slot s, and the moments that stream beside it."""
     layout = k.layout
     xs = k.scaled_student(s)
+    m, total, moment = names.student_max(s), names.student_sum(s), names.moment(s)
+    rescale, exp = f"student_rescale_{s}", f"student_exp_{s}"  # of this tile's update
     if s in layout.moment_slots:
-        k.emit(f"m_old{s} = m_s{s}_lanes", f"sum_old{s} = sum_s{s}_lanes")
+        k.emit(f"{m}_old = {m}_lanes", f"{total}_old = {total}_lanes")
     k.emit(
-        f"m_s{s}_lanes, sum_s{s}_lanes, rescale{s}, e{s} = lane_softmax_update("
-        f"m_s{s}_lanes, sum_s{s}_lanes, {xs}, {scaled_max(k, 'x_max', s)}, VEC)"
+        f"{m}_lanes, {total}_lanes, {rescale}, {exp} = lane_softmax_update("
+        f"{m}_lanes, {total}_lanes, {xs}, {scaled_max(k, 'x_max', s)}, VEC)"
     )
     if s in layout.moment_slots:
         # entropy: H = log S - sum_j exp(s_j - m) (s_j - m) / S, the sum kept like sum-exp
         k.emit(
-            f"moment_s{s}_lanes = lane_centered_moment("
-            f"moment_s{s}_lanes, m_old{s}, m_s{s}_lanes, sum_old{s}, rescale{s}, e{s}, {xs}, VEC)"
+            f"{moment}_lanes = lane_centered_moment("
+            f"{moment}_lanes, {m}_old, {m}_lanes, {total}_old, {rescale}, {exp}, {xs}, VEC)"
         )
     for slot, i, teacher_slot in layout.cross_moments:
         if slot == s:
@@ -113,47 +118,40 @@ def student_state_update(k: Tiles, s: int) -> None:
             u = k.scaled_teacher(i, teacher_slot)
             cross = names.cross_moment(s, i, teacher_slot)
             k.emit(
-                f"{cross}_lanes = {cross}_lanes * rescale{s} + tl.sum(tl.where("
-                f"e{s} > 0, e{s} * lanes_of({xs} - {u}, VEC), 0.0), 1)"
+                f"{cross}_lanes = {cross}_lanes * {rescale} + tl.sum(tl.where("
+                f"{exp} > 0, {exp} * lanes_of({xs} - {u}, VEC), 0.0), 1)"
             )
 
 
 def scaled_max(k: Tiles, lane_max: str, slot: int) -> str:
     """Lane maxima at a temperature slot from those of the unscaled tile."""
-    return lane_max if k.spec.slot_is_one[slot] else f"{lane_max} * inv_t{slot}"
+    return lane_max if k.spec.slot_is_one[slot] else f"{lane_max} * {names.inverse_temperature(slot)}"
 
 
 def combine_lanes(k: Tiles) -> None:
     """After pass 1: each softmax state's lanes brought to the row's max and summed; each streamed
     sum likewise; the argmax from the lanes' bests."""
     layout = k.layout
-    states = [(f"m_s{s}", f"sum_s{s}") for s in layout.student_slots]
-    states += [(f"m_t{i}_{s}", f"sum_t{i}_{s}") for i, s in layout.teacher_states]
-    states += [(f"tail_m{i}", f"tail_sum{i}") for i in layout.tail_sources]
-    for m, total in states:
+    for m, total in softmax_states(k):
         k.emit(f"{m}, {m}_weights = lane_weights({m}_lanes)", f"{total} = tl.sum({total}_lanes * {m}_weights, 0)")
     for s in layout.moment_slots:
-        k.emit(
-            f"moment_s{s} = row_centered_moment("
-            f"moment_s{s}_lanes, sum_s{s}_lanes, m_s{s}_lanes, m_s{s}, m_s{s}_weights)"
-        )
+        m, total, moment = names.student_max(s), names.student_sum(s), names.moment(s)
+        k.emit(f"{moment} = row_centered_moment({moment}_lanes, {total}_lanes, {m}_lanes, {m}, {m}_weights)")
     for s, i, u in layout.cross_moments:
-        cross = names.cross_moment(s, i, u)
+        cross, weights = names.cross_moment(s, i, u), f"{names.student_max(s)}_weights"
         # a lane whose weight underflows to 0 holds no mass in float32, even if its sum is infinite
         # (a banned teacher token): it adds nothing, as an underflowed element adds nothing in a lane
-        k.emit(f"{cross} = tl.sum(tl.where(m_s{s}_weights > 0, {cross}_lanes * m_s{s}_weights, 0.0), 0)")
-    offset = " + vocab_start" if k.sliced else ""
-    k.emit("best_value, best_index = row_argmax(best_value_lanes, best_start_lanes, z_row, V, BLOCK_V, VEC)")
-    if offset:
-        k.emit(f"best_index = best_index{offset}")
-    for i in range(len(k.spec.dense)):
-        limit = f"tl.minimum(V, vocab_t{i})" if k.spec.dense[i].mapping == "pad" else "V"
-        k.emit(
-            f"best_value_t{i}, best_index_t{i} = row_argmax("
-            f"best_value_t{i}_lanes, best_start_t{i}_lanes, t{i}_row, {limit}, BLOCK_V, VEC)"
-        )
-        if offset:
-            k.emit(f"best_index_t{i} = best_index_t{i}{offset}")
+        k.emit(f"{cross} = tl.sum(tl.where({weights} > 0, {cross}_lanes * {weights}, 0.0), 0)")
+    for teacher in [None, *range(len(k.spec.dense))]:
+        value, index, start = names.best_value(teacher), names.best_index(teacher), names.best_start(teacher)
+        if teacher is None:
+            row, limit = "z_row", "V"
+        else:
+            row = names.teacher_row(teacher)
+            limit = f"tl.minimum(V, vocab_t{teacher})" if k.spec.dense[teacher].mapping == "pad" else "V"
+        k.emit(f"{value}, {index} = row_argmax({value}_lanes, {start}_lanes, {row}, {limit}, BLOCK_V, VEC)")
+        if k.sliced:
+            k.emit(f"{index} = {index} + vocab_start")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,19 +210,21 @@ def last_pass(k: Tiles, tail_factors: frozenset[int]) -> None:
         # each term's weight times the row's scale, once per row rather than once per element
         for t, term in enumerate(spec.terms):
             if term.active and spec.grouped:
-                k.emit(f"{names.gradient_weight(t)} = w{t} * grad_scale{spec.group_of(t)}")
+                k.emit(f"{names.gradient_weight(t)} = {names.weight(t)} * {names.grad_scale(spec.group_of(t))}")
             elif term.active:
-                k.emit(f"{names.gradient_weight(t)} = w{t} * grad_scale")
+                k.emit(f"{names.gradient_weight(t)} = {names.weight(t)} * {names.grad_scale()}")
         k.emit("# last pass: streamed values and the summed gradient, written once")
         with k.tile_loop():
-            k.emit("g = tl.zeros([BLOCK_V], dtype=tl.float32)")
+            k.emit(f"{names.GRAD} = tl.zeros([BLOCK_V], dtype=tl.float32)")
             k.tile_body(body)
             if spec.softcap is not None:
                 # dl/dz = dl/dz' (1 - tanh^2(z / c)), z' = c tanh(z / c) the capped logit in x
-                k.emit(f"g = g * {k.cap_derivative('x')}")
+                k.emit(f"{names.GRAD} = {names.GRAD} * {k.cap_derivative('x')}")
             if spec.accumulate:
-                k.emit("g += tl.load(g_row + offs, mask=in_v, other=0.0).to(tl.float32)")
-            k.emit("tl.store(g_row + offs, round_to(g, grad_ptr.dtype.element_ty), mask=in_v)")
+                earlier = f"tl.load({names.GRAD_ROW} + offs, mask={names.IN_VOCAB}, other=0.0).to(tl.float32)"
+                k.emit(f"{names.GRAD} += {earlier}")
+            rounded = f"round_to({names.GRAD}, grad_ptr.dtype.element_ty)"
+            k.emit(f"tl.store({names.GRAD_ROW} + offs, {rounded}, mask={names.IN_VOCAB})")
     k.close_lanes([names.value(t) for t in streamed], "+=")
     for t in streamed:
         if spec.terms[t].loss.streams_in_bits:
@@ -241,10 +241,10 @@ def terms_in_last_pass(k: Tiles, tail_factors: frozenset[int]) -> None:
     if linear or at_label:
         k.comment("the terms' gradients that are sums of vectors, each vector's coefficients added up")
     for vector, coefficients in linear.items():
-        k.emit(f"g += ({' + '.join(coefficients)}) * {vector}")
+        k.emit(f"{names.GRAD} += ({' + '.join(coefficients)}) * {vector}")
     label = k.onehot() if at_label else "False"
     if label != "False":
-        k.emit(f"g += tl.where({label}, {' + '.join(at_label)}, 0.0)")
+        k.emit(f"{names.GRAD} += tl.where({label}, {' + '.join(at_label)}, 0.0)")
 
 
 def term_in_last_pass(
@@ -261,7 +261,7 @@ def term_in_last_pass(
     if isinstance(term.target, KTopK):
         if term.target.tail == "bucket" and term.active:
             k.emit(f"# term {t} ({term.loss.name}): the tail's part of the bucket gradient, q_j G'_tail (T = 1)")
-            k.emit(f"g += {weight} * {bucket_tail_gradient(k, t, term, tail_factors)}")
+            k.emit(f"{names.GRAD} += {weight} * {bucket_tail_gradient(k, t, term, tail_factors)}")
         return
     streams = t in k.layout.streamed_terms
     if streams or term.active:
@@ -278,4 +278,4 @@ def term_in_last_pass(
             at_label.append(f"{weight} * {gradient.at_label}")
     else:
         # the gradient is a product or parenthesized: the weight's factors fold into one per row
-        k.emit(f"g += {weight} * {gradient}")
+        k.emit(f"{names.GRAD} += {weight} * {gradient}")

@@ -93,7 +93,7 @@ def argument_types(arg_names: list[str], pointer: str) -> dict[str, str]:
             types[name] = "*fp32"
         elif name in ("label_ptr", "pred_ptr", "stati_ptr") or re.fullmatch(r"(tpred\d+|k\d+_index)_ptr", name):
             types[name] = "*i64"
-        elif re.fullmatch(r"inv_t\d+|w\d+|vs\d+|lw\d+", name):
+        elif re.fullmatch(r"(inverse_temperature|weight|value_scale|loss_weight)_\d+", name):
             types[name] = "fp32"
         elif name in ("V", "vocab_start", "V_total") or re.fullmatch(r"stride_\w+|vocab_t\d+", name):
             types[name] = "i32"

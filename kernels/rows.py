@@ -36,9 +36,9 @@ def single_row(k: Tiles) -> None:
     if k.layout.topk_sources and k.spec.gradient:
         scatter_topk(k)
     store_values(k)
-    k.emit("tl.store(pred_ptr + row, best_index)")
+    k.emit(f"tl.store(pred_ptr + row, {names.best_index()})")
     for i in range(len(k.spec.dense)):
-        k.emit(f"tl.store(tpred{i}_ptr + row, best_index_t{i})")
+        k.emit(f"tl.store(tpred{i}_ptr + row, {names.best_index(i)})")
 
 
 def stats_row(k: Tiles) -> None:
@@ -47,14 +47,17 @@ def stats_row(k: Tiles) -> None:
     load_row_inputs(k)
     first_pass(k)
     if k.spec.uses_labels:
+        label, logit, held = names.LABEL, names.LABEL_LOGIT, "label_held"
         k.emit(
-            "held = (y >= vocab_start) & (y < vocab_start + V)",
-            "z_label = tl.load(z_row + tl.where(held, y - vocab_start, 0), mask=held, other=0.0).to(tl.float32)",
+            f"{held} = ({label} >= vocab_start) & ({label} < vocab_start + V)",
+            f"{logit} = tl.load(z_row + tl.where({held}, {label} - vocab_start, 0), mask={held}, other=0.0)"
+            ".to(tl.float32)",
         )
         if k.transformed:
-            k.emit(f"z_label = tl.where(held, {k.capped('z_label')}, 0.0)")
+            k.emit(f"{logit} = tl.where({held}, {k.capped(logit)}, 0.0)")
     for i in k.layout.topk_sources:
-        k.emit(f"tl.store(topz{i}_ptr + row * {topk_width(k.spec, i)} + kk{i}, tl.where(held{i}, z_top{i}, 0.0))")
+        at = f"topz{i}_ptr + row * {topk_width(k.spec, i)} + {names.topk(i, 'slots')}"
+        k.emit(f"tl.store({at}, tl.where({names.topk(i, 'held')}, {names.topk(i, 'logits')}, 0.0))")
     floats = float_statistics(k.spec, k.layout)
     for c, (name, _, _) in enumerate(floats):
         k.emit(f"tl.store(statf_ptr + row * {len(floats)} + {c}, {name})")
@@ -115,7 +118,8 @@ def masked_row(k: Tiles) -> None:
     if spec.gradient and not spec.accumulate:
         with k.src.block("for start in range(0, V, BLOCK_V):"):
             k.emit("offs = start + cols")
-            k.emit("tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < V)")
+            zeros = "tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)"
+            k.emit(f"tl.store({names.GRAD_ROW} + offs, {zeros}, mask=offs < V)")
     for column in range(len(spec.terms) + 1):
         k.emit(f"tl.store(loss_ptr + row * {len(spec.terms) + 1} + {column}, 0.0)")
     if k.phase == "single":
@@ -138,13 +142,15 @@ def load_row_inputs(k: Tiles) -> None:
 
 
 def load_label(k: Tiles) -> None:
-    """The row's label y (a global id), and its column in this row's slice as int32, -1 when the
+    """The row's label (a global id), and its column in this row's slice as int32, -1 when the
     slice does not hold it (or it is out of range): the tile loops compare 32-bit columns."""
-    k.emit("y = tl.load(label_ptr + row)")
+    label = names.LABEL
+    k.emit(f"{label} = tl.load(label_ptr + row)")
     if k.sliced:
-        k.emit("y_col = tl.where((y >= vocab_start) & (y < vocab_start + V), y - vocab_start, -1).to(tl.int32)")
+        held = f"({label} >= vocab_start) & ({label} < vocab_start + V)"
+        k.emit(f"{names.LABEL_COLUMN} = tl.where({held}, {label} - vocab_start, -1).to(tl.int32)")
     else:
-        k.emit("y_col = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)")
+        k.emit(f"{names.LABEL_COLUMN} = tl.where(({label} >= 0) & ({label} < V), {label}, -1).to(tl.int32)")
 
 
 def load_stats(k: Tiles) -> None:
@@ -175,34 +181,48 @@ def after_first_pass(k: Tiles) -> None:
 
 def log_sums(k: Tiles) -> None:
     """Each softmax state's log and log2 sum; the student's log-sum-exps; whether each teacher's
-    logits and stored log-probs are a distribution (`ok_t{i}`, `ok_k{i}`)."""
+    logits and stored log-probs are a distribution (`names.teacher_ok`, `names.topk_ok`)."""
     layout = k.layout
     for s in layout.student_slots:
+        total, log_sum = names.student_sum(s), names.student_log_sum(s)
         k.emit(
-            f"log_sum_s{s} = tl.log(sum_s{s})",
-            f"log2_sum_s{s} = tl.log2(sum_s{s})",
-            f"lse_s{s} = m_s{s} + log_sum_s{s}",
+            f"{log_sum} = tl.log({total})",
+            f"{names.student_log2_sum(s)} = tl.log2({total})",
+            f"{names.student_lse(s)} = {names.student_max(s)} + {log_sum}",
         )
     for i, s in layout.teacher_states:
-        k.emit(f"log_sum_t{i}_{s} = tl.log(sum_t{i}_{s})", f"log2_sum_t{i}_{s} = tl.log2(sum_t{i}_{s})")
+        total = names.teacher_sum(i, s)
+        k.emit(f"{names.teacher_log_sum(i, s)} = tl.log({total})", f"{names.teacher_log2_sum(i, s)} = tl.log2({total})")
     for i in range(len(k.spec.dense)):
         # a NaN or +inf logit, or no finite one, leaves the teacher's log-sum-exp non-finite (x - x != 0)
         _, s = next(state for state in layout.teacher_states if state[0] == i)
-        k.emit(f"lse_t{i} = m_t{i}_{s} + log_sum_t{i}_{s}", f"ok_t{i} = (lse_t{i} - lse_t{i}) == 0.0")
+        lse = names.teacher_lse(i)
+        k.emit(
+            f"{lse} = {names.teacher_max(i, s)} + {names.teacher_log_sum(i, s)}",
+            f"{names.teacher_ok(i)} = ({lse} - {lse}) == 0.0",
+        )
     for i in layout.topk_sources if k.phase != "reduce" else ():
         # the same for the stored log-probs of a top-k teacher
+        lse, valid, log_p = names.topk(i, "lse"), names.topk(i, "valid"), names.topk(i, "log_p")
         k.emit(
-            f"lse_k{i} = log_sum_exp(tl.where(kmask{i}, stored_lp{i}, {NEG_INF}))",
-            f"ok_k{i} = (lse_k{i} - lse_k{i}) == 0.0",
+            f"{lse} = log_sum_exp(tl.where({valid}, {log_p}, {NEG_INF}))",
+            f"{names.topk_ok(i)} = ({lse} - {lse}) == 0.0",
         )
 
 
 def teacher_checks(term: KernelTerm) -> list[str]:
     """The per-row flags saying the teachers `term` reads are distributions."""
-    checks = [f"ok_t{i}" for i in dense_teachers(term.target)]
+    checks = [names.teacher_ok(i) for i in dense_teachers(term.target)]
     if isinstance(term.target, KTopK):
-        checks.append(f"ok_k{term.target.source}")
+        checks.append(names.topk_ok(term.target.source))
     return checks
+
+
+def distinct_teacher_checks(terms: list[KernelTerm]) -> list[str]:
+    """`teacher_checks` of all `terms`, each flag once: the top-k teachers', then the dense ones'."""
+    topk = sorted({term.target.source for term in terms if isinstance(term.target, KTopK)})
+    dense = sorted({i for term in terms for i in dense_teachers(term.target)})
+    return [names.topk_ok(i) for i in topk] + [names.teacher_ok(i) for i in dense]
 
 
 def grad_scales(k: Tiles) -> None:
@@ -217,8 +237,8 @@ def grad_scales(k: Tiles) -> None:
     groups = range(spec.row_groups) if spec.grouped else (None,)
     for g in groups:
         terms = [term for t, term in enumerate(spec.terms) if term.active and (g is None or spec.group_of(t) == g)]
-        checks = sorted({check for term in terms for check in teacher_checks(term)})
-        scale, row_scale = ("grad_scale", "row_scale") if g is None else (f"grad_scale{g}", f"row_scale{g}")
+        checks = distinct_teacher_checks(terms)
+        scale, row_scale = names.grad_scale(g), names.row_scale(g)
         if not checks:
             k.emit(f"{scale} = {row_scale}{factor}")
         elif g is None:
@@ -231,47 +251,50 @@ def grad_scales(k: Tiles) -> None:
 def label_logit(k: Tiles) -> None:
     """The label's logit z_y (NaN for an out-of-range label, an unchecked input, instead of an
     out-of-bounds read), and each class-weight vector's w_y and W = sum_j w_j."""
-    k.emit("label_ok = (y >= 0) & (y < VT)")
+    label, logit, ok = names.LABEL, names.LABEL_LOGIT, names.LABEL_OK
+    k.emit(f"{ok} = ({label} >= 0) & ({label} < VT)")
     if k.sliced:  # the combined statistics hold the label's logit
-        k.emit('z_label = tl.where(label_ok, z_label, float("nan"))')
+        k.emit(f'{logit} = tl.where({ok}, {logit}, float("nan"))')
     else:
         k.emit(
-            'z_label = tl.load(z_row + tl.where(label_ok, y, 0), mask=label_ok, other=float("nan"))',
-            f"z_label = {k.capped('z_label.to(tl.float32)')}",
+            f'{logit} = tl.load(z_row + tl.where({ok}, {label}, 0), mask={ok}, other=float("nan"))',
+            f"{logit} = {k.capped(f'{logit}.to(tl.float32)')}",
         )
     if k.phase in ("single", "apply"):
         for c in k.spec.class_weight_vectors:
             # the label's class weight w_y (NaN for a label outside the vocab) and W = sum_j w_j
+            at_label = f"cw{c}_ptr + tl.where({ok}, {label}, 0)"
             k.emit(
-                f'cwy{c} = tl.load(cw{c}_ptr + tl.where(label_ok, y, 0), mask=label_ok, other=float("nan"))',
-                f"cws{c} = tl.load(cw_sum{c}_ptr)",
+                f'{names.label_class_weight(c)} = tl.load({at_label}, mask={ok}, other=float("nan"))',
+                f"{names.class_weight_sum(c)} = tl.load(cw_sum{c}_ptr)",
             )
 
 
 def store_values(k: Tiles) -> None:
     """Each term's value at the row times its value scale (T^2 where asked), then the row's share of
-    the head's loss, sum_t lw_t x value_t over the terms whose loss weight is not 0 (a weight-0
+    the head's loss, sum_t loss_weight_t x value_t over the terms whose loss weight is not 0 (a weight-0
     term's value may be infinite, and 0 x inf would be NaN)."""
     spec = k.spec
     count = len(spec.terms) + 1
     k.emit("row_loss = 0.0")
     for t, term in enumerate(spec.terms):
+        value, scale, weight = names.value(t), names.value_scale(t), names.loss_weight(t)
         checks = teacher_checks(term)
         if checks:
-            k.emit(f'loss{t} = tl.where({" & ".join(checks)}, loss{t}, float("nan"))')
+            k.emit(f'{value} = tl.where({" & ".join(checks)}, {value}, float("nan"))')
         if spec.grouped:
             # the term's value where its group takes the row, 0 elsewhere; the row's loss takes each
             # term times its own group's row scale (the host does not scale this column again)
-            g = spec.group_of(t)
+            row_scale = names.row_scale(spec.group_of(t))
             k.emit(
-                f"loss{t} = tl.where(row_scale{g} != 0.0, loss{t} * vs{t}, 0.0)",
-                f"tl.store(loss_ptr + row * {count} + {t}, loss{t})",
-                f"row_loss += tl.where(lw{t} != 0.0, lw{t} * loss{t} * row_scale{g}, 0.0)",
+                f"{value} = tl.where({row_scale} != 0.0, {value} * {scale}, 0.0)",
+                f"tl.store(loss_ptr + row * {count} + {t}, {value})",
+                f"row_loss += tl.where({weight} != 0.0, {weight} * {value} * {row_scale}, 0.0)",
             )
             continue
         k.emit(
-            f"loss{t} = loss{t} * vs{t}",
-            f"tl.store(loss_ptr + row * {count} + {t}, loss{t})",
-            f"row_loss += tl.where(lw{t} != 0.0, lw{t} * loss{t}, 0.0)",
+            f"{value} = {value} * {scale}",
+            f"tl.store(loss_ptr + row * {count} + {t}, {value})",
+            f"row_loss += tl.where({weight} != 0.0, {weight} * {value}, 0.0)",
         )
     k.emit(f"tl.store(loss_ptr + row * {count} + {count - 1}, row_loss)")

@@ -19,7 +19,6 @@ from .layout import KernelLayout
 from .signature import KernelSpec
 
 NEG_INF = 'float("-inf")'
-LABEL_COLUMN = "is_label"  # the tile's flags of the label's column (see `Tiles.onehot`)
 
 
 class SourceLines:
@@ -85,7 +84,7 @@ class Tiles:
 
     def capped(self, logits: str) -> str:
         """The logits as the terms see them: times the head's scale a, then soft-capped, when the head
-        scales or caps them. dz'/dz carries a factor a, which the row's grad_scale holds."""
+        scales or caps them. dz'/dz carries a factor a, which the row's gradient scale holds."""
         scale, cap = self.spec.logits_scale, self.spec.softcap
         if scale is not None:
             logits = f"{logits} * {scale!r}"
@@ -125,45 +124,51 @@ class Tiles:
     def scaled_student(self, slot: int) -> str:
         if self.spec.slot_is_one[slot]:
             return "x"
-        return self.cached(f"xs{slot}", f"x * inv_t{slot}")
+        return self.cached(f"student_logits_{slot}", f"x * {names.inverse_temperature(slot)}")
 
     def centered_student(self, slot: int) -> str:
         """s - m: exact for huge logits, where s - lse would round near them."""
-        return self.cached(f"dq{slot}", f"{self.scaled_student(slot)} - m_s{slot}")
+        return self.cached(f"student_centered_{slot}", f"{self.scaled_student(slot)} - {names.student_max(slot)}")
 
     def log_q(self, slot: int) -> str:
-        return self.cached(f"logq{slot}", f"{self.centered_student(slot)} - log_sum_s{slot}")
+        return self.cached(f"log_q_{slot}", f"{self.centered_student(slot)} - {names.student_log_sum(slot)}")
 
     def log2_q(self, slot: int) -> str:
         """log2 q = (s - m) log2(e) - log2 S: one FMA after the centering, and the exponent of q."""
-        return self.cached(f"l2q{slot}", f"{self.centered_student(slot)} * LOG2E - log2_sum_s{slot}")
+        return self.cached(f"log2_q_{slot}", f"{self.centered_student(slot)} * LOG2E - {names.student_log2_sum(slot)}")
 
     def q(self, slot: int) -> str:
-        return self.cached(f"q{slot}", f"tl.exp2({self.log2_q(slot)})")
+        return self.cached(f"q_{slot}", f"tl.exp2({self.log2_q(slot)})")
 
     def teacher_tile(self, i: int) -> str:
         mapping = self.spec.dense[i].mapping
-        mask = f"in_v & (offs < vocab_t{i})" if mapping == "pad" else "in_v"
-        return self.cached(f"t{i}", f"tl.load(t{i}_row + offs, mask={mask}, other={NEG_INF}).to(tl.float32)")
+        mask = f"{names.IN_VOCAB} & (offs < vocab_t{i})" if mapping == "pad" else names.IN_VOCAB
+        load = f"tl.load({names.teacher_row(i)} + offs, mask={mask}, other={NEG_INF}).to(tl.float32)"
+        return self.cached(f"teacher{i}_logits", load)
 
     def scaled_teacher(self, i: int, slot: int) -> str:
         tile = self.teacher_tile(i)
         if self.spec.slot_is_one[slot]:
             return tile
-        return self.cached(f"u{i}_{slot}", f"{tile} * inv_t{slot}")
+        return self.cached(f"teacher{i}_logits_{slot}", f"{tile} * {names.inverse_temperature(slot)}")
 
     def centered_teacher(self, i: int, slot: int) -> str:
         """u - m of dense teacher i at the slot."""
-        return self.cached(f"du{i}_{slot}", f"{self.scaled_teacher(i, slot)} - {names.teacher_max(i, slot)}")
+        return self.cached(
+            f"teacher{i}_centered_{slot}", f"{self.scaled_teacher(i, slot)} - {names.teacher_max(i, slot)}"
+        )
 
     def teacher_log_p(self, i: int, slot: int) -> str:
         """log p of dense teacher i at the slot: (u - m) - log S, exact where p underflows."""
-        return self.cached(f"logp_t{i}_{slot}", f"{self.centered_teacher(i, slot)} - {names.teacher_log_sum(i, slot)}")
+        return self.cached(
+            f"teacher{i}_log_p_{slot}", f"{self.centered_teacher(i, slot)} - {names.teacher_log_sum(i, slot)}"
+        )
 
     def teacher_log2_p(self, i: int, slot: int) -> str:
         """log2 p of dense teacher i at the slot: (u - m) log2(e) - log2 S."""
         return self.cached(
-            f"l2p_t{i}_{slot}", f"{self.centered_teacher(i, slot)} * LOG2E - {names.teacher_log2_sum(i, slot)}"
+            f"teacher{i}_log2_p_{slot}",
+            f"{self.centered_teacher(i, slot)} * LOG2E - {names.teacher_log2_sum(i, slot)}",
         )
 
     def p(self, target: TargetFragments, slot: int) -> str:
@@ -184,32 +189,36 @@ class Tiles:
 
     def stored_columns(self, i: int) -> str:
         """Which columns of the tile top-k source i stores: a histogram of its ids that fall in the tile."""
-        inside = self.cached(f"in_tile{i}", f"held{i} & (safe{i} >= start) & (safe{i} < start + BLOCK_V)")
-        bins = self.cached(f"bin{i}", f"tl.where({inside}, safe{i} - start, 0).to(tl.int32)")
-        return self.cached(f"is_stored{i}", f"tl.histogram({bins}, BLOCK_V, mask={inside}) > 0")
+        held, column = names.topk(i, "held"), names.topk(i, "safe_column")
+        inside = self.cached(names.topk(i, "in_tile"), f"{held} & ({column} >= start) & ({column} < start + BLOCK_V)")
+        bins = self.cached(names.topk(i, "bin"), f"tl.where({inside}, {column} - start, 0).to(tl.int32)")
+        return self.cached(names.topk(i, "is_stored"), f"tl.histogram({bins}, BLOCK_V, mask={inside}) > 0")
 
     def onehot(self) -> str:
         """True at the label's column (the constant False in the copy of a body for the tiles without it)."""
         if not self.holds_label:
             return "False"
-        return self.cached(LABEL_COLUMN, "offs == y_col")
+        return self.cached(names.IS_LABEL, f"offs == {names.LABEL_COLUMN}")
 
     def scaled_label_logit(self, slot: int) -> str:
         """s_y: the label's logit at the slot's temperature."""
-        return names.LABEL_LOGIT if self.spec.slot_is_one[slot] else f"{names.LABEL_LOGIT} * inv_t{slot}"
+        if self.spec.slot_is_one[slot]:
+            return names.LABEL_LOGIT
+        return f"{names.LABEL_LOGIT} * {names.inverse_temperature(slot)}"
 
     def class_weight_tile(self, vector: int) -> str:
         """w_j of class-weight vector `vector` at the tile's columns, by global token id (0 past the vocab)."""
         offset = "vocab_start + offs" if self.sliced else "offs"
-        return self.cached(f"cwt{vector}", f"tl.load(cw{vector}_ptr + {offset}, mask=in_v, other=0.0)")
+        load = f"tl.load(cw{vector}_ptr + {offset}, mask={names.IN_VOCAB}, other=0.0)"
+        return self.cached(f"class_weight_{vector}", load)
 
     def label_class_weight(self, vector: int) -> str:
         """w_y of class-weight vector `vector` (loaded once per row after the first read)."""
-        return f"cwy{vector}"
+        return names.label_class_weight(vector)
 
     def class_weight_sum(self, vector: int) -> str:
         """W = sum_j w_j of class-weight vector `vector` (loaded once per row after the first read)."""
-        return f"cws{vector}"
+        return names.class_weight_sum(vector)
 
     # ----------------------------------------------------------------------------------------------
     # Row sums kept per lane in a tile loop.
@@ -247,21 +256,22 @@ class Tiles:
             self.cache = self._constants()
             if reverse:
                 self.src("start = (tiles - 1 - back) * BLOCK_V")
-            self.src("offs = start + cols", "in_v = offs < V")
+            in_vocab = names.IN_VOCAB
+            self.src("offs = start + cols", f"{in_vocab} = offs < V")
             if not self.transformed:
-                self.src(f"x = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)")
+                self.src(f"x = tl.load(z_row + offs, mask={in_vocab}, other={NEG_INF}).to(tl.float32)")
             elif self.spec.softcap is None:
                 # every term sees a z (padded lanes stay -inf, a > 0); the argmax reads the raw logits
                 self.src(
-                    f"z_raw = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)",
+                    f"z_raw = tl.load(z_row + offs, mask={in_vocab}, other={NEG_INF}).to(tl.float32)",
                     f"x = {self.capped('z_raw')}",
                 )
             else:
                 # every term sees the capped logits (padded lanes stay -inf); the argmax reads the raw
                 # ones, which rank the same without the ties of saturated caps
                 self.src(
-                    f"z_raw = tl.load(z_row + offs, mask=in_v, other={NEG_INF}).to(tl.float32)",
-                    f"x = tl.where(in_v, {self.capped('z_raw')}, {NEG_INF})",
+                    f"z_raw = tl.load(z_row + offs, mask={in_vocab}, other={NEG_INF}).to(tl.float32)",
+                    f"x = tl.where({in_vocab}, {self.capped('z_raw')}, {NEG_INF})",
                 )
             yield
         self.cache = self._constants()
@@ -273,13 +283,13 @@ class Tiles:
         compiler folds it away), so the per-element compare and select are paid on one tile per row."""
         label_tile = self._tile_copy(holds_label=True)
         body(label_tile)
-        if LABEL_COLUMN not in label_tile.cache:  # the body never asked for the label's column
+        if names.IS_LABEL not in label_tile.cache:  # the body never asked for the label's column
             self.src(*label_tile.src.lines)
             self.cache = label_tile.cache
             return
         other_tiles = self._tile_copy(holds_label=False)
         body(other_tiles)
-        with self.src.block("if (y_col >= start) & (y_col < start + BLOCK_V):"):
+        with self.src.block(f"if ({names.LABEL_COLUMN} >= start) & ({names.LABEL_COLUMN} < start + BLOCK_V):"):
             self.src(*label_tile.src.lines)
         with self.src.block("else:"):
             self.src(*other_tiles.src.lines)

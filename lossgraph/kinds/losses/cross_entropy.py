@@ -108,7 +108,8 @@ def mass_tail_gradient(t: int, q: str, log_q: str) -> str:
     """q_j G'_tail = q_j (sum_c P_c - P_tail / Q_tail) for cross-entropy and forward KL, written as
     q_j sum_c P_c - P_tail exp(log q_j - log Q_tail): the ratio is at most 1 for an unstored token,
     where P_tail / Q_tail alone could overflow, and it stays exact where q_j itself underflows."""
-    return f'{q} * mass{t} - tl.where(lQt{t} > float("-inf"), Pt{t} * fast_exp({log_q} - lQt{t}), 0.0)'
+    log_q_tail, p_tail = names.tail_log_q(t), names.tail_p(t)
+    return f'{q} * mass{t} - tl.where({log_q_tail} > float("-inf"), {p_tail} * fast_exp({log_q} - {log_q_tail}), 0.0)'
 
 
 class CrossEntropy(LossKind):
