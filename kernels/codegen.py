@@ -81,14 +81,9 @@ def primitive_imports(code: str) -> list[str]:
 
 
 class KernelGenerator:
-    """Writes the kernel for one KernelSpec and phase. `source()` returns the module text.
-
-    phase "single" is the whole algorithm in one launch. Under vocab parallel each rank holds a slice
-    of the vocab, and the algorithm is cut where statistics must be combined across ranks: "stats"
-    (pass 1 and the gathers, written out), "reduce" (pass 2's partial sums, when a term needs them)
-    and "apply" (the last pass, from the combined statistics). Column j of a slice is global token id
-    vocab_start + j; V is the slice's width and VT the whole vocab's.
-    """
+    """Writes the kernel for one KernelSpec and phase (PHASES; kernels/rows.py says what each phase
+    computes). `source()` returns the module text; `float_stats()` and the like say what the
+    vocab-parallel phases hand each other (kernels/layout.py)."""
 
     def __init__(self, spec: KernelSpec, phase: str = "single"):
         if phase not in PHASES:

@@ -207,12 +207,7 @@ def last_pass(k: Tiles, tail_factors: frozenset[int]) -> None:
         with k.tile_loop():
             k.tile_body(body)
     else:
-        # each term's weight times the row's scale, once per row rather than once per element
-        for t, term in enumerate(spec.terms):
-            if term.active and spec.grouped:
-                k.emit(f"{names.gradient_weight(t)} = {names.weight(t)} * {names.grad_scale(spec.group_of(t))}")
-            elif term.active:
-                k.emit(f"{names.gradient_weight(t)} = {names.weight(t)} * {names.grad_scale()}")
+        gradient_weights(k)
         k.emit("# last pass: streamed values and the summed gradient, written once")
         with k.tile_loop():
             k.emit(f"{names.GRAD} = tl.zeros([BLOCK_V], dtype=tl.float32)")
@@ -229,6 +224,15 @@ def last_pass(k: Tiles, tail_factors: frozenset[int]) -> None:
     for t in streamed:
         if spec.terms[t].loss.streams_in_bits:
             k.emit(f"{names.value(t)} = {names.value(t)} * LN2  # summed in bits")
+
+
+def gradient_weights(k: Tiles) -> None:
+    """Each active term's weight times the row's scale, once per row rather than once per element."""
+    spec = k.spec
+    for t, term in enumerate(spec.terms):
+        if term.active:
+            scale = names.grad_scale(spec.group_of(t) if spec.grouped else None)
+            k.emit(f"{names.gradient_weight(t)} = {names.weight(t)} * {scale}")
 
 
 def terms_in_last_pass(k: Tiles, tail_factors: frozenset[int]) -> None:
