@@ -280,7 +280,10 @@ class Tiles:
         """Write a tile loop's body, `body(tiles)`. A body that reads the label's column (`onehot()`)
         takes a per-tile branch: the copy for the one tile that holds the label compares columns with
         it, the copy for every other tile knows it is absent (`onehot()` is False there, and the
-        compiler folds it away), so the per-element compare and select are paid on one tile per row."""
+        compiler folds it away), so the per-element compare and select are paid on one tile per row.
+        Each copy is written by a `Tiles` of its own (its lines, its loop variables): the body is written
+        for a tile that may hold the label and, only where that copy asked for the label's column, once
+        more for the tiles that do not."""
         label_tile = self._tile_copy(holds_label=True)
         body(label_tile)
         if names.IS_LABEL not in label_tile.cache:  # the body never asked for the label's column
