@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from . import names
 from .layout import effective, kernel_layout
 from .signature import KernelSpec
 
@@ -140,19 +141,21 @@ def _parameters(spec: KernelSpec, phase: str) -> list[Parameter]:
     if phase == "reduce" or (phase == "apply" and kernel_layout(spec).reduction_terms):
         parameters.append(Parameter("red_ptr", lambda call: call.reductions))
     parameters += [
-        Parameter(f"inv_t{s}", lambda call, s=s: float(call.inputs.inverse_temperatures[s]))
+        Parameter(names.inverse_temperature(s), lambda call, s=s: float(call.inputs.inverse_temperatures[s]))
         for s in range(len(spec.slot_is_one))
     ]
     if writes:
         active = [t for t, term in enumerate(spec.terms) if term.active]
         parameters += [
-            Parameter(f"w{t}", lambda call, k=k: float(call.numbers.gradient[k])) for k, t in enumerate(active)
+            Parameter(names.weight(t), lambda call, k=k: float(call.numbers.gradient[k])) for k, t in enumerate(active)
         ]
         parameters += [
-            Parameter(f"vs{t}", lambda call, t=t: float(call.numbers.value_scale[t])) for t in range(len(spec.terms))
+            Parameter(names.value_scale(t), lambda call, t=t: float(call.numbers.value_scale[t]))
+            for t in range(len(spec.terms))
         ]
         parameters += [
-            Parameter(f"lw{t}", lambda call, t=t: float(call.numbers.loss[t])) for t in range(len(spec.terms))
+            Parameter(names.loss_weight(t), lambda call, t=t: float(call.numbers.loss[t]))
+            for t in range(len(spec.terms))
         ]
     parameters.append(Parameter("V", lambda call: call.inputs.logits.shape[1]))
     if phase != "single":

@@ -2,7 +2,7 @@
 (`KernelTerm`: a loss kind's `LossFragments` on a target at a temperature slot), what a loss kind
 and a dense target form contribute to the kernel, and the generator as they see it (`TileWriter`).
 
-The generator (`codegen.KernelGenerator`) owns the structure every kind shares: the row, the tile
+The generator (`kernels/codegen.py` and its parts) owns the structure every kind shares: the row, the tile
 loops, the softmax states, the targets' tile expressions and the gradient accumulation. A loss kind
 owns the math of its own term and hands it to the generator through a `LossFragments` object; the
 fragments of each built-in kind live in the kind's module under `lossgraph/kinds/`.
@@ -24,7 +24,7 @@ A fragment says which of the shared row statistics it needs (`first_pass_statist
 value is known (after the first read, from row sums of a second read, or streamed in the last read);
 its per-element gradient; and its value and gradient on the small vectors of a top-k teacher (the
 stored tokens renormalized, or k buckets plus a tail bucket). Statistics cross vocab-parallel ranks
-by the rule of their type (`codegen.KernelGenerator.float_stats`), never by name; a kind's row sums
+by the rule of their type (`layout.float_statistics`), never by name; a kind's row sums
 are plain sums, added across ranks.
 """
 
@@ -54,7 +54,7 @@ STREAMED = "streamed"  # summed over the columns in the last read, beside the gr
 
 class TileWriter(Protocol):
     """The generator as the fragments see it: its tile vocabulary. A loss kind's fragments get a
-    term-scoped `scope.TermWriter`, a target form the generator itself (`codegen.KernelGenerator`). Each
+    term-scoped `scope.TermWriter`, a target form the generator's tile writer itself (`tiles.Tiles`). Each
     method returns the name of a variable of the current tile loop (written once, then reused), or an
     expression that is one operand."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from . import names
 from .fragments import CROSS_MOMENT, MOMENT, ROW_SUMS, STREAMED
 from .signature import KernelSpec, KTopK, dense_teachers
 
@@ -84,3 +85,55 @@ def kernel_layout(spec: KernelSpec) -> KernelLayout:
         streamed_terms=streamed_terms,
         pass_reads=tuple(reads),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# What crosses ranks under vocab parallel: the layout of the statistics buffers.
+# --------------------------------------------------------------------------------------------------
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def float_statistics(spec: KernelSpec, layout: KernelLayout) -> list[tuple[str, str, tuple]]:
+    """(variable, how ranks combine it, the softmax state it belongs to) for each float statistic.
+
+    max: all-reduce max; sum_exp: the state's sum of exp(x - max), rescaled to the global max and
+    summed; scaled: another sum taken against the state's local max, combined the same way;
+    moment: the centered moment (re-centered on the global max, summed); sum: summed as is (the
+    label's logit, written by the rank holding it); argmax: the max of a running argmax (its index
+    is in the int buffer, same order).
+    """
+    entries: list[tuple[str, str, tuple]] = []
+    for s in layout.student_slots:
+        entries += [(names.student_max(s), "max", ("s", s)), (names.student_sum(s), "sum_exp", ("s", s))]
+    entries += [(names.moment(s), "moment", ("s", s)) for s in layout.moment_slots]
+    for i in layout.tail_sources:
+        entries += [(names.tail_max(i), "max", ("tail", i)), (names.tail_sum(i), "sum_exp", ("tail", i))]
+    entries += [(names.cross_moment(s, i, u), "scaled", ("s", s)) for s, i, u in layout.cross_moments]
+    for i, s in layout.teacher_states:
+        entries += [(names.teacher_max(i, s), "max", ("t", i, s)), (names.teacher_sum(i, s), "sum_exp", ("t", i, s))]
+    entries += [(names.best_value(teacher), "argmax", ()) for teacher in [None, *range(len(spec.dense))]]
+    if spec.uses_labels:
+        entries.append((names.LABEL_LOGIT, "sum", ()))
+    return entries
+
+
+def int_statistics(spec: KernelSpec) -> list[str]:
+    """The argmax indices (global ids) of the student and each dense teacher, in the int buffer."""
+    return [names.best_index(teacher) for teacher in [None, *range(len(spec.dense))]]
+
+
+def reduction_statistics(spec: KernelSpec, layout: KernelLayout) -> list[str]:
+    """The row sums pass 2 takes (summed across ranks under vocab parallel)."""
+    return [
+        names.row_sum(name, t)
+        for t in layout.reduction_terms
+        for name in spec.terms[t].loss.row_sum_names(spec.terms[t])
+    ]
+
+
+def topk_width(spec: KernelSpec, i: int) -> int:
+    """The width of top-k source i's vectors: k rounded up to a power of two."""
+    return next_power_of_two(spec.topk[i])

@@ -93,7 +93,7 @@ def argument_types(arg_names: list[str], pointer: str) -> dict[str, str]:
             types[name] = "*fp32"
         elif name in ("label_ptr", "pred_ptr", "stati_ptr") or re.fullmatch(r"(tpred\d+|k\d+_index)_ptr", name):
             types[name] = "*i64"
-        elif re.fullmatch(r"inv_t\d+|w\d+|vs\d+|lw\d+", name):
+        elif re.fullmatch(r"(inverse_temperature|weight|value_scale|loss_weight)_\d+", name):
             types[name] = "fp32"
         elif name in ("V", "vocab_start", "V_total") or re.fullmatch(r"stride_\w+|vocab_t\d+", name):
             types[name] = "i32"
@@ -178,7 +178,7 @@ def common_path(body: list[Instruction]) -> list[Instruction]:
     """The instructions one trip through a loop body executes on its cheapest path.
 
     A body may branch forward: a tile loop that reads the label is written twice, and only the tile
-    holding the label's column takes the longer copy (`codegen.KernelGenerator.tile_body`). That is the
+    holding the label's column takes the longer copy (`tiles.Tiles.tile_body`). That is the
     only branch the generator writes inside a loop, so the cheapest path is the one every other tile
     takes, the per-element cost at scale. (A body with other branches would be counted on its
     cheapest path too, which would under-count it: `PassCost.branches` says how many there are.)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ast
 import builtins
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import lru_cache
 
 from . import names
@@ -112,8 +112,7 @@ class KernelScope:
     the kernel's arguments and the imports stay. Lines the generator takes back (it rewrites a tile loop
     body under a label branch) are noticed, and the scope is read again from the start."""
 
-    def __init__(self, lines: Callable[[], tuple[list[str], int]]):
-        self._lines = lines  # the generator's lines so far and the current indentation depth
+    def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
@@ -122,9 +121,8 @@ class KernelScope:
         self._pending_depth = 0
         self._frames: list[tuple[int, set[str]]] = [(0, set())]  # (depth of the block's body, its names)
 
-    def names(self) -> set[str]:
-        """The kernel variables in scope at the generator's current line and depth."""
-        lines, depth = self._lines()
+    def names(self, lines: list[str], depth: int) -> set[str]:
+        """The kernel variables in scope after `lines` (the kernel so far), at indentation `depth`."""
         if lines[: len(self._seen)] != self._seen:
             self._reset()
         for line in lines[len(self._seen) :]:
@@ -185,8 +183,8 @@ class TermScope:
     product (the gradient and a `LinearGradient`'s coefficients, vectors and label part, which the
     generator writes as `weight * <factor>`)."""
 
-    def __init__(self, generator, t: int, term: KernelTerm, kernel: KernelScope, shared: frozenset[str]):
-        self.generator = generator
+    def __init__(self, t: int, term: KernelTerm, kernel: KernelScope, shared: frozenset[str]):
+        self.generator = None  # the tile writer the fragments write with now (`writing_to`)
         self.t = t
         self.term = term
         self.kernel = kernel
@@ -195,6 +193,16 @@ class TermScope:
         self.locals: set[str] = set()  # the names the term's fragments have assigned, in any method
         self.method = ""  # the fragment method running (for errors)
         self.writer = TermWriter(self)
+
+    def writing_to(self, generator) -> TermScope:
+        """This scope, its fragments writing with `generator` (a `tiles.Tiles`: the kernel's, or a copy's
+        of a tile body) until the next call."""
+        self.generator = generator
+        return self
+
+    def kernel_names(self) -> set[str]:
+        """The kernel variables in scope where the generator writes now."""
+        return self.kernel.names(*self.generator.kernel_lines())
 
     # -- the fragment methods, as the generator calls them -----------------------------------------
 
@@ -264,7 +272,7 @@ class TermScope:
         """`text` (parsed as `tree`) with the term's locals renamed into its namespace, once every name it
         reads is found in scope here (or in `also`: names the generator defines before the text runs), and
         every name it assigns is a local of the term."""
-        in_scope = self.kernel.names() | self.shared | set(also)
+        in_scope = self.kernel_names() | self.shared | set(also)
         new_names: dict[int, str] = {}
         for node in ast.walk(tree):
             if not isinstance(node, ast.Name):
@@ -319,7 +327,7 @@ class TermScope:
             raise self.error(f"k.cached names {name!r}, which is not an identifier")
         text, node = self._parsed(expression)
         renamed = self.resolved(text, node)
-        self.check_local(name, self.kernel.names())
+        self.check_local(name, self.kernel_names())
         self.locals.add(name)
         self.generator.cached(self.prefix + name, renamed)
         return name
@@ -348,7 +356,10 @@ class TermWriter:
 
     def __init__(self, scope: TermScope):
         self._scope = scope
-        self._generator = scope.generator
+
+    @property
+    def _generator(self):
+        return self._scope.generator
 
     def emit(self, *lines: str) -> None:
         self._scope.emit(*lines)
@@ -395,6 +406,9 @@ class TermWriter:
     def teacher_log2_p(self, teacher: int, slot: int) -> str:
         return self._scope.handed(self._generator.teacher_log2_p(teacher, slot), "teacher_log2_p")
 
+    def token_ids(self) -> str:
+        return self._scope.handed(self._generator.token_ids(), "token_ids", as_operand=True)
+
     def log_mixture(self, beta: float, log_a: str, log_b: str) -> str:
         # the fragment's own expressions (renamed where the fragment's text lands), as operands
         return self._generator.log_mixture(beta, operand(log_a), operand(log_b))
@@ -403,9 +417,9 @@ class TermWriter:
         return self._generator.constant_id(value)
 
 
-def term_scopes(generator, primitives: Iterable[str]) -> list[TermScope]:
-    """A `TermScope` for each term of `generator.spec`, sharing one view of the kernel's scope, read from
-    the generator's lines (`generator.src`). `primitives`: the names a generated module may import."""
-    kernel = KernelScope(lambda: (generator.src.lines, generator.src.depth))
+def term_scopes(spec, primitives: Iterable[str]) -> list[TermScope]:
+    """A `TermScope` for each term of `spec` (a `KernelSpec`), sharing one view of the kernel's scope, read
+    from the lines of the writer they write with. `primitives`: the names a generated module may import."""
+    kernel = KernelScope()
     shared = frozenset(primitives) | frozenset(dir(builtins))
-    return [TermScope(generator, t, term, kernel, shared) for t, term in enumerate(generator.spec.terms)]
+    return [TermScope(t, term, kernel, shared) for t, term in enumerate(spec.terms)]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from fused_cases import DEVICE, EXAMPLES, HAS_TRITON, interpreter_warnings, requires_fused
 from helpers import random_labels, random_logits
-from lossgraph.kernels import codegen
+from lossgraph.kernels import codegen, names
 from lossgraph.kernels.codegen import PHASES, KernelGenerator
 
 import lossgraph
@@ -154,5 +154,5 @@ def test_every_downcast_a_kernel_writes_names_its_rounding():
     downcast = re.compile(r"\.to\((?:[a-z_]+\.dtype\.element_ty|tl\.bfloat16|tl\.float16)\)")
     for source in sources:
         assert not downcast.findall(source), downcast.findall(source)
-    assert any("round_to(g, grad_ptr.dtype.element_ty)" in source for source in sources)
+    assert any(f"round_to({names.GRAD}, grad_ptr.dtype.element_ty)" in source for source in sources)
     assert "round_to" in codegen.PRIMITIVES

@@ -280,7 +280,8 @@ def test_the_layout_tells_what_each_generated_read_streams(name):
     source = KernelGenerator(spec).source()
     live = source.split("    else:\n", 1)[1]  # the rows that take a loss (the masked branch comes first)
     loops = re.split(r"for \w+ in range\(0, (?:V, BLOCK_V|tiles)\):", live)[1:]
-    reads = tuple(frozenset(int(i) for i in re.findall(r"\bt(\d+) = tl\.load\(t\d+_row", loop)) for loop in loops)
+    teacher_loads = r"\bteacher(\d+)_logits = tl\.load\(teacher\d+_row"
+    reads = tuple(frozenset(int(i) for i in re.findall(teacher_loads, loop)) for loop in loops)
     assert reads == kernel_layout(spec).pass_reads
 
 

@@ -25,6 +25,7 @@ from fused_cases import (
     upcast,
 )
 from helpers import assert_close, free_port, random_labels, random_logits, random_topk
+from lossgraph.kernels import names
 from lossgraph.kernels.codegen import generate
 
 import lossgraph
@@ -235,9 +236,11 @@ def test_the_kernel_multiplies_the_loads_and_folds_the_scale_into_the_row():
     source = generate(launch.kernel_spec())
     assert "logits scaled by 2.5" in source
     assert "x = z_raw * 2.5" in source
-    assert "z_label = z_label.to(tl.float32) * 2.5" in source
+    assert f"{names.LABEL_LOGIT} = {names.LABEL_LOGIT}.to(tl.float32) * 2.5" in source
     assert "x_max = z_raw_max * 2.5" in source
-    assert "z_top0 = tl.where(held0, z_top0 * 2.5" in source and "z_top1 = tl.where(held1, z_top1 * 2.5" in source
+    for i in (0, 1):
+        logits, held = names.topk(i, "logits"), names.topk(i, "held")
+        assert f"{logits} = tl.where({held}, {logits} * 2.5" in source
     # dl/dz = a dl/dz': once per row, in grad_scale, which every dense and sparse gradient entry carries
     (row,) = [line.strip() for line in source.splitlines() if line.strip().startswith("grad_scale =")]
     assert "row_scale * 2.5" in row

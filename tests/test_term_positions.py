@@ -8,6 +8,7 @@ import pytest
 import torch
 from fused_cases import DEVICE, interpreter_warnings, requires_fused
 from helpers import assert_close, random_topk
+from lossgraph.kernels import names
 from lossgraph.kernels.codegen import KernelGenerator
 
 import lossgraph
@@ -423,7 +424,7 @@ def test_a_grouped_head_is_one_launch(monkeypatch):
     (launch,) = graph.fusion.launches
     spec = launch.kernel_spec()
     assert spec.row_groups == 2 and spec.term_groups == (0, 1)
-    assert "row_scale1 = tl.load(row_scale_ptr + row * 2 + 1)" in KernelGenerator(spec).source()
+    assert f"{names.row_scale(1)} = tl.load(row_scale_ptr + row * 2 + 1)" in KernelGenerator(spec).source()
 
 
 @requires_fused
