@@ -141,20 +141,21 @@ def statements(source: str, pattern: str) -> list[str]:
 
 def test_a_compound_gradient_lands_as_one_operand():
     source = KernelGenerator(hellinger_spec(1)).source()
-    (line,) = statements(source, r"^\s*g \+= gw0")
-    assert line == "g += gw0 * (0.5 * q1 * b0 - 0.5 * hellinger_0__rp * hellinger_0__rq)"
+    grad, weight, b = names.GRAD, names.gradient_weight(0), names.row_sum("b", 0)
+    (line,) = statements(source, rf"^\s*{grad} \+= {weight}")
+    assert line == f"{grad} += {weight} * (0.5 * q_1 * {b} - 0.5 * hellinger_0__rp * hellinger_0__rq)"
     # the value is its own statement; the row sum a call's argument
-    assert "loss0 = 1.0 - b0" in statements(source, r"loss0 = ")
-    assert statements(source, r"b0_lanes \+=") == ["b0_lanes += lane_sum(hellinger_0__rp * hellinger_0__rq, VEC)"]
+    assert f"{names.value(0)} = 1.0 - {b}" in statements(source, rf"{names.value(0)} = ")
+    assert statements(source, rf"{b}_lanes \+=") == [f"{b}_lanes += lane_sum(hellinger_0__rp * hellinger_0__rq, VEC)"]
 
 
 def test_two_terms_of_a_kind_keep_their_own_locals():
     source = KernelGenerator(hellinger_spec(1, 0)).source()
     for t, slot in ((0, 1), (1, 0)):
-        q = f"q{slot}"
+        q, grad, weight, b = f"q_{slot}", names.GRAD, names.gradient_weight(t), names.row_sum("b", t)
         assert f"hellinger_{t}__rq = tl.sqrt({q})" in source
-        (line,) = statements(source, rf"^\s*g \+= gw{t}")
-        assert line == f"g += gw{t} * (0.5 * {q} * b{t} - 0.5 * hellinger_{t}__rp * hellinger_{t}__rq)"
+        (line,) = statements(source, rf"^\s*{grad} \+= {weight}")
+        assert line == f"{grad} += {weight} * (0.5 * {q} * {b} - 0.5 * hellinger_{t}__rp * hellinger_{t}__rq)"
     teachers = statements(source, r"__rp = ")
     assert len({line.split(" = ")[0] for line in teachers}) == 2  # one local per term, in each tile loop
     assert not re.search(r"^\s*(rp|rq) = ", source, re.MULTILINE)  # no name outside a term's namespace
@@ -244,7 +245,7 @@ class UndefinedName(HellingerFragments):
 
 class AssignsKernelVariable(HellingerFragments):
     def gradient(self, k, t, term):
-        k.emit("g = 0.0")
+        k.emit(f"{names.GRAD} = 0.0")
         return "0.0"
 
 
@@ -267,19 +268,19 @@ class ReturnsATuple(HellingerFragments):
 
 
 class HidesAKernelVariable(HellingerFragments):
-    """Assigns a local `q1` in pass 2, then asks for the kernel's q1 (k.q(1))."""
+    """Assigns a local `q_1` in pass 2, then asks for the kernel's q_1 (k.q(1))."""
 
     def row_sums(self, k, t, term):
-        k.emit("q1 = 0.0")
+        k.emit("q_1 = 0.0")
         return super().row_sums(k, t, term)
 
 
 class AssignsAKernelVariableItRead(HellingerFragments):
-    """Asks for the kernel's q1, then assigns `q1`."""
+    """Asks for the kernel's q_1, then assigns `q_1`."""
 
     def row_sums(self, k, t, term):
         summands = super().row_sums(k, t, term)
-        k.emit("q1 = 0.0")
+        k.emit("q_1 = 0.0")
         return summands
 
 
@@ -287,12 +288,12 @@ class AssignsAKernelVariableItRead(HellingerFragments):
     ("fragments", "method", "message"),
     [
         (UndefinedName, "gradient", "names `B_undefined`, which is not in scope here"),
-        (AssignsKernelVariable, "gradient", "assigns `g`, which is in scope here"),
+        (AssignsKernelVariable, "gradient", "assigns `grad`, which is in scope here"),
         (LocalAfterItsLoop, "value_from_row_sums", "reads its local `rq`, which is not defined at this point"),
         (EmitsAnUndefinedName, "row_sums", "names `missing`, which is not in scope here"),
         (ReturnsATuple, "value_from_row_sums", "a tuple, not one value"),
-        (HidesAKernelVariable, "row_sums", "its local `q1` hides the kernel variable `q1` that k.q returns"),
-        (AssignsAKernelVariableItRead, "row_sums", "assigns `q1`, which is in scope here"),
+        (HidesAKernelVariable, "row_sums", "its local `q_1` hides the kernel variable `q_1` that k.q returns"),
+        (AssignsAKernelVariableItRead, "row_sums", "assigns `q_1`, which is in scope here"),
     ],
     ids=lambda value: value.__name__ if isinstance(value, type) else None,
 )
