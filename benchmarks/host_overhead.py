@@ -55,7 +55,7 @@ def main() -> int:
             return 2
         from lossgraph.kernels import launcher
 
-        launcher._run = lambda spec, phase, inputs, arguments: None  # the host path alone
+        launcher._run = lambda spec, phase, call: None  # the host path alone
     vocab = args.vocab or (128256 if device.type == "cuda" else 1024)
     graph = case_a(vocab)
     logits = torch.randn(args.rows, vocab, dtype=torch.bfloat16, device=device, requires_grad=True)
