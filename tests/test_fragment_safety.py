@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import ast
+import math
 import re
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +34,7 @@ from fused_cases import (
 from helpers import assert_close
 from lossgraph.kernels import names
 from lossgraph.kernels.codegen import KernelGenerator
-from lossgraph.kernels.fragments import ROW_SUMS, FragmentError, LossFragments
+from lossgraph.kernels.fragments import ROW_SUMS, FragmentError, LossFragments, TargetFragments
 from lossgraph.kernels.scope import factor, parse_expression
 from lossgraph.kernels.signature import DenseTeacher, KernelSpec, KernelTerm
 from pydantic import Field
@@ -40,6 +42,7 @@ from pydantic import Field
 import lossgraph
 from lossgraph.compiler.fusion import plan_fusion
 from lossgraph.kinds import LossKind, loss_kinds, register_loss_kind, unregister_loss_kind
+from lossgraph.kinds.sources.mixture import KMixture
 from lossgraph.kinds.sources.teacher import KDense
 from lossgraph.spec.nodes import TargetLoss
 
@@ -390,3 +393,32 @@ def test_built_in_kernels_hold_no_name_outside_a_namespace_or_the_kernels_own():
             node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)
         }
         assert not {name for name in assigned if re.fullmatch(r"(val|mass|lm|sg|sgt|c|lM|lMt|gv|low|q_label)\d+", name)}
+
+
+class _ExpressionWriter:
+    """A writer that hands back the expression a target caches, to evaluate it."""
+
+    def cached(self, name, expression):
+        return expression
+
+    def constant_id(self, value):
+        return 0
+
+
+@dataclass(frozen=True)
+class _SumTarget(TargetFragments):
+    """A target form whose tile expressions are sums, not names."""
+
+    def p(self, k, slot):
+        return "0.25 + 0.25"
+
+    def log_p(self, k, slot):
+        return "-1.0 - 1.0"
+
+
+def test_a_mixture_takes_each_part_as_one_operand():
+    mixture = KMixture(((0.5, _SumTarget()), (0.5, _SumTarget())))
+    writer = _ExpressionWriter()
+    assert eval(mixture.p(writer, 0)) == pytest.approx(0.5)  # 0.5 * 0.25 + 0.25 + ... would be 0.75
+    log_p = mixture.log_p(writer, 0).replace("log_add_exp", "_log_add_exp")
+    assert eval(log_p, {"_log_add_exp": lambda a, b: math.log(math.exp(a) + math.exp(b))}) == pytest.approx(-2.0)

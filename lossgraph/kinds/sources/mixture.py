@@ -10,6 +10,7 @@ from pydantic import Field
 
 from ...errors import quote
 from ...kernels.fragments import TargetFragments
+from ...kernels.scope import operand
 from ...spec.nodes import MAX_MIXTURE_PARTS, Name, Probability, SourceNode
 from ..registry import source_kind
 from ..source import Member, SourceKind, Target
@@ -47,13 +48,14 @@ class KMixture(TargetFragments):
         return tuple(dict.fromkeys(name for _, part in self.parts for name in part.kernel_arguments()))
 
     def p(self, k, slot):
-        parts = " + ".join(f"{weight!r} * {part.p(k, slot)}" for weight, part in self.parts)
+        # each part's expression as one operand: a plugin form's p may be a sum
+        parts = " + ".join(f"{weight!r} * {operand(part.p(k, slot))}" for weight, part in self.parts)
         return k.cached(f"p_mix{k.constant_id(self)}_{slot}", parts)
 
     def log_p(self, k, slot):
         # log sum_i w_i p_i from the parts' exact log-probabilities: log of the summed probabilities
         # would be -inf wherever every part underflows, while the terms need the true (finite) value
-        parts = [f"{math.log(weight)!r} + {part.log_p(k, slot)}" for weight, part in self.parts if weight > 0]
+        parts = [f"{math.log(weight)!r} + {operand(part.log_p(k, slot))}" for weight, part in self.parts if weight > 0]
         total = parts[0]
         for part in parts[1:]:
             total = f"log_add_exp({total}, {part})"
