@@ -955,7 +955,7 @@ def test_torch_compile_weight_schedule_recompiles_at_most_4_times(dynamo):
     assert 1 <= graphs <= 4, f"{graphs} graphs compiled for 12 steps"
 
 
-SCHEDULED = graph_yaml(
+SCHEDULED_TEMPERATURES = graph_yaml(
     """
 lm: {type: cross_entropy, heads: [next], target: labels}
 kd:
@@ -977,7 +977,7 @@ def test_per_call_numbers_reach_the_kernels_as_floats_and_a_compiled_graph_follo
     builds no tensor from them (so a CUDA-graph capture records them with the launch). Under
     torch.compile they cross the op as one tensor, so a temperature and a weight that change at every
     step compile at most twice (the first step's int, then a dynamic one) and match eager at each step."""
-    spec = spec_of(SCHEDULED)
+    spec = spec_of(SCHEDULED_TEMPERATURES)
     graph = lossgraph.compile(spec, backend="triton")
     inputs = low_precision(make_inputs(spec, (6,), seed=101), torch.float32)
     built, real_tensor = [], torch.tensor
