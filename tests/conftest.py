@@ -14,6 +14,12 @@ from device_guard import fused_tensors_on_cuda  # noqa: F401  (an autouse fixtur
 from typer.testing import CliRunner, Result
 
 from lossgraph.cli.app import app
+from lossgraph.kinds import (
+    loss_kinds,
+    source_kinds,
+    unregister_loss_kind,
+    unregister_source_kind,
+)
 
 
 @pytest.fixture
@@ -46,3 +52,17 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
     seed = getattr(config.option, "randomly_seed", None)
     if config.pluginmanager.has_plugin("randomly") and isinstance(seed, int):
         terminalreporter.write_line(f"test order: pytest-randomly, repeat it with --randomly-seed={seed}")
+
+
+@pytest.fixture
+def registry_restored():
+    """Unregister, after the test, every kind it registered (by whatever route)."""
+    losses = {kind.name for kind in loss_kinds()}
+    sources = {kind.name for kind in source_kinds()}
+    yield
+    for kind in loss_kinds():
+        if kind.name not in losses:
+            unregister_loss_kind(kind.name)
+    for kind in source_kinds():
+        if kind.name not in sources:
+            unregister_source_kind(kind.name)

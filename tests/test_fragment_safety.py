@@ -41,7 +41,7 @@ from pydantic import Field
 
 import lossgraph
 from lossgraph.compiler.fusion import plan_fusion
-from lossgraph.kinds import LossKind, loss_kinds, register_loss_kind, unregister_loss_kind
+from lossgraph.kinds import LossKind, register_loss_kind, unregister_loss_kind
 from lossgraph.kinds.sources.mixture import KMixture
 from lossgraph.kinds.sources.teacher import KDense
 from lossgraph.spec.nodes import TargetLoss
@@ -119,16 +119,6 @@ def hellinger():
     register_loss_kind(Hellinger())
     yield
     unregister_loss_kind("hellinger")
-
-
-@pytest.fixture
-def registry_restored():
-    """Unregister, after the test, every loss kind it registered (by whatever route)."""
-    before = {kind.name for kind in loss_kinds()}
-    yield
-    for kind in loss_kinds():
-        if kind.name not in before:
-            unregister_loss_kind(kind.name)
 
 
 def hellinger_spec(*slots: int) -> KernelSpec:

@@ -22,7 +22,7 @@ import pytest
 
 import lossgraph
 from lossgraph.errors import PluginError
-from lossgraph.kinds import loss_kinds, register_loss_kind, source_kinds, unregister_loss_kind, unregister_source_kind
+from lossgraph.kinds import loss_kinds, register_loss_kind, source_kinds
 from lossgraph.kinds.plugins import load_plugin, registered_kinds
 from lossgraph.spec import docgen
 from lossgraph.spec.loader import PLUGIN_HINT
@@ -57,20 +57,6 @@ def graph(tmp_path: Path) -> Path:
     path = tmp_path / "brier.yaml"
     path.write_text(BRIER_GRAPH, encoding="utf-8")
     return path
-
-
-@pytest.fixture
-def registry_restored():
-    """Unregister, after the test, every kind it registered (by whatever route)."""
-    losses = {kind.name for kind in loss_kinds()}
-    sources = {kind.name for kind in source_kinds()}
-    yield
-    for kind in loss_kinds():
-        if kind.name not in losses:
-            unregister_loss_kind(kind.name)
-    for kind in source_kinds():
-        if kind.name not in sources:
-            unregister_source_kind(kind.name)
 
 
 def command_args(command: str, graph: Path) -> list[str]:
