@@ -100,7 +100,9 @@ def test_reference_equals_trl(case):
     logits, labels, mask, old, ref, advantages = batch()
     old = old if declared_old else None
     expected_loss, expected_grad = trl(logits, labels, mask, old, ref, advantages, **options)
-    out, grad = run(graph(fields, _kl_fields(fields), old=declared_old), logits, labels, Rollout(advantages, old, ref), "torch")
+    out, grad = run(
+        graph(fields, _kl_fields(fields), old=declared_old), logits, labels, Rollout(advantages, old, ref), "torch"
+    )
     # a sequence's weight 1 / n is a float32 row scale, as every term group's (relative error 6e-8)
     assert_close(out.loss.detach(), expected_loss, rtol=1e-6, atol=1e-12, what=f"{case} loss")
     assert_close(grad, expected_grad, rtol=1e-6, atol=1e-12, what=f"{case} gradient")
@@ -119,7 +121,9 @@ def test_fused_equals_reference(case, dtype):
     reference, reference_grad = run(text, rounded.double(), labels, rollout, "torch")
     tol = FUSED_TOLERANCES[dtype]
     for key in reference.values:
-        assert_close(fused.values[key], reference.values[key].float(), rtol=tol.value_rtol, atol=tol.value_atol, what=key)
+        assert_close(
+            fused.values[key], reference.values[key].float(), rtol=tol.value_rtol, atol=tol.value_atol, what=key
+        )
     magnitude = float(reference_grad.abs().max())
     assert_close(
         fused_grad.double(), reference_grad, rtol=tol.grad_rtol, atol=tol.grad_atol * magnitude, what=f"{case} gradient"
@@ -131,7 +135,9 @@ def test_fused_equals_reference(case, dtype):
 def test_kl_estimators_equal_their_formula(estimator, backend):
     logits, labels, mask, _, ref, advantages = batch(2)
     text = graph(", weight: 0.0", f", estimator: {estimator}", old=False)
-    out, grad = run(text, logits.float() if backend == "triton" else logits, labels, Rollout(advantages, None, ref), backend)
+    out, grad = run(
+        text, logits.float() if backend == "triton" else logits, labels, Rollout(advantages, None, ref), backend
+    )
     x = logits.detach().clone().requires_grad_(True)
     lq = torch.log_softmax(x, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     per_token = truth("kl_estimate").value(lq, advantages, None, ref, estimator=estimator)
@@ -156,12 +162,24 @@ def test_ratios_exactly_at_the_clip_bounds_keep_the_gradient(backend):
     logits = logits if backend == "torch" else logits.float()
     text = graph(", epsilon_low: 0.0, epsilon_high: 0.0", kl=None, old=False, ref=False)
     out, grad = run(text, logits, labels, Rollout(advantages), backend)
-    expected_loss, _ = trl(logits.double(), labels, mask, None, torch.zeros(B, S, dtype=torch.float64), advantages, loss_type="bnpo", epsilon_low=0.0, epsilon_high=0.0)
+    expected_loss, _ = trl(
+        logits.double(),
+        labels,
+        mask,
+        None,
+        torch.zeros(B, S, dtype=torch.float64),
+        advantages,
+        loss_type="bnpo",
+        epsilon_low=0.0,
+        epsilon_high=0.0,
+    )
     x = logits.double().detach().clone().requires_grad_(True)
     lq = torch.log_softmax(x, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     (-(advantages[:, None] * lq * mask).sum() / mask.sum()).backward()  # d/dlq = -A
     tolerance = 1e-12 if backend == "torch" else 1e-5
-    assert_close(out.loss.detach().double(), -(advantages[:, None] * mask).sum() / mask.sum(), rtol=tolerance, atol=tolerance)
+    assert_close(
+        out.loss.detach().double(), -(advantages[:, None] * mask).sum() / mask.sum(), rtol=tolerance, atol=tolerance
+    )
     assert_close(grad.double(), x.grad, rtol=tolerance, atol=tolerance * float(x.grad.abs().max()))
     # the TRL loss without its KL term: the same value, -A per token
     assert math.isfinite(float(expected_loss))
@@ -169,7 +187,9 @@ def test_ratios_exactly_at_the_clip_bounds_keep_the_gradient(backend):
 
 def test_advantage_zero_gives_zero_loss_and_gradient():
     logits, labels, _, old, _, _ = batch(4)
-    out, grad = run(graph(kl=None, ref=False), logits, labels, Rollout(torch.zeros(B, dtype=torch.float64), old), "torch")
+    out, grad = run(
+        graph(kl=None, ref=False), logits, labels, Rollout(torch.zeros(B, dtype=torch.float64), old), "torch"
+    )
     assert float(out.loss.detach()) == 0.0
     assert float(grad.abs().max()) == 0.0
 

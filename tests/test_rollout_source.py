@@ -52,14 +52,22 @@ def errors(losses: str, sources: str = SOURCES) -> list[str]:
             "losses.pg.max_completion_length",
             "aggregation: constant",
         ),
-        ("  pg: {type: policy_gradient, heads: [next], target: rollouts, epsilon_low: 1.0}", "losses.pg.epsilon_low", "1"),
+        (
+            "  pg: {type: policy_gradient, heads: [next], target: rollouts, epsilon_low: 1.0}",
+            "losses.pg.epsilon_low",
+            "1",
+        ),
         ("  pg: {type: policy_gradient, heads: [next], target: rollouts, delta: 0.5}", "losses.pg.delta", "1"),
         (
             "  pg: {type: policy_gradient, heads: [next], target: rollouts, aggregation: sequence_mean, normalizer: targets}",
             "losses.pg.normalizer",
             "sequences",
         ),
-        ("  pg: {type: policy_gradient, heads: [next], target: rollouts, positions: all}", "losses.pg.positions", "targets"),
+        (
+            "  pg: {type: policy_gradient, heads: [next], target: rollouts, positions: all}",
+            "losses.pg.positions",
+            "targets",
+        ),
     ],
 )
 def test_spec_errors_are_located(loss, where, words):
@@ -92,7 +100,9 @@ def inputs():
 def call(graph, rollout, logits=None, labels=None, **kwargs):
     base_logits, base_labels, _, _ = inputs()
     logits = base_logits if logits is None else logits
-    return graph({"next": logits}, labels=base_labels if labels is None else labels, teachers={"rollouts": rollout}, **kwargs)
+    return graph(
+        {"next": logits}, labels=base_labels if labels is None else labels, teachers={"rollouts": rollout}, **kwargs
+    )
 
 
 def test_a_valid_rollout_runs():
@@ -104,10 +114,34 @@ def test_a_valid_rollout_runs():
 @pytest.mark.parametrize(
     "change, words",
     [
-        (lambda a, o: (a, o.clone().index_put_((torch.tensor(1), torch.tensor(2)), torch.tensor(0.5))), "log-prob is finite and <= 0"),
-        (lambda a, o: (a, o.clone().index_put_((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan")))), "position 6"),
-        (lambda a, o: (a[:, None].expand(B, S).clone().index_put_((torch.tensor(1), torch.tensor(1)), torch.tensor(float("inf"))), o), "advantages must be finite"),
-        (lambda a, o: (a[:, None].expand(B, S).clone().index_put_((torch.tensor(0), torch.tensor(3)), torch.tensor(float("nan"))), o), "position 3"),
+        (
+            lambda a, o: (a, o.clone().index_put_((torch.tensor(1), torch.tensor(2)), torch.tensor(0.5))),
+            "log-prob is finite and <= 0",
+        ),
+        (
+            lambda a, o: (a, o.clone().index_put_((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan")))),
+            "position 6",
+        ),
+        (
+            lambda a, o: (
+                a[:, None]
+                .expand(B, S)
+                .clone()
+                .index_put_((torch.tensor(1), torch.tensor(1)), torch.tensor(float("inf"))),
+                o,
+            ),
+            "advantages must be finite",
+        ),
+        (
+            lambda a, o: (
+                a[:, None]
+                .expand(B, S)
+                .clone()
+                .index_put_((torch.tensor(0), torch.tensor(3)), torch.tensor(float("nan"))),
+                o,
+            ),
+            "position 3",
+        ),
         (lambda a, o: (torch.zeros(B, S + 1), o), "has shape (2, 5)"),
         (lambda a, o: (a, o[:, :2]), "has shape (2, 2)"),
         (lambda a, o: (a.long(), o), "must be floating"),

@@ -59,7 +59,10 @@ def check_rollout_fields(loss: RolloutLoss) -> list[tuple[str, str]]:
     problems = []
     if loss.aggregation == "constant" and loss.max_completion_length is None:
         problems.append(
-            ("aggregation", "aggregation: constant divides by max_completion_length x sequences; set max_completion_length")
+            (
+                "aggregation",
+                "aggregation: constant divides by max_completion_length x sequences; set max_completion_length",
+            )
         )
     if loss.aggregation != "constant" and loss.max_completion_length is not None:
         problems.append(
@@ -256,7 +259,9 @@ class PolicyGradient(LossKind):
     def details(self, loss):
         found = [loss.objective] if loss.objective != "clip" else []
         given = loss.model_fields_set
-        found += [f"{field} {getattr(loss, field):g}" for field in ("epsilon_low", "epsilon_high", "delta") if field in given]
+        found += [
+            f"{field} {getattr(loss, field):g}" for field in ("epsilon_low", "epsilon_high", "delta") if field in given
+        ]
         return found + rollout_details(loss)
 
     def check_fields(self, loss):
