@@ -50,9 +50,9 @@ if TYPE_CHECKING:
         PluginError,
         SourceFileError,
     )
+    from .kinds.sources.rollout import Rollout
     from .runtime.backend import BackendOptions
     from .runtime.compiled import CompiledGraph, GraphOutput, compile
-    from .kinds.sources.rollout import Rollout
     from .runtime.inputs import Linear, TopK
     from .spec.models import LossGraphSpec
 

@@ -38,7 +38,8 @@ def errors(losses: str, sources: str = SOURCES) -> list[str]:
             "set it",
         ),
         (
-            "  pg: {type: policy_gradient, heads: [next], target: rollouts, objective: cispo, epsilon_high: 5.0, delta: 2.0}",
+            "  pg: {type: policy_gradient, heads: [next], target: rollouts, objective: cispo, epsilon_high: 5.0, "
+            "delta: 2.0}",
             "losses.pg.delta",
             "no delta",
         ),
@@ -59,7 +60,8 @@ def errors(losses: str, sources: str = SOURCES) -> list[str]:
         ),
         ("  pg: {type: policy_gradient, heads: [next], target: rollouts, delta: 0.5}", "losses.pg.delta", "1"),
         (
-            "  pg: {type: policy_gradient, heads: [next], target: rollouts, aggregation: sequence_mean, normalizer: targets}",
+            "  pg: {type: policy_gradient, heads: [next], target: rollouts, aggregation: sequence_mean, "
+            "normalizer: targets}",
             "losses.pg.normalizer",
             "sequences",
         ),
@@ -82,7 +84,8 @@ def test_a_rollout_needs_a_labels_source():
 
 
 def make(old: bool = True, **losses):
-    text = SOURCES + "  pg: {type: policy_gradient, heads: [next], target: rollouts%s}\n" % losses.get("fields", "")
+    fields = losses.get("fields", "")
+    text = SOURCES + f"  pg: {{type: policy_gradient, heads: [next], target: rollouts{fields}}}\n"
     if not old:
         text = text.replace("old_logprobs: true", "old_logprobs: false")
     return lossgraph.compile(lossgraph.loads(text), "torch")
