@@ -98,6 +98,9 @@ class KRollout(TargetFragments):
         i = self.leaf
         return (f"rollout{i}_advantage_ptr", f"rollout{i}_old_ptr", f"rollout{i}_ref_ptr")
 
+    def kernel_argument_types(self):
+        return dict.fromkeys(self.kernel_arguments(), "*fp32")
+
     def advantage(self, k) -> str:
         """A per-row local holding the row's advantage."""
         k.emit(f"advantage = tl.load(rollout{self.leaf}_advantage_ptr + row)")
