@@ -5,11 +5,14 @@ and the one launch they share with cross-entropy and an exact KL on one head."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from fused_cases import FUSED_TOLERANCES, LOW_PRECISION, interpreter_warnings, requires_fused
-from helpers import assert_close
+from helpers import assert_close, free_port
 from kind_table import ROLLOUT_KINDS, truth
 from rl_reference import grpo_loss
 
@@ -257,3 +260,106 @@ def test_the_one_launch_runs_and_matches_the_reference():
     (fused, fused_grad), (reference, reference_grad) = results["triton"], results["torch"]
     assert_close(fused.loss.detach(), reference.loss.detach(), rtol=1e-5, atol=1e-6)
     assert_close(fused_grad, reference_grad, rtol=1e-5, atol=1e-5 * float(reference_grad.abs().max()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Across processes (gloo): the vocab split over ranks, and sequences split over data-parallel ranks.
+# --------------------------------------------------------------------------------------------------
+
+SPLIT_VOCAB = 48
+SPLIT = f"""version: 1
+vocab_size: {SPLIT_VOCAB}
+heads: {{next: {{offset: 1}}}}
+sources:
+  labels: {{type: labels}}
+  rollouts: {{type: rollout, old_logprobs: true, ref_logprobs: true}}
+  reference: {{type: teacher}}
+losses:
+  lm: {{type: cross_entropy, heads: [next], target: labels, weight: 0.1}}
+  pg: {{type: policy_gradient, heads: [next], target: rollouts, epsilon_high: 0.28, aggregation: sequence_mean}}
+  k3: {{type: kl_estimate, heads: [next], target: rollouts, weight: 0.04, aggregation: sequence_mean}}
+  exact: {{type: reverse_kl, heads: [next], target: reference, weight: 0.04}}
+"""
+
+
+def _split_inputs():
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, S, SPLIT_VOCAB, generator=generator)
+    labels = torch.randint(0, SPLIT_VOCAB, (2, S), generator=generator)
+    labels[0, :4] = -100  # row 0 has far fewer tokens than row 1
+    lq = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    old = (lq + 0.3 * torch.randn(2, S, generator=generator)).clamp(max=0.0)
+    ref = (lq + 0.3 * torch.randn(2, S, generator=generator)).clamp(max=0.0)
+    rollout = Rollout(torch.randn(2, generator=generator), old, ref)
+    return logits, labels, rollout, torch.randn(2, S, SPLIT_VOCAB, generator=generator)
+
+
+def _split_run(backend, logits, labels, rollout, reference, **options):
+    graph_ = lossgraph.compile(lossgraph.loads(SPLIT), backend=backend, **options)
+    x = logits.clone().requires_grad_()
+    out = graph_({"next": x}, labels=labels, teachers={"rollouts": rollout, "reference": reference})
+    out.loss.backward()
+    return out.loss.detach(), x.grad
+
+
+def _vocab_parallel_worker(rank: int, world: int, port: int, backend: str, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        logits, labels, rollout, reference = _split_inputs()
+        width = SPLIT_VOCAB // world
+        columns = slice(rank * width, (rank + 1) * width)
+        loss, grad = _split_run(
+            backend,
+            logits[..., columns],
+            labels,
+            rollout,
+            reference[..., columns],
+            vocab_parallel_group=dist.group.WORLD,
+        )
+        torch.save({"loss": loss, "grad": grad}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as tests/test_distributed.py's workers: no interpreter teardown once the results are saved
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_fused)])
+def test_vocab_parallel_equals_one_process(backend, tmp_path):
+    """The rollout's values are per row, whole on every rank; the label's log-prob crosses the ranks."""
+    world = 2
+    mp.spawn(_vocab_parallel_worker, args=(world, free_port(), backend, str(tmp_path)), nprocs=world)
+    loss, grad = _split_run(backend, *_split_inputs())
+    width = SPLIT_VOCAB // world
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6, what=f"rank {rank} loss")
+        local = grad[..., rank * width : (rank + 1) * width]
+        assert_close(got["grad"], local, rtol=1e-5, atol=1e-7, what=f"rank {rank} gradient")
+
+
+def _data_parallel_worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        logits, labels, rollout, reference = _split_inputs()
+        rows = slice(rank, rank + 1)
+        mine = Rollout(*(None if part is None else part[rows] for part in rollout))
+        loss, grad = _split_run(
+            "torch", logits[rows], labels[rows], mine, reference[rows], normalize_across=dist.group.WORLD
+        )
+        torch.save({"loss": loss, "grad": grad}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_sequence_mean_across_data_parallel_ranks_equals_one_process(tmp_path):
+    """Each rank holds one sequence: normalize_across sums the sequence counts, so the ranks' shares add up
+    to GRPO's mean over every sequence of the global batch (and the token mean of the other terms)."""
+    world = 2
+    mp.spawn(_data_parallel_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    loss, grad = _split_run("torch", *_split_inputs())
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    assert_close(sum(r["loss"] for r in results), loss, rtol=1e-6, atol=1e-7, what="summed loss")
+    for rank, result in enumerate(results):
+        assert_close(result["grad"], grad[rank : rank + 1], rtol=1e-6, atol=1e-8, what=f"rank {rank} gradient")
