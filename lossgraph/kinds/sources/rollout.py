@@ -185,7 +185,7 @@ class RolloutForm(LeafForm):
             if not where.integer(ids):
                 raise InputError(f"Rollout sequence_ids of {name!r} must be integers, got {ids.dtype}")
         # a run starts at each batch row's first position and wherever the id changes
-        width = lead[-1]
+        width = max(lead[-1], 1)  # no positions: no runs
         starts = torch.zeros(lead, dtype=torch.bool, device=where.device)
         starts.reshape(-1, width)[:, :1] = True
         if ids is not None:
