@@ -264,6 +264,11 @@ class TargetFragments:
         form's `kernel_tensors`."""
         return ()
 
+    def kernel_argument_types(self) -> dict[str, str]:
+        """The Triton types of `kernel_arguments` by name (`"*fp32"`, `"*i64"`, `"i32"`), for the sm_90
+        report (`kernels/report.py`), which compiles a kernel without launching it; {}: not declared."""
+        return {}
+
     def p(self, k: TileWriter, slot: int) -> str:
         """The tile's target probabilities at the slot's temperature."""
         raise NotImplementedError(f"{self!r} has no tile probabilities")

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from .fragments import TargetFragments
 from .launcher import kernel_module, tile_shape
 from .signature import KernelSpec
 
@@ -77,11 +78,15 @@ def cuobjdump() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def argument_types(arg_names: list[str], pointer: str) -> dict[str, str]:
-    """Triton types of a generated kernel's arguments, by name; an unknown name fails loudly."""
+def argument_types(arg_names: list[str], pointer: str, forms: dict[str, str] | None = None) -> dict[str, str]:
+    """Triton types of a generated kernel's arguments, by name; `forms`: those a plugin form's kernel
+    targets declare (`TargetFragments.kernel_argument_types`). An unknown name fails loudly."""
     types = {}
+    forms = forms or {}
     for name in arg_names:
-        if name in ("BLOCK_V", "VEC"):
+        if name in forms:
+            types[name] = forms[name]
+        elif name in ("BLOCK_V", "VEC"):
             types[name] = "constexpr"
         elif name in ("z_ptr", "grad_ptr") or re.fullmatch(r"t\d+_ptr", name):
             types[name] = pointer
@@ -111,7 +116,13 @@ def compile_sm90(spec: KernelSpec, phase: str = "single", vocab: int = 128256, d
 
     fn = kernel_module(spec, phase).fused_head_kernel
     block, warps, vec = tile_shape(vocab, spec.tile_streams, _BYTES[dtype])
-    types = argument_types(fn.arg_names, _POINTERS[dtype])
+    forms = {
+        name: kind
+        for term in spec.terms
+        if isinstance(term.target, TargetFragments)
+        for name, kind in term.target.kernel_argument_types().items()
+    }
+    types = argument_types(fn.arg_names, _POINTERS[dtype], forms)
     # as Triton's JIT specializes a launch: pointers from torch's allocator and sizes, strides and
     # offsets that are multiples of 16 (a vocab divisible by 16) are marked so, which lets it vectorize
     aligned = {

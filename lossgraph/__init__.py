@@ -32,6 +32,7 @@ _EXPORTS = {
     "BackendOptions": "lossgraph.runtime.backend",
     "TopK": "lossgraph.runtime.inputs",
     "Linear": "lossgraph.runtime.inputs",
+    "Rollout": "lossgraph.kinds.sources.rollout",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
         PluginError,
         SourceFileError,
     )
+    from .kinds.sources.rollout import Rollout
     from .runtime.backend import BackendOptions
     from .runtime.compiled import CompiledGraph, GraphOutput, compile
     from .runtime.inputs import Linear, TopK

@@ -24,6 +24,7 @@ from helpers import assert_close, random_labels, random_logits, random_topk
 
 import lossgraph
 from lossgraph.compiler.plan import DenseTarget, TopKTarget
+from lossgraph.kinds.sources.rollout import RolloutTarget
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -183,6 +184,13 @@ def make_inputs(
             teachers[name] = random_logits(
                 *lead, target.vocab_size, scale=scale, dtype=torch.float64, seed=seed + 100 + i
             )
+        elif isinstance(target, RolloutTarget):  # advantages, and log-probs <= 0 where the source declares them
+            generator = torch.Generator().manual_seed(seed + 300 + i)
+            old, ref = (
+                -torch.rand(lead, generator=generator) if declared else None
+                for declared in (target.old_logprobs, target.ref_logprobs)
+            )
+            teachers[name] = lossgraph.Rollout(torch.randn(lead, generator=generator), old, ref)
         else:
             assert isinstance(target, TopKTarget)
             teachers[name] = random_topk(*lead, vocab=target.vocab_size, k=target.k, seed=seed + 200 + i)
@@ -209,6 +217,8 @@ class Run:
 
 
 def _teacher_as(value, dtype: torch.dtype, device: torch.device):
+    if isinstance(value, lossgraph.Rollout):  # per-position values, read in float32 by both backends
+        return lossgraph.Rollout(*(None if part is None else part.to(device) for part in value))
     if isinstance(value, lossgraph.TopK):
         logprobs = value.logprobs.to(device)
         return lossgraph.TopK(value.indices.to(device), logprobs.double() if dtype == torch.float64 else logprobs)
@@ -295,7 +305,8 @@ def run_pair(
     reference_inputs = upcast(fused_inputs)  # taken before the fused call (inplace_grad overwrites logits)
     if layout is not None:
         fused_inputs.teachers = {
-            name: t if isinstance(t, lossgraph.TopK) else layout(t) for name, t in fused_inputs.teachers.items()
+            name: t if isinstance(t, (lossgraph.TopK, lossgraph.Rollout)) else layout(t)
+            for name, t in fused_inputs.teachers.items()
         }
     fused = call(
         lossgraph.compile(spec, backend="triton", inplace_grad=inplace_grad),

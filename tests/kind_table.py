@@ -28,13 +28,26 @@ def built_in_source_kinds() -> list[SourceKind]:
     return [kind for kind in source_kinds() if kind_origin("source", kind.name) == BUILT_IN]
 
 
+def _reads_rollout(kind: LossKind) -> bool:
+    return getattr(kind.model, "reads_rollout", False)
+
+
+#: loss kinds on a rollout's sampled tokens (policy_gradient, kl_estimate): tests/test_policy_gradient.py
+ROLLOUT_KINDS = tuple(kind.name for kind in built_in_loss_kinds() if _reads_rollout(kind))
 #: loss kinds that compare the student with a target distribution
-TARGET_KINDS = tuple(kind.name for kind in built_in_loss_kinds() if kind.takes_target)
+TARGET_KINDS = tuple(kind.name for kind in built_in_loss_kinds() if kind.takes_target and not _reads_rollout(kind))
 #: target kinds that also take the `labels` source itself (hard labels)
-LABEL_KINDS = tuple(kind.name for kind in built_in_loss_kinds() if kind.takes_target and kind.accepts_hard_labels)
+LABEL_KINDS = tuple(
+    kind.name
+    for kind in built_in_loss_kinds()
+    if kind.takes_target and kind.accepts_hard_labels and not _reads_rollout(kind)
+)
 #: loss kinds of the student alone
 TARGETLESS_KINDS = tuple(kind.name for kind in built_in_loss_kinds() if not kind.takes_target)
-SOURCE_KINDS = tuple(kind.name for kind in built_in_source_kinds())
+#: source kinds only the rollout kinds read (tests/test_rollout_source.py and test_policy_gradient.py cover them)
+ROLLOUT_SOURCE_KINDS = ("rollout",)
+#: source kinds of targets the distribution kinds compare with
+SOURCE_KINDS = tuple(kind.name for kind in built_in_source_kinds() if kind.name not in ROLLOUT_SOURCE_KINDS)
 
 
 def takes_temperature(kind: str) -> bool:
@@ -89,7 +102,31 @@ class TargetlessTruth:
     value: Callable[[torch.Tensor, float], torch.Tensor]
 
 
-TRUTH: dict[str, TargetTruth | TargetlessTruth] = {
+@dataclass(frozen=True)
+class RolloutTruth:
+    """A rollout kind's value per token, `value(lq, advantages, old, ref, **fields)` in float64: lq the
+    student's log-prob of the sampled token (with its gradient), old None for on-policy."""
+
+    value: Callable[..., torch.Tensor]
+
+
+def _policy_gradient(lq, advantages, old, ref, epsilon_low=0.2, epsilon_high=None, delta=None, objective="clip"):
+    """TRL's per-token loss (grpo_trainer's _compute_loss, token-level importance sampling)."""
+    high = epsilon_low if epsilon_high is None else epsilon_high
+    ratio = torch.exp(lq - (lq.detach() if old is None else old))
+    if objective == "cispo":
+        return -torch.clamp(ratio, max=high).detach() * advantages * lq
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + high)
+    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    return -torch.min(unclipped * advantages, clipped * advantages)
+
+
+def _kl_estimate(lq, advantages, old, ref, estimator="k3"):
+    d = ref - lq
+    return {"k1": -d, "k2": d**2 / 2, "k3": torch.exp(d) - d - 1}[estimator]
+
+
+TRUTH: dict[str, TargetTruth | TargetlessTruth | RolloutTruth] = {
     "cross_entropy": TargetTruth(_cross_entropy),
     "forward_kl": TargetTruth(lambda log_p, log_q: _kl(log_p, log_q)),
     "reverse_kl": TargetTruth(lambda log_p, log_q: _kl(log_q, log_p)),
@@ -97,10 +134,12 @@ TRUTH: dict[str, TargetTruth | TargetlessTruth] = {
     "tvd": TargetTruth(lambda log_p, log_q: 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), kinked=True),
     "z_loss": TargetlessTruth(lambda logits, temperature: torch.logsumexp(logits, -1) ** 2),  # no temperature
     "entropy": TargetlessTruth(_entropy),
+    "policy_gradient": RolloutTruth(_policy_gradient),
+    "kl_estimate": RolloutTruth(_kl_estimate),
 }
 
 
-def truth(kind: str) -> TargetTruth | TargetlessTruth:
+def truth(kind: str) -> TargetTruth | TargetlessTruth | RolloutTruth:
     """The float64 formula of a built-in loss kind; a kind without one fails the test that asks."""
     if kind not in TRUTH:
         pytest.fail(

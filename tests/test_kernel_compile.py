@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers import run_compiler_script
-from kind_table import LABEL_KINDS, TARGET_KINDS, TARGETLESS_KINDS, takes_temperature, truth
+from kind_table import LABEL_KINDS, ROLLOUT_KINDS, TARGET_KINDS, TARGETLESS_KINDS, takes_temperature, truth
 
 triton = pytest.importorskip("triton", reason="compiling the fused kernels needs the triton package")
 
@@ -33,6 +33,7 @@ from lossgraph.kinds.class_weights import KWeighted  # noqa: E402
 from lossgraph.kinds.sources.label_smoothing import KSmoothed  # noqa: E402
 from lossgraph.kinds.sources.labels import KLabels  # noqa: E402
 from lossgraph.kinds.sources.mixture import KMixture  # noqa: E402
+from lossgraph.kinds.sources.rollout import KRollout  # noqa: E402
 from lossgraph.kinds.sources.teacher import KDense  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,29 @@ def kernel_term(kind: str, target, slot: int, *, active: bool = True) -> KernelT
     fields = {"type": kind, "heads": ["next"], **getattr(truth(kind), "fields", {})}
     node = loss.model.model_validate({**fields, "target": "t"} if loss.takes_target else fields)
     return KernelTerm(loss.fragments, target, slot, constants=loss.constants(node), active=active)
+
+
+def rollout_term(kind: str, target: KRollout, slot: int, **fields) -> KernelTerm:
+    """A term of a rollout kind (policy_gradient, kl_estimate) with the node's `fields`."""
+    loss = loss_kind(kind)
+    node = loss.model.model_validate({"type": kind, "heads": ["next"], "target": "t", **fields})
+    return KernelTerm(loss.fragments, target, slot, constants=loss.constants(node))
+
+
+def _rollout_spec() -> KernelSpec:
+    """The rollout kinds with every objective and estimator, on a rollout with old and reference log-probs
+    (at a slot that is not 1) and on an on-policy one, beside cross-entropy; the aggregated ones in a
+    second term group."""
+    full, on_policy = KRollout(0, True, True), KRollout(1, False, False)
+    terms = (
+        kernel_term("cross_entropy", KLabels(), 0),
+        rollout_term("policy_gradient", full, 1, epsilon_high=0.28, delta=4.0),
+        rollout_term("policy_gradient", full, 1, objective="cispo", epsilon_high=5.0),
+        *(rollout_term("kl_estimate", full, 1, estimator=estimator) for estimator in ("k1", "k2", "k3")),
+        rollout_term("policy_gradient", on_policy, 0, aggregation="sequence_mean"),
+        rollout_term("policy_gradient", on_policy, 0, objective="cispo", epsilon_high=0.5),
+    )
+    return KernelSpec(terms=terms, slot_is_one=(True, False), row_groups=2, term_groups=(0, 0, 0, 0, 0, 0, 1, 0))
 
 
 def _dense_count(target) -> int:
@@ -113,6 +137,7 @@ def synthetic_specs() -> dict[str, KernelSpec]:
     specs["softcap-accumulate-dense"] = replace(_target_spec("dense", accumulate=True), softcap=30.0)
     specs["scale-labels"] = replace(_target_spec("labels"), logits_scale=0.25)
     specs["scale-softcap-topk-bucket"] = replace(_target_spec("topk-bucket"), logits_scale=0.25, softcap=30.0)
+    specs["rollout"] = _rollout_spec()
     specs["truncate-dense"] = _target_spec("dense", mapping="truncate")
     specs["pad-mixture"] = _target_spec("mixture-two-dense", mapping="pad")
     # class-weighted cross-entropy (two vectors: smoothed labels at T != 1, plain labels) beside a z-loss
@@ -161,7 +186,9 @@ def cases() -> dict[str, tuple[KernelSpec, str, str]]:
     )
     all_cases["widest-fp32"] = (synthetic_specs()["widest"], "*fp32", "single")
     # the vocab-parallel phases of these synthetic launches and of every example launch that has a pass 2
-    split = {name: synthetic_specs()[name] for name in ("widest", "scale-softcap-topk-bucket", "class-weights")}
+    split = {
+        name: synthetic_specs()[name] for name in ("widest", "scale-softcap-topk-bucket", "class-weights", "rollout")
+    }
     for name, spec in {**split, **example_specs()}.items():
         phases = ["stats", "apply"] + (["reduce"] if kernel_layout(spec).reduction_terms else [])
         if name not in split and "reduce" not in phases:
@@ -184,7 +211,7 @@ def test_synthetic_specs_cover_every_kind_and_target():
     for spec in synthetic_specs().values():
         for term in spec.terms:
             seen.add((term.loss.name, visit(term.target) if term.target is not None else None))
-    assert {kind for kind, _ in seen} >= {*TARGET_KINDS, *TARGETLESS_KINDS}
+    assert {kind for kind, _ in seen} >= {*TARGET_KINDS, *TARGETLESS_KINDS, *ROLLOUT_KINDS}
     targets = {"KSmoothed", "KDense", "KMixture", "KTopK-renormalize", "KTopK-bucket"}
     assert {(kind, target) for kind in TARGET_KINDS for target in targets} <= seen
     assert {(kind, "KLabels") for kind in LABEL_KINDS} | {(kind, None) for kind in TARGETLESS_KINDS} <= seen

@@ -11,6 +11,7 @@ from helpers import assert_close, random_labels, random_logits, random_topk
 
 import lossgraph
 from lossgraph.compiler.plan import DenseTarget, TopKTarget
+from lossgraph.kinds.sources.rollout import RolloutTarget
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
@@ -424,6 +425,10 @@ def test_example_graph_runs(path):
     for index, (name, target) in enumerate(graph.plan.teachers.items()):
         if isinstance(target, TopKTarget):
             teachers[name] = random_topk(batch, seq, vocab=target.vocab_size, k=target.k, seed=20 + index)
+        elif isinstance(target, RolloutTarget):  # advantages, and log-probs <= 0 where the source declares them
+            logprobs = -torch.rand(batch, seq, generator=torch.Generator().manual_seed(20 + index))
+            old, ref = (logprobs if declared else None for declared in (target.old_logprobs, target.ref_logprobs))
+            teachers[name] = lossgraph.Rollout(torch.linspace(-1.0, 1.0, batch), old, ref)
         else:
             assert isinstance(target, DenseTarget)
             teachers[name] = random_logits(batch, seq, target.vocab_size, seed=20 + index)

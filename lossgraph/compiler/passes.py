@@ -241,7 +241,7 @@ def check_target_kinds(ctx: CompileContext) -> None:
                 )
         kind = source_kind(source.type)
         facts = TargetFacts(
-            target, kind.provides_labels, zero_mass_reason(_graph(ctx), target), kind.label_distribution
+            target, kind.provides_labels, zero_mass_reason(_graph(ctx), target), kind.label_distribution, source.type
         )
         for field_name, message in loss_kind(loss.type).check_target(facts, loss):
             ctx.error(("losses", name, field_name), message)

@@ -98,6 +98,9 @@ class TermGroup:
     # normalizer "positions" of class-weighted cross-entropy: the sum of the positions' weights times
     # their labels' weights in this run-time class-weight vector (torch's weighted mean)
     class_weights: str | None = None
+    # (leaf source, aggregation, constant): the rows weighed and the sum divided as the loss kind
+    # aggregates over that leaf's value (`LossKind.aggregation`, `LeafForm.group_weights`); None: plainly
+    aggregation: tuple[str, str, float] | None = None
 
     @property
     def mask(self) -> str | None:
@@ -190,12 +193,15 @@ def _term_group(loss, target: Target | None) -> TermGroup:
     by its own positions has a group of its own: it divides by its labels' summed class weights."""
     positions = loss.positions if isinstance(loss.positions, str) else f"mask:{loss.positions.mask}"
     class_weights = getattr(loss, "class_weights", None) if loss.normalizer == "positions" else None
-    if positions == "targets" and class_weights is None:
+    aggregation = loss_kind(loss.type).aggregation(loss)
+    if aggregation is not None:
+        aggregation = (target.leaves()[0].name, *aggregation)
+    if positions == "targets" and class_weights is None and aggregation is None:
         return TARGETS
     labelled = positions != "all" and target is not None and any(leaf.hard_labels for leaf in target.leaves())
     if positions == "targets":
         labelled = False  # the head's targets already have a label
-    return TermGroup(positions, loss.normalizer, labelled, class_weights)
+    return TermGroup(positions, loss.normalizer, labelled, class_weights, aggregation)
 
 
 def build_plan(spec: LossGraphSpec) -> Plan:

@@ -11,7 +11,7 @@ the `lossgraph.kinds` entry-point group, loaded before the registries are first 
 from . import plugins
 from .form import FormInputs, LeafForm
 from .loss import LossKind, TargetFacts
-from .losses import cross_entropy, entropy, forward_kl, jsd, reverse_kl, tvd, z_loss
+from .losses import cross_entropy, entropy, forward_kl, jsd, kl_estimate, policy_gradient, reverse_kl, tvd, z_loss
 from .registry import (
     before_first_read,
     hooks_deferred,
@@ -31,14 +31,14 @@ from .registry import (
     unregister_source_kind,
 )
 from .source import Member, SourceKind, Target
-from .sources import label_smoothing, labels, mixture, teacher, topk_teacher
+from .sources import label_smoothing, labels, mixture, rollout, teacher, topk_teacher
 
 with registering_as(plugins.BUILT_IN):
-    for _module in (labels, teacher, topk_teacher, label_smoothing, mixture):
+    for _module in (labels, teacher, topk_teacher, label_smoothing, mixture, rollout):
         register_source_kind(_module.KIND)
-    for _module in (labels, teacher, topk_teacher):
+    for _module in (labels, teacher, topk_teacher, rollout):
         register_leaf_form(_module.FORM)
-    for _module in (cross_entropy, z_loss, forward_kl, reverse_kl, jsd, tvd, entropy):
+    for _module in (cross_entropy, z_loss, forward_kl, reverse_kl, jsd, tvd, entropy, policy_gradient, kl_estimate):
         register_loss_kind(_module.KIND)
 before_first_read(plugins.load_installed)
 

@@ -121,6 +121,15 @@ class LeafForm:
         tensor (differentiably). A value that is not split over the vocab is returned as is."""
         return value
 
+    def group_weights(
+        self, value: Any, mask: torch.Tensor, weight: torch.Tensor | None, aggregation: str, constant: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a term group that aggregates over this leaf's value (`compiler.plan.TermGroup.aggregation`,
+        asked by its loss kind's `LossKind.aggregation`): [N] float32 weights of the rows (0 where `mask` is
+        False; `weight` the rows' own, or None for 1) and the 0-d float32 total the group's sum is divided
+        by, which `normalize_across` sums over the ranks. On the device, without a host synchronization."""
+        raise NotImplementedError(f"leaf form {self.name!r} aggregates no term group")
+
     def prediction(self, value: Any, vocab: int) -> torch.Tensor | None:
         """[N] the source's own argmax token over a head's `vocab` (for the metrics), or None."""
         return None

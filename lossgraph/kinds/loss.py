@@ -54,6 +54,8 @@ class TargetFacts:
     # the source is the labels' own distribution, one-hot or smoothed (SourceKind.label_distribution):
     # per-class weights (cross_entropy's class_weights) apply to it
     label_distribution: bool = False
+    # the source's `type` (a kind that reads one source kind only refuses the others)
+    kind: str = ""
 
 
 class LossKind:
@@ -96,6 +98,12 @@ class LossKind:
         """The fragments the kernel of `term` runs (a kind may hand a term to another kind's code at a
         value of its constants where the two agree: jsd at beta 0 and 1)."""
         return self.fragments
+
+    def aggregation(self, loss: LossNode) -> tuple[str, float] | None:
+        """How the node's terms aggregate over their target's leaf, when not as the head's targets do:
+        (aggregation, constant), handed to the leaf's form (`LeafForm.group_weights`), which weighs the
+        rows and gives the total the sum is divided by; None (the default) for the head's own positions."""
+        return None
 
     def details(self, loss: LossNode) -> list[str]:
         """Short descriptions of the kind's own fields, for `show` and `plan` (e.g. `beta 0.3`)."""

@@ -64,9 +64,13 @@ class TermPositions:
     # [N] float32 w_{y_i}, the labels' class weights, for a class-weighted cross-entropy group (its
     # normalizer is sum_i m_i w_{y_i}); None for other groups
     label_weight: torch.Tensor | None = None
+    # 0-d float32: the total of a group that aggregates over a leaf's value (its form's `group_weights`)
+    aggregated_total: torch.Tensor | None = None
 
     def total(self) -> torch.Tensor:
         """The float32 total that `tokens` normalization divides the group's terms by (normalizer: positions)."""
+        if self.aggregated_total is not None:
+            return self.aggregated_total
         if self.label_weight is not None:
             return _weighted_label_total(self.mask, self.weight, self.label_weight)
         return _target_total(self.mask, self.weight).to(torch.float32)
@@ -74,7 +78,9 @@ class TermPositions:
     def rows(self, start: int, stop: int) -> TermPositions:
         weight = None if self.weight is None else self.weight[start:stop]
         label_weight = None if self.label_weight is None else self.label_weight[start:stop]
-        return TermPositions(self.mask[start:stop], weight, self.count, self.normalizer, label_weight)
+        return TermPositions(
+            self.mask[start:stop], weight, self.count, self.normalizer, label_weight, self.aggregated_total
+        )
 
 
 @dataclass
@@ -736,6 +742,9 @@ def _group_positions(
             if group.labelled:  # its terms read the labels: only positions that have a target
                 mask = mask & batch.mask
         count = mask.sum()
+        if group.aggregation is not None:
+            groups.append(_aggregated_positions(head, group, batch, mask, weight, count, num_items))
+            continue
         label_weight = None
         if group.class_weights is not None:  # w_{y_i}: the group divides by sum_i m_i w_{y_i}
             label_weight = torch.where(mask, batch.class_weights[group.class_weights].at(batch.labels), 0.0)
@@ -764,6 +773,30 @@ def _group_positions(
             normalizer = _normalizer(plan, head, total, mask.numel(), None, check_values)
         groups.append(TermPositions(mask, weight, count, normalizer, label_weight))
     return tuple(groups)
+
+
+def _aggregated_positions(
+    head: HeadPlan,
+    group,
+    batch: HeadBatch,
+    mask: torch.Tensor,
+    weight: torch.Tensor | None,
+    count: torch.Tensor,
+    num_items: NumItems,
+) -> TermPositions:
+    """A group whose rows its loss kind weighs over a leaf's value (per sequence of a rollout): the leaf's
+    form gives the weights and the total the group's sum is divided by."""
+    source, aggregation, constant = group.aggregation
+    if num_items is not None:
+        node = next(t.node for t in head.terms if head.groups[t.group] == group)
+        raise InputError(
+            f"num_items gives head {head.name!r}'s target count, but loss {node!r} aggregates by {aggregation} "
+            f"over {source!r}, which divides by its sequences; leave num_items out (compile with "
+            "normalize_across to sum the sequences over data-parallel ranks)"
+        )
+    weights, total = batch.forms[source].group_weights(batch.sources[source], mask, weight, aggregation, constant)
+    normalizer = torch.where(total > 0, total, 1.0)
+    return TermPositions(mask, weights, count, normalizer, aggregated_total=total)
 
 
 def _weighted_label_total(mask: torch.Tensor, weights: torch.Tensor | None, label_weight: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,301 @@
+"""policy_gradient: the clipped surrogate of PPO / GRPO (and CISPO) on a rollout's sampled tokens.
+
+Per token, with lq = log softmax(z / T)_y the student's log-prob of the sampled token y (the label), old
+the behaviour policy's (absent: on-policy, r = exp(lq - lq.detach()) = 1 with its gradient) and A the
+advantage, r = exp(lq - old):
+- clip: l = -min(r' A, clip(r, 1 - eps_low, 1 + eps_high) A), r' = min(r, delta) with `delta`, else r;
+- cispo: l = -min(r, eps_high).detach() A lq.
+The loss depends on the logits only through lq, so dl/ds_j = g (onehot_j - q_j) with g = dl/dlq, known
+after the first read. Subgradients are torch's, as TRL's expression has them: clamp passes the gradient
+at its bounds (inclusive), min splits it evenly at a tie, so inside the clip range (where both branches
+are equal) g = -r A, and at a bound g = -r A as well.
+
+The terms aggregate as the node's `aggregation` says: `token_mean` as every term (the head's targets),
+`sequence_mean` and `constant` as a term group of their own whose rows the rollout weighs
+(`LeafForm.group_weights`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from ...errors import quote
+from ...kernels import names
+from ...kernels.fragments import FIRST_READ, LinearGradient, LossFragments
+from ...spec.nodes import Name, TemperedLoss
+from ..loss import LossKind, constant
+
+ROLLOUT = "rollout"
+MAX_COMPLETION_LENGTH = 2**24  # positions: far beyond any completion, exact in float32
+
+
+class RolloutLoss(TemperedLoss):
+    """A loss on a rollout's sampled tokens: its target, and how its per-token values aggregate."""
+
+    #: the kind reads a rollout (the rollout source refuses the others)
+    reads_rollout: ClassVar[bool] = True
+
+    target: Name = Field(description="Name of the `rollout` source whose sampled tokens (the labels) it scores.")
+    aggregation: Literal["token_mean", "sequence_mean", "constant"] = Field(
+        "token_mean",
+        description=(
+            "How the per-token losses add up. `token_mean`: the sum over every token of the batch divided by "
+            "their count, like every other term (TRL's `bnpo` and `dapo`; with `num_items` or `normalize_across`, "
+            "the count over the ranks). `sequence_mean`: each sequence's mean, then the mean over the sequences "
+            "(TRL's `grpo`). `constant`: the sum divided by `max_completion_length` x the number of sequences "
+            "(TRL's `dr_grpo`). A sequence is a run of `sequence_ids` (default: a batch row); one whose tokens "
+            "are all masked adds 0 and still counts, as in TRL's mean over the completions."
+        ),
+    )
+    max_completion_length: Annotated[int, Field(ge=1, le=MAX_COMPLETION_LENGTH)] | None = Field(
+        None, description="The constant of `aggregation: constant` (TRL's `max_completion_length`); only with it."
+    )
+
+
+def check_rollout_fields(loss: RolloutLoss) -> list[tuple[str, str]]:
+    """The rules every rollout loss's own fields follow."""
+    problems = []
+    if loss.aggregation == "constant" and loss.max_completion_length is None:
+        problems.append(
+            (
+                "aggregation",
+                "aggregation: constant divides by max_completion_length x sequences; set max_completion_length",
+            )
+        )
+    if loss.aggregation != "constant" and loss.max_completion_length is not None:
+        problems.append(
+            (
+                "max_completion_length",
+                f"max_completion_length is the constant of aggregation: constant, but the aggregation is "
+                f"{loss.aggregation}; remove it, or set aggregation: constant",
+            )
+        )
+    if loss.positions != "targets":
+        problems.append(
+            (
+                "positions",
+                f"{loss.type} takes the head's targets (the sampled tokens are the labels); remove positions, or mask "
+                "tokens with loss_mask",
+            )
+        )
+    if loss.aggregation != "token_mean" and loss.normalizer != "positions":
+        problems.append(
+            (
+                "normalizer",
+                f"aggregation: {loss.aggregation} divides by the sequences, not by a count of positions; remove "
+                "normalizer",
+            )
+        )
+    return problems
+
+
+def check_rollout_target(kind: str, target) -> list[tuple[str, str]]:
+    """A rollout loss targets a rollout source."""
+    if target.kind == ROLLOUT:
+        return []
+    return [
+        (
+            "target",
+            f"{kind} scores a rollout's sampled tokens, but {quote(target.name)} is a {target.kind or 'source'}; "
+            "target a source of type rollout",
+        )
+    ]
+
+
+def rollout_aggregation(loss: RolloutLoss) -> tuple[str, float] | None:
+    """`LossKind.aggregation` of a rollout loss: None for token_mean (the head's own positions)."""
+    if loss.aggregation == "token_mean":
+        return None
+    return loss.aggregation, float(loss.max_completion_length or 0)
+
+
+def rollout_details(loss: RolloutLoss) -> list[str]:
+    if loss.aggregation == "constant":
+        return [f"aggregation constant ({loss.max_completion_length})"]
+    return [] if loss.aggregation == "token_mean" else [f"aggregation {loss.aggregation}"]
+
+
+def student_logprob(k, term) -> str:
+    """Emit `logprob`, log q of the label at the term's slot, from pass 1's statistics; returns its name."""
+    s = term.slot
+    k.emit(f"logprob = ({k.scaled_label_logit(s)} - {names.student_max(s)}) - {names.student_log_sum(s)}")
+    return "logprob"
+
+
+def logprob_gradient(k, term) -> LinearGradient:
+    """dl/ds_j = g (onehot_j - q_j) for a loss of lq alone, its `g = dl/dlq` a per-row local."""
+    return LinearGradient((("-g", k.q(term.slot)),), at_label="g")
+
+
+class PolicyGradientLoss(RolloutLoss):
+    """The clipped surrogate of PPO / GRPO / DAPO (or CISPO) on a rollout's sampled tokens, with TRL's fields."""
+
+    type: Literal["policy_gradient"] = Field(description="Loss kind.")
+    objective: Literal["clip", "cispo"] = Field(
+        "clip",
+        description=(
+            "`clip`: -min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A), PPO's clipped surrogate (TRL's "
+            "grpo, bnpo, dr_grpo, dapo). `cispo`: -min(r, epsilon_high).detach() A log q, the clipped importance "
+            "weight without gradient times the log-prob (MiniMax-M1; TRL's `cispo`, where epsilon_high bounds the "
+            "ratio itself)."
+        ),
+    )
+    epsilon_low: Annotated[float, Field(allow_inf_nan=False, ge=0.0, lt=1.0)] = Field(
+        0.2, description="Lower clip: r is clipped below at 1 - epsilon_low (TRL's `epsilon`). Only for `clip`."
+    )
+    epsilon_high: Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=1e3)] | None = Field(
+        None,
+        description=(
+            "`clip`: upper clip at 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); default epsilon_low. "
+            "`cispo`: the bound of the importance weight min(r, epsilon_high) (TRL's `epsilon_high` under "
+            "loss_type cispo, e.g. 5.0); required there."
+        ),
+    )
+    delta: Annotated[float, Field(allow_inf_nan=False, ge=1.0, le=1e3)] | None = Field(
+        None,
+        description=(
+            "Two-sided clipping (TRL's `delta`): the unclipped branch uses min(r, delta), so a large ratio with a "
+            "negative advantage is bounded too; > 1 + epsilon_high in practice. Only for `clip`."
+        ),
+    )
+
+
+class PolicyGradientFragments(LossFragments):
+    """The value and g = dl/dlq after the first read, from the label's log-prob and the rollout's row."""
+
+    name = "policy_gradient"
+
+    def formulas(self, term):
+        if constant(term, "cispo"):
+            value = "l = -w A lq, w = min(r, eps_high) (no gradient), r = exp(lq - old)"
+            gradient = "dl/ds_j = g (onehot_j - q_j), g = -w A"
+        else:
+            value = "l = -min(r' A, clip(r, 1 - eps_low, 1 + eps_high) A), r = exp(lq - old), r' = min(r, delta)"
+            gradient = "dl/ds_j = g (onehot_j - q_j), g = -(d/dlq of the smaller branch; half of each at a tie)"
+        return {"value": value, "gradient": gradient}
+
+    def value_stage(self, term):
+        return FIRST_READ
+
+    def value_after_first_pass(self, k, t, term):
+        rollout = term.target
+        advantage = rollout.advantage(k)
+        logprob = student_logprob(k, term)
+        high = constant(term, "epsilon_high")
+        if constant(term, "cispo"):
+            if not rollout.old_logprobs:  # r = 1
+                k.emit(f"weight = {min(1.0, high)!r} * {advantage}")
+            else:
+                k.emit(f"weight = tl.minimum(tl.exp({logprob} - {rollout.old_logprob(k)}), {high!r}) * {advantage}")
+            k.emit("g = -weight")
+            return f"-weight * {logprob}"
+        if not rollout.old_logprobs:  # r = 1 lies inside [1 - eps_low, 1 + eps_high] and below delta: a tie
+            k.emit(f"g = -{advantage}")
+            return f"-{advantage}"
+        low, delta = 1.0 - constant(term, "epsilon_low"), constant(term, "delta")
+        k.emit(
+            f"ratio = tl.exp({logprob} - {rollout.old_logprob(k)})",
+            f"clipped = tl.minimum(tl.maximum(ratio, {low!r}), {1.0 + high!r}) * {advantage}",
+            f"d_clipped = tl.where((ratio >= {low!r}) & (ratio <= {1.0 + high!r}), ratio * {advantage}, 0.0)",
+        )
+        if delta:
+            k.emit(
+                f"unclipped = tl.minimum(ratio, {delta!r}) * {advantage}",
+                f"d_unclipped = tl.where(ratio <= {delta!r}, ratio * {advantage}, 0.0)",
+            )
+        else:
+            k.emit(f"unclipped = ratio * {advantage}", "d_unclipped = unclipped")
+        k.emit(
+            "g = -tl.where(unclipped < clipped, d_unclipped, "
+            "tl.where(clipped < unclipped, d_clipped, 0.5 * (d_unclipped + d_clipped)))"
+        )
+        return "-tl.minimum(unclipped, clipped)"
+
+    def gradient(self, k, t, term):
+        return logprob_gradient(k, term)
+
+
+class PolicyGradient(LossKind):
+    name = "policy_gradient"
+    model = PolicyGradientLoss
+    fragments = PolicyGradientFragments()
+    formula = (
+        "clip: ℓ = −min(r′ A, clip(r, 1−ε_low, 1+ε_high) A), r = exp(log q[y] − old[y]), r′ = min(r, δ) (r′ = r "
+        "without `delta`); on-policy (no old log-probs) r = 1 with its gradient, so ℓ = −A",
+        "cispo: ℓ = −sg(min(r, ε_high)) A log q[y] (sg: no gradient)",
+    )
+    example = (
+        "pg: {type: policy_gradient, heads: [next], target: rollouts, epsilon_low: 0.2, epsilon_high: 0.28, "
+        "aggregation: token_mean}"
+    )
+    checks = (
+        "The target is a `rollout` source; `positions` stays `targets`.",
+        "`epsilon_low` in [0, 1); `epsilon_high` (default `epsilon_low`) and `delta` (≥ 1) only where the "
+        "objective uses them: `cispo` needs `epsilon_high` and takes neither `epsilon_low` nor `delta`.",
+        "`max_completion_length` with `aggregation: constant` only; `sequence_mean` and `constant` keep "
+        "`normalizer: positions` and take no `num_items`.",
+    )
+    note = (
+        "The sampled token y is the label; A, old and the sequences come from the rollout (see [rl.md](rl.md) "
+        "for TRL's loss types). Subgradients as torch's: the clip passes the gradient at its bounds, a tie "
+        "of the two branches splits it."
+    )
+
+    def constants(self, loss):
+        cispo = loss.objective == "cispo"
+        high = loss.epsilon_high if loss.epsilon_high is not None else loss.epsilon_low
+        return (
+            ("epsilon_low", 0.0 if cispo else loss.epsilon_low),
+            ("epsilon_high", high),
+            ("delta", loss.delta or 0.0),
+            ("cispo", 1.0 if cispo else 0.0),
+        )
+
+    def aggregation(self, loss):
+        return rollout_aggregation(loss)
+
+    def details(self, loss):
+        found = [loss.objective] if loss.objective != "clip" else []
+        given = loss.model_fields_set
+        found += [
+            f"{field} {getattr(loss, field):g}" for field in ("epsilon_low", "epsilon_high", "delta") if field in given
+        ]
+        return found + rollout_details(loss)
+
+    def check_fields(self, loss):
+        problems = check_rollout_fields(loss)
+        if loss.objective == "cispo":
+            if loss.epsilon_high is None:
+                problems.append(
+                    (
+                        "epsilon_high",
+                        "objective: cispo bounds the importance weight by epsilon_high (min(r, epsilon_high), TRL's "
+                        "convention); set it (e.g. 5.0)",
+                    )
+                )
+            for field in ("epsilon_low", "delta"):
+                if field in loss.model_fields_set:
+                    problems.append((field, f"objective: cispo has no {field} (only epsilon_high); remove it"))
+        return problems
+
+    def check_target(self, target, loss):
+        return check_rollout_target(self.name, target)
+
+    def reference(self, row, term):
+        import torch
+
+        advantages, old, _ = row.term.target.rows(row.batch, row.log_q.dtype)
+        logprob = row.at_labels(row.log_q)
+        ratio = torch.exp(logprob - (logprob.detach() if old is None else old))
+        high = constant(term, "epsilon_high")
+        if constant(term, "cispo"):
+            return -torch.clamp(ratio, max=high).detach() * advantages * logprob
+        delta = constant(term, "delta")
+        unclipped = (torch.clamp(ratio, max=delta) if delta else ratio) * advantages
+        clipped = torch.clamp(ratio, 1.0 - constant(term, "epsilon_low"), 1.0 + high) * advantages
+        return -torch.min(unclipped, clipped)
+
+
+KIND = PolicyGradient()
