@@ -83,6 +83,13 @@ def test_a_rollout_needs_a_labels_source():
     assert any("sources.rollouts" in message and "labels source" in message for message in found), found
 
 
+def test_a_rollout_is_read_on_next_token_heads_only():
+    sources = SOURCES.replace("heads: {next: {offset: 1}}", "heads: {next: {offset: 1}, mtp2: {offset: 2}}")
+    found = errors("  pg: {type: policy_gradient, heads: [next, mtp2], target: rollouts}", sources)
+    assert any("sources.rollouts" in m and "'mtp2' (offset 2)" in m for m in found), found
+    assert not errors("  pg: {type: policy_gradient, heads: [next], target: rollouts}", sources)
+
+
 def make(old: bool = True, **losses):
     fields = losses.get("fields", "")
     text = SOURCES + f"  pg: {{type: policy_gradient, heads: [next], target: rollouts{fields}}}\n"

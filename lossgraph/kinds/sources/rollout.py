@@ -301,6 +301,7 @@ class RolloutKind(SourceKind):
         "The graph has a `labels` source: the sampled tokens are the labels.",
         "Only the kinds that read a rollout (`policy_gradient`, `kl_estimate`) may target it; `kl_estimate` "
         "needs `ref_logprobs: true`.",
+        "The losses that read it are bound to heads with offset 1 (the sampled token is the next one).",
         "At run time (located `InputError`s): the values' shapes match the logits; advantages are finite; "
         "log-probs are finite and <= 0; each sequence id is one contiguous run.",
     )
@@ -319,9 +320,28 @@ class RolloutKind(SourceKind):
         return "rollout" + (f" ({', '.join(given)})" if given else " (on-policy)")
 
     def check(self, name, source, spec):
-        if any(source_kind(other.type).provides_labels for other in spec.sources.values()):
-            return []
-        return [((), f"rollout {quote(name)} reads the sampled tokens as the labels; declare a labels source")]
+        problems = []
+        if not any(source_kind(other.type).provides_labels for other in spec.sources.values()):
+            problems.append(
+                ((), f"rollout {quote(name)} reads the sampled tokens as the labels; declare a labels source")
+            )
+        # the values are per sampled token, the one a position's next-token head predicts: a head further
+        # ahead would pair them with other tokens' labels
+        for loss_name, loss in spec.losses.items():
+            if getattr(loss, "target", None) != name:
+                continue
+            for head in loss.heads:
+                offset = spec.heads[head].offset if head in spec.heads else 1
+                if offset != 1:
+                    problems.append(
+                        (
+                            (),
+                            f"rollout {quote(name)} holds values of the sampled next tokens, but loss "
+                            f"{quote(loss_name)} reads it on head {quote(head)} (offset {offset}); bind it to heads "
+                            "with offset 1",
+                        )
+                    )
+        return problems
 
     def check_loss(self, name, source, loss):
         model = type(loss)
