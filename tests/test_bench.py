@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fused_cases import requires_fused
 from helpers import assert_close
 from rl_reference import grpo_loss
 from typer.testing import CliRunner
@@ -172,13 +173,14 @@ def _gradient(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     return gradient
 
 
-def test_case_f_is_one_launch_and_its_exact_kl_peer_computes_lossgraphs_loss():
-    case = rl_case(tokens=64, vocab=300)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_fused)])
+def test_case_f_is_one_launch_and_its_exact_kl_peer_computes_lossgraphs_loss(backend):
+    case = rl_case(tokens=32, vocab=160)
     spec = lossgraph.loads(case.yaml())
     assert len(lossgraph.compile(spec).fusion.launches) == 1
-    inputs = make_rl_inputs(case, torch.float32, torch.device("cpu"))
+    inputs = make_rl_inputs(case, torch.float32, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     (logits,) = inputs.student.values()
-    ours = rl_graph_loss(lossgraph.compile(spec, backend="torch"))(inputs)
+    ours = rl_graph_loss(lossgraph.compile(spec, backend=backend))(inputs)
     peer = rl_loss(case, exact_kl=True)(inputs)
     assert_close(peer, ours.detach(), dtype=torch.float32, rtol=1e-5, what="case f: exact-KL peer vs lossgraph")
     assert_close(
