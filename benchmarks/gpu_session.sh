@@ -24,7 +24,7 @@ BUDGET_S="${BUDGET_S:-530}"
 TESTS_S="${TESTS_S:-210}"
 LINEAR_S="${LINEAR_S:-45}"
 TEST_ARGS="${TEST_ARGS:-tests}"
-CASES="${CASES:-a b c d e}"
+CASES="${CASES:-a b c d e f}"
 BENCH_ARGS="${BENCH_ARGS:---repeats 10 --warmup 1}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 COLUMNS=160

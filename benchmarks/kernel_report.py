@@ -2,7 +2,7 @@
 each costs: tile, warps, registers, spills, theoretical occupancy, and per pass the SASS instructions
 and MUFU operations per element and the barriers per tile. Needs no GPU (Triton's ptxas and cuobjdump).
 
-    python benchmarks/kernel_report.py                 # cases a-d at their production vocab
+    python benchmarks/kernel_report.py                 # cases a-d and f at their production vocab
     python benchmarks/kernel_report.py graph.yaml      # every launch of a graph
     python benchmarks/kernel_report.py --json out.json
     python benchmarks/kernel_report.py --plugin my_kinds graph.yaml   # a graph using a plugin's kinds
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lossgraph.kernels.report import report
 
-from lossgraph.apps.bench import standard_cases
+from lossgraph.apps.bench import rl_case, standard_cases
 from lossgraph.document import check_file, check_text
 from lossgraph.errors import ConfigError, LossGraphError, PluginError
 from lossgraph.kinds import plugins
@@ -38,7 +38,7 @@ def launches(name: str, context) -> dict[str, tuple[object, int]]:
 def collect(paths: list[Path]) -> dict[str, tuple[object, int]]:
     found: dict[str, tuple[object, int]] = {}
     if not paths:
-        for case in standard_cases():
+        for case in [*standard_cases(), rl_case()]:
             found.update(launches(f"case-{case.name}", check_text(case.yaml(), f"case-{case.name}.yaml").context))
     for path in paths:
         checked = check_file(path)

@@ -22,6 +22,9 @@ COLUMNS = [
     ("torch.compile", "torch.compile"),
     ("Liger-Kernel CE + KL", "Liger CE + KL"),
     ("Liger fused-linear JSD", "Liger CE + KL"),  # case e: a JSD, the same matmuls
+    # case f: "torch eager" and "torch.compile" are TRL's loss with its k3 estimate; these, the exact KL
+    ("torch eager (fp32), exact KL", "torch eager, exact KL"),
+    ("torch.compile, exact KL", "torch.compile, exact KL"),
 ]
 
 

@@ -10,11 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from fused_cases import requires_fused
 from helpers import assert_close
+from rl_reference import grpo_loss
 from typer.testing import CliRunner
 
 import lossgraph
-from lossgraph.apps.bench import eager_loss, graph_loss, make_inputs, standard_cases
+from lossgraph.apps.bench import (
+    RL_BETA,
+    RL_EPSILON_HIGH,
+    RL_EPSILON_LOW,
+    RL_LM_WEIGHT,
+    SMALL_SIZES,
+    eager_loss,
+    graph_loss,
+    make_inputs,
+    make_rl_inputs,
+    rl_case,
+    rl_graph_loss,
+    rl_loss,
+    standard_cases,
+)
 from lossgraph.cli.app import app
 
 
@@ -82,7 +98,7 @@ def test_bench_runs_on_the_cpu_and_writes_json(tmp_path):
 def test_bench_rejects_unknown_cases_and_a_missing_gpu():
     result = CliRunner().invoke(app, ["bench", "z", "--device", "cpu"])
     assert result.exit_code == 2, result.output  # a usage error, as docs/cli.md says
-    assert result.output == "error: unknown case 'z': give a, b, c, d, e or the path of a loss-graph file\n"
+    assert result.output == "error: unknown case 'z': give a, b, c, d, e, f or the path of a loss-graph file\n"
     if not torch.cuda.is_available():
         result = CliRunner().invoke(app, ["bench", "a", "--device", "cuda"])
         assert result.exit_code == 1 and "no CUDA device" in result.output
@@ -150,3 +166,78 @@ def test_bench_takes_a_loss_graph_file(tmp_path):
     assert result.exit_code == 0, result.output
     assert "case (graph.yaml)" in result.output and "lossgraph reference" in result.output
     assert "torch eager" not in result.output  # the peers' code exists for the standard cases only
+
+
+def _gradient(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    (gradient,) = torch.autograd.grad(loss, leaf)
+    return gradient
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_fused)])
+def test_case_f_is_one_launch_and_its_exact_kl_peer_computes_lossgraphs_loss(backend):
+    case = rl_case(tokens=32, vocab=160)
+    spec = lossgraph.loads(case.yaml())
+    assert len(lossgraph.compile(spec).fusion.launches) == 1
+    inputs = make_rl_inputs(case, torch.float32, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    (logits,) = inputs.student.values()
+    ours = rl_graph_loss(lossgraph.compile(spec, backend=backend))(inputs)
+    peer = rl_loss(case, exact_kl=True)(inputs)
+    assert_close(peer, ours.detach(), dtype=torch.float32, rtol=1e-5, what="case f: exact-KL peer vs lossgraph")
+    assert_close(
+        _gradient(peer, logits), _gradient(ours, logits), dtype=torch.float32, rtol=1e-4, atol=1e-8, what="grad"
+    )
+
+
+def test_case_f_k3_peer_is_trls_dapo_loss_plus_the_lm_term():
+    """The k3 peer against tests/rl_reference.py's float64 TRL loss (checked against GRPOTrainer itself)."""
+    case = rl_case(tokens=64, vocab=300)
+    inputs = make_rl_inputs(case, torch.float64, torch.device("cpu"))
+    (logits,) = inputs.student.values()
+    log_probs = torch.log_softmax(logits, -1)
+    per_token_logps = log_probs.gather(-1, inputs.labels[..., None])[..., 0]
+    trl = grpo_loss(
+        per_token_logps,
+        inputs.old_logprobs.double(),
+        inputs.advantages.double(),
+        inputs.completion_mask,
+        loss_type="dapo",
+        epsilon_low=RL_EPSILON_LOW,
+        epsilon_high=RL_EPSILON_HIGH,
+        beta=RL_BETA,
+        ref_per_token_logps=inputs.ref_logprobs.double(),
+    )
+    expected = trl - RL_LM_WEIGHT * per_token_logps.mean()
+    peer = rl_loss(case, exact_kl=False)(inputs)
+    assert_close(peer, expected.detach(), dtype=torch.float32, rtol=1e-6, what="case f: k3 peer vs TRL")
+    assert_close(_gradient(peer, logits), _gradient(expected, logits), dtype=torch.float32, rtol=1e-5, atol=1e-9)
+
+
+def test_case_f_inputs_clip_some_ratios_and_keep_the_cpu_proportions():
+    case = rl_case(small=True)
+    assert (case.tokens, case.vocab) == SMALL_SIZES["f"] == (512, 4096)
+    assert (rl_case().tokens, rl_case().vocab) == (8192, 128256)
+    inputs = make_rl_inputs(rl_case(tokens=256, vocab=128), torch.float32, torch.device("cpu"))
+    (logits,) = inputs.student.values()
+    logps = torch.log_softmax(logits.detach(), -1).gather(-1, inputs.labels[..., None])[..., 0]
+    ratio = torch.exp(logps - inputs.old_logprobs)
+    clipped = (ratio < 1 - RL_EPSILON_LOW) | (ratio > 1 + RL_EPSILON_HIGH)
+    assert 0 < clipped.float().mean() < 0.5
+    assert inputs.sequence_ids.unique().numel() == 16 and (inputs.old_logprobs <= 0).all()
+
+
+def test_bench_runs_case_f_on_the_cpu(tmp_path):
+    path = tmp_path / "bench.json"
+    arguments = "bench f --device cpu --tokens 32 --vocab 128 --repeats 1 --warmup 0 --json".split()
+    result = CliRunner().invoke(app, [*arguments, str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "case (f) RL: CE + GRPO" in result.output and "needs CUDA + Triton" in result.output
+    (case,) = json.loads(path.read_text())["cases"]
+    timed = {m["implementation"] for m in case["measurements"] if m["median_ms"] is not None}
+    assert timed == {
+        "lossgraph reference",
+        "torch eager (fp32)",
+        "torch eager (fp32), exact KL",
+        "torch.compile",
+        "torch.compile, exact KL",
+    }
+    assert case["floor_bytes"] == 32 * (3 * 128 * 2 + 2 * 4)  # student, reference, gradient rows; 2 floats

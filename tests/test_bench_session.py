@@ -84,6 +84,15 @@ def test_per_case_files_merge_into_the_docs_table(tmp_path):
     assert len(json.loads((tmp_path / "all.json").read_text())["cases"]) == 2
 
 
+def test_case_f_gets_columns_for_the_exact_kl_peers(tmp_path):
+    k3 = {"implementation": "torch.compile", "median_ms": 9.0, "peak_extra_bytes": None}
+    exact = {"implementation": "torch.compile, exact KL", "median_ms": 12.0, "peak_extra_bytes": None}
+    (tmp_path / "f.json").write_text(json.dumps(_payload("f", 4.3e12, [k3, exact])))
+    header, _, row = table(merge([tmp_path / "f.json"])).splitlines()
+    assert header.endswith("| Liger CE + KL | torch eager, exact KL | torch.compile, exact KL |"), header
+    assert row == "| f | 1.535 ms |  |  |  | 9.000 ms |  |  | 12.000 ms |", row
+
+
 def test_the_session_script_parses():
     result = subprocess.run(
         ["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")], capture_output=True, text=True, check=False

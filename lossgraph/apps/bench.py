@@ -3,9 +3,10 @@
 Every implementation computes the same loss from the same logits and teachers, and is timed in the
 same process: lossgraph's fused backend (one kernel per head), its reference backend, the usual user
 code in torch eager (float32 upcast, `F.cross_entropy` and `F.kl_div`), `torch.compile` of that code,
-and Liger-Kernel's cross-entropy and KL-divergence when it is installed. The floor is the time a
-perfect implementation would need to move its bytes (each logits and teacher row read once, each
-gradient row written once) at the device-to-device copy bandwidth measured in the same run.
+and Liger-Kernel's cross-entropy and KL-divergence when it is installed. Case f (reinforcement learning)
+compares with TRL's GRPO loss code instead (`rl_loss`). The floor is the time a perfect implementation
+would need to move its bytes (each logits and teacher row read once, each gradient row written once) at
+the device-to-device copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from ..compiler.fusion import DTYPE_BYTES, floor_bytes_per_token
 from ..errors import LossGraphError
+from ..kinds.sources.rollout import Rollout
 from ..runtime.compiled import CompiledGraph, compile
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -33,7 +35,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class Term:
     """One loss term of a benchmark case, as plain data for the peers' user code."""
 
-    kind: str  # cross_entropy | forward_kl | z_loss
+    kind: str  # cross_entropy | forward_kl | z_loss | policy_gradient | reverse_kl
     head: str
     teacher: str | None = None
     temperature: float = 1.0
@@ -54,12 +56,16 @@ class Case:
         """The case as a loss graph."""
         heads = ", ".join(f"{name}: {{offset: {index + 1}}}" for index, name in enumerate(self.heads))
         sources = ["labels: {type: labels}", *[f"{t}: {{type: teacher}}" for t in self.teachers]]
+        if any(term.kind == "policy_gradient" for term in self.terms):
+            sources.append(f"{ROLLOUTS}: {{type: rollout, old_logprobs: true}}")
         losses = []
         for index, term in enumerate(self.terms):
-            target = "labels" if term.kind == "cross_entropy" else term.teacher
+            target = {"cross_entropy": "labels", "policy_gradient": ROLLOUTS}.get(term.kind, term.teacher)
             parts = [f"type: {term.kind}", f"heads: [{term.head}]", f"weight: {term.weight}"]
             if target:
                 parts.append(f"target: {target}")
+            if term.kind == "policy_gradient":
+                parts += [f"epsilon_low: {RL_EPSILON_LOW}", f"epsilon_high: {RL_EPSILON_HIGH}"]
             if term.temperature != 1.0:
                 parts.append(f"temperature: {term.temperature}")
             losses.append(f"  t{index}: {{{', '.join(parts)}}}")
@@ -130,14 +136,45 @@ def standard_cases(tokens: int | None = None, vocab: int | None = None, *, small
     ]
 
 
+def rl_case(tokens: int | None = None, vocab: int | None = None, *, small: bool = False) -> Case:
+    """Case (f), reinforcement learning on one head: cross-entropy on the sampled completions (an LM
+    term; every row is a rollout, since `policy_gradient` takes all of a head's targets), GRPO's clipped
+    policy gradient with DAPO's clip-higher and token-mean aggregation (TRL's default `loss_type`,
+    `dapo`), and the exact reverse KL to a reference model's logits."""
+    n, v = SMALL_SIZES["f"] if small else RL_SIZES
+    terms = (
+        Term("cross_entropy", "next", weight=RL_LM_WEIGHT),
+        Term("policy_gradient", "next"),
+        Term("reverse_kl", "next", "reference", weight=RL_BETA),
+    )
+    description = "RL: CE + GRPO (DAPO clip, token mean) + exact reverse KL to a reference, one head"
+    return Case("f", description, ("next",), ("reference",), terms, tokens or n, vocab or v)
+
+
 # (tokens, vocab) of each case on a CPU, where the harness is smoke-tested rather than measured.
-SMALL_SIZES = {"a": (512, 4096), "b": (1024, 1024), "c": (512, 4096), "d": (512, 4096), "e": (512, 4096)}
+SMALL_SIZES = {
+    "a": (512, 4096),
+    "b": (1024, 1024),
+    "c": (512, 4096),
+    "d": (512, 4096),
+    "e": (512, 4096),
+    "f": (512, 4096),
+}
 SMALL_HIDDEN = 64
 # Case e at full size.
 LINEAR_SIZES = (8192, 128256)
 LINEAR_HIDDEN = 4096
 # Tokens of a loss-graph file's case (its vocab is the graph's).
 FILE_TOKENS, SMALL_FILE_TOKENS = 8192, 512
+# Case f at full size, and its settings: TRL's names and DAPO's clip-higher.
+RL_SIZES = (8192, 128256)
+RL_EPSILON_LOW, RL_EPSILON_HIGH = 0.2, 0.28  # TRL's epsilon and epsilon_high
+RL_BETA = 0.04  # TRL's beta: the weight of the KL to the reference model
+RL_LM_WEIGHT = 0.1  # the cross-entropy term's weight
+RL_SEQUENCES = 16  # completions in the batch, each a contiguous run of the one sequence of logits
+RL_OLD_LOGPROB_NOISE = 0.1  # old log-probs = current ones + this x N(0, 1): ratios on both sides of the clip
+RL_REFERENCE_NOISE = 0.3  # the reference's logits = the policy's + this x N(0, 1)
+ROLLOUTS = "rollouts"  # the rollout source's name in case f's graph
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,6 +248,98 @@ def _shift(labels: torch.Tensor, head_index: int) -> torch.Tensor:
     shifted = torch.full_like(labels, -100)
     shifted[:-head_index] = labels[head_index:]
     return shifted
+
+
+@dataclass
+class RLInputs:
+    """Case f's tensors: the student's logits, the sampled tokens (labels), the reference model's logits,
+    and per token what a GRPO step has (TRL's names in the comments)."""
+
+    student: dict[str, torch.Tensor]  # {head: [1, N, V]} that requires grad
+    labels: torch.Tensor  # [1, N] the sampled tokens (TRL's completion_ids)
+    reference: torch.Tensor  # [1, N, V] the reference model's logits
+    advantages: torch.Tensor  # [1, N] float32, one per sequence broadcast over its tokens
+    old_logprobs: torch.Tensor  # [1, N] float32 (old_per_token_logps)
+    ref_logprobs: torch.Tensor  # [1, N] float32, the reference's log-prob of each token (ref_per_token_logps)
+    sequence_ids: torch.Tensor  # [1, N] int64, RL_SEQUENCES contiguous runs
+    completion_mask: torch.Tensor  # [1, N] float32, every token a completion token
+
+    def teachers(self) -> dict[str, object]:
+        """lossgraph's `teachers=`: the reference logits and the rollout."""
+        rollout = Rollout(self.advantages, old_logprobs=self.old_logprobs, sequence_ids=self.sequence_ids)
+        return {"reference": self.reference, ROLLOUTS: rollout}
+
+
+def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float32 log-probs [1, N] of the labels under `logits` [1, N, V] (no gradient)."""
+    with torch.no_grad():
+        return torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None])[..., 0]
+
+
+def make_rl_inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0) -> RLInputs:
+    """Deterministic inputs of case f: random logits and tokens as `make_inputs`; a reference model near
+    the policy (its logits plus noise, as a policy a few steps from its initialization); advantages normal
+    per sequence (GRPO's normalized group rewards); old log-probs near the current ones, so that some
+    ratios fall outside the clip range."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    logits = torch.randn(1, case.tokens, case.vocab, generator=generator) * 3
+    reference = logits + torch.randn(1, case.tokens, case.vocab, generator=generator) * RL_REFERENCE_NOISE
+    labels = torch.randint(0, case.vocab, (1, case.tokens), generator=generator).to(device)
+    sequence_ids = torch.arange(case.tokens) * RL_SEQUENCES // case.tokens
+    advantages = torch.randn(RL_SEQUENCES, generator=generator)[sequence_ids]
+    noise = torch.randn(case.tokens, generator=generator) * RL_OLD_LOGPROB_NOISE
+    (head,) = case.heads
+    student = logits.to(device=device, dtype=dtype).requires_grad_()
+    reference = reference.to(device=device, dtype=dtype)
+    return RLInputs(
+        student={head: student},
+        labels=labels,
+        reference=reference,
+        advantages=advantages[None].to(device),
+        old_logprobs=(_label_logprobs(student, labels) + noise.to(device)).clamp(max=0.0),
+        ref_logprobs=_label_logprobs(reference, labels),
+        sequence_ids=sequence_ids[None].to(device),
+        completion_mask=torch.ones(1, case.tokens, device=device),
+    )
+
+
+def rl_loss(case: Case, *, exact_kl: bool) -> Callable[[RLInputs], torch.Tensor]:
+    """TRL's GRPOTrainer loss (1.16, `_compute_loss`, loss_type `dapo`, token-level importance sampling)
+    on float32 upcasts, plus the LM term: per-token log-probs by log_softmax over V and a gather, the
+    clipped surrogate, beta times the KL, the sum over the completion tokens divided by their count.
+
+    `exact_kl=False`: TRL's KL, k3 from the reference's log-prob of the sampled token, times the ratio
+    (`use_bias_correction_kl`, TRL's default). `exact_kl=True`: the exact KL(policy || reference) over the
+    vocab, a second log_softmax over V, as lossgraph's `reverse_kl` computes it. The cross-entropy reuses
+    the log-probs (`nll_loss`), which spares the peer a third pass over the logits."""
+
+    def loss(inputs: RLInputs) -> torch.Tensor:
+        (logits,) = inputs.student.values()
+        log_probs = torch.log_softmax(logits.float(), -1)
+        per_token_logps = log_probs.gather(-1, inputs.labels[..., None])[..., 0]
+        ratio = torch.exp(per_token_logps - inputs.old_logprobs)
+        clipped = torch.clamp(ratio, 1 - RL_EPSILON_LOW, 1 + RL_EPSILON_HIGH)
+        per_token_loss = -torch.min(ratio * inputs.advantages, clipped * inputs.advantages)
+        if exact_kl:
+            ref_log_probs = torch.log_softmax(inputs.reference.float(), -1)
+            per_token_kl = (log_probs.exp() * (log_probs - ref_log_probs)).sum(-1)
+        else:
+            log_ratio = inputs.ref_logprobs - per_token_logps
+            per_token_kl = (torch.exp(log_ratio) - log_ratio - 1) * ratio
+        per_token_loss = per_token_loss + RL_BETA * per_token_kl
+        mask = inputs.completion_mask
+        policy = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+        lm = F.nll_loss(log_probs.reshape(-1, case.vocab), inputs.labels.reshape(-1))
+        return policy + RL_LM_WEIGHT * lm
+
+    return loss
+
+
+def rl_graph_loss(graph: CompiledGraph) -> Callable[[RLInputs], torch.Tensor]:
+    def loss(inputs: RLInputs) -> torch.Tensor:
+        return graph(inputs.student, labels=inputs.labels, teachers=inputs.teachers()).loss
+
+    return loss
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,7 +462,7 @@ def _measure_all(
 
         try:
             median, fastest = time_step(step, device, repeats, warmup)
-            result.measurements.append(Measurement(name, median, fastest, peak_memory(step, device)))
+            result.measurements.append(Measurement(name, median, fastest, peak_memory(step, device), note))
         except Exception as error:  # a peer failing (out of memory, compile error) is reported, not fatal
             result.measurements.append(Measurement(name, note=f"failed: {type(error).__name__}: {error}"[:200]))
             if device.type == "cuda":
@@ -377,6 +506,45 @@ def run_case(
         for name, function, note in implementations
     ]
     return _measure_all(result, calls, list(student.values()), device, repeats, warmup, progress, checkpoint)
+
+
+def run_rl_case(
+    case: Case,
+    *,
+    dtype: str,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    bandwidth: float,
+    progress: Callable[[str], None] = lambda _: None,
+    checkpoint: Callable[[CaseResult], None] = _no_checkpoint,
+) -> CaseResult:
+    """Case (f): lossgraph against TRL's GRPO loss code with its k3 KL estimate, and against the same code
+    with the exact KL to the reference, each in torch eager and through torch.compile (last)."""
+    graph_spec = compile_case_graph(case)
+    floor = floor_bytes_per_token(graph_spec.plan, DTYPE_BYTES[dtype]) * case.tokens
+    result = CaseResult(case.name, case.description, case.tokens, case.vocab, floor, floor / bandwidth * 1e3)
+    inputs = make_rl_inputs(case, DTYPES[dtype], device)
+    fused_ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    k3, exact = rl_loss(case, exact_kl=False), rl_loss(case, exact_kl=True)
+    k3_note, exact_note = "TRL's loss, k3 KL estimate", "TRL's loss, exact KL (2nd log_softmax)"
+    implementations = [
+        (
+            "lossgraph fused",
+            rl_graph_loss(compile_case_graph(case, "triton")) if fused_ok else None,
+            "" if fused_ok else "needs CUDA + Triton",
+        ),
+        ("lossgraph reference", rl_graph_loss(compile_case_graph(case, "torch")), ""),
+        ("torch eager (fp32)", k3, k3_note),
+        ("torch eager (fp32), exact KL", exact, exact_note),
+        ("torch.compile", torch.compile(k3), k3_note),
+        ("torch.compile, exact KL", torch.compile(exact), exact_note),
+    ]
+    calls = [
+        (name, None if function is None else (lambda f=function: f(inputs)), note)
+        for name, function, note in implementations
+    ]
+    return _measure_all(result, calls, list(inputs.student.values()), device, repeats, warmup, progress, checkpoint)
 
 
 def run_graph_file(

@@ -524,7 +524,8 @@ def kernel(
         sys.stdout.write(kernel_source.header() + "\n" + kernel_source.source)
 
 
-BENCH_CASES = ("a", "b", "c", "d", "e")  # lossgraph.apps.bench: a-d from standard_cases(), e from run_linear_case()
+# lossgraph.apps.bench: a-d from standard_cases(), e from run_linear_case(), f from rl_case() and run_rl_case()
+BENCH_CASES = ("a", "b", "c", "d", "e", "f")
 
 
 def _looks_like_a_file(name: str) -> bool:
@@ -546,9 +547,9 @@ def bench(
         typer.Argument(
             metavar="CASE|FILE...",
             help=(
-                "Standard cases a, b, c, d (logits) and e (from hidden states), or paths of loss-graph files "
-                "(run with lossgraph's fused and reference backends on random inputs of their shapes). "
-                "Default: a b c d e."
+                "Standard cases a, b, c, d (logits), e (from hidden states) and f (policy gradient), or paths of "
+                "loss-graph files (run with lossgraph's fused and reference backends on random inputs of their "
+                "shapes). Default: a b c d e f."
             ),
             show_default=False,
         ),
@@ -611,9 +612,11 @@ def bench(
             copy_bandwidth,
             environment,
             ratio,
+            rl_case,
             run_case,
             run_graph_file,
             run_linear_case,
+            run_rl_case,
             standard_cases,
             write_json,
         )
@@ -652,6 +655,8 @@ def bench(
                             **settings,
                         )
                     )
+                elif name == "f":
+                    results.append(run_rl_case(rl_case(tokens, vocab, small=small), bandwidth=bandwidth, **settings))
                 elif name not in known:
                     file_tokens = tokens or (SMALL_FILE_TOKENS if small else FILE_TOKENS)
                     results.append(run_graph_file(Path(name), tokens=file_tokens, bandwidth=bandwidth, **settings))
