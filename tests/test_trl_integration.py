@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import lossgraph  # noqa: E402
-from lossgraph.integrations.trl import LossGraphGRPOTrainer, grpo_document  # noqa: E402
 from lossgraph.integrations.transformers import IntegrationError  # noqa: E402
+from lossgraph.integrations.trl import LossGraphGRPOTrainer, grpo_document  # noqa: E402
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 TARGET = "t7"  # the toy reward: how often the completion says it
@@ -177,7 +177,8 @@ losses:
         )
     )
     reference = tiny_llama(seed=1).eval()
-    exact = trainer(policy_path, config(tmp_path, "grpo", beta=0.0), loss_graph=graph, teachers={"reference": reference})
+    args = config(tmp_path, "grpo", beta=0.0)
+    exact = trainer(policy_path, args, loss_graph=graph, teachers={"reference": reference})
     exact.train()
     logged = [entry for entry in exact.state.log_history if "loss" in entry]
     assert len(logged) == 3

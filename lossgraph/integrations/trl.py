@@ -25,6 +25,7 @@ cispo), and TRL's metrics are logged: `kl` from the `kl_estimate` node, and each
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from importlib.resources import files
 from typing import Any
 
 import torch
@@ -50,8 +51,8 @@ EXPRESSED_LOSS_TYPES = {
 }
 # loss types whose count is TRL's `num_items_in_batch` (the generation batch's tokens over the processes)
 _COUNTED_OVER_THE_GENERATION_BATCH = ("dapo", "cispo")
-_HEAD = "next"
-_ROLLOUT = "rollouts"
+# the names of lossgraph/data/trl_grpo.yaml
+_ROLLOUT, _POLICY, _KL = "rollouts", "pg", "kl"
 
 Teacher = torch.nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,48 +78,37 @@ def _unexpressed(args) -> list[str]:
 
 
 def grpo_document(args, vocab_size: int) -> dict[str, Any]:
-    """The loss graph (as a YAML-shaped dict) of TRL's GRPOTrainer loss for this `GRPOConfig`.
+    """The loss graph (as a YAML-shaped dict) of TRL's GRPOTrainer loss for this `GRPOConfig`:
+    lossgraph/data/trl_grpo.yaml with its values.
 
-    One head `next`, the completion tokens as `labels`, a `rollout` source `rollouts` with old (and, with `beta`, reference) log-probs, a
-    `policy_gradient` node `pg` with TRL's epsilon, epsilon_high, delta, temperature and aggregation, and
-    with `beta` != 0 a `kl_estimate` node `kl` (k3) of weight beta with the same aggregation. Raises
-    `IntegrationError` for the settings it does not reproduce."""
+    One head `next`, the completion tokens as `labels`, a `rollout` source `rollouts` with old (and, with
+    `beta`, reference) log-probs, a `policy_gradient` node `pg` with TRL's epsilon, epsilon_high, delta,
+    temperature and aggregation, and with `beta` != 0 a `kl_estimate` node `kl` (k3) of weight beta with
+    the same aggregation. Raises `IntegrationError` for the settings it does not reproduce."""
     problems = _unexpressed(args)
     if problems:
         raise IntegrationError("lossgraph does not reproduce these GRPOConfig settings: " + "; ".join(problems))
+    document = yaml.safe_load(files("lossgraph").joinpath("data/trl_grpo.yaml").read_text(encoding="utf-8"))
+    document["vocab_size"] = int(vocab_size)
     aggregation = EXPRESSED_LOSS_TYPES[args.loss_type]
-    epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     rollout_fields: dict[str, Any] = {"aggregation": aggregation, "temperature": float(args.temperature)}
     if aggregation == "constant":
         rollout_fields["max_completion_length"] = int(args.max_completion_length)
+    epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     if args.loss_type == "cispo":
         policy = {"objective": "cispo", "epsilon_high": float(epsilon_high)}
     else:
         policy = {"epsilon_low": float(args.epsilon), "epsilon_high": float(epsilon_high)}
         if args.delta is not None:
             policy["delta"] = float(args.delta)
-    losses: dict[str, Any] = {
-        "pg": {"type": "policy_gradient", "heads": [_HEAD], "target": _ROLLOUT, **policy, **rollout_fields}
-    }
-    if args.beta != 0.0:
-        losses["kl"] = {
-            "type": "kl_estimate",
-            "heads": [_HEAD],
-            "target": _ROLLOUT,
-            "estimator": "k3",
-            "weight": float(args.beta),
-            **rollout_fields,
-        }
-    return {
-        "version": 1,
-        "vocab_size": int(vocab_size),
-        "heads": {_HEAD: {"offset": 1}},
-        "sources": {
-            "labels": {"type": "labels"},
-            _ROLLOUT: {"type": "rollout", "old_logprobs": True, "ref_logprobs": args.beta != 0.0},
-        },
-        "losses": losses,
-    }
+    losses = document["losses"]
+    losses[_POLICY].update(policy, **rollout_fields)
+    if args.beta == 0.0:
+        del losses[_KL]
+        document["sources"][_ROLLOUT]["ref_logprobs"] = False
+    else:
+        losses[_KL].update(weight=float(args.beta), **rollout_fields)
+    return document
 
 
 def _rollout_source(graph: CompiledGraph) -> tuple[str, RolloutTarget]:
