@@ -24,6 +24,7 @@ cispo), and TRL's metrics are logged: `kl` from the `kl_estimate` node, and each
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from importlib.resources import files
 from typing import Any
@@ -39,7 +40,13 @@ from ..runtime.compiled import CompiledGraph, GraphOutput
 from ..runtime.compiled import compile as compile_graph
 from .mtp_heads import IntegrationError, unwrap_model
 
-__all__ = ["EXPRESSED_LOSS_TYPES", "LossGraphGRPOTrainer", "grpo_document"]
+__all__ = [
+    "EXPRESSED_LOSS_TYPES",
+    "GKD_REDUCTIONS",
+    "LossGraphGRPOTrainer",
+    "generalized_jsd_loss",
+    "grpo_document",
+]
 
 #: TRL's `loss_type` -> the policy_gradient node's aggregation
 EXPRESSED_LOSS_TYPES = {
@@ -232,3 +239,59 @@ def _sampled_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: f
     """log softmax(logits / T) of each label, 0 where the label is -100."""
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(labels < 0, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# GKD: TRL's generalized JSD through lossgraph's `jsd`.
+# --------------------------------------------------------------------------------------------------
+
+GKD_REDUCTIONS = ("batchmean", "sum", "mean")
+
+
+@functools.lru_cache(maxsize=32)
+def _gkd_graph(vocab_size: int, beta: float, temperature: float) -> CompiledGraph:
+    document = yaml.safe_load(files("lossgraph").joinpath("data/trl_gkd.yaml").read_text(encoding="utf-8"))
+    document["vocab_size"] = vocab_size
+    # TRL's endpoints are the KLs themselves, which `jsd` gives with `normalize` (the divergence is 0 there)
+    endpoint = beta in (0.0, 1.0)
+    document["losses"]["gkd"].update(beta=beta, normalize=endpoint, temperature=temperature)
+    return compile_graph(loads(yaml.safe_dump(document)))
+
+
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    num_items_in_batch: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """TRL's `GKDTrainer.generalized_jsd_loss` (same arguments, same value and gradient) computed by
+    lossgraph's `jsd` node (the fused kernel on CUDA tensors):
+
+        class LossGraphGKDTrainer(GKDTrainer):
+            generalized_jsd_loss = staticmethod(generalized_jsd_loss)
+
+    beta KL(teacher || M) + (1 - beta) KL(student || M), M = beta teacher + (1 - beta) student, both
+    logits divided by `temperature`; forward KL(teacher || student) at beta 0, reverse at 1. Positions
+    whose label is -100 take no loss. The sum is divided by `num_items_in_batch` when given, else by the
+    `reduction`: batchmean the unmasked positions (without labels: the batch size, as TRL), sum nothing,
+    mean their count times the vocab (TRL averages over the vocab's entries too). TRL's `none` (a value
+    per vocab entry) is refused: lossgraph's values are per position (`GraphOutput.per_token`)."""
+    if reduction not in GKD_REDUCTIONS:
+        raise IntegrationError(
+            f"reduction {reduction!r}: lossgraph's jsd gives one value per position, not per vocab entry; "
+            f"use one of {', '.join(GKD_REDUCTIONS)}"
+        )
+    graph = _gkd_graph(student_logits.size(-1), float(beta), float(temperature))
+    mask = None if labels is None else labels != -100
+    out = graph({"next": student_logits}, teachers={"teacher": teacher_logits}, loss_mask=mask)
+    if num_items_in_batch is not None:
+        return out.loss / num_items_in_batch
+    positions = student_logits[..., 0].numel() if mask is None else mask.sum().clamp(min=1)
+    if reduction == "batchmean":
+        return out.loss / (max(student_logits.size(0), 1) if mask is None else positions)
+    if reduction == "mean":
+        return out.loss / (positions * student_logits.size(-1))
+    return out.loss
