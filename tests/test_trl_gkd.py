@@ -75,3 +75,62 @@ def test_per_vocab_entry_values_are_refused():
     student, teacher = CASES["random"]
     with pytest.raises(IntegrationError, match="per vocab entry"):
         generalized_jsd_loss(student, teacher, reduction="none")
+
+
+class RecordsTRLsJSD(GKDTrainer):
+    """GKDTrainer with lossgraph's generalized JSD, computing TRL's own on every batch as well."""
+
+    pairs: list[tuple[float, float]] = []
+
+    @staticmethod
+    def generalized_jsd_loss(**arguments):
+        loss = generalized_jsd_loss(**arguments)
+        with torch.no_grad():
+            RecordsTRLsJSD.pairs.append((loss.item(), GKDTrainer.generalized_jsd_loss(**arguments).item()))
+        return loss
+
+
+def test_on_policy_distillation_in_gkdtrainer(tmp_path):
+    """GKD with lambda = 1 (the student's own samples) and beta = 1 (reverse KL): on-policy distillation,
+    with lossgraph's loss in TRL's trainer, on tiny config-built models."""
+    from datasets import Dataset
+    from tiny_models import one_thread, tiny_llama, word_tokenizer  # noqa: F401
+    from trl.experimental.gkd import GKDConfig
+
+    conversations = [
+        [{"role": "user", "content": f"t{3 + i} t{4 + i}"}, {"role": "assistant", "content": f"t{7 + i} t{8 + i} t1"}]
+        for i in range(8)
+    ]
+    student, teacher = tiny_llama(0), tiny_llama(1)
+    for model in (student, teacher):
+        model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    args = GKDConfig(
+        output_dir=str(tmp_path),
+        lmbda=1.0,
+        beta=1.0,
+        max_new_tokens=4,
+        max_length=32,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+    )
+    RecordsTRLsJSD.pairs = []
+    trainer = RecordsTRLsJSD(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_dict({"messages": conversations}),
+        processing_class=word_tokenizer(),
+    )
+    trainer.train()
+    assert len(RecordsTRLsJSD.pairs) == 3
+    ours, trls = zip(*RecordsTRLsJSD.pairs)
+    assert ours == pytest.approx(trls, rel=1e-5)
+    assert all(value > 0 for value in ours)  # two different models
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == pytest.approx(ours, rel=1e-4)

@@ -11,9 +11,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from tiny_models import VOCAB, one_thread, tiny_llama  # noqa: E402, F401
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+from tiny_models import VOCAB, one_thread, tiny_llama, word_tokenizer  # noqa: E402, F401
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import lossgraph  # noqa: E402
@@ -22,12 +20,6 @@ from lossgraph.integrations.trl import LossGraphGRPOTrainer, grpo_document  # no
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 TARGET = "t7"  # the toy reward: how often the completion says it
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t2"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="t1", unk_token="t2")
 
 
 @pytest.fixture(scope="module")
