@@ -19,7 +19,11 @@ and `Rollout(advantages, old_per_token_logps, ref_per_token_logps)` from TRL's b
 absent, as TRL leaves them on-policy: the detached log-probs of this forward, TRL's own convention).
 The loss is divided as TRL divides it (gradient accumulation, and `num_items_in_batch` for dapo and
 cispo), and TRL's metrics are logged: `kl` from the `kl_estimate` node, and each term's value as
-`lossgraph/<node>/<head>`. The guide is docs/rl.md ("With TRL"). Needs `pip install lossgraph[rl]`.
+`lossgraph/<node>/<head>`.
+
+`generalized_jsd_loss` is TRL's `GKDTrainer.generalized_jsd_loss` computed by a `jsd` node: set it as a
+GKDTrainer subclass's static method. The guide is docs/rl.md ("With TRL", "TRL's GKDTrainer with
+lossgraph's jsd"). Needs `pip install lossgraph[rl]`.
 """
 
 from __future__ import annotations
