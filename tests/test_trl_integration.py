@@ -97,6 +97,28 @@ def prepared_batch(old: bool, beta: float, seed: int = 0) -> dict[str, torch.Ten
     return batch
 
 
+DEMONSTRATION = {  # two written-out answers, prompts and padding without loss
+    "input_ids": torch.tensor([[5, 9, 7, 7, 1], [6, 9, 7, 1, 0]]),
+    "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
+    "labels": torch.tensor([[-100, -100, 7, 7, 1], [-100, -100, 7, 1, -100]]),
+}
+
+
+def lm_graph():
+    """Cross-entropy of weight 0.1 on the demonstrations."""
+    return lossgraph.compile(
+        lossgraph.loads(
+            f"""
+version: 1
+vocab_size: {VOCAB}
+heads: {{next: {{offset: 1}}}}
+sources: {{labels: {{type: labels}}}}
+losses: {{lm: {{type: cross_entropy, heads: [next], target: labels, weight: 0.1}}}}
+"""
+        )
+    )
+
+
 def loss_and_gradient(model, compute) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.zero_grad()
     loss = compute()
@@ -149,9 +171,9 @@ def test_training_logs_trls_loss(policy_path, tmp_path, loss_type):
     assert all("lossgraph/pg/next" in entry for entry in recording.state.log_history if "loss" in entry)
 
 
-def test_an_exact_kl_to_the_reference_model_trains(policy_path, tmp_path):
+def test_policy_gradient_exact_kl_and_demonstrations_train(policy_path, tmp_path):
     """The recipe of docs/rl.md: the policy gradient with the exact reverse KL to the reference model's
-    logits instead of TRL's k3 estimate, in one graph."""
+    logits instead of TRL's k3 estimate, in one graph, and an LM loss on a demonstration batch."""
     graph = lossgraph.compile(
         lossgraph.loads(
             f"""
@@ -170,11 +192,20 @@ losses:
     )
     reference = tiny_llama(seed=1).eval()
     args = config(tmp_path, "grpo", beta=0.0)
-    exact = trainer(policy_path, args, loss_graph=graph, teachers={"reference": reference})
+    exact = trainer(
+        policy_path,
+        args,
+        loss_graph=graph,
+        teachers={"reference": reference},
+        demonstrations=[DEMONSTRATION],
+        demonstration_graph=lm_graph(),
+    )
     exact.train()
     logged = [entry for entry in exact.state.log_history if "loss" in entry]
     assert len(logged) == 3
     assert all(entry["kl"] > 0 for entry in logged)  # two different models: a positive exact KL
+    lm = [entry["lossgraph/demonstrations/lm/next"] for entry in logged]
+    assert lm[-1] < lm[0]  # the demonstrations are learned
 
 
 def test_settings_it_does_not_reproduce_are_refused(tmp_path):
@@ -182,3 +213,29 @@ def test_settings_it_does_not_reproduce_are_refused(tmp_path):
     args.use_bias_correction_kl = True
     with pytest.raises(IntegrationError, match="loss_type='sapo'.*use_bias_correction_kl"):
         grpo_document(args, VOCAB)
+
+
+def test_a_demonstration_batch_adds_its_cross_entropy(policy_path, tmp_path):
+    """Policy gradient on the rollouts plus an LM loss on demonstrations, a batch of their own."""
+    demonstration, lm = DEMONSTRATION, lm_graph()
+    args = config(tmp_path, "grpo", 0.04, gradient_accumulation_steps=2)
+    ours = trainer(policy_path, args, demonstrations=[demonstration], demonstration_graph=lm)
+    ours.current_gradient_accumulation_steps = 2
+    model, inputs = ours.model, prepared_batch(True, 0.04)
+    model.train()
+
+    def expected():
+        logits = model(input_ids=demonstration["input_ids"], attention_mask=demonstration["attention_mask"]).logits
+        lm_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), demonstration["labels"][:, 1:].flatten()
+        )
+        return GRPOTrainer._compute_loss(ours, model, inputs) + 0.1 * lm_loss / 2
+
+    loss, gradient = loss_and_gradient(model, lambda: ours._compute_loss(model, inputs))
+    expected_loss, expected_gradient = loss_and_gradient(model, expected)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-7)
+    for got, want in zip(gradient, expected_gradient):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert "lossgraph/demonstrations/lm/next" in ours._metrics["train"]
+    with pytest.raises(IntegrationError, match="go together"):
+        trainer(policy_path, args, demonstration_graph=lm)

@@ -29,7 +29,8 @@ lossgraph's jsd"). Needs `pip install lossgraph[rl]`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Mapping
 from importlib.resources import files
 from typing import Any
 
@@ -43,6 +44,7 @@ from ..kinds.sources.rollout import Rollout, RolloutTarget
 from ..runtime.compiled import CompiledGraph, GraphOutput
 from ..runtime.compiled import compile as compile_graph
 from .mtp_heads import IntegrationError, unwrap_model
+from .transformers import compute_loss as transformers_compute_loss
 
 __all__ = [
     "EXPRESSED_LOSS_TYPES",
@@ -138,15 +140,23 @@ class LossGraphGRPOTrainer(GRPOTrainer):
     loss_graph: a compiled graph with one head and one `rollout` source (default: `grpo_document(args)`,
     TRL's own loss). teachers: {source: model or callable(input_ids, attention_mask) -> logits} for the
     graph's dense `teacher` sources (e.g. the reference model of an exact `reverse_kl`), run on the
-    prompt + completion without gradient. The other arguments are GRPOTrainer's."""
+    prompt + completion without gradient. demonstrations: transformers batches (`input_ids`,
+    `attention_mask`, `labels` aligned with input_ids), cycled one per training micro-batch, on which
+    `demonstration_graph` (e.g. a `cross_entropy` node) runs in a second call; its loss is added (divided
+    by the accumulation steps) and its terms are logged as `lossgraph/demonstrations/<node>/<head>`. The
+    other arguments are GRPOTrainer's."""
 
     def __init__(
         self,
         *args,
         loss_graph: CompiledGraph | None = None,
         teachers: Mapping[str, Teacher] | None = None,
+        demonstrations: Iterable[Mapping[str, torch.Tensor]] | None = None,
+        demonstration_graph: CompiledGraph | None = None,
         **kwargs,
     ):
+        if (demonstrations is None) != (demonstration_graph is None):
+            raise IntegrationError("demonstrations and demonstration_graph go together: pass both, or neither")
         super().__init__(*args, **kwargs)
         if loss_graph is None:
             vocab_size = unwrap_model(self.model).config.get_text_config().vocab_size
@@ -157,6 +167,8 @@ class LossGraphGRPOTrainer(GRPOTrainer):
             raise IntegrationError(f"the graph's sources {missing} need models: pass teachers={{name: model}}")
         self.loss_graph = loss_graph
         self.teachers = dict(teachers or {})
+        self.demonstration_graph = demonstration_graph
+        self._demonstrations = None if demonstrations is None else itertools.cycle(demonstrations)
 
     def _compute_loss(self, model, inputs):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -174,8 +186,19 @@ class LossGraphGRPOTrainer(GRPOTrainer):
             num_items=self._num_items(inputs, mode),
         )
         self._log_graph_metrics(out, mode, labels != -100)
-        if mode == "train" and self.loss_type not in _COUNTED_OVER_THE_GENERATION_BATCH:
-            return out.loss / self.current_gradient_accumulation_steps
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        loss = out.loss if self.loss_type in _COUNTED_OVER_THE_GENERATION_BATCH else out.loss / accumulation
+        if self._demonstrations is not None and mode == "train":
+            loss = loss + self._demonstration_loss(model, mode) / accumulation
+        return loss
+
+    def _demonstration_loss(self, model, mode: str) -> torch.Tensor:
+        """The demonstration graph on the next demonstration batch (a second call: its own batch)."""
+        batch = {name: value.to(self.accelerator.device) for name, value in next(self._demonstrations).items()}
+        with self.accelerator.autocast():
+            out = transformers_compute_loss(model, batch, self.demonstration_graph)
+        for key, value in out.values.items():
+            self._metrics[mode][f"lossgraph/demonstrations/{key}"].append(float(value))
         return out.loss
 
     def _rollout(self, inputs, logits: torch.Tensor, labels: torch.Tensor) -> Rollout:
@@ -236,7 +259,7 @@ def _completion_logits(model: Teacher, input_ids: torch.Tensor, attention_mask: 
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep + 1).logits
     else:
         logits = model(input_ids, attention_mask)
-    return logits[:, -keep - 1 : -1]
+    return logits[:, -keep - 1 : -1]  # the logits before each completion token
 
 
 def _sampled_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
