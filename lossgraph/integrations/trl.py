@@ -17,9 +17,11 @@ Per step the graph gets the completion's logits at the policy's positions ([B, T
 predicts completion token t), the completion tokens as labels (-100 where the completion mask is 0),
 and `Rollout(advantages, old_per_token_logps, ref_per_token_logps)` from TRL's batch (old log-probs
 absent, as TRL leaves them on-policy: the detached log-probs of this forward, TRL's own convention).
-The loss is divided as TRL divides it (gradient accumulation, and `num_items_in_batch` for dapo and
-cispo), and TRL's metrics are logged: `kl` from the `kl_estimate` node, and each term's value as
-`lossgraph/<node>/<head>`.
+The loss is divided as TRL's `loss_type` says, also for a graph of your own (gradient accumulation,
+and `num_items_in_batch` as `num_items` for dapo and cispo, which a `token_mean` aggregation takes).
+Logged: `kl` (the token mean of the node named `kl`, TRL's metric), each term's value as
+`lossgraph/<node>/<head>` and the head metrics. `demonstrations` with a `demonstration_graph` add an LM
+loss on a batch of its own (a second call).
 
 `generalized_jsd_loss` is TRL's `GKDTrainer.generalized_jsd_loss` computed by a `jsd` node: set it as a
 GKDTrainer subclass's static method. The guide is docs/rl.md ("With TRL", "TRL's GKDTrainer with
@@ -140,7 +142,7 @@ class LossGraphGRPOTrainer(GRPOTrainer):
     loss_graph: a compiled graph with one head and one `rollout` source (default: `grpo_document(args)`,
     TRL's own loss). teachers: {source: model or callable(input_ids, attention_mask) -> logits} for the
     graph's dense `teacher` sources (e.g. the reference model of an exact `reverse_kl`), run on the
-    prompt + completion without gradient. demonstrations: transformers batches (`input_ids`,
+    prompt + completion without gradient (a model is moved to the trainer's device and put in eval mode). demonstrations: transformers batches (`input_ids`,
     `attention_mask`, `labels` aligned with input_ids), cycled one per training micro-batch, on which
     `demonstration_graph` (e.g. a `cross_entropy` node) runs in a second call; its loss is added (divided
     by the accumulation steps) and its terms are logged as `lossgraph/demonstrations/<node>/<head>`. The
@@ -166,7 +168,11 @@ class LossGraphGRPOTrainer(GRPOTrainer):
         if missing:
             raise IntegrationError(f"the graph's sources {missing} need models: pass teachers={{name: model}}")
         self.loss_graph = loss_graph
-        self.teachers = dict(teachers or {})
+        # a teacher model runs beside the policy, in eval mode (no dropout)
+        self.teachers = {
+            name: teacher.to(self.accelerator.device).eval() if isinstance(teacher, torch.nn.Module) else teacher
+            for name, teacher in (teachers or {}).items()
+        }
         self.demonstration_graph = demonstration_graph
         self._demonstrations = None if demonstrations is None else itertools.cycle(demonstrations)
 
