@@ -142,11 +142,12 @@ class LossGraphGRPOTrainer(GRPOTrainer):
     loss_graph: a compiled graph with one head and one `rollout` source (default: `grpo_document(args)`,
     TRL's own loss). teachers: {source: model or callable(input_ids, attention_mask) -> logits} for the
     graph's dense `teacher` sources (e.g. the reference model of an exact `reverse_kl`), run on the
-    prompt + completion without gradient (a model is moved to the trainer's device and put in eval mode). demonstrations: transformers batches (`input_ids`,
-    `attention_mask`, `labels` aligned with input_ids), cycled one per training micro-batch, on which
-    `demonstration_graph` (e.g. a `cross_entropy` node) runs in a second call; its loss is added (divided
-    by the accumulation steps) and its terms are logged as `lossgraph/demonstrations/<node>/<head>`. The
-    other arguments are GRPOTrainer's."""
+    prompt + completion without gradient (a model is moved to the trainer's device, in eval mode).
+    demonstrations: transformers batches (`input_ids`, `attention_mask`, `labels` aligned with
+    input_ids), cycled one per training micro-batch, on which `demonstration_graph` (e.g. a
+    `cross_entropy` node) runs in a second call; its loss is added (divided by the accumulation steps)
+    and its terms are logged as `lossgraph/demonstrations/<node>/<head>`. The other arguments are
+    GRPOTrainer's."""
 
     def __init__(
         self,
