@@ -126,14 +126,12 @@ def loss_and_gradient(model, compute) -> tuple[torch.Tensor, list[torch.Tensor]]
     return loss.detach(), [parameter.grad.clone() for parameter in model.parameters()]
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES + ("cispo",))
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-@pytest.mark.parametrize("old", [False, True], ids=["on_policy", "off_policy"])
-def test_loss_gradient_and_kl_equal_trls_on_a_prepared_batch(policy_path, tmp_path, loss_type, beta, old):
-    extra = {"epsilon_high": 5.0} if loss_type == "cispo" else {}
-    args = config(tmp_path, loss_type, beta, steps_per_generation=4, gradient_accumulation_steps=2)
-    if extra:
-        args.epsilon_high = extra["epsilon_high"]
+def assert_agrees_with_trl(policy_path, tmp_path, loss_type, beta, old, **settings):
+    """lossgraph's loss, gradient and kl metric against TRL's _compute_loss on one prepared batch, with
+    gradient accumulation 2 over a generation batch of 4 micro-batches."""
+    args = config(tmp_path, loss_type, beta, steps_per_generation=4, gradient_accumulation_steps=2, **settings)
+    if loss_type == "cispo":
+        args.epsilon_high = 5.0  # cispo's bound on the ratio itself
     ours = trainer(policy_path, args)
     ours.current_gradient_accumulation_steps = 2  # the train loop sets it: the loss divides by it
     model, inputs = ours.model, prepared_batch(old, beta)
@@ -146,6 +144,18 @@ def test_loss_gradient_and_kl_equal_trls_on_a_prepared_batch(policy_path, tmp_pa
     if beta:  # the KL metric: lossgraph's kl_estimate node, then TRL's own
         ours_kl, trls_kl = ours._metrics["train"]["kl"]
         assert ours_kl == pytest.approx(trls_kl, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES + ("cispo",))
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("old", [False, True], ids=["on_policy", "off_policy"])
+def test_loss_gradient_and_kl_equal_trls_on_a_prepared_batch(policy_path, tmp_path, loss_type, beta, old):
+    assert_agrees_with_trl(policy_path, tmp_path, loss_type, beta, old)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_two_sided_clipping_and_a_temperature_equal_trls(policy_path, tmp_path, loss_type):
+    assert_agrees_with_trl(policy_path, tmp_path, loss_type, 0.04, old=True, delta=1.5, temperature=0.7)
 
 
 class RecordsTRLsLoss(LossGraphGRPOTrainer):
