@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := .[dev,demo,transformers]
+EXTRAS := .[dev,demo,transformers,rl]
 
 .PHONY: demo test test-floor test-latest lock lint schema fuzz clean
 

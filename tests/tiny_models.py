@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 VOCAB = 64
 
@@ -53,3 +54,13 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
         attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer over the same vocab, built in memory: the words t0 ... t63 split on whitespace (t0 pads,
+    t1 ends a sequence), and a chat template that joins the messages' contents."""
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t2"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="t1", unk_token="t2")
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+    return tokenizer
