@@ -150,7 +150,7 @@ class RolloutForm(LeafForm):
 
     name = FORM_NAME
     expects = "lossgraph.Rollout(advantages, old_logprobs=None, ref_logprobs=None, sequence_ids=None)"
-    tensor_count = 3
+    tensor_count = 4  # advantages, old and reference log-probs, and the runs (for row inputs across rows)
 
     def value(self, name, target, value):
         if not isinstance(value, Rollout):
@@ -247,10 +247,10 @@ class RolloutForm(LeafForm):
         advantages = value.advantages.contiguous()
         old = advantages if value.old_logprobs is None else value.old_logprobs.contiguous()
         ref = advantages if value.ref_logprobs is None else value.ref_logprobs.contiguous()
-        return advantages, old, ref
+        return advantages, old, ref, value.runs
 
     def kernel_tensors(self, tensors, index):
-        advantages, old, ref = tensors
+        advantages, old, ref, _ = tensors
         return {
             f"rollout{index}_advantage_ptr": advantages,
             f"rollout{index}_old_ptr": old,
