@@ -266,6 +266,11 @@ class PolicyGradientLoss(RolloutLoss):
         ),
     )
 
+    @property
+    def across_rows(self) -> bool:
+        """A row's value depends on other rows: the fused path runs in phases, no chunked (hidden-input) head."""
+        return self.importance_sampling != "token" or self.top_entropy_quantile < 1.0
+
 
 class PolicyGradientFragments(LossFragments):
     """The value and g = dl/dlq after the first read, from the label's log-prob and the rollout's row."""

@@ -312,6 +312,8 @@ class RolloutKind(SourceKind):
 
     #: the loss model's class attributes that say it reads a rollout, and that it needs reference log-probs
     READS = "reads_rollout"
+    #: the loss model's property that says its rows depend on other rows (GSPO, the entropy quantile)
+    ACROSS_ROWS = "across_rows"
     NEEDS_REFERENCE = "needs_reference_logprobs"
 
     def summary(self, spec, name, source):
@@ -319,9 +321,25 @@ class RolloutKind(SourceKind):
         return "rollout" + (f" ({', '.join(given)})" if given else " (on-policy)")
 
     def check(self, name, source, spec):
-        if any(source_kind(other.type).provides_labels for other in spec.sources.values()):
-            return []
-        return [((), f"rollout {quote(name)} reads the sampled tokens as the labels; declare a labels source")]
+        problems = []
+        if not any(source_kind(other.type).provides_labels for other in spec.sources.values()):
+            problems.append(
+                ((), f"rollout {quote(name)} reads the sampled tokens as the labels; declare a labels source")
+            )
+        for loss_name, loss in spec.losses.items():
+            if getattr(loss, "target", None) != name or not getattr(loss, self.ACROSS_ROWS, False):
+                continue
+            for head in loss.heads:
+                if head in spec.heads and spec.heads[head].input == "hidden":
+                    problems.append(
+                        (
+                            (),
+                            f"loss {quote(loss_name)} relates the rows of rollout {quote(name)} (a sequence's ratio "
+                            f"or a quantile over the batch), which head {quote(head)} (input: hidden) evaluates "
+                            "chunk by chunk; give that head its logits (input: logits), or use token-level options",
+                        )
+                    )
+        return problems
 
     def check_loss(self, name, source, loss):
         model = type(loss)
