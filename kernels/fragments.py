@@ -162,7 +162,7 @@ class PhasedRows(NamedTuple):
     """What a term's `row_input_values` reads, every row of the launch at once ([N] tensors; float32)."""
 
     logprob: Any  # log q of the row's label at the term's slot (from the combined statistics)
-    entropy: Any  # the student's entropy at the term's slot; None unless the term keeps MOMENT
+    student_entropy: Any  # the student's entropy at the term's slot; None unless the term keeps MOMENT
     weight: Any  # the row's scale in the term's group (0: the row takes no loss)
     target: tuple  # the tensors of the term's leaf (`LeafForm.tensors`)
 

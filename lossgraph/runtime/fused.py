@@ -489,12 +489,12 @@ def _with_row_inputs(spec: KernelSpec, inputs: Inputs, floats: torch.Tensor, lea
         peak, log_sum = column(names.student_max(s)), torch.log(column(names.student_sum(s)))
         logit = column(names.LABEL_LOGIT)
         logprob = (logit * inverse - peak) - log_sum  # as the kernel's `logprob`
-        entropy = None
+        student_entropy = None
         if names.moment(s) in columns:  # H = log S - M / S, M = sum_j exp(s_j - m)(s_j - m)
-            entropy = log_sum - column(names.moment(s)) / column(names.student_sum(s))
+            student_entropy = log_sum - column(names.moment(s)) / column(names.student_sum(s))
         weight = inputs.row_scale[:, spec.group_of(t)] if spec.grouped else inputs.row_scale
         target = leaf_tensors[frozenset(term.target.kernel_arguments())]
-        rows = PhasedRows(logprob, entropy, weight, target)
+        rows = PhasedRows(logprob, student_entropy, weight, target)
         values = term.loss.row_input_values(term, rows)
         for name, value in zip(term.loss.row_inputs(term), values):
             arguments[names.row_input(t, name)] = value.to(torch.float32).contiguous()

@@ -10,6 +10,11 @@ after the first read. Subgradients are torch's, as TRL's expression has them: cl
 at its bounds (inclusive), min splits it evenly at a tie, so inside the clip range (where both branches
 are equal) g = -r A, and at a bound g = -r A as well.
 
+With `importance_sampling: sequence` (GSPO) r is the sequence's length-normalized ratio and with
+`top_entropy_quantile` a token below the batch's entropy quantile adds 0: both relate rows, so the
+fused path computes each row's value and g on the device between the stats and apply phases
+(`policy_gradient_rows`), and the kernel reads them.
+
 The terms aggregate as the node's `aggregation` says: `token_mean` as every term (the head's targets),
 `sequence_mean` and `constant` as a term group of their own whose rows the rollout weighs
 (`LeafForm.group_weights`).
@@ -191,7 +196,7 @@ def policy_gradient_rows(term, rows):
     keep = active
     rho = across_rows(term, "top_entropy_quantile")
     if rho:
-        keep = active & (rows.entropy >= batch_quantile(rows.entropy, active, 1.0 - rho))
+        keep = active & (rows.student_entropy >= batch_quantile(rows.student_entropy, active, 1.0 - rho))
     high = constant(term, "epsilon_high")
     if constant(term, "cispo"):
         weight = torch.clamp(ratio, max=high) * advantages
@@ -348,6 +353,9 @@ class PolicyGradient(LossKind):
         "clip: ℓ = −min(r′ A, clip(r, 1−ε_low, 1+ε_high) A), r = exp(log q[y] − old[y]), r′ = min(r, δ) (r′ = r "
         "without `delta`); on-policy (no old log-probs) r = 1 with its gradient, so ℓ = −A",
         "cispo: ℓ = −sg(min(r, ε_high)) A log q[y] (sg: no gradient)",
+        "importance_sampling: sequence (GSPO): r = exp(Σ_t m_t (log q_t[y_t] − old_t) / max(n_s, 1)) over the "
+        "sequence's n_s unmasked tokens, the same on each of them",
+        "top_entropy_quantile ρ < 1: ℓ × [H(q) ≥ the (1 − ρ) quantile of the batch's unmasked entropies]",
     )
     example = (
         "pg: {type: policy_gradient, heads: [next], target: rollouts, epsilon_low: 0.2, epsilon_high: 0.28, "
@@ -359,6 +367,7 @@ class PolicyGradient(LossKind):
         "objective uses them: `cispo` needs `epsilon_high` and takes neither `epsilon_low` nor `delta`.",
         "`max_completion_length` with `aggregation: constant` only; `sequence_mean` and `constant` keep "
         "`normalizer: positions` and take no `num_items`.",
+        "`top_entropy_quantile` in (0, 1]; with it or `importance_sampling: sequence`, no head with `input: hidden`.",
     )
     note = (
         "The sampled token y is the label; A, old and the sequences come from the rollout (see [rl.md](rl.md) "
