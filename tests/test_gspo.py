@@ -90,6 +90,15 @@ CASES = {
         dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.1),
         ", objective: cispo, epsilon_high: 1.1",
     ),
+    "gspo_token": (
+        dict(loss_type="grpo", importance_sampling_level="sequence_token"),
+        ", aggregation: sequence_mean",
+    ),
+    # the entropy mask makes a sequence's tokens differ, where GSPO's and GSPO-token's gradients part
+    "gspo_token_entropy": (
+        dict(loss_type="grpo", importance_sampling_level="sequence_token", top_entropy_quantile=0.5),
+        ", aggregation: sequence_mean, top_entropy_quantile: 0.5",
+    ),
     "entropy": (dict(loss_type="bnpo", top_entropy_quantile=0.4), ", top_entropy_quantile: 0.4"),
     "entropy_grpo": (
         dict(loss_type="grpo", top_entropy_quantile=0.3),
@@ -110,6 +119,8 @@ for _case in CASES:
 
 
 def _importance(case: str) -> str:
+    if case.startswith("gspo_token"):
+        return ", importance_sampling: sequence_token"
     return ", importance_sampling: sequence" if case.startswith("gspo") else ""
 
 
@@ -142,7 +153,7 @@ def test_fused_fp32_equals_trl(case):
 
 @requires_fused
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("case", ["gspo_grpo", "gspo_cispo", "gspo_entropy", "entropy"])
+@pytest.mark.parametrize("case", ["gspo_grpo", "gspo_cispo", "gspo_token", "gspo_entropy", "entropy"])
 def test_fused_equals_reference(case, dtype):
     """Both backends on the same rounded logits (the reference in float64), at a temperature."""
     logits, labels, old, advantages = batch(2)
@@ -348,3 +359,16 @@ def test_vocab_parallel_equals_one_process(backend, tmp_path):
         assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6, what=f"rank {rank} loss")
         local = grad[..., rank * width : (rank + 1) * width]
         assert_close(got["grad"], local, rtol=1e-5, atol=1e-7, what=f"rank {rank} gradient")
+
+
+@requires_fused
+def test_values_without_a_gradient_are_the_same():
+    """Under torch.no_grad the phased launches write no gradient and the same values."""
+    logits, labels, old, advantages = batch(6)
+    text = graph(", importance_sampling: sequence, top_entropy_quantile: 0.5")
+    graph_ = lossgraph.compile(lossgraph.loads(text), "triton")
+    call = dict(labels=labels, teachers={"rollouts": Rollout(advantages.float(), old.float())})
+    with_gradient = graph_({"next": logits.float().requires_grad_(True)}, **call)
+    with torch.no_grad():
+        without = graph_({"next": logits.float()}, **call)
+    assert float(without.loss) == float(with_gradient.loss.detach())

@@ -135,13 +135,13 @@ def logprob_gradient(k, term) -> LinearGradient:
 
 
 #: the constants of a term whose rows depend on other rows (present only where the option is on)
-ACROSS_ROWS = ("sequence", "top_entropy_quantile")
+ACROSS_ROWS = ("sequence", "sequence_token", "top_entropy_quantile")
 
 
 def across_rows_constants(loss) -> tuple[tuple[str, float], ...]:
     """The kernel constants of GSPO and the entropy quantile, only where they are on (a token-level
     term's kernel stays the same)."""
-    found = (("sequence", 1.0),) if loss.importance_sampling == "sequence" else ()
+    found = ((loss.importance_sampling, 1.0),) if loss.importance_sampling != "token" else ()
     if loss.top_entropy_quantile < 1.0:
         found += (("top_entropy_quantile", loss.top_entropy_quantile),)
     return found
@@ -160,7 +160,7 @@ def batch_quantile(values, active, q: float):
 
     ordered = torch.sort(torch.where(active, values, torch.inf)).values
     count = active.sum()
-    rank = torch.tensor(q, dtype=values.dtype, device=values.device) * (count - 1).clamp(min=0).to(values.dtype)
+    rank = (count - 1).clamp(min=0).to(values.dtype) * q  # q rounded to the values' dtype, as torch.quantile's
     below = ordered.gather(0, rank.long().reshape(1))
     above = ordered.gather(0, rank.ceil().long().reshape(1))
     threshold = torch.lerp(below, above, (rank - rank.floor()).reshape(1))[0]
@@ -177,6 +177,7 @@ def policy_gradient_rows(term, rows):
     keep_u l_u(r_u), and with d_t = dl_t/dlog r (the token-level g at r = r_s: -r A on the branch that
     min takes, half of each at a tie, 0 where clipped):
       token:    g_u = keep_u d_u
+      sequence_token (GSPO-token): log r_u = lq_u - sg(lq_u) + sg(log r_s), so g_u = keep_u d_u at r_s
       sequence: the loss is sum_t w_t keep_t l_t(r_s), and dlog r_s/dlq_u = a_u / n_s, so
                 dL/dlq_u = (a_u / n_s) sum_{t in s} w_t keep_t d_t; the kernel multiplies g_u by w_u, so
                 g_u = sum_{t in s} w_t keep_t d_t / (n_s w_u) (0 where w_u = 0).
@@ -189,7 +190,7 @@ def policy_gradient_rows(term, rows):
     logprob = torch.where(active, rows.logprob, 0.0)
     log_ratio = torch.zeros_like(logprob) if not term.target.old_logprobs else torch.where(active, logprob - old, 0.0)
     sequence = across_rows(term, "sequence")
-    if sequence:
+    if sequence or across_rows(term, "sequence_token"):
         counts = torch.zeros_like(logprob).scatter_add(0, runs, active.to(logprob.dtype)).clamp(min=1.0)
         log_ratio = (torch.zeros_like(logprob).scatter_add(0, runs, log_ratio) / counts)[runs]
     ratio = torch.exp(log_ratio)
@@ -250,15 +251,16 @@ class PolicyGradientLoss(RolloutLoss):
             "negative advantage is bounded too; > 1 + epsilon_high in practice. Only for `clip`."
         ),
     )
-    importance_sampling: Literal["token", "sequence"] = Field(
+    importance_sampling: Literal["token", "sequence", "sequence_token"] = Field(
         "token",
         description=(
             "`token`: each token's own ratio r = exp(log q - old). `sequence` (GSPO; TRL's "
             "`importance_sampling_level: sequence`): every token of a sequence takes the sequence's ratio "
             "exp(mean over its unmasked tokens of (log q - old)), a length-normalized geometric mean, whose "
             "gradient reaches every token of the sequence. A sequence is a run of `sequence_ids` (default: a "
-            "batch row). The fused backend runs the head in phases (statistics, the ratios across rows on the "
-            "device, then the gradient)."
+            "batch row). `sequence_token` (GSPO-token, TRL's `sequence_token`): the sequence's ratio as value, "
+            "each token's own log-prob as gradient (exp(lq - sg(lq) + sg(log r_s))). The fused backend runs the "
+            "head in phases (statistics, the ratios across rows on the device, then the gradient)."
         ),
     )
     top_entropy_quantile: Annotated[float, Field(allow_inf_nan=False, gt=0.0, le=1.0)] = Field(
@@ -354,7 +356,8 @@ class PolicyGradient(LossKind):
         "without `delta`); on-policy (no old log-probs) r = 1 with its gradient, so ℓ = −A",
         "cispo: ℓ = −sg(min(r, ε_high)) A log q[y] (sg: no gradient)",
         "importance_sampling: sequence (GSPO): r = exp(Σ_t m_t (log q_t[y_t] − old_t) / max(n_s, 1)) over the "
-        "sequence's n_s unmasked tokens, the same on each of them",
+        "sequence's n_s unmasked tokens, the same on each of them; `sequence_token` (GSPO-token): that value, "
+        "with r = exp(log q[y] − sg(log q[y]) + sg(log r_s)) for the gradient",
         "top_entropy_quantile ρ < 1: ℓ × [H(q) ≥ the (1 − ρ) quantile of the batch's unmasked entropies]",
     )
     example = (
@@ -367,7 +370,8 @@ class PolicyGradient(LossKind):
         "objective uses them: `cispo` needs `epsilon_high` and takes neither `epsilon_low` nor `delta`.",
         "`max_completion_length` with `aggregation: constant` only; `sequence_mean` and `constant` keep "
         "`normalizer: positions` and take no `num_items`.",
-        "`top_entropy_quantile` in (0, 1]; with it or `importance_sampling: sequence`, no head with `input: hidden`.",
+        "`top_entropy_quantile` in (0, 1]; with it or a sequence-level `importance_sampling`, no head with "
+        "`input: hidden`.",
     )
     note = (
         "The sampled token y is the label; A, old and the sequences come from the rollout (see [rl.md](rl.md) "
@@ -426,12 +430,15 @@ class PolicyGradient(LossKind):
         advantages, old, _ = target.rows(row.batch, row.log_q.dtype)
         logprob = row.at_labels(row.log_q)
         log_ratio = logprob - (logprob.detach() if old is None else old)
-        if across_rows(term, "sequence"):  # GSPO: the mean of the sequence's unmasked log-ratios, on each token
+        if across_rows(term, "sequence") or across_rows(term, "sequence_token"):
+            # GSPO: the mean of the sequence's unmasked log-ratios, on each token
             runs = row.batch.sources[target.name].runs
             kept = torch.where(mask, log_ratio, 0.0)
             totals = torch.zeros_like(kept).scatter_add(0, runs, kept)
             counts = torch.zeros_like(kept).scatter_add(0, runs, mask.to(kept.dtype))
             log_ratio = (totals / counts.clamp(min=1.0))[runs]
+            if across_rows(term, "sequence_token"):  # its value, and each token's own gradient
+                log_ratio = logprob - logprob.detach() + log_ratio.detach()
         ratio = torch.exp(log_ratio)
         high = constant(term, "epsilon_high")
         if constant(term, "cispo"):
