@@ -28,8 +28,9 @@ import torch.distributed as dist
 from ..compiler.fusion import FusionPlan, Launch, SlotSource
 from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from ..errors import BackendError, KindError
+from ..kernels import names
 from ..kernels.arguments import Inputs, TermNumbers
-from ..kernels.fragments import FragmentError
+from ..kernels.fragments import FragmentError, PhasedRows
 from ..kernels.launcher import (
     KernelCacheError,
     launch,
@@ -414,10 +415,10 @@ def _launch(
     leaf_tensors = {}  # each leaf's tensors by the kernel arguments it binds, for the terms' row inputs
     for form, position, tensors in zip(binding.forms, binding.positions, leaves):
         leaf_tensors[frozenset(form.kernel_tensors(tensors, position))] = tensors
-    return _sliced_launch(binding.spec, inputs, grad, launch_numbers, shard, leaf_tensors)
+    return _phased_launch(binding.spec, inputs, grad, launch_numbers, shard, leaf_tensors)
 
 
-def _sliced_launch(
+def _phased_launch(
     spec: KernelSpec,
     inputs: Inputs,
     grad: Optional[torch.Tensor],
@@ -472,9 +473,6 @@ def _sliced_launch(
 def _with_row_inputs(spec: KernelSpec, inputs: Inputs, floats: torch.Tensor, leaf_tensors: dict) -> Inputs:
     """`inputs` with the row inputs of the spec's terms (`LossFragments.row_inputs`), computed from every
     row's combined statistics by torch ops on the device: no host sync between the phases."""
-    from ..kernels import names
-    from ..kernels.fragments import PhasedRows
-
     columns = {name: c for c, (name, _, _) in enumerate(layout(spec, "stats").float_stats())}
 
     def column(name: str) -> torch.Tensor:
