@@ -372,3 +372,26 @@ def test_values_without_a_gradient_are_the_same():
     with torch.no_grad():
         without = graph_({"next": logits.float()}, **call)
     assert float(without.loss) == float(with_gradient.loss.detach())
+
+
+@requires_fused
+def test_torch_compile_fullgraph_matches_eager():
+    """Under torch.compile the phases run inside the head's one opaque op: the same loss and gradient."""
+    logits, labels, old, advantages = batch(7)
+    text = graph(", importance_sampling: sequence, top_entropy_quantile: 0.5, aggregation: sequence_mean")
+    graph_ = lossgraph.compile(lossgraph.loads(text), "triton")
+    rollout = Rollout(advantages.float(), old.float())
+
+    def step(x):
+        return graph_({"next": x}, labels=labels, teachers={"rollouts": rollout}).loss
+
+    torch._dynamo.reset()
+    results = []
+    for function in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        x = logits.float().clone().requires_grad_(True)
+        loss = function(x)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    torch._dynamo.reset()
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])

@@ -467,7 +467,8 @@ def _phased_launch(
             elif weight != 0.0:
                 row_loss += weight * values[:, t]
         values[:, len(numbers.loss)] = row_loss
-    return values, statistics.ints[:, 0], statistics.ints[:, 1:].t()
+    # copies: the fused op's outputs may not be views of one buffer (torch.compile checks)
+    return values, statistics.ints[:, 0].clone(), statistics.ints[:, 1:].t().clone()
 
 
 def _with_row_inputs(spec: KernelSpec, inputs: Inputs, floats: torch.Tensor, leaf_tensors: dict) -> Inputs:
