@@ -210,8 +210,8 @@ def test_packed_ragged_sequences_take_their_own_ratio(backend):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_fused)])
 def test_sequence_ratio_on_the_clip_bounds_keeps_the_gradient(backend):
     """On-policy the sequence ratio is exactly 1, on both bounds with epsilon 0: clamp passes the gradient
-    and min splits it at the tie, so dL/dlq_u = -(1 / n_s) sum_t w_t A_t / w_u... = -A w_u for one advantage
-    per sequence: the token-level gradient, as TRL's expression gives."""
+    and min splits it at the tie, so dL/dlq_u = -(1 / n_s) sum_{t in s} w_t A = -w_u A (one advantage and
+    one weight per sequence): the token-level gradient, as TRL's expression gives."""
     logits, labels, _, advantages = batch(4)
     logits = logits if backend == "torch" else logits.float()
     text = graph(", importance_sampling: sequence, epsilon_low: 0.0, epsilon_high: 0.0", old=False)
