@@ -80,14 +80,17 @@ def main() -> int:
     results = {}
     columns = f"{'launch':28} {'tile':>5} {'warps':>5} {'regs':>4} {'spill':>5} {'occ':>5}"
     print(f"{columns}  per pass: SASS/el MUFU/el BAR/tile")
-    for name, (spec, vocab) in collected.items():
-        cost = report(spec, vocab=vocab, dtype=args.dtype)
-        results[name] = cost.as_dict()
-        passes = "  ".join(f"{p.instructions:6.1f} {p.mufu:4.2f} {p.barriers_per_tile:3d}" for p in cost.passes)
-        print(
-            f"{name:28} {cost.block:5d} {cost.warps:5d} {cost.registers:4d} {cost.spill_bytes:5d} "
-            f"{cost.occupancy:5.2f}  {passes}   total {cost.instructions_per_element:.1f} SASS/el"
-        )
+    for launch, (spec, vocab) in collected.items():
+        # a phased launch (cross-row quantities: GSPO, an entropy quantile) runs its stats and apply kernels
+        for phase in ("stats", "apply") if spec.phased else ("single",):
+            name = launch if phase == "single" else f"{launch}/{phase}"
+            cost = report(spec, phase, vocab=vocab, dtype=args.dtype)
+            results[name] = cost.as_dict()
+            passes = "  ".join(f"{p.instructions:6.1f} {p.mufu:4.2f} {p.barriers_per_tile:3d}" for p in cost.passes)
+            print(
+                f"{name:28} {cost.block:5d} {cost.warps:5d} {cost.registers:4d} {cost.spill_bytes:5d} "
+                f"{cost.occupancy:5.2f}  {passes}   total {cost.instructions_per_element:.1f} SASS/el"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -132,6 +132,8 @@ def _parameters(spec: KernelSpec, phase: str) -> list[Parameter]:
     if phase == "single":
         parameters.append(Parameter("pred_ptr", lambda call: call.prediction))
     parameters += target_parameters(spec, phase)
+    if writes:
+        parameters += [_target_argument(names.row_input(t, name)) for t, name in spec.row_inputs]
     if phase != "single":
         parameters.append(Parameter("statf_ptr", lambda call: call.floats))
     if phase == "stats":

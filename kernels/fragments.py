@@ -31,7 +31,7 @@ are plain sums, added across ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Any, NamedTuple, Protocol, Union
 
 
 class FragmentError(ValueError):
@@ -158,6 +158,15 @@ class LinearGradient:
     at_label: str | None = None
 
 
+class PhasedRows(NamedTuple):
+    """What a term's `row_input_values` reads, every row of the launch at once ([N] tensors; float32)."""
+
+    logprob: Any  # log q of the row's label at the term's slot (from the combined statistics)
+    student_entropy: Any  # the student's entropy at the term's slot; None unless the term keeps MOMENT
+    weight: Any  # the row's scale in the term's group (0: the row takes no loss)
+    target: tuple  # the tensors of the term's leaf (`LeafForm.tensors`)
+
+
 class LossFragments:
     """Kernel code of one loss kind. Subclass it and override what the kind needs; the defaults
     describe a kind with no kernel form, so that a missing piece fails at generation with the kind's
@@ -186,6 +195,17 @@ class LossFragments:
     def first_pass_statistics(self, term: KernelTerm) -> tuple[str, ...]:
         """Which of MOMENT, CROSS_MOMENT pass 1 keeps for this term."""
         return ()
+
+    def row_inputs(self, term: KernelTerm) -> tuple[str, ...]:
+        """Per-row inputs ([N] float32, read as `tl.load(names.row_input(t, name) + row)`) that depend on
+        other rows (a sequence's ratio, a quantile over the batch): the runtime computes them on the
+        device, with no host sync, from every row's statistics between the stats and the apply phase
+        (`row_input_values`), so a launch with such a term runs in phases even on one rank."""
+        return ()
+
+    def row_input_values(self, term: KernelTerm, rows: PhasedRows) -> tuple:
+        """The tensors of `row_inputs`, in order, from `rows` (torch ops on the device, no host sync)."""
+        raise NotImplementedError(f"{self.name}: no row inputs")
 
     def value_stage(self, term: KernelTerm) -> str:
         """FIRST_READ, ROW_SUMS or STREAMED: where the term's value on a dense target is known."""

@@ -203,3 +203,9 @@ def gradient_weight(term: int) -> str:
 def row_sum(name: str, term: int) -> str:
     """A row sum a term's fragment asked the second read for (`LossFragments.row_sums`)."""
     return f"{name}_{term}"
+
+
+def row_input(term: int, name: str) -> str:
+    """The pointer to per-row input `name` of term `term` ([N] float32), computed across rows between the
+    stats and apply phases (`LossFragments.row_inputs`)."""
+    return f"term{term}_{name}_ptr"

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from . import names
 from .fragments import TargetFragments
 from .launcher import kernel_module, tile_shape
 from .signature import KernelSpec
@@ -122,6 +123,7 @@ def compile_sm90(spec: KernelSpec, phase: str = "single", vocab: int = 128256, d
         if isinstance(term.target, TargetFragments)
         for name, kind in term.target.kernel_argument_types().items()
     }
+    forms.update((names.row_input(t, name), "*fp32") for t, name in spec.row_inputs)
     types = argument_types(fn.arg_names, _POINTERS[dtype], forms)
     # as Triton's JIT specializes a launch: pointers from torch's allocator and sizes, strides and
     # offsets that are multiples of 16 (a vocab divisible by 16) are marked so, which lets it vectorize

@@ -3,8 +3,10 @@
 phase "single" is the whole algorithm in one launch (`single_row`). Under vocab parallel each rank
 holds a slice of the vocab, and the algorithm is cut where statistics must be combined across ranks:
 "stats" (pass 1 and the gathers, written out), "reduce" (pass 2's partial sums, when a term needs
-them) and "apply" (the last pass, from the combined statistics). A row that takes no loss runs
-`masked_row` in every phase.
+them) and "apply" (the last pass, from the combined statistics). A spec whose terms read per-row
+inputs computed across rows (`KernelSpec.phased`: GSPO's sequence ratio, an entropy quantile) runs
+the same phases on one rank, the inputs computed on the device between stats and apply. A row that
+takes no loss runs `masked_row` in every phase.
 """
 
 from __future__ import annotations

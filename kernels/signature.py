@@ -82,6 +82,16 @@ class KernelSpec:
         )
 
     @property
+    def row_inputs(self) -> tuple[tuple[int, str], ...]:
+        """(term, name) of every per-row input computed across rows (`LossFragments.row_inputs`)."""
+        return tuple((t, name) for t, term in enumerate(self.terms) for name in term.loss.row_inputs(term))
+
+    @property
+    def phased(self) -> bool:
+        """The launch runs stats, then (on the device) the row inputs, then apply, even on one rank."""
+        return bool(self.row_inputs)
+
+    @property
     def uses_labels(self) -> bool:
         return any(_reads_labels(term.target) for term in self.terms)
 

@@ -310,7 +310,13 @@ def _launch(head: HeadPlan, index: int, terms: list[Term], notes: list[str]) -> 
         others=tuple(others.values()),
     )
     spec = launch.kernel_spec()
-    return replace(launch, layout=kernel_layout(spec), slot_sources=_slot_sources(spec))
+    if spec.phased:
+        phased = [launch.terms[t].key for t in dict.fromkeys(t for t, _ in spec.row_inputs)]
+        notes.append(
+            f"runs in phases (statistics, then {', '.join(phased)}'s quantities across rows on the device, then "
+            "the terms and the gradient): the same reads of the logits, two launches, no host sync"
+        )
+    return replace(launch, notes=tuple(notes), layout=kernel_layout(spec), slot_sources=_slot_sources(spec))
 
 
 def _slot_sources(spec: KernelSpec) -> tuple[SlotSource | None, ...]:

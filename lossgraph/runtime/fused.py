@@ -28,8 +28,9 @@ import torch.distributed as dist
 from ..compiler.fusion import FusionPlan, Launch, SlotSource
 from ..compiler.plan import DenseTarget, HeadPlan, Plan, TopKTarget
 from ..errors import BackendError, KindError
+from ..kernels import names
 from ..kernels.arguments import Inputs, TermNumbers
-from ..kernels.fragments import FragmentError
+from ..kernels.fragments import FragmentError, PhasedRows
 from ..kernels.launcher import (
     KernelCacheError,
     launch,
@@ -409,23 +410,40 @@ def _launch(
         [numbers.value_scale[t] for t in binding.terms],
         [numbers.loss[t] for t in binding.terms],
     )
-    if shard is None:
+    if shard is None and not binding.spec.phased:
         return launch(binding.spec, inputs, grad=grad, numbers=launch_numbers)
-    return _sliced_launch(binding.spec, inputs, grad, launch_numbers, shard)
+    leaf_tensors = {}  # each leaf's tensors by the kernel arguments it binds, for the terms' row inputs
+    for form, position, tensors in zip(binding.forms, binding.positions, leaves):
+        leaf_tensors[frozenset(form.kernel_tensors(tensors, position))] = tensors
+    return _phased_launch(binding.spec, inputs, grad, launch_numbers, shard, leaf_tensors)
 
 
-def _sliced_launch(
-    spec: KernelSpec, inputs: Inputs, grad: Optional[torch.Tensor], numbers: TermNumbers, shard: VocabShard
+def _phased_launch(
+    spec: KernelSpec,
+    inputs: Inputs,
+    grad: Optional[torch.Tensor],
+    numbers: TermNumbers,
+    shard: VocabShard | None,
+    leaf_tensors: dict[frozenset, tuple] | None = None,
 ):
-    """One launch under vocab parallel: statistics of this slice, combined across ranks, then the
-    terms and this slice's gradient. The same results as one launch over the whole vocab."""
-    where = {"vocab_start": shard.start, "vocab_total": shard.total}
-    statistics = combine_statistics(layout(spec, "stats"), launch_stats(spec, inputs, **where), shard.group)
+    """One launch in phases: statistics (of this slice, combined across ranks under vocab parallel; of
+    the whole vocab with `shard` None), the terms' row inputs across rows on the device (a phased spec),
+    then the terms and the gradient. The same results as one launch over the whole vocab."""
+    vocab = inputs.logits.shape[1]
+    where = (
+        {"vocab_start": shard.start, "vocab_total": shard.total} if shard else {"vocab_start": 0, "vocab_total": vocab}
+    )
+    statistics = launch_stats(spec, inputs, **where)
+    if shard is not None:
+        statistics = combine_statistics(layout(spec, "stats"), statistics, shard.group)
+    if spec.phased:
+        inputs = _with_row_inputs(spec, inputs, statistics.floats, leaf_tensors or {})
     reductions = None
     kernel = kernel_layout(spec)
     if kernel.reduction_terms:
-        partial = launch_reduce(spec, inputs, statistics.floats, **where)
-        reductions = all_reduce(partial, dist.ReduceOp.SUM, shard.group)
+        reductions = launch_reduce(spec, inputs, statistics.floats, **where)
+        if shard is not None:
+            reductions = all_reduce(reductions, dist.ReduceOp.SUM, shard.group)
     values = launch_apply(
         spec,
         inputs,
@@ -437,7 +455,7 @@ def _sliced_launch(
         **where,
     )
     streamed = kernel.streamed_terms
-    if streamed:  # each rank summed these over its own columns
+    if streamed and shard is not None:  # each rank summed these over its own columns
         totals = all_reduce(torch.stack([values[:, t] for t in streamed], 1), dist.ReduceOp.SUM, shard.group)
         for column, term in enumerate(streamed):
             values[:, term] = totals[:, column]
@@ -449,7 +467,37 @@ def _sliced_launch(
             elif weight != 0.0:
                 row_loss += weight * values[:, t]
         values[:, len(numbers.loss)] = row_loss
-    return values, statistics.ints[:, 0], statistics.ints[:, 1:].t()
+    # copies: the fused op's outputs may not be views of one buffer (torch.compile checks)
+    return values, statistics.ints[:, 0].clone(), statistics.ints[:, 1:].t().clone()
+
+
+def _with_row_inputs(spec: KernelSpec, inputs: Inputs, floats: torch.Tensor, leaf_tensors: dict) -> Inputs:
+    """`inputs` with the row inputs of the spec's terms (`LossFragments.row_inputs`), computed from every
+    row's combined statistics by torch ops on the device: no host sync between the phases."""
+    columns = {name: c for c, (name, _, _) in enumerate(layout(spec, "stats").float_stats())}
+
+    def column(name: str) -> torch.Tensor:
+        return floats[:, columns[name]].to(torch.float32)
+
+    arguments = dict(inputs.target_arguments)
+    for t, term in enumerate(spec.terms):
+        if not term.loss.row_inputs(term):
+            continue
+        s = term.slot
+        inverse = 1.0 if spec.slot_is_one[s] else float(inputs.inverse_temperatures[s])
+        peak, log_sum = column(names.student_max(s)), torch.log(column(names.student_sum(s)))
+        logit = column(names.LABEL_LOGIT)
+        logprob = (logit * inverse - peak) - log_sum  # as the kernel's `logprob`
+        student_entropy = None
+        if names.moment(s) in columns:  # H = log S - M / S, M = sum_j exp(s_j - m)(s_j - m)
+            student_entropy = log_sum - column(names.moment(s)) / column(names.student_sum(s))
+        weight = inputs.row_scale[:, spec.group_of(t)] if spec.grouped else inputs.row_scale
+        target = leaf_tensors[frozenset(term.target.kernel_arguments())]
+        rows = PhasedRows(logprob, student_entropy, weight, target)
+        values = term.loss.row_input_values(term, rows)
+        for name, value in zip(term.loss.row_inputs(term), values):
+            arguments[names.row_input(t, name)] = value.to(torch.float32).contiguous()
+    return inputs._replace(target_arguments=arguments)
 
 
 # The fused backend as torch.compile sees it: every launch of a head as one op, opaque, so that the

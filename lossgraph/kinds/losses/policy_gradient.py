@@ -10,6 +10,11 @@ after the first read. Subgradients are torch's, as TRL's expression has them: cl
 at its bounds (inclusive), min splits it evenly at a tie, so inside the clip range (where both branches
 are equal) g = -r A, and at a bound g = -r A as well.
 
+With `importance_sampling: sequence` (GSPO) r is the sequence's length-normalized ratio and with
+`top_entropy_quantile` a token below the batch's entropy quantile adds 0: both relate rows, so the
+fused path computes each row's value and g on the device between the stats and apply phases
+(`policy_gradient_rows`), and the kernel reads them.
+
 The terms aggregate as the node's `aggregation` says: `token_mean` as every term (the head's targets),
 `sequence_mean` and `constant` as a term group of their own whose rows the rollout weighs
 (`LeafForm.group_weights`).
@@ -23,7 +28,7 @@ from pydantic import Field
 
 from ...errors import quote
 from ...kernels import names
-from ...kernels.fragments import FIRST_READ, LinearGradient, LossFragments
+from ...kernels.fragments import FIRST_READ, MOMENT, LinearGradient, LossFragments
 from ...spec.nodes import Name, TemperedLoss
 from ..loss import LossKind, constant
 
@@ -129,6 +134,92 @@ def logprob_gradient(k, term) -> LinearGradient:
     return LinearGradient((("-g", k.q(term.slot)),), at_label="g")
 
 
+#: the constants of a term whose rows depend on other rows (present only where the option is on)
+ACROSS_ROWS = ("sequence", "sequence_token", "top_entropy_quantile")
+
+
+def across_rows_constants(loss) -> tuple[tuple[str, float], ...]:
+    """The kernel constants of GSPO and the entropy quantile, only where they are on (a token-level
+    term's kernel stays the same)."""
+    found = ((loss.importance_sampling, 1.0),) if loss.importance_sampling != "token" else ()
+    if loss.top_entropy_quantile < 1.0:
+        found += (("top_entropy_quantile", loss.top_entropy_quantile),)
+    return found
+
+
+def across_rows(term, name: str) -> float:
+    """A constant of `ACROSS_ROWS`, 0 when the option is off."""
+    return dict(term.constants).get(name, 0.0)
+
+
+def batch_quantile(values, active, q: float):
+    """torch.quantile(values[active], q) (linear interpolation) as a 0-d tensor, without the host sync
+    of a boolean index: the inactive values sort last as +inf, and the ranks come from the active count.
+    +inf when no value is active."""
+    import torch
+
+    ordered = torch.sort(torch.where(active, values, torch.inf)).values
+    count = active.sum()
+    rank = (count - 1).clamp(min=0).to(values.dtype) * q  # q rounded to the values' dtype, as torch.quantile's
+    below = ordered.gather(0, rank.long().reshape(1))
+    above = ordered.gather(0, rank.ceil().long().reshape(1))
+    threshold = torch.lerp(below, above, (rank - rank.floor()).reshape(1))[0]
+    return torch.where(count > 0, threshold, torch.inf)
+
+
+def policy_gradient_rows(term, rows):
+    """The fused path's (value, g = dl/dlq) of every row for GSPO and the entropy quantile, from every row's
+    log-prob: device tensors, no host sync (`LossFragments.row_input_values`).
+
+    With a the unmasked rows (weight w != 0), keep = a & (entropy >= the batch's 1 - rho quantile), and
+    per row u, token level: log r_u = lq_u - old_u; sequence level (GSPO): log r_u = log r_s =
+    sum_{t in s} a_t (lq_t - old_t) / max(n_s, 1) for u's sequence s, n_s its unmasked rows. The value is
+    keep_u l_u(r_u), and with d_t = dl_t/dlog r (the token-level g at r = r_s: -r A on the branch that
+    min takes, half of each at a tie, 0 where clipped):
+      token:    g_u = keep_u d_u
+      sequence_token (GSPO-token): log r_u = lq_u - sg(lq_u) + sg(log r_s), so g_u = keep_u d_u at r_s
+      sequence: the loss is sum_t w_t keep_t l_t(r_s), and dlog r_s/dlq_u = a_u / n_s, so
+                dL/dlq_u = (a_u / n_s) sum_{t in s} w_t keep_t d_t; the kernel multiplies g_u by w_u, so
+                g_u = sum_{t in s} w_t keep_t d_t / (n_s w_u) (0 where w_u = 0).
+    CISPO's weight has no gradient: g_u = -keep_u min(r_u, eps_high) A_u at either level.
+    """
+    import torch
+
+    advantages, old, _, runs = rows.target
+    active = rows.weight != 0.0
+    logprob = torch.where(active, rows.logprob, 0.0)
+    log_ratio = torch.zeros_like(logprob) if not term.target.old_logprobs else torch.where(active, logprob - old, 0.0)
+    sequence = across_rows(term, "sequence")
+    if sequence or across_rows(term, "sequence_token"):
+        counts = torch.zeros_like(logprob).scatter_add(0, runs, active.to(logprob.dtype)).clamp(min=1.0)
+        log_ratio = (torch.zeros_like(logprob).scatter_add(0, runs, log_ratio) / counts)[runs]
+    ratio = torch.exp(log_ratio)
+    keep = active
+    rho = across_rows(term, "top_entropy_quantile")
+    if rho:
+        keep = active & (rows.student_entropy >= batch_quantile(rows.student_entropy, active, 1.0 - rho))
+    high = constant(term, "epsilon_high")
+    if constant(term, "cispo"):
+        weight = torch.clamp(ratio, max=high) * advantages
+        zero = torch.zeros_like(logprob)
+        return torch.where(keep, -weight * logprob, zero), torch.where(keep, -weight, zero)
+    low, delta = 1.0 - constant(term, "epsilon_low"), constant(term, "delta")
+    clipped = torch.clamp(ratio, low, 1.0 + high) * advantages
+    d_clipped = torch.where((ratio >= low) & (ratio <= 1.0 + high), ratio * advantages, 0.0)
+    unclipped = (torch.clamp(ratio, max=delta) if delta else ratio) * advantages
+    d_unclipped = torch.where(ratio <= delta, ratio * advantages, 0.0) if delta else unclipped
+    d = -torch.where(
+        unclipped < clipped, d_unclipped, torch.where(clipped < unclipped, d_clipped, 0.5 * (d_unclipped + d_clipped))
+    )
+    value = torch.where(keep, -torch.minimum(unclipped, clipped), 0.0)
+    d = torch.where(keep, d, 0.0)
+    if not sequence:
+        return value, d
+    counts = counts[runs]
+    shares = torch.zeros_like(d).scatter_add(0, runs, rows.weight * d)[runs]
+    return value, torch.where(active, shares / (counts * torch.where(active, rows.weight, 1.0)), 0.0)
+
+
 class PolicyGradientLoss(RolloutLoss):
     """The clipped surrogate of PPO / GRPO / DAPO (or CISPO) on a rollout's sampled tokens, with TRL's fields."""
 
@@ -160,6 +251,32 @@ class PolicyGradientLoss(RolloutLoss):
             "negative advantage is bounded too; > 1 + epsilon_high in practice. Only for `clip`."
         ),
     )
+    importance_sampling: Literal["token", "sequence", "sequence_token"] = Field(
+        "token",
+        description=(
+            "`token`: each token's own ratio r = exp(log q - old). `sequence` (GSPO; TRL's "
+            "`importance_sampling_level: sequence`): every token of a sequence takes the sequence's ratio "
+            "exp(mean over its unmasked tokens of (log q - old)), a length-normalized geometric mean, whose "
+            "gradient reaches every token of the sequence. A sequence is a run of `sequence_ids` (default: a "
+            "batch row). `sequence_token` (GSPO-token, TRL's `sequence_token`): the sequence's ratio as value, "
+            "each token's own log-prob as gradient (exp(lq - sg(lq) + sg(log r_s))). The fused backend runs the "
+            "head in phases (statistics, the ratios across rows on the device, then the gradient)."
+        ),
+    )
+    top_entropy_quantile: Annotated[float, Field(allow_inf_nan=False, gt=0.0, le=1.0)] = Field(
+        1.0,
+        description=(
+            "rho (TRL's `top_entropy_quantile`): train only on the tokens whose entropy (the student's, at the "
+            "node's temperature) is at least the (1 - rho) quantile (linear interpolation, as torch.quantile) "
+            "of the entropies of the batch's unmasked tokens; ties with the threshold are kept. The others add "
+            "0 and still count in the aggregation, as in TRL. 1 (default): every token."
+        ),
+    )
+
+    @property
+    def across_rows(self) -> bool:
+        """A row's value depends on other rows: the fused path runs in phases, no chunked (hidden-input) head."""
+        return self.importance_sampling != "token" or self.top_entropy_quantile < 1.0
 
 
 class PolicyGradientFragments(LossFragments):
@@ -179,7 +296,20 @@ class PolicyGradientFragments(LossFragments):
     def value_stage(self, term):
         return FIRST_READ
 
+    def first_pass_statistics(self, term):
+        return (MOMENT,) if across_rows(term, "top_entropy_quantile") else ()
+
+    def row_inputs(self, term):
+        # the value and g = dl/dlq of each row, known only once every row's log-prob (and entropy) is
+        return ("value", "gradient") if dict(term.constants).keys() & set(ACROSS_ROWS) else ()
+
+    def row_input_values(self, term, rows):
+        return policy_gradient_rows(term, rows)
+
     def value_after_first_pass(self, k, t, term):
+        if self.row_inputs(term):
+            k.emit(f"g = tl.load({names.row_input(t, 'gradient')} + row)")
+            return f"tl.load({names.row_input(t, 'value')} + row)"
         rollout = term.target
         advantage = rollout.advantage(k)
         logprob = student_logprob(k, term)
@@ -225,6 +355,10 @@ class PolicyGradient(LossKind):
         "clip: ℓ = −min(r′ A, clip(r, 1−ε_low, 1+ε_high) A), r = exp(log q[y] − old[y]), r′ = min(r, δ) (r′ = r "
         "without `delta`); on-policy (no old log-probs) r = 1 with its gradient, so ℓ = −A",
         "cispo: ℓ = −sg(min(r, ε_high)) A log q[y] (sg: no gradient)",
+        "importance_sampling: sequence (GSPO): r = exp(Σ_t m_t (log q_t[y_t] − old_t) / max(n_s, 1)) over the "
+        "sequence's n_s unmasked tokens, the same on each of them; `sequence_token` (GSPO-token): that value, "
+        "with r = exp(log q[y] − sg(log q[y]) + sg(log r_s)) for the gradient",
+        "top_entropy_quantile ρ < 1: ℓ × [H(q) ≥ the (1 − ρ) quantile of the batch's unmasked entropies]",
     )
     example = (
         "pg: {type: policy_gradient, heads: [next], target: rollouts, epsilon_low: 0.2, epsilon_high: 0.28, "
@@ -236,6 +370,8 @@ class PolicyGradient(LossKind):
         "objective uses them: `cispo` needs `epsilon_high` and takes neither `epsilon_low` nor `delta`.",
         "`max_completion_length` with `aggregation: constant` only; `sequence_mean` and `constant` keep "
         "`normalizer: positions` and take no `num_items`.",
+        "`top_entropy_quantile` in (0, 1]; with it or a sequence-level `importance_sampling`, no head with "
+        "`input: hidden`.",
     )
     note = (
         "The sampled token y is the label; A, old and the sequences come from the rollout (see [rl.md](rl.md) "
@@ -251,7 +387,7 @@ class PolicyGradient(LossKind):
             ("epsilon_high", high),
             ("delta", loss.delta or 0.0),
             ("cispo", 1.0 if cispo else 0.0),
-        )
+        ) + across_rows_constants(loss)
 
     def aggregation(self, loss):
         return rollout_aggregation(loss)
@@ -262,6 +398,10 @@ class PolicyGradient(LossKind):
         found += [
             f"{field} {getattr(loss, field):g}" for field in ("epsilon_low", "epsilon_high", "delta") if field in given
         ]
+        if loss.importance_sampling != "token":
+            found.append(f"importance_sampling {loss.importance_sampling}")
+        if loss.top_entropy_quantile < 1.0:
+            found.append(f"top_entropy_quantile {loss.top_entropy_quantile:g}")
         return found + rollout_details(loss)
 
     def check_fields(self, loss):
@@ -286,16 +426,36 @@ class PolicyGradient(LossKind):
     def reference(self, row, term):
         import torch
 
-        advantages, old, _ = row.term.target.rows(row.batch, row.log_q.dtype)
+        target, mask = row.term.target, row.batch.mask
+        advantages, old, _ = target.rows(row.batch, row.log_q.dtype)
         logprob = row.at_labels(row.log_q)
-        ratio = torch.exp(logprob - (logprob.detach() if old is None else old))
+        log_ratio = logprob - (logprob.detach() if old is None else old)
+        if across_rows(term, "sequence") or across_rows(term, "sequence_token"):
+            # GSPO: the mean of the sequence's unmasked log-ratios, on each token
+            runs = row.batch.sources[target.name].runs
+            kept = torch.where(mask, log_ratio, 0.0)
+            totals = torch.zeros_like(kept).scatter_add(0, runs, kept)
+            counts = torch.zeros_like(kept).scatter_add(0, runs, mask.to(kept.dtype))
+            log_ratio = (totals / counts.clamp(min=1.0))[runs]
+            if across_rows(term, "sequence_token"):  # its value, and each token's own gradient
+                log_ratio = logprob - logprob.detach() + log_ratio.detach()
+        ratio = torch.exp(log_ratio)
         high = constant(term, "epsilon_high")
         if constant(term, "cispo"):
-            return -torch.clamp(ratio, max=high).detach() * advantages * logprob
-        delta = constant(term, "delta")
-        unclipped = (torch.clamp(ratio, max=delta) if delta else ratio) * advantages
-        clipped = torch.clamp(ratio, 1.0 - constant(term, "epsilon_low"), 1.0 + high) * advantages
-        return -torch.min(unclipped, clipped)
+            loss = -torch.clamp(ratio, max=high).detach() * advantages * logprob
+        else:
+            delta = constant(term, "delta")
+            unclipped = (torch.clamp(ratio, max=delta) if delta else ratio) * advantages
+            clipped = torch.clamp(ratio, 1.0 - constant(term, "epsilon_low"), 1.0 + high) * advantages
+            loss = -torch.min(unclipped, clipped)
+        rho = across_rows(term, "top_entropy_quantile")
+        if rho:  # TRL's mask: the unmasked tokens whose entropy is at least the batch's (1 - rho) quantile
+            q = row.log_q.detach().exp()
+            entropy = -torch.where(q > 0, q * row.log_q.detach(), 0.0).sum(-1)
+            if bool(mask.any()):
+                threshold = torch.quantile(entropy[mask], 1.0 - rho)
+                loss = torch.where(entropy >= threshold, loss, 0.0)
+        return loss
 
 
 KIND = PolicyGradient()

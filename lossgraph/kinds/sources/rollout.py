@@ -150,7 +150,7 @@ class RolloutForm(LeafForm):
 
     name = FORM_NAME
     expects = "lossgraph.Rollout(advantages, old_logprobs=None, ref_logprobs=None, sequence_ids=None)"
-    tensor_count = 3
+    tensor_count = 4  # advantages, old and reference log-probs, and the runs (for row inputs across rows)
 
     def value(self, name, target, value):
         if not isinstance(value, Rollout):
@@ -247,10 +247,10 @@ class RolloutForm(LeafForm):
         advantages = value.advantages.contiguous()
         old = advantages if value.old_logprobs is None else value.old_logprobs.contiguous()
         ref = advantages if value.ref_logprobs is None else value.ref_logprobs.contiguous()
-        return advantages, old, ref
+        return advantages, old, ref, value.runs
 
     def kernel_tensors(self, tensors, index):
-        advantages, old, ref = tensors
+        advantages, old, ref, _ = tensors
         return {
             f"rollout{index}_advantage_ptr": advantages,
             f"rollout{index}_old_ptr": old,
@@ -313,6 +313,8 @@ class RolloutKind(SourceKind):
 
     #: the loss model's class attributes that say it reads a rollout, and that it needs reference log-probs
     READS = "reads_rollout"
+    #: the loss model's property that says its rows depend on other rows (GSPO, the entropy quantile)
+    ACROSS_ROWS = "across_rows"
     NEEDS_REFERENCE = "needs_reference_logprobs"
 
     def summary(self, spec, name, source):
@@ -325,20 +327,30 @@ class RolloutKind(SourceKind):
             problems.append(
                 ((), f"rollout {quote(name)} reads the sampled tokens as the labels; declare a labels source")
             )
-        # the values are per sampled token, the one a position's next-token head predicts: a head further
-        # ahead would pair them with other tokens' labels
         for loss_name, loss in spec.losses.items():
             if getattr(loss, "target", None) != name:
                 continue
             for head in loss.heads:
-                offset = spec.heads[head].offset if head in spec.heads else 1
-                if offset != 1:
+                if head not in spec.heads:
+                    continue
+                # the values are per sampled token, the one a position's next-token head predicts: a head
+                # further ahead would pair them with other tokens' labels
+                if spec.heads[head].offset != 1:
                     problems.append(
                         (
                             (),
                             f"rollout {quote(name)} holds values of the sampled next tokens, but loss "
-                            f"{quote(loss_name)} reads it on head {quote(head)} (offset {offset}); bind it to heads "
-                            "with offset 1",
+                            f"{quote(loss_name)} reads it on head {quote(head)} (offset {spec.heads[head].offset}); "
+                            "bind it to heads with offset 1",
+                        )
+                    )
+                if getattr(loss, self.ACROSS_ROWS, False) and spec.heads[head].input == "hidden":
+                    problems.append(
+                        (
+                            (),
+                            f"loss {quote(loss_name)} relates the rows of rollout {quote(name)} (a sequence's ratio "
+                            f"or a quantile over the batch), which head {quote(head)} (input: hidden) evaluates "
+                            "chunk by chunk; give that head its logits (input: logits), or use token-level options",
                         )
                     )
         return problems
