@@ -154,6 +154,16 @@ def test_loss_gradient_and_kl_equal_trls_on_a_prepared_batch(policy_path, tmp_pa
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize(
+    "settings",
+    [{"importance_sampling_level": "sequence"}, {"top_entropy_quantile": 0.5}],
+    ids=["gspo", "entropy_quantile"],
+)
+def test_sequence_ratio_and_entropy_quantile_equal_trls(policy_path, tmp_path, loss_type, settings):
+    assert_agrees_with_trl(policy_path, tmp_path, loss_type, 0.04, old=True, **settings)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_two_sided_clipping_and_a_temperature_equal_trls(policy_path, tmp_path, loss_type):
     assert_agrees_with_trl(policy_path, tmp_path, loss_type, 0.04, old=True, delta=1.5, temperature=0.7)
 

@@ -77,10 +77,8 @@ def _unexpressed(args) -> list[str]:
     problems = []
     if args.loss_type not in EXPRESSED_LOSS_TYPES:
         problems.append(f"loss_type={args.loss_type!r}: use one of {', '.join(EXPRESSED_LOSS_TYPES)}")
-    if args.importance_sampling_level != "token":
-        problems.append(f"importance_sampling_level={args.importance_sampling_level!r}: use 'token'")
-    if args.top_entropy_quantile < 1.0:
-        problems.append(f"top_entropy_quantile={args.top_entropy_quantile}: use 1.0")
+    if args.importance_sampling_level not in ("token", "sequence"):
+        problems.append(f"importance_sampling_level={args.importance_sampling_level!r}: use 'token' or 'sequence'")
     if args.beta != 0.0 and args.use_bias_correction_kl:
         problems.append("use_bias_correction_kl=True (k3 times the ratio): set use_bias_correction_kl=False")
     if args.off_policy_mask_threshold is not None:
@@ -116,6 +114,10 @@ def grpo_document(args, vocab_size: int) -> dict[str, Any]:
         policy = {"epsilon_low": float(args.epsilon), "epsilon_high": float(epsilon_high)}
         if args.delta is not None:
             policy["delta"] = float(args.delta)
+    if args.importance_sampling_level == "sequence":  # GSPO: each completion is one sequence
+        policy["importance_sampling"] = "sequence"
+    if args.top_entropy_quantile < 1.0:  # the policy term on the batch's highest-entropy tokens only
+        policy["top_entropy_quantile"] = float(args.top_entropy_quantile)
     losses = document["losses"]
     losses[_POLICY].update(policy, **rollout_fields)
     if args.beta == 0.0:
