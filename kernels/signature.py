@@ -82,6 +82,17 @@ class KernelSpec:
         )
 
     @property
+    def diagnostics(self) -> tuple[tuple[int, str], ...]:
+        """(term, name) of each row diagnostic the terms declare (`LossFragments.diagnostic_names`), in the
+        order the kernel writes them: after the row's loss in the values buffer."""
+        return tuple((t, name) for t, term in enumerate(self.terms) for name in term.loss.diagnostic_names(term))
+
+    @property
+    def value_columns(self) -> int:
+        """Columns of the values buffer: each term's value, the row's loss, then the row diagnostics."""
+        return len(self.terms) + 1 + len(self.diagnostics)
+
+    @property
     def uses_labels(self) -> bool:
         return any(_reads_labels(term.target) for term in self.terms)
 

@@ -20,7 +20,8 @@ from ..document import check_spec, load
 from ..errors import BackendError, ConfigError, InputError, SourceFileError
 from ..spec.models import LossGraphSpec
 from ..spec.schedules import evaluate
-from .backend import BACKENDS, BackendOptions, HeadBackend, HeadResult, TermStep
+from ..kinds import loss_kind
+from .backend import BACKENDS, BackendOptions, HeadBackend, HeadResult, TermStep, diagnostic_columns
 from .fused import FusedBackend
 from .inputs import HeadBatch, LabelAlignment, Linear, NumItems, TeacherValue, count_targets, prepare_batches
 from .parallel import global_counts, group_size
@@ -37,7 +38,9 @@ class GraphOutput:
     terms: dict[str, torch.Tensor]  # "node/head" -> weighted term
     values: dict[str, torch.Tensor]  # "node/head" -> unweighted term (normalized, T^2-scaled if asked)
     weights: dict[str, float]  # "node/head" -> weight x head weight at this step
-    metrics: dict[str, dict[str, torch.Tensor]]  # head -> tokens, accuracy, agreement/<teacher>
+    # head -> tokens, accuracy, agreement/<teacher>, and "<node>/<metric>" of kinds that report their own
+    # (policy_gradient's: docs/rl.md, "Metrics")
+    metrics: dict[str, dict[str, torch.Tensor]]
     # "node/head" -> the term's value at every position ([B, S] or [N], float32, detached; 0 where
     # masked; T^2-scaled if asked): `values` is its sum, each position times its loss_mask weight, over
     # the normalizer. For analysis and logging; weight positions in the loss itself with a float loss_mask.
@@ -88,6 +91,23 @@ def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult) -> dict[str, 
             metrics["accuracy"] = ((result.prediction == batch.labels) & batch.mask).sum() / denominator
         for name, teacher in result.teacher_predictions.items():
             metrics[f"agreement/{name}"] = ((result.prediction == teacher) & batch.mask).sum() / denominator
+        metrics.update(_term_metrics(head, batch, result.diagnostics))
+    return metrics
+
+
+def _term_metrics(head: HeadPlan, batch: HeadBatch, diagnostics: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The metrics the head's kinds report from their row diagnostics, as "<node>/<metric>"."""
+    columns = diagnostic_columns(head.terms)
+    if not columns:
+        return {}
+    if diagnostics is None:  # a head with no rows (a chunked head that evaluated none)
+        diagnostics = torch.zeros((batch.mask.shape[0], len(columns)), device=batch.mask.device)
+    metrics = {}
+    for t, term in enumerate(head.terms):
+        own = {name: diagnostics[:, c] for c, (owner, name) in enumerate(columns) if owner == t}
+        if own:
+            found = loss_kind(term.kind).metrics(term, own, batch.group(term.group))
+            metrics.update({f"{term.node}/{name}": value for name, value in found.items()})
     return metrics
 
 

@@ -17,7 +17,7 @@ from .backend import BackendOptions, ChunkResult, HeadResult, TermStep, weighted
 from .inputs import HeadBatch
 from .linear import linear_head
 from .parallel import GatherVocab
-from .reference import compute_dtype, reference_terms
+from .reference import compute_dtype, reference_diagnostics, reference_terms
 
 
 def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -53,7 +53,9 @@ def reference_head(head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) 
             loss = PrecomputedGradient.apply(batch.logits, loss, torch.zeros_like(batch.logits), False, None)
     student, teachers = predictions(head, batch)
     per_token = torch.stack([value.detach() * s.scale for value, s in zip(per_position, steps)], dim=1)
-    return HeadResult(loss, values.detach(), student, teachers, per_token)
+    temperatures = [s.temperature for s in steps]
+    diagnostics = reference_diagnostics(head.terms, batch, temperatures, head.softcap, head.logits_scale)
+    return HeadResult(loss, values.detach(), student, teachers, per_token, diagnostics)
 
 
 def reference_rows(head: HeadPlan, chunk: HeadBatch, steps: Sequence[TermStep], gradient: bool = True) -> ChunkResult:
@@ -62,14 +64,26 @@ def reference_rows(head: HeadPlan, chunk: HeadBatch, steps: Sequence[TermStep], 
         with torch.no_grad():
             result = reference_head(head, chunk, steps)
         return ChunkResult(
-            None, result.values, result.prediction, result.teacher_predictions, per_token=result.per_token
+            None,
+            result.values,
+            result.prediction,
+            result.teacher_predictions,
+            per_token=result.per_token,
+            diagnostics=result.diagnostics,
         )
     logits = chunk.logits.detach().requires_grad_()
     chunk.logits = logits
     with torch.enable_grad():
         result = reference_head(head, chunk, steps)
         (grad,) = torch.autograd.grad(result.loss, logits)
-    return ChunkResult(grad, result.values, result.prediction, result.teacher_predictions, per_token=result.per_token)
+    return ChunkResult(
+        grad,
+        result.values,
+        result.prediction,
+        result.teacher_predictions,
+        per_token=result.per_token,
+        diagnostics=result.diagnostics,
+    )
 
 
 class ReferenceBackend:
