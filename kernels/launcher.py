@@ -118,9 +118,9 @@ def launch(
     """Run one fused launch over the rows of `inputs.logits` [N, V]; the gradient goes into `grad`.
 
     Returns (per-row values [N, spec.value_columns] float32: each term's value times its value scale, the
-    row's weighted loss, then the row diagnostics; student argmax [N]; teacher argmaxes [teachers, N]). `grad` may be the logits
-    themselves (in-place). A spec with `gradient=False` takes no `grad` (None) and ignores
-    `numbers.gradient`.
+    row's weighted loss, then the row diagnostics; student argmax [N]; teacher argmaxes [teachers, N]).
+    `grad` may be the logits themselves (in-place). A spec with `gradient=False` takes no `grad` (None)
+    and ignores `numbers.gradient`.
     """
     rows = inputs.logits.shape[0]
     device = inputs.logits.device

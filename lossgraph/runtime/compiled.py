@@ -18,9 +18,9 @@ from ..compiler.fusion import FusionPlan
 from ..compiler.plan import HeadPlan, Plan, Term
 from ..document import check_spec, load
 from ..errors import BackendError, ConfigError, InputError, SourceFileError
+from ..kinds import loss_kind
 from ..spec.models import LossGraphSpec
 from ..spec.schedules import evaluate
-from ..kinds import loss_kind
 from .backend import BACKENDS, BackendOptions, HeadBackend, HeadResult, TermStep, diagnostic_columns
 from .fused import FusedBackend
 from .inputs import HeadBatch, LabelAlignment, Linear, NumItems, TeacherValue, count_targets, prepare_batches

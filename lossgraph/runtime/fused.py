@@ -477,7 +477,8 @@ def _sliced_launch(
 def _head_op(name: str, gradient: bool):
     """The op `lossgraph::{name}` and its fake: all launches of a head, returning (gradient [N, V] in the
     logits dtype, only with `gradient`; per-row values [N, HeadKernels.columns] (each term's value times its
-    value scale, the row's weighted loss, then the row diagnostics); student argmax [N]; teacher argmaxes [dense teachers, N]).
+    value scale, the row's weighted loss, then the row diagnostics); student argmax [N]; teacher argmaxes
+    [dense teachers, N]).
 
     `scalars` is `HeadNumbers.flat()` as a CPU float64 tensor: a float argument of a custom op makes
     dynamo specialize on its value (one recompile per scheduled weight or temperature), a tensor does not.
