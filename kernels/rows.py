@@ -302,13 +302,11 @@ def store_values(k: Tiles) -> None:
 
 
 def store_diagnostics(k: Tiles) -> None:
-    """The row diagnostics the terms declare, in the columns after the row's loss (none: no code)."""
+    """The row diagnostics of the spec (`KernelSpec.diagnostics`), in the columns after the row's loss."""
     spec = k.spec
     column = len(spec.terms) + 1
-    for t, term in enumerate(spec.terms):
-        if not term.loss.diagnostic_names(term):
-            continue
-        k.term_header(t, term, "row diagnostics")
+    for t in dict.fromkeys(t for t, _ in spec.diagnostics):
+        k.term_header(t, spec.terms[t], "row diagnostics")
         for value in k.term(t).row_diagnostics():
             k.emit(f"tl.store(loss_ptr + row * {spec.value_columns} + {column}, {value})")
             column += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -15,10 +16,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from fused_cases import interpreter_warnings, requires_fused
 from helpers import assert_close, free_port
+from lossgraph.kernels.codegen import KernelGenerator
+from lossgraph.kernels.layout import kernel_layout
 from rl_reference import clip_fractions
 
 import lossgraph
 from lossgraph import Rollout
+from lossgraph.document import check_text
 from lossgraph.kinds.losses.policy_gradient import policy_metrics
 
 pytestmark = interpreter_warnings
@@ -227,3 +231,32 @@ def test_vocab_parallel_metrics_equal_one_process(backend, tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for name, value in whole.items():
             assert_close(got[name].double(), value.double(), rtol=1e-5, atol=1e-6, what=f"rank {rank} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_row_diagnostics_no_rl_metrics_and_the_same_loss(backend):
+    logits, labels, old, ref, advantages = inputs(torch.float32)
+    rollout = Rollout(advantages, old, ref)
+    graph_ = lossgraph.compile(lossgraph.loads(graph()), backend, row_diagnostics=False)
+    x = logits.clone().requires_grad_()
+    out = graph_({"next": x}, labels=labels, teachers={"rollouts": rollout})
+    out.loss.backward()
+    assert set(out.metrics["next"]) == {"tokens", "accuracy"}
+    full = lossgraph.compile(lossgraph.loads(graph()), backend)
+    y = logits.clone().requires_grad_()
+    with_metrics = full({"next": y}, labels=labels, teachers={"rollouts": rollout})
+    with_metrics.loss.backward()
+    assert torch.equal(out.loss, with_metrics.loss) and torch.equal(x.grad, y.grad)
+
+
+def test_the_kernel_keeps_the_moment_only_for_the_diagnostics():
+    """policy_gradient's value needs no moment; its entropy diagnostic does: without row diagnostics the
+    kernel is the one of a kind that declares none (no moment, values [N, terms + 1])."""
+    (launch,) = check_text(graph(), "metrics.yaml").context.fusion.launches
+    spec = launch.kernel_spec()
+    quiet = replace(spec, row_diagnostics=False)
+    assert spec.diagnostics == ((1, "entropy"), (1, "logprob")) and spec.value_columns == 5
+    assert kernel_layout(spec).moment_slots and not kernel_layout(quiet).moment_slots
+    assert quiet.diagnostics == () and quiet.value_columns == 3
+    source, quiet_source = KernelGenerator(spec).source(), KernelGenerator(quiet).source()
+    assert "loss_ptr + row * 5 + 4," in source and "loss_ptr + row * 5" not in quiet_source

@@ -39,6 +39,7 @@ class BackendOptions:
     accumulate_fp32: bool = False  # a hidden-input head accumulates its weight gradient in float32
     vocab_parallel_group: Any = None  # torch.distributed group the vocab is split over
     normalize_across: Any = None  # torch.distributed group the token counts are summed over
+    row_diagnostics: bool = True  # the kinds' row diagnostics and their metrics (policy_gradient's); off: none
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -82,7 +82,7 @@ def term_step(term: Term, step: int) -> TermStep:
     return TermStep(weight, temperature, scale, teacher)
 
 
-def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult) -> dict[str, torch.Tensor]:
+def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult, row_diagnostics: bool) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         count = batch.count
         denominator = count.clamp(min=1).to(torch.float32)
@@ -91,7 +91,8 @@ def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult) -> dict[str, 
             metrics["accuracy"] = ((result.prediction == batch.labels) & batch.mask).sum() / denominator
         for name, teacher in result.teacher_predictions.items():
             metrics[f"agreement/{name}"] = ((result.prediction == teacher) & batch.mask).sum() / denominator
-        metrics.update(_term_metrics(head, batch, result.diagnostics))
+        if row_diagnostics:
+            metrics.update(_term_metrics(head, batch, result.diagnostics))
     return metrics
 
 
@@ -247,7 +248,7 @@ class CompiledGraph(torch.nn.Module):
                 terms[term.key] = value * s.weight if s.weight != 0.0 else torch.zeros_like(value)
                 weights[term.key] = s.weight
                 per_token[term.key] = row.reshape(positions)
-            metrics[head.name] = _metrics(head, batch, result)
+            metrics[head.name] = _metrics(head, batch, result, options.row_diagnostics)
         return GraphOutput(total, terms, values, weights, metrics, per_token)
 
     def tokens_per_head(
@@ -348,6 +349,8 @@ def compile(
     parallel over its mesh's group, and its gradient goes back as a DTensor. normalize_across: a group
     (the data-parallel one) over which each head's unmasked-token count is summed, so every rank divides
     by the global count (multiply the loss by the group's size when the gradients are averaged, as DDP does).
+    row_diagnostics: the per-row quantities some kinds compute beside their values for their metrics
+    (policy_gradient's); False drops them, and those metrics, from both backends (and the kernels).
     """
     if isinstance(graph, str) and "\n" in graph:
         raise SourceFileError(

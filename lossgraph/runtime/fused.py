@@ -140,9 +140,10 @@ class FusedHead:
     class_weights: tuple[str, ...] = ()  # class-weight vectors in the order the op takes them
     others: tuple[str, ...] = ()  # leaves of other forms, whose tensors the op takes in `form_tensors`
     diagnostics: tuple[tuple[int, str], ...] = ()  # (head term, name) of each row diagnostic, in column order
+    row_diagnostics: bool = True  # the kernels write them (BackendOptions.row_diagnostics)
 
     @staticmethod
-    def of(head: HeadPlan, launches: Sequence[Launch]) -> FusedHead:
+    def of(head: HeadPlan, launches: Sequence[Launch], row_diagnostics: bool = True) -> FusedHead:
         keys = [term.key for term in head.terms]
         terms = tuple(tuple(keys.index(term.key) for term in planned.terms) for planned in launches)
         return FusedHead(
@@ -158,7 +159,8 @@ class FusedHead:
             topk=tuple(t.name for t in head.teachers if isinstance(t, TopKTarget)),
             class_weights=tuple(dict.fromkeys(name for launch in launches for name in launch.class_weights)),
             others=tuple(t.name for t in head.teachers if any(t in launch.others for launch in launches)),
-            diagnostics=diagnostic_columns(head.terms),
+            diagnostics=diagnostic_columns(head.terms) if row_diagnostics else (),
+            row_diagnostics=row_diagnostics,
         )
 
     def form_tensor_span(self, name: str) -> tuple[int, int]:
@@ -195,6 +197,8 @@ class FusedHead:
         first_diagnostic = len(self.plan.terms) + 1
         for planned, indices in zip(self.launches, self.terms):
             spec = planned.kernel_spec(tuple(active[i] for i in indices))
+            if not self.row_diagnostics:
+                spec = replace(spec, row_diagnostics=False)
             stop = start + len(spec.slot_is_one)
             leaves = (*planned.dense, *planned.topk, *planned.others)
             index = LaunchIndex.of(leaves)
@@ -272,7 +276,9 @@ class FusedBackend:
     def __init__(self, options: BackendOptions, plan: Plan, fusion: FusionPlan, fallback: HeadBackend | None = None):
         self.options = options
         self.fallback = fallback  # evaluates the heads of a dtype the kernels do not take (backend="auto")
-        self.heads = {head.name: FusedHead.of(head, fusion.for_head(head.name)) for head in plan.heads}
+        self.heads = {
+            head.name: FusedHead.of(head, fusion.for_head(head.name), options.row_diagnostics) for head in plan.heads
+        }
         self._start()
 
     def _start(self) -> None:

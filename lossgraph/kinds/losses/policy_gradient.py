@@ -217,11 +217,11 @@ class PolicyGradientFragments(LossFragments):
         return logprob_gradient(k, term)
 
     # the row diagnostics of the metrics (`policy_metrics`): the entropy needs pass 1's moment
-    def first_pass_statistics(self, term):
-        return (MOMENT,)
-
     def diagnostic_names(self, term):
         return DIAGNOSTICS
+
+    def diagnostic_statistics(self, term):
+        return (MOMENT,)
 
     def row_diagnostics(self, k, t, term):
         s = term.slot
