@@ -260,3 +260,27 @@ def test_the_kernel_keeps_the_moment_only_for_the_diagnostics():
     assert quiet.diagnostics == () and quiet.value_columns == 3
     source, quiet_source = KernelGenerator(spec).source(), KernelGenerator(quiet).source()
     assert "loss_ptr + row * 5 + 4," in source and "loss_ptr + row * 5" not in quiet_source
+
+
+@requires_fused
+def test_a_head_split_into_launches_reports_the_same_metrics():
+    """Five dense teachers split the head into two launches; the policy gradient's diagnostics land in the
+    head's columns from whichever launch holds it."""
+    teachers = [f"t{i}" for i in range(5)]
+    text = graph().replace("losses:\n", "".join(f"  {t}: {{type: teacher}}\n" for t in teachers) + "losses:\n")
+    text += "".join(f"  kd{t}: {{type: forward_kl, heads: [next], target: {t}, weight: 0.1}}\n" for t in teachers)
+    assert len(check_text(text, "split.yaml").context.fusion.launches) == 2
+    logits, labels, old, ref, advantages = inputs(torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    given = {t: torch.randn(B, S, V, generator=generator) for t in teachers} | {
+        "rollouts": Rollout(advantages, old, ref)
+    }
+    got = {}
+    for backend in ("torch", "triton"):
+        graph_ = lossgraph.compile(lossgraph.loads(text), backend)
+        got[backend] = graph_({"next": logits.clone().requires_grad_()}, labels=labels, teachers=given).metrics["next"]
+    assert {name for name in got["triton"] if name.startswith("policy/")} == {
+        f"policy/{n}" for n in PG_METRICS | CLIP_METRICS | {"kl"}
+    }
+    for name, value in got["torch"].items():
+        assert_close(got["triton"][name].double(), value.double(), rtol=2e-5, atol=2e-6, what=name)
