@@ -250,15 +250,15 @@ def policy_metrics(term, diagnostics, batch) -> dict:
     advantages, old, ref = term.target.rows(batch, torch.float32)
     log_ratio = torch.zeros_like(logprob) if old is None else logprob - old
     ratio = torch.exp(log_ratio)
-    high = constant(term, "epsilon_high")
+    epsilon_high = constant(term, "epsilon_high")
     metrics = {"entropy": mean(entropy)}
     if constant(term, "cispo"):
-        metrics["cispo_clip_ratio"] = mean((ratio > high) & (advantages > 0))
+        metrics["cispo_clip_ratio"] = mean((ratio > epsilon_high) & (advantages > 0))
     else:
         delta = constant(term, "delta")
         capped = torch.clamp(ratio, max=delta) if delta else ratio  # TRL counts the clips after the delta cap
-        low = (capped < 1.0 - constant(term, "epsilon_low")) & (advantages < 0)
-        high = (capped > 1.0 + high) & (advantages > 0)
+        low = (capped < 1.0 - constant(term, "epsilon_low")) & (advantages < 0)  # strict, as TRL's
+        high = (capped > 1.0 + epsilon_high) & (advantages > 0)
         metrics |= {
             "clip_ratio/low_mean": mean(low),
             "clip_ratio/high_mean": mean(high),
