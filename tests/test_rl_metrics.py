@@ -1,5 +1,5 @@
 """policy_gradient's metrics in GraphOutput.metrics (docs/rl.md, "Metrics"): both backends against float64
-formulas written here and tests/rl_reference.py's `clip_fractions` (TRL's definitions), fp32 and bf16, masked
+formulas written here and tests/rl_reference.py's `clip_fractions` (TRL's definitions), fp32, bf16 and fp16, masked
 rows, ratios exactly on the clip bounds (strict comparisons), on-policy, CISPO, a graph without a policy
 gradient, and vocab parallel on 2 gloo ranks."""
 
@@ -30,7 +30,7 @@ pytestmark = interpreter_warnings
 B, S, V = 3, 6, 40
 T = 0.7
 BACKENDS = ["torch", pytest.param("triton", marks=requires_fused)]
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CLIP = ", epsilon_low: 0.2, epsilon_high: 0.28, delta: 1.3"
 PG_METRICS = {"entropy", "ratio/mean", "ratio/min", "ratio/max", "approxkl", "masked_fraction"}
 CLIP_METRICS = {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}
@@ -118,7 +118,7 @@ def check(got: dict[str, torch.Tensor], want: dict[str, float], tolerance: float
         assert_close(policy[name].double(), torch.tensor(value, dtype=torch.float64), rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_metrics_equal_the_formulas(backend, dtype):
     logits, labels, old, ref, advantages = inputs(dtype)
