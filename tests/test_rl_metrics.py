@@ -284,3 +284,22 @@ def test_a_head_split_into_launches_reports_the_same_metrics():
     }
     for name, value in got["torch"].items():
         assert_close(got["triton"][name].double(), value.double(), rtol=2e-5, atol=2e-6, what=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_hidden_input_head_in_chunks_reports_the_metrics_of_its_logits(backend):
+    """A head declared `input: hidden`, evaluated 5 rows at a time: the chunks' diagnostics are joined."""
+    logits, labels, old, ref, advantages = inputs(torch.float32)
+    generator = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(B, S, 16, generator=generator), torch.randn(V, 16, generator=generator)
+    rollout = Rollout(advantages, old, ref)
+    text = graph().replace("next: {offset: 1}", "next: {offset: 1, input: hidden}")
+    chunked = lossgraph.compile(lossgraph.loads(text), backend, chunk_size=5)
+    got = chunked({"next": lossgraph.Linear(hidden, weight)}, labels=labels, teachers={"rollouts": rollout})
+    whole = lossgraph.compile(lossgraph.loads(graph()), backend)
+    want = whole({"next": hidden @ weight.T}, labels=labels, teachers={"rollouts": rollout})
+    assert {name for name in got.metrics["next"] if name.startswith("policy/")} == {
+        f"policy/{name}" for name in PG_METRICS | CLIP_METRICS | {"kl"}
+    }
+    for name, value in want.metrics["next"].items():
+        assert_close(got.metrics["next"][name].double(), value.double(), rtol=2e-5, atol=2e-6, what=name)
