@@ -303,3 +303,25 @@ def test_a_hidden_input_head_in_chunks_reports_the_metrics_of_its_logits(backend
     }
     for name, value in want.metrics["next"].items():
         assert_close(got.metrics["next"][name].double(), value.double(), rtol=2e-5, atol=2e-6, what=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_metrics_under_torch_compile_fullgraph(backend):
+    """No host sync and no graph break: torch.compile(fullgraph=True) traces the metrics with the loss."""
+    logits, labels, old, ref, advantages = inputs(torch.float32)
+    graph_ = lossgraph.compile(lossgraph.loads(graph()), backend)
+
+    def step(x):
+        out = graph_({"next": x}, labels=labels, teachers={"rollouts": Rollout(advantages, old, ref)})
+        return out.loss, out.metrics["next"]
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        _, got = compiled(logits.clone().requires_grad_())
+    finally:
+        torch._dynamo.reset()
+    _, want = step(logits.clone().requires_grad_())
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert_close(got[name].double(), value.double(), rtol=1e-6, atol=1e-7, what=name)
