@@ -236,6 +236,26 @@ class LossFragments:
         raise NotImplementedError(f"{self.name}: no gradient on a dense target")
 
     # ----------------------------------------------------------------------------------------------
+    # Row diagnostics: per-row quantities for the metrics, written beside the values in the same launch.
+    # ----------------------------------------------------------------------------------------------
+
+    def diagnostic_names(self, term: KernelTerm) -> tuple[str, ...]:
+        """The per-row diagnostics the kernel writes for this term (names, in order); none by default,
+        and a kernel whose terms declare none (or that is built without them, `KernelSpec.row_diagnostics`)
+        is generated exactly as without this mechanism."""
+        return ()
+
+    def diagnostic_statistics(self, term: KernelTerm) -> tuple[str, ...]:
+        """Which of MOMENT, CROSS_MOMENT pass 1 keeps for the row diagnostics only (not kept without them)."""
+        return ()
+
+    def row_diagnostics(self, k: TileWriter, t: int, term: KernelTerm) -> tuple[str, ...]:
+        """The row's value of each of `diagnostic_names` from pass 1's statistics (as in
+        `value_after_first_pass`; the statistics they read in `first_pass_statistics` or
+        `diagnostic_statistics`)."""
+        raise NotImplementedError(f"{self.name}: no row diagnostics")
+
+    # ----------------------------------------------------------------------------------------------
     # Top-k targets (small vectors).
     # ----------------------------------------------------------------------------------------------
 

@@ -117,10 +117,10 @@ def launch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run one fused launch over the rows of `inputs.logits` [N, V]; the gradient goes into `grad`.
 
-    Returns (per-row values [N, terms + 1] float32: each term's value times its value scale, then the
-    row's weighted loss; student argmax [N]; teacher argmaxes [teachers, N]). `grad` may be the logits
-    themselves (in-place). A spec with `gradient=False` takes no `grad` (None) and ignores
-    `numbers.gradient`.
+    Returns (per-row values [N, spec.value_columns] float32: each term's value times its value scale, the
+    row's weighted loss, then the row diagnostics; student argmax [N]; teacher argmaxes [teachers, N]).
+    `grad` may be the logits themselves (in-place). A spec with `gradient=False` takes no `grad` (None)
+    and ignores `numbers.gradient`.
     """
     rows = inputs.logits.shape[0]
     device = inputs.logits.device
@@ -128,7 +128,7 @@ def launch(
         inputs,
         numbers,
         grad,
-        values=torch.empty((rows, len(spec.terms) + 1), dtype=torch.float32, device=device),
+        values=torch.empty((rows, spec.value_columns), dtype=torch.float32, device=device),
         prediction=torch.empty(rows, dtype=torch.int64, device=device),
         teacher_predictions=torch.empty((len(spec.dense), rows), dtype=torch.int64, device=device),
     )
@@ -189,11 +189,9 @@ def launch_apply(
     vocab_start: int,
     vocab_total: int,
 ) -> torch.Tensor:
-    """Vocab parallel, last phase: values [N, terms + 1] as `launch` gives them (streamed ones, and so the
-    row's loss, partial) and the local gradient."""
-    values = torch.empty(
-        (inputs.logits.shape[0], len(spec.terms) + 1), dtype=torch.float32, device=inputs.logits.device
-    )
+    """Vocab parallel, last phase: values [N, spec.value_columns] as `launch` gives them (streamed ones, and
+    so the row's loss, partial) and the local gradient."""
+    values = torch.empty((inputs.logits.shape[0], spec.value_columns), dtype=torch.float32, device=inputs.logits.device)
     call = Call(
         inputs,
         numbers,

@@ -39,12 +39,20 @@ def effective(spec: KernelSpec) -> KernelSpec:
     return replace(spec, terms=tuple(replace(term, active=False) for term in spec.terms))
 
 
+def first_pass_statistics(spec: KernelSpec, term) -> tuple[str, ...]:
+    """The statistics pass 1 keeps for a term: its value's, and its row diagnostics' where the spec has them."""
+    own = term.loss.first_pass_statistics(term)
+    if spec.row_diagnostics and term.loss.diagnostic_names(term):
+        return own + term.loss.diagnostic_statistics(term)
+    return own
+
+
 def kernel_layout(spec: KernelSpec) -> KernelLayout:
     spec = effective(spec)
     terms = spec.terms
     dense_terms = [(t, term) for t, term in enumerate(terms) if not isinstance(term.target, KTopK)]
     stage = {t: term.loss.value_stage(term) for t, term in dense_terms}
-    statistics = {t: term.loss.first_pass_statistics(term) for t, term in dense_terms}
+    statistics = {t: first_pass_statistics(spec, term) for t, term in dense_terms}
     for t, term in dense_terms:
         if CROSS_MOMENT in statistics[t] and term.target.single_teacher() is None:
             raise ValueError(f"{term.loss.name}: a cross moment needs a single dense teacher as target")

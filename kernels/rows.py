@@ -122,8 +122,8 @@ def masked_row(k: Tiles) -> None:
             k.emit("offs = start + cols")
             zeros = "tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)"
             k.emit(f"tl.store({names.GRAD_ROW} + offs, {zeros}, mask=offs < V)")
-    for column in range(len(spec.terms) + 1):
-        k.emit(f"tl.store(loss_ptr + row * {len(spec.terms) + 1} + {column}, 0.0)")
+    for column in range(spec.value_columns):
+        k.emit(f"tl.store(loss_ptr + row * {spec.value_columns} + {column}, 0.0)")
     if k.phase == "single":
         k.emit("tl.store(pred_ptr + row, 0)")
         for i in range(len(spec.dense)):
@@ -277,7 +277,7 @@ def store_values(k: Tiles) -> None:
     the head's loss, sum_t loss_weight_t x value_t over the terms whose loss weight is not 0 (a weight-0
     term's value may be infinite, and 0 x inf would be NaN)."""
     spec = k.spec
-    count = len(spec.terms) + 1
+    count = spec.value_columns
     k.emit("row_loss = 0.0")
     for t, term in enumerate(spec.terms):
         value, scale, weight = names.value(t), names.value_scale(t), names.loss_weight(t)
@@ -299,4 +299,16 @@ def store_values(k: Tiles) -> None:
             f"tl.store(loss_ptr + row * {count} + {t}, {value})",
             f"row_loss += tl.where({weight} != 0.0, {weight} * {value}, 0.0)",
         )
-    k.emit(f"tl.store(loss_ptr + row * {count} + {count - 1}, row_loss)")
+    k.emit(f"tl.store(loss_ptr + row * {count} + {len(spec.terms)}, row_loss)")
+    store_diagnostics(k)
+
+
+def store_diagnostics(k: Tiles) -> None:
+    """The row diagnostics of the spec (`KernelSpec.diagnostics`), in the columns after the row's loss."""
+    spec = k.spec
+    column = len(spec.terms) + 1
+    for t in dict.fromkeys(t for t, _ in spec.diagnostics):
+        k.term_header(t, spec.terms[t], "row diagnostics")
+        for value in k.term(t).row_diagnostics():
+            k.emit(f"tl.store(loss_ptr + row * {spec.value_columns} + {column}, {value})")
+            column += 1

@@ -218,6 +218,9 @@ class TermScope:
     def value_from_row_sums(self) -> str:
         return self._whole(self._call("value_from_row_sums"))
 
+    def row_diagnostics(self) -> tuple[str, ...]:
+        return tuple(self._whole(value) for value in self._call("row_diagnostics"))
+
     def gradient(self) -> str | LinearGradient:
         gradient = self._call("gradient")
         if not isinstance(gradient, LinearGradient):

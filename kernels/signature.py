@@ -35,6 +35,8 @@ class KernelSpec:
     # term_groups[t] (its own positions and normalizer); a row is skipped only where every column is 0.
     row_groups: int = 1
     term_groups: tuple[int, ...] = ()
+    # the terms' row diagnostics (`LossFragments.diagnostic_names`) and the statistics they need; off: none
+    row_diagnostics: bool = True
 
     @property
     def grouped(self) -> bool:
@@ -91,6 +93,18 @@ class KernelSpec:
         """The launch runs stats, then (on the device) the row inputs, then apply, even on one rank."""
         return bool(self.row_inputs)
 
+    def diagnostics(self) -> tuple[tuple[int, str], ...]:
+        """(term, name) of each row diagnostic the terms declare (`LossFragments.diagnostic_names`), in the
+        order the kernel writes them: after the row's loss in the values buffer; none without `row_diagnostics`."""
+        if not self.row_diagnostics:
+            return ()
+        return tuple((t, name) for t, term in enumerate(self.terms) for name in term.loss.diagnostic_names(term))
+
+    @property
+    def value_columns(self) -> int:
+        """Columns of the values buffer: each term's value, the row's loss, then the row diagnostics."""
+        return len(self.terms) + 1 + len(self.diagnostics)
+
     @property
     def uses_labels(self) -> bool:
         return any(_reads_labels(term.target) for term in self.terms)
@@ -114,6 +128,8 @@ class KernelSpec:
             lines.append(f"logits scaled by {self.logits_scale!r}{before}")
         if self.softcap is not None:
             lines.append(f"logits soft-capped at {self.softcap!r}")
+        if not self.row_diagnostics:
+            lines.append("no row diagnostics")
         if self.grouped:
             columns = ", ".join(f"term {t}: {g}" for t, g in enumerate(self.term_groups))
             lines.append(f"row scales: {self.row_groups} columns (a term's positions / normalizer); {columns}")

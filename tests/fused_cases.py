@@ -13,6 +13,7 @@ once triton is imported). Without either, the fused tests skip with `FUSED_SKIP_
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -358,10 +359,17 @@ def assert_pair_matches(pair: Pair, *, what: str = "") -> None:
 
 
 def assert_metrics_match(pair: Pair) -> None:
-    """tokens, accuracy and agreement/<teacher> of every head are equal (the argmaxes agree exactly)."""
+    """tokens, accuracy and agreement/<teacher> of every head are equal (the argmaxes agree exactly); the
+    metrics a kind reports from its row diagnostics (`<node>/<metric>`) agree to float32 rounding."""
     fused, reference = pair.fused.out.metrics, pair.reference.out.metrics
     assert set(fused) == set(reference)
     for head, expected in reference.items():
         assert set(fused[head]) == set(expected), head
         for name, value in expected.items():
-            assert float(fused[head][name]) == float(value), (head, name, float(fused[head][name]), float(value))
+            got = float(fused[head][name])
+            if name in ("tokens", "accuracy") or name.startswith("agreement/"):
+                assert got == float(value), (head, name, got, float(value))
+            else:
+                assert math.isclose(got, float(value), rel_tol=1e-4, abs_tol=1e-5) or (
+                    math.isnan(got) and math.isnan(float(value))
+                ), (head, name, got, float(value))

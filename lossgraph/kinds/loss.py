@@ -147,6 +147,25 @@ class LossKind:
         """The per-position value [N] on a dense target (or none): by default the divergence."""
         return self.divergence(row.log_p(), row.log_q, term)
 
+    # ----------------------------------------------------------------------------------------------
+    # Metrics: per-row diagnostics (from the shared softmax) and what the kind reports of them.
+    # ----------------------------------------------------------------------------------------------
+
+    def diagnostics(self, term: Term) -> tuple[str, ...]:
+        """The row diagnostics of `term`: per-row quantities both backends compute beside its values (the
+        kernel in the same launch, `LossFragments.row_diagnostics`), from which `metrics` reports."""
+        return self.kernel_fragments(term).diagnostic_names(term)
+
+    def reference_diagnostics(self, row: ReferenceRow, term: Term) -> tuple[torch.Tensor, ...]:
+        """Reference: each of `diagnostics` at every position, [N] each (the readable math)."""
+        raise NotImplementedError(f"{self.name}: no row diagnostics")
+
+    def metrics(self, term: Any, diagnostics: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
+        """The term's metrics (0-d device tensors, no host sync) from its row diagnostics by name ([N],
+        0 where masked) and the batch as its group sees it (`HeadBatch.group`); keys without the node's
+        name, which the graph puts before them."""
+        return {}
+
     def __repr__(self) -> str:
         return f"<loss kind {self.name}>"
 

@@ -19,8 +19,9 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from ..compiler.plan import HeadPlan
+from ..compiler.plan import HeadPlan, Term
 from ..errors import BackendError, InputError
+from ..kinds import loss_kind
 from .inputs import HeadBatch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -38,6 +39,7 @@ class BackendOptions:
     accumulate_fp32: bool = False  # a hidden-input head accumulates its weight gradient in float32
     vocab_parallel_group: Any = None  # torch.distributed group the vocab is split over
     normalize_across: Any = None  # torch.distributed group the token counts are summed over
+    row_diagnostics: bool = True  # the kinds' row diagnostics and their metrics (policy_gradient's); off: none
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -78,6 +80,7 @@ class HeadResult(NamedTuple):
     prediction: torch.Tensor  # [N] student argmax
     teacher_predictions: dict[str, torch.Tensor]  # [N] argmax of each teacher on the head's vocab
     per_token: torch.Tensor | None = None  # [N, terms] detached: each term's value at each position x scale
+    diagnostics: torch.Tensor | None = None  # [N, diagnostic columns] detached (`diagnostic_columns`), 0 masked
 
 
 class ChunkResult(NamedTuple):
@@ -91,6 +94,7 @@ class ChunkResult(NamedTuple):
     grad_scale: torch.Tensor | None = None  # a factor left out of `grad`, for backward to apply
     per_token: torch.Tensor | None = None  # [rows, terms] each term's value at each row x scale (detached)
     loss: torch.Tensor | None = None  # sum_t weight_t x values[t] (weight 0 left out), where the backend has it
+    diagnostics: torch.Tensor | None = None  # [rows, diagnostic columns] the terms' row diagnostics (detached)
 
 
 # `evaluate_rows(chunk, gradient)`: a chunk's terms, with the logits gradient when `gradient`
@@ -106,6 +110,12 @@ class HeadBackend(Protocol):
     def evaluate(self, head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
         """The head's loss (differentiable), its terms' values and the argmaxes for the metrics."""
         ...
+
+
+def diagnostic_columns(terms: Sequence[Term]) -> tuple[tuple[int, str], ...]:
+    """(term index, name) of each row diagnostic of a head's terms (`LossKind.diagnostics`), in the order
+    of the columns of `HeadResult.diagnostics` (the fused kernels write them so, term after term)."""
+    return tuple((t, name) for t, term in enumerate(terms) for name in loss_kind(term.kind).diagnostics(term))
 
 
 def weighted_sum(values: torch.Tensor, steps: Sequence[TermStep]) -> torch.Tensor:

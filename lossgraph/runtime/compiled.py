@@ -18,9 +18,10 @@ from ..compiler.fusion import FusionPlan
 from ..compiler.plan import HeadPlan, Plan, Term
 from ..document import check_spec, load
 from ..errors import BackendError, ConfigError, InputError, SourceFileError
+from ..kinds import loss_kind
 from ..spec.models import LossGraphSpec
 from ..spec.schedules import evaluate
-from .backend import BACKENDS, BackendOptions, HeadBackend, HeadResult, TermStep
+from .backend import BACKENDS, BackendOptions, HeadBackend, HeadResult, TermStep, diagnostic_columns
 from .fused import FusedBackend
 from .inputs import HeadBatch, LabelAlignment, Linear, NumItems, TeacherValue, count_targets, prepare_batches
 from .parallel import global_counts, group_size
@@ -37,7 +38,9 @@ class GraphOutput:
     terms: dict[str, torch.Tensor]  # "node/head" -> weighted term
     values: dict[str, torch.Tensor]  # "node/head" -> unweighted term (normalized, T^2-scaled if asked)
     weights: dict[str, float]  # "node/head" -> weight x head weight at this step
-    metrics: dict[str, dict[str, torch.Tensor]]  # head -> tokens, accuracy, agreement/<teacher>
+    # head -> tokens, accuracy, agreement/<teacher>, and "<node>/<metric>" of kinds that report their own
+    # (policy_gradient's: docs/rl.md, "Metrics")
+    metrics: dict[str, dict[str, torch.Tensor]]
     # "node/head" -> the term's value at every position ([B, S] or [N], float32, detached; 0 where
     # masked; T^2-scaled if asked): `values` is its sum, each position times its loss_mask weight, over
     # the normalizer. For analysis and logging; weight positions in the loss itself with a float loss_mask.
@@ -79,7 +82,7 @@ def term_step(term: Term, step: int) -> TermStep:
     return TermStep(weight, temperature, scale, teacher)
 
 
-def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult) -> dict[str, torch.Tensor]:
+def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult, row_diagnostics: bool) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         count = batch.count
         denominator = count.clamp(min=1).to(torch.float32)
@@ -88,6 +91,24 @@ def _metrics(head: HeadPlan, batch: HeadBatch, result: HeadResult) -> dict[str, 
             metrics["accuracy"] = ((result.prediction == batch.labels) & batch.mask).sum() / denominator
         for name, teacher in result.teacher_predictions.items():
             metrics[f"agreement/{name}"] = ((result.prediction == teacher) & batch.mask).sum() / denominator
+        if row_diagnostics:
+            metrics.update(_term_metrics(head, batch, result.diagnostics))
+    return metrics
+
+
+def _term_metrics(head: HeadPlan, batch: HeadBatch, diagnostics: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The metrics the head's kinds report from their row diagnostics, as "<node>/<metric>"."""
+    columns = diagnostic_columns(head.terms)
+    if not columns:
+        return {}
+    if diagnostics is None:  # a head with no rows (a chunked head that evaluated none)
+        diagnostics = torch.zeros((batch.mask.shape[0], len(columns)), device=batch.mask.device)
+    metrics = {}
+    for t, term in enumerate(head.terms):
+        own = {name: diagnostics[:, c] for c, (owner, name) in enumerate(columns) if owner == t}
+        if own:
+            found = loss_kind(term.kind).metrics(term, own, batch.group(term.group))
+            metrics.update({f"{term.node}/{name}": value for name, value in found.items()})
     return metrics
 
 
@@ -227,7 +248,7 @@ class CompiledGraph(torch.nn.Module):
                 terms[term.key] = value * s.weight if s.weight != 0.0 else torch.zeros_like(value)
                 weights[term.key] = s.weight
                 per_token[term.key] = row.reshape(positions)
-            metrics[head.name] = _metrics(head, batch, result)
+            metrics[head.name] = _metrics(head, batch, result, options.row_diagnostics)
         return GraphOutput(total, terms, values, weights, metrics, per_token)
 
     def tokens_per_head(
@@ -328,6 +349,8 @@ def compile(
     parallel over its mesh's group, and its gradient goes back as a DTensor. normalize_across: a group
     (the data-parallel one) over which each head's unmasked-token count is summed, so every rank divides
     by the global count (multiply the loss by the group's size when the gradients are averaged, as DDP does).
+    row_diagnostics: the per-row quantities some kinds compute beside their values for their metrics
+    (policy_gradient's); False drops them, and those metrics, from both backends (and the kernels).
     """
     if isinstance(graph, str) and "\n" in graph:
         raise SourceFileError(

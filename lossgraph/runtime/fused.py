@@ -44,7 +44,7 @@ from ..kernels.signature import KernelSpec
 from ..kinds import LeafForm, leaf_form
 from ..kinds.source import LaunchIndex
 from .autograd import PrecomputedGradient
-from .backend import BackendOptions, ChunkResult, HeadBackend, HeadResult, TermStep
+from .backend import BackendOptions, ChunkResult, HeadBackend, HeadResult, TermStep, diagnostic_columns
 from .inputs import HeadBatch
 from .linear import linear_head
 from .parallel import VocabShard, all_reduce, combine_statistics
@@ -102,6 +102,7 @@ class LaunchBinding:
     # the form of each of the launch's leaves (dense, top-k, others) and its position among its form's
     forms: tuple[LeafForm, ...] = ()
     positions: tuple[int, ...] = ()
+    diagnostics: tuple[int, ...] = ()  # the head's values column of each of the launch's row diagnostics
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class HeadKernels:
     terms: int
     dense: int
     slots: int  # temperature slots of every launch of the head
+    columns: int  # of the head's values: each term's, the rows' loss, then the row diagnostics
 
     @property
     def identity(self) -> bool:
@@ -138,9 +140,11 @@ class FusedHead:
     topk: tuple[str, ...]
     class_weights: tuple[str, ...] = ()  # class-weight vectors in the order the op takes them
     others: tuple[str, ...] = ()  # leaves of other forms, whose tensors the op takes in `form_tensors`
+    diagnostics: tuple[tuple[int, str], ...] = ()  # (head term, name) of each row diagnostic, in column order
+    row_diagnostics: bool = True  # the kernels write them (BackendOptions.row_diagnostics)
 
     @staticmethod
-    def of(head: HeadPlan, launches: Sequence[Launch]) -> FusedHead:
+    def of(head: HeadPlan, launches: Sequence[Launch], row_diagnostics: bool = True) -> FusedHead:
         keys = [term.key for term in head.terms]
         terms = tuple(tuple(keys.index(term.key) for term in planned.terms) for planned in launches)
         return FusedHead(
@@ -156,6 +160,8 @@ class FusedHead:
             topk=tuple(t.name for t in head.teachers if isinstance(t, TopKTarget)),
             class_weights=tuple(dict.fromkeys(name for launch in launches for name in launch.class_weights)),
             others=tuple(t.name for t in head.teachers if any(t in launch.others for launch in launches)),
+            diagnostics=diagnostic_columns(head.terms) if row_diagnostics else (),
+            row_diagnostics=row_diagnostics,
         )
 
     def form_tensor_span(self, name: str) -> tuple[int, int]:
@@ -189,8 +195,11 @@ class FusedHead:
         """The launches' kernels for one set of gradient-active terms (values only without `gradient`)."""
         bindings = []
         start = 0
+        first_diagnostic = len(self.plan.terms) + 1
         for planned, indices in zip(self.launches, self.terms):
             spec = planned.kernel_spec(tuple(active[i] for i in indices))
+            if not self.row_diagnostics:
+                spec = replace(spec, row_diagnostics=False)
             stop = start + len(spec.slot_is_one)
             leaves = (*planned.dense, *planned.topk, *planned.others)
             index = LaunchIndex.of(leaves)
@@ -205,10 +214,14 @@ class FusedHead:
                     others=tuple(self.form_tensor_span(t.name) for t in planned.others),
                     forms=tuple(leaf_form(t.form) for t in leaves),
                     positions=tuple(index.positions[t.name] for t in leaves),
+                    diagnostics=tuple(
+                        first_diagnostic + self.diagnostics.index((indices[t], name)) for t, name in spec.diagnostics
+                    ),
                 )
             )
             start = stop
-        return HeadKernels(tuple(bindings), len(self.plan.terms), len(self.dense), start)
+        columns = first_diagnostic + len(self.diagnostics)
+        return HeadKernels(tuple(bindings), len(self.plan.terms), len(self.dense), start, columns)
 
 
 # The fused op's registry: every live fused backend, by token, held weakly. A backend keeps the kernels
@@ -264,7 +277,9 @@ class FusedBackend:
     def __init__(self, options: BackendOptions, plan: Plan, fusion: FusionPlan, fallback: HeadBackend | None = None):
         self.options = options
         self.fallback = fallback  # evaluates the heads of a dtype the kernels do not take (backend="auto")
-        self.heads = {head.name: FusedHead.of(head, fusion.for_head(head.name)) for head in plan.heads}
+        self.heads = {
+            head.name: FusedHead.of(head, fusion.for_head(head.name), options.row_diagnostics) for head in plan.heads
+        }
         self._start()
 
     def _start(self) -> None:
@@ -329,7 +344,9 @@ class FusedBackend:
         loss = rows.loss
         if rows.grad is not None:
             loss = PrecomputedGradient.apply(batch.logits, loss, rows.grad, rows.in_place, rows.grad_scale)
-        return HeadResult(loss, rows.values.detach(), rows.prediction, rows.teacher_predictions, rows.per_token)
+        return HeadResult(
+            loss, rows.values.detach(), rows.prediction, rows.teacher_predictions, rows.per_token, rows.diagnostics
+        )
 
 
 @torch.compiler.assume_constant_result
@@ -366,7 +383,7 @@ def _run_launches(
     if kernels.identity:  # one launch holding every term and teacher in the head's order: its outputs are the head's
         return _launch(kernels.launches[0], logits, grad, arguments, numbers, shard)
     rows, terms = logits.shape[0], kernels.terms
-    values = torch.zeros((rows, terms + 1), dtype=torch.float32, device=logits.device)
+    values = torch.zeros((rows, kernels.columns), dtype=torch.float32, device=logits.device)
     prediction = torch.zeros(rows, dtype=torch.int64, device=logits.device)
     teacher_predictions = torch.zeros((len(arguments.dense), rows), dtype=torch.int64, device=logits.device)
     for binding in kernels.launches:
@@ -374,6 +391,8 @@ def _run_launches(
         for column, term in enumerate(binding.terms):  # slices: a list index would sync with the GPU
             values[:, term] = launch_values[:, column]
         values[:, terms] += launch_values[:, len(binding.terms)]  # each launch's share of the row's loss
+        for column, head_column in enumerate(binding.diagnostics, len(binding.terms) + 1):
+            values[:, head_column] = launch_values[:, column]
         prediction = launch_prediction
         for local, head_index in enumerate(binding.dense):
             teacher_predictions[head_index] = launch_teachers[local]
@@ -388,8 +407,8 @@ def _launch(
     numbers: HeadNumbers,
     shard: VocabShard | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch of a head: its values [N, launch terms + 1] (the last column its share of each row's
-    loss), the student argmax [N] and its teachers' argmaxes [launch teachers, N]."""
+    """One launch of a head: its values [N, launch terms + 1 + its row diagnostics] (column `launch terms`
+    its share of each row's loss), the student argmax [N] and its teachers' argmaxes [launch teachers, N]."""
     pairs = list(zip(head.class_weights[0::2], head.class_weights[1::2]))
     leaves = [(head.dense[i],) for i in binding.dense]
     leaves += [(head.topk_indices[i], head.topk_logprobs[i]) for i in binding.topk]
@@ -511,8 +530,9 @@ def _with_row_inputs(spec: KernelSpec, inputs: Inputs, floats: torch.Tensor, lea
 
 def _head_op(name: str, gradient: bool):
     """The op `lossgraph::{name}` and its fake: all launches of a head, returning (gradient [N, V] in the
-    logits dtype, only with `gradient`; per-row values [N, terms + 1] (each term's value times its value
-    scale, then the row's weighted loss); student argmax [N]; teacher argmaxes [dense teachers, N]).
+    logits dtype, only with `gradient`; per-row values [N, HeadKernels.columns] (each term's value times its
+    value scale, the row's weighted loss, then the row diagnostics); student argmax [N]; teacher argmaxes
+    [dense teachers, N]).
 
     `scalars` is `HeadNumbers.flat()` as a CPU float64 tensor: a float argument of a custom op makes
     dynamo specialize on its value (one recompile per scheduled weight or temperature), a tensor does not.
@@ -544,7 +564,7 @@ def _head_op(name: str, gradient: bool):
     def _fake(key, logits, row_scale, labels, dense, topk_indices, topk_logprobs, class_weights, form_tensors, scalars):
         rows = logits.shape[0]
         outputs = (
-            logits.new_empty((rows, _kernels(key).terms + 1), dtype=torch.float32),
+            logits.new_empty((rows, _kernels(key).columns), dtype=torch.float32),
             logits.new_empty((rows,), dtype=torch.int64),
             logits.new_empty((len(dense), rows), dtype=torch.int64),
         )
@@ -635,6 +655,8 @@ def fused_rows(
     else:  # eager, and vocab parallel (collectives between the phases: outside any compilable op)
         grad = (rows if in_place else torch.empty_like(rows)) if gradient else None
         values, prediction, teacher_predictions = _run_launches(key, rows, grad, arguments, numbers, batch.shard)
+    terms = len(head.plan.terms)
+    values, diagnostics = values[:, : terms + 1], values[:, terms + 1 :] if head.diagnostics else None
     # each term's rows and the rows' loss, weighted and divided by the normalizer (the kernels write 0 for
     # masked rows); a product and a sum rather than a matrix product, which TF32 settings would round
     if grouped:  # each term by its group's scale; the kernels wrote the rows' loss already scaled
@@ -652,5 +674,13 @@ def fused_rows(
         if predicted is not None:
             teachers[name] = predicted
     return ChunkResult(
-        grad, scaled, prediction, teachers, in_place, inverse_normalizer if fold else None, per_token.detach(), loss
+        grad,
+        scaled,
+        prediction,
+        teachers,
+        in_place,
+        inverse_normalizer if fold else None,
+        per_token.detach(),
+        loss,
+        diagnostics,
     )

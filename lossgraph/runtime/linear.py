@@ -84,7 +84,7 @@ def linear_head(
         if need_weight:
             grad_weight = torch.zeros(weight.shape, dtype=wide if fp32 else weight.dtype, device=weight.device)
         grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
-        values, predictions, teachers, per_token = None, [], {}, []
+        values, predictions, teachers, per_token, diagnostics = None, [], {}, [], []
         for start in range(0, rows, size):
             stop = min(rows, start + size)
             block = hidden[start:stop].detach()
@@ -104,6 +104,8 @@ def linear_head(
             values = result.values.detach() if values is None else values + result.values.detach()
             predictions.append(result.prediction)
             per_token.append(result.per_token)
+            if result.diagnostics is not None:
+                diagnostics.append(result.diagnostics)
             for name, predicted in result.teacher_predictions.items():
                 teachers.setdefault(name, []).append(predicted)
         if values is None:  # no rows at all
@@ -114,6 +116,7 @@ def linear_head(
         outputs["values"] = values
         outputs["prediction"] = torch.cat(predictions)
         outputs["per_token"] = torch.cat(per_token)
+        outputs["diagnostics"] = torch.cat(diagnostics) if diagnostics else None
         outputs["teachers"] = {name: torch.cat(parts) for name, parts in teachers.items()}
         return weighted_sum(values, steps), grad_hidden, grad_weight, grad_bias
 
@@ -121,4 +124,11 @@ def linear_head(
         loss = LinearHeadLoss.apply(hidden, weight, bias, compute)
     else:
         loss = compute()[0]
-    return HeadResult(loss, outputs["values"], outputs["prediction"], outputs["teachers"], outputs["per_token"])
+    return HeadResult(
+        loss,
+        outputs["values"],
+        outputs["prediction"],
+        outputs["teachers"],
+        outputs["per_token"],
+        outputs["diagnostics"],
+    )

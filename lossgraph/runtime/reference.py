@@ -92,6 +92,13 @@ def scale_logits(logits: torch.Tensor, logits_scale: float | None) -> torch.Tens
     return logits if logits_scale is None else logits * logits_scale
 
 
+def masked_logits(
+    batch: HeadBatch, dtype: torch.dtype, softcap: float | None, logits_scale: float | None
+) -> torch.Tensor:
+    """[N, V] the logits the terms see (scaled, then capped) in `dtype`, zero on masked rows."""
+    return torch.where(batch.mask[:, None], soft_cap(scale_logits(batch.logits.to(dtype), logits_scale), softcap), 0.0)
+
+
 def term_per_position(
     term: Term,
     batch: HeadBatch,
@@ -108,7 +115,7 @@ def term_per_position(
     kind = loss_kind(term.kind)
     dtype = compute_dtype(batch.logits)
     mask = batch.mask
-    logits = torch.where(mask[:, None], soft_cap(scale_logits(batch.logits.to(dtype), logits_scale), softcap), 0.0)
+    logits = masked_logits(batch, dtype, softcap, logits_scale)
     z = logits / temperature
     target = term.target
     finite = None if target is None else target.rows_finite(batch, logits.shape[-1])
@@ -152,3 +159,25 @@ def reference_terms(
         per_position.append(value)
         sums.append((value * own.row_weight().to(dtype)).sum() / own.normalizer.to(dtype))
     return sums, per_position
+
+
+def reference_diagnostics(
+    terms: tuple[Term, ...],
+    batch: HeadBatch,
+    temperatures: list[float],
+    softcap: float | None = None,
+    logits_scale: float | None = None,
+) -> torch.Tensor | None:
+    """[N, diagnostic columns] float32: each term's row diagnostics (`LossKind.reference_diagnostics`) on
+    its group's positions, 0 elsewhere, in `backend.diagnostic_columns` order; None when no term has any."""
+    columns = []
+    with torch.no_grad():
+        for term, temperature in zip(terms, temperatures):
+            kind = loss_kind(term.kind)
+            if not kind.diagnostics(term):
+                continue
+            own = batch.group(term.group)
+            logits = masked_logits(own, compute_dtype(own.logits), softcap, logits_scale)
+            row = TermRows(term, own, logits, logits / temperature, temperature)
+            columns += [torch.where(own.mask, value, 0.0) for value in kind.reference_diagnostics(row, term)]
+    return torch.stack(columns, 1).to(torch.float32) if columns else None

@@ -17,7 +17,7 @@ from .backend import BackendOptions, ChunkResult, HeadResult, TermStep, weighted
 from .inputs import HeadBatch
 from .linear import linear_head
 from .parallel import GatherVocab
-from .reference import compute_dtype, reference_terms
+from .reference import compute_dtype, reference_diagnostics, reference_terms
 
 
 def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -32,8 +32,10 @@ def predictions(head: HeadPlan, batch: HeadBatch) -> tuple[torch.Tensor, dict[st
     return student, teachers
 
 
-def reference_head(head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
-    """The reference math on full logits rows."""
+def reference_head(
+    head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep], row_diagnostics: bool = True
+) -> HeadResult:
+    """The reference math on full logits rows (with the terms' row diagnostics where asked)."""
     raw, per_position = reference_terms(
         head.terms,
         batch,
@@ -53,23 +55,41 @@ def reference_head(head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) 
             loss = PrecomputedGradient.apply(batch.logits, loss, torch.zeros_like(batch.logits), False, None)
     student, teachers = predictions(head, batch)
     per_token = torch.stack([value.detach() * s.scale for value, s in zip(per_position, steps)], dim=1)
-    return HeadResult(loss, values.detach(), student, teachers, per_token)
+    diagnostics = None
+    if row_diagnostics:
+        temperatures = [s.temperature for s in steps]
+        diagnostics = reference_diagnostics(head.terms, batch, temperatures, head.softcap, head.logits_scale)
+    return HeadResult(loss, values.detach(), student, teachers, per_token, diagnostics)
 
 
-def reference_rows(head: HeadPlan, chunk: HeadBatch, steps: Sequence[TermStep], gradient: bool = True) -> ChunkResult:
+def reference_rows(
+    head: HeadPlan, chunk: HeadBatch, steps: Sequence[TermStep], gradient: bool = True, row_diagnostics: bool = True
+) -> ChunkResult:
     """The reference math on a block of rows, with the logits gradient from autograd when `gradient`."""
     if not gradient:
         with torch.no_grad():
-            result = reference_head(head, chunk, steps)
+            result = reference_head(head, chunk, steps, row_diagnostics)
         return ChunkResult(
-            None, result.values, result.prediction, result.teacher_predictions, per_token=result.per_token
+            None,
+            result.values,
+            result.prediction,
+            result.teacher_predictions,
+            per_token=result.per_token,
+            diagnostics=result.diagnostics,
         )
     logits = chunk.logits.detach().requires_grad_()
     chunk.logits = logits
     with torch.enable_grad():
-        result = reference_head(head, chunk, steps)
+        result = reference_head(head, chunk, steps, row_diagnostics)
         (grad,) = torch.autograd.grad(result.loss, logits)
-    return ChunkResult(grad, result.values, result.prediction, result.teacher_predictions, per_token=result.per_token)
+    return ChunkResult(
+        grad,
+        result.values,
+        result.prediction,
+        result.teacher_predictions,
+        per_token=result.per_token,
+        diagnostics=result.diagnostics,
+    )
 
 
 class ReferenceBackend:
@@ -82,10 +102,13 @@ class ReferenceBackend:
         self.options = options
 
     def evaluate(self, head: HeadPlan, batch: HeadBatch, steps: Sequence[TermStep]) -> HeadResult:
+        diagnostics = self.options.row_diagnostics
         if batch.linear is not None:
-            return linear_head(
-                self.options, head, batch, steps, lambda chunk, gradient: reference_rows(head, chunk, steps, gradient)
-            )
+
+            def rows(chunk: HeadBatch, gradient: bool) -> ChunkResult:
+                return reference_rows(head, chunk, steps, gradient, diagnostics)
+
+            return linear_head(self.options, head, batch, steps, rows)
         if batch.shard is not None:
             full = replace(
                 batch,
@@ -96,8 +119,8 @@ class ReferenceBackend:
                 },
                 shard=None,
             )
-            return reference_head(head, full, steps)
-        return reference_head(head, batch, steps)
+            return reference_head(head, full, steps, diagnostics)
+        return reference_head(head, batch, steps, diagnostics)
 
     def __repr__(self) -> str:
         return "ReferenceBackend()"

@@ -346,6 +346,71 @@ class PolicyGradientFragments(LossFragments):
     def gradient(self, k, t, term):
         return logprob_gradient(k, term)
 
+    # the row diagnostics of the metrics (`policy_metrics`): the entropy needs pass 1's moment
+    def diagnostic_names(self, term):
+        return DIAGNOSTICS
+
+    def diagnostic_statistics(self, term):
+        return (MOMENT,)
+
+    def row_diagnostics(self, k, t, term):
+        s = term.slot
+        entropy = f"{names.student_log_sum(s)} - {names.moment(s)} / {names.student_sum(s)}"
+        logprob = f"({k.scaled_label_logit(s)} - {names.student_max(s)}) - {names.student_log_sum(s)}"
+        return entropy, logprob
+
+
+# per row, what the metrics are computed from: the student's entropy and log q of the sampled token (at T)
+DIAGNOSTICS = ("entropy", "logprob")
+
+
+def policy_metrics(term, diagnostics, batch) -> dict:
+    """TRL's logged metrics of GRPOTrainer (and PPO's approximate KL) over the term's active tokens, from the
+    row diagnostics: 0-d float32 tensors, no host sync (docs/rl.md, "Metrics")."""
+    import torch
+
+    entropy, logprob = diagnostics["entropy"], diagnostics["logprob"]
+    active = batch.row_weight() != 0  # the term's positions (its group's, with their weights)
+    count = active.sum()
+    tokens = count.clamp(min=1).to(torch.float32)
+
+    def mean(values):
+        return torch.where(active, values.to(torch.float32), 0.0).sum() / tokens
+
+    advantages, old, ref = term.target.rows(batch, torch.float32)
+    log_ratio = torch.zeros_like(logprob) if old is None else logprob - old
+    ratio = torch.exp(log_ratio)
+    epsilon_high = constant(term, "epsilon_high")
+    metrics = {"entropy": mean(entropy)}
+    if constant(term, "cispo"):
+        metrics["cispo_clip_ratio"] = mean((ratio > epsilon_high) & (advantages > 0))
+    else:
+        delta = constant(term, "delta")
+        capped = torch.clamp(ratio, max=delta) if delta else ratio  # TRL counts the clips after the delta cap
+        low = (capped < 1.0 - constant(term, "epsilon_low")) & (advantages < 0)  # strict, as TRL's
+        high = (capped > 1.0 + epsilon_high) & (advantages > 0)
+        metrics |= {
+            "clip_ratio/low_mean": mean(low),
+            "clip_ratio/high_mean": mean(high),
+            "clip_ratio/region_mean": mean(low | high),
+        }
+
+    def extreme(reduce, neutral: float):  # NaN without active tokens
+        nan = torch.full((), torch.nan, device=ratio.device)
+        return torch.where(count > 0, reduce(torch.where(active, ratio, neutral)), nan) if ratio.numel() else nan
+
+    metrics |= {
+        "ratio/mean": mean(ratio),
+        "ratio/min": extreme(torch.amin, torch.inf),
+        "ratio/max": extreme(torch.amax, -torch.inf),
+        "approxkl": mean(0.5 * log_ratio.square()),
+    }
+    if ref is not None:  # TRL's `kl`: the k3 estimate against the reference model
+        metrics["kl"] = mean(torch.exp(ref - logprob) - (ref - logprob) - 1.0)
+    positions = max(1, active.shape[0])
+    metrics["masked_fraction"] = 1.0 - count.to(torch.float32) / positions
+    return metrics
+
 
 class PolicyGradient(LossKind):
     name = "policy_gradient"
@@ -422,6 +487,16 @@ class PolicyGradient(LossKind):
 
     def check_target(self, target, loss):
         return check_rollout_target(self.name, target)
+
+    def reference_diagnostics(self, row, term):
+        import torch
+
+        q = row.log_q.exp()
+        entropy = -(q * torch.where(q > 0, row.log_q, 0.0)).sum(-1)
+        return entropy, row.at_labels(row.log_q)
+
+    def metrics(self, term, diagnostics, batch):
+        return policy_metrics(term, diagnostics, batch)
 
     def reference(self, row, term):
         import torch
