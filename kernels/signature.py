@@ -93,6 +93,7 @@ class KernelSpec:
         """The launch runs stats, then (on the device) the row inputs, then apply, even on one rank."""
         return bool(self.row_inputs)
 
+    @property
     def diagnostics(self) -> tuple[tuple[int, str], ...]:
         """(term, name) of each row diagnostic the terms declare (`LossFragments.diagnostic_names`), in the
         order the kernel writes them: after the row's loss in the values buffer; none without `row_diagnostics`."""
