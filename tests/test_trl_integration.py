@@ -141,9 +141,17 @@ def assert_agrees_with_trl(policy_path, tmp_path, loss_type, beta, old, **settin
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-7)
     for got, expected in zip(gradient, expected_gradient):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    logged = ours._metrics["train"]
     if beta:  # the KL metric: lossgraph's kl_estimate node, then TRL's own
-        ours_kl, trls_kl = ours._metrics["train"]["kl"]
+        ours_kl, trls_kl = logged["kl"]
         assert ours_kl == pytest.approx(trls_kl, rel=1e-5, abs=1e-7)
+    names = ["entropy"]
+    if settings.get("importance_sampling_level", "token") == "token":
+        names += ["cispo_clip_ratio"] if loss_type == "cispo" else ["clip_ratio/low_mean", "clip_ratio/high_mean"]
+        names += [] if loss_type == "cispo" else ["clip_ratio/region_mean"]
+    for name in names:  # the policy node's metrics, then TRL's own
+        ours_value, trls_value = logged[name]
+        assert ours_value == pytest.approx(trls_value, rel=1e-5, abs=1e-6), name
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES + ("cispo",))

@@ -260,6 +260,34 @@ class LossGraphGRPOTrainer(GRPOTrainer):
         for head, head_metrics in out.metrics.items():
             for name, value in head_metrics.items():
                 metrics[f"lossgraph/{head}/{name}"].append(float(value))
+        for name, value in self._trl_metrics(out).items():
+            metrics[name].append(float(value))
+
+    def _trl_metrics(self, out: GraphOutput) -> dict[str, torch.Tensor]:
+        """The policy node's metrics that TRL logs under the same names (`entropy`, the clip ratios), where
+        the graph has one policy node. Under `importance_sampling_level="sequence"` TRL counts clipped
+        sequence ratios, which lossgraph does not report, so only the entropy is logged then."""
+        found = {
+            (node, metric): value
+            for head_metrics in out.metrics.values()
+            for key, value in head_metrics.items()
+            for node, _, metric in [key.partition("/")]
+            if metric in _TRL_METRICS
+        }
+        if len({node for node, _ in found}) != 1:
+            return {}
+        sequence = self.args.importance_sampling_level == "sequence"
+        return {metric: value for (_, metric), value in found.items() if metric == "entropy" or not sequence}
+
+
+# the policy node's metrics that TRL's GRPOTrainer logs under the same names (docs/rl.md, "Metrics")
+_TRL_METRICS = (
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "cispo_clip_ratio",
+)
 
 
 def _completion_logits(model: Teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int):
