@@ -217,6 +217,23 @@ def test_packed_sequences_take_their_own_mean():
     assert_close(grad, x.grad, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_document_ids_are_the_sequences_when_the_rollout_gives_none(backend):
+    """Packed documents (document_ids) are the rollout's sequences when it gives no sequence_ids."""
+    logits, labels, _, old, _, advantages = batch(5)
+    logits = logits.float()  # the fused kernel's dtypes
+    ids = torch.tensor([[0] * S, [0] * S, [7, 7, 7, 9, 9, 9]])
+    text = graph(", aggregation: sequence_mean", kl=None, ref=False)
+    by_documents, grad_documents = run(text, logits, labels, Rollout(advantages, old), backend, document_ids=ids)
+    by_sequences, grad_sequences = run(
+        text, logits, labels, Rollout(advantages, old, None, ids), backend, document_ids=ids
+    )
+    one_sequence, _ = run(text, logits, labels, Rollout(advantages, old, None, ids * 0), backend, document_ids=ids)
+    assert_close(by_documents.loss.detach(), by_sequences.loss.detach(), rtol=1e-6, atol=1e-7)
+    assert_close(grad_documents, grad_sequences, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(by_documents.loss, one_sequence.loss)  # the documents split row 2 in two
+
+
 ONE_HEAD = f"""version: 1
 vocab_size: {V}
 heads: {{next: {{offset: 1}}}}

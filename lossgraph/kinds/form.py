@@ -44,6 +44,8 @@ class FormInputs(Protocol):
     shard: Any
     #: the head takes hidden states (`input: hidden`): its logits, and a Linear teacher's, exist chunk by chunk
     hidden_input: bool
+    #: the call's `document_ids` ([B, S], the document of each position), or None when it gave none
+    document_ids: torch.Tensor | None
 
     def floating(self, tensor: torch.Tensor) -> bool:
         """The tensor holds float16, bfloat16, float32 or float64."""

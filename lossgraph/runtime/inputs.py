@@ -419,6 +419,7 @@ class _SourceInputs:
     head: str
     shard: VocabShard | None
     hidden_input: bool
+    document_ids: torch.Tensor | None = None  # [B, S] as the call gave them, or None
 
     @property
     def lead(self) -> tuple[int, ...]:
@@ -947,7 +948,7 @@ def prepare_batches(
             weight=head_weight,
             class_weights={t.class_weights: weights[t.class_weights] for t in head.terms if t.class_weights},
         )
-        where = _SourceInputs(layout, head.name, batch.shard, head.hidden_input)
+        where = _SourceInputs(layout, head.name, batch.shard, head.hidden_input, inputs.document_ids)
         for target in head.teachers:
             form = leaf_form(target.form)
             batch.sources[target.name] = form.flatten(target.name, target, resolved[target.name], where)

@@ -45,7 +45,8 @@ class Rollout(NamedTuple):
     ref_logprobs: [B, S] the reference model's log-prob of each sampled token; only for a source that
     declares `ref_logprobs: true`.
     sequence_ids: [B, S] integers, each sequence one contiguous run of one id within a batch row (packed
-    sequences); None: each batch row is one sequence."""
+    sequences); None: the call's `document_ids` (each document a sequence), else each batch row is one
+    sequence."""
 
     advantages: torch.Tensor
     old_logprobs: torch.Tensor | None = None
@@ -184,6 +185,8 @@ class RolloutForm(LeafForm):
             ids = where.positional(value.sequence_ids, f"Rollout sequence_ids of {name!r}", ())
             if not where.integer(ids):
                 raise InputError(f"Rollout sequence_ids of {name!r} must be integers, got {ids.dtype}")
+        elif where.document_ids is not None:  # packed documents: each document is a sequence
+            ids = where.document_ids
         # a run starts at each batch row's first position and wherever the id changes
         width = max(lead[-1], 1)  # no positions: no runs
         starts = torch.zeros(lead, dtype=torch.bool, device=where.device)
