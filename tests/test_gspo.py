@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from fused_cases import FUSED_TOLERANCES, LOW_PRECISION, interpreter_warnings, requires_fused
 from helpers import assert_close, free_port
-from rl_reference import grpo_loss
+from rl_reference import fast_llm_policy_gradient_loss, grpo_loss
 
 import lossgraph
 from lossgraph import Rollout
@@ -395,3 +395,36 @@ def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+def fast_llm(logits, labels, old, advantages, **options):
+    """Fast-LLM's policy-gradient loss (tests/rl_reference.py) in float64 and its gradient; its divisor is the
+    batch's number of sequences for gspo (one per batch row here) and its labelled-token count for grpo."""
+    x = logits.detach().double().clone().requires_grad_(True)
+    lq = torch.log_softmax(x, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    loss = fast_llm_policy_gradient_loss(lq, old, advantages, labels != -100, **options)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize(
+    ("fields", "options"),
+    [
+        ("", {"importance_sampling_level": "token"}),
+        (
+            ", importance_sampling: sequence, aggregation: constant, max_completion_length: 1",
+            {"importance_sampling_level": "sequence", "divisor": float(B)},
+        ),
+    ],
+    ids=["grpo", "gspo"],
+)
+def test_fast_llms_convention(fields, options):
+    """Fast-LLM's `grpo` is the token mean (TRL's dapo/bnpo: lossgraph's default aggregation); its `gspo`
+    weighs each sequence by its length and divides by the sequences (TRL's luspo): the sum over the tokens
+    over the sequences, lossgraph's `aggregation: constant` with `max_completion_length: 1`."""
+    logits, labels, old, advantages = batch(3)
+    rollout = Rollout(advantages, old)
+    out, grad = run(graph(fields + ", epsilon_high: 0.28"), logits, labels, rollout, "torch")
+    expected, expected_grad = fast_llm(logits, labels, old, advantages, epsilon_high=0.28, **options)
+    assert_close(out.loss.detach(), expected, rtol=1e-6, atol=1e-12)
+    assert_close(grad, expected_grad, rtol=1e-6, atol=1e-12)
