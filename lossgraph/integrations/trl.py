@@ -42,6 +42,7 @@ from trl import GRPOTrainer
 
 from ..document import loads
 from ..errors import InputError
+from ..kinds import loss_kind
 from ..kinds.sources.rollout import Rollout, RolloutTarget
 from ..runtime.compiled import CompiledGraph, GraphOutput
 from ..runtime.compiled import compile as compile_graph
@@ -264,30 +265,21 @@ class LossGraphGRPOTrainer(GRPOTrainer):
             metrics[name].append(float(value))
 
     def _trl_metrics(self, out: GraphOutput) -> dict[str, torch.Tensor]:
-        """The policy node's metrics that TRL logs under the same names (`entropy`, the clip ratios), where
-        the graph has one policy node. Under `importance_sampling_level="sequence"` TRL counts clipped
-        sequence ratios, which lossgraph does not report, so only the entropy is logged then."""
+        """The metrics TRL logs under the same names (`LossKind.trainer_metrics`: the policy node's entropy
+        and clip ratios), where the graph has one node that reports them. Under
+        `importance_sampling_level="sequence"` TRL counts clipped sequence ratios, which lossgraph does not
+        report, so only the entropy is logged then."""
         found = {
-            (node, metric): value
-            for head_metrics in out.metrics.values()
-            for key, value in head_metrics.items()
-            for node, _, metric in [key.partition("/")]
-            if metric in _TRL_METRICS
+            (term.node, name): out.metrics[head.name][f"{term.node}/{name}"]
+            for head in self.loss_graph.plan.heads
+            for term in head.terms
+            for name in loss_kind(term.kind).trainer_metrics
+            if f"{term.node}/{name}" in out.metrics.get(head.name, {})
         }
         if len({node for node, _ in found}) != 1:
             return {}
-        sequence = self.args.importance_sampling_level == "sequence"
-        return {metric: value for (_, metric), value in found.items() if metric == "entropy" or not sequence}
-
-
-# the policy node's metrics that TRL's GRPOTrainer logs under the same names (docs/rl.md, "Metrics")
-_TRL_METRICS = (
-    "entropy",
-    "clip_ratio/low_mean",
-    "clip_ratio/high_mean",
-    "clip_ratio/region_mean",
-    "cispo_clip_ratio",
-)
+        clip_ratios = self.args.importance_sampling_level != "sequence"
+        return {name: value for (_, name), value in found.items() if clip_ratios or "clip" not in name}
 
 
 def _completion_logits(model: Teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int):

@@ -160,6 +160,10 @@ class LossKind:
         """Reference: each of `diagnostics` at every position, [N] each (the readable math)."""
         raise NotImplementedError(f"{self.name}: no row diagnostics")
 
+    #: the metrics (keys of `metrics`) that a peer's trainer logs under the same name and meaning (TRL's
+    #: GRPOTrainer for a policy gradient), so that an integration can log them as that trainer would
+    trainer_metrics: tuple[str, ...] = ()
+
     def metrics(self, term: Any, diagnostics: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
         """The term's metrics (0-d device tensors, no host sync) from its row diagnostics by name ([N],
         0 where masked) and the batch as its group sees it (`HeadBatch.group`); keys without the node's

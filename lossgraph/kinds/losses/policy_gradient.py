@@ -416,6 +416,13 @@ class PolicyGradient(LossKind):
     name = "policy_gradient"
     model = PolicyGradientLoss
     fragments = PolicyGradientFragments()
+    trainer_metrics = (
+        "entropy",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "cispo_clip_ratio",
+    )
     formula = (
         "clip: ℓ = −min(r′ A, clip(r, 1−ε_low, 1+ε_high) A), r = exp(log q[y] − old[y]), r′ = min(r, δ) (r′ = r "
         "without `delta`); on-policy (no old log-probs) r = 1 with its gradient, so ℓ = −A",
