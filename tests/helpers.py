@@ -108,3 +108,17 @@ def free_port() -> int:
     with socket.socket() as handle:
         handle.bind(("127.0.0.1", 0))
         return handle.getsockname()[1]
+
+
+def assert_ranks_match(folder: Path, world: int, loss: torch.Tensor, grad: torch.Tensor) -> list[dict]:
+    """Each vocab-parallel rank's saved result (`folder/rank{r}.pt`: its `loss` and its columns' `grad`)
+    against one process's loss and gradient; returns the ranks' results for further checks."""
+    width = grad.shape[-1] // world
+    results = []
+    for rank in range(world):
+        got = torch.load(Path(folder) / f"rank{rank}.pt")
+        assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6, what=f"rank {rank} loss")
+        local = grad[..., rank * width : (rank + 1) * width]
+        assert_close(got["grad"], local, rtol=1e-5, atol=1e-7, what=f"rank {rank} gradient")
+        results.append(got)
+    return results

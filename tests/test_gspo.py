@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fused_cases import FUSED_TOLERANCES, LOW_PRECISION, interpreter_warnings, requires_fused
-from helpers import assert_close, free_port
+from helpers import assert_close, assert_ranks_match, free_port
 from rl_reference import fast_llm_policy_gradient_loss, grpo_loss
 
 import lossgraph
@@ -352,13 +352,7 @@ def test_vocab_parallel_equals_one_process(backend, tmp_path):
     """The ratios and the entropies come from the combined statistics: every rank computes the same."""
     world = 2
     mp.spawn(_vocab_parallel_worker, args=(world, free_port(), backend, str(tmp_path)), nprocs=world)
-    loss, grad = _split_run(backend, *_split_inputs())
-    width = SPLIT_VOCAB // world
-    for rank in range(world):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6, what=f"rank {rank} loss")
-        local = grad[..., rank * width : (rank + 1) * width]
-        assert_close(got["grad"], local, rtol=1e-5, atol=1e-7, what=f"rank {rank} gradient")
+    assert_ranks_match(tmp_path, world, *_split_run(backend, *_split_inputs()))
 
 
 @requires_fused
